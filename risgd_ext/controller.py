@@ -1,0 +1,152 @@
+"""The RI-SGD / local-SGD schedule on top of a DeepSpeed engine, and its accounting.
+
+The controller decides, after each optimizer step, whether the next step all-reduces gradients
+(warm-up), runs locally, or closes a round with a parameter average. It keeps the counters that
+train.py logs and that a checkpoint must carry.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from .averaging import BucketAverager
+from .config import RISGDConfig, check_world
+from .failures import failed_ranks
+
+# Counters carried by checkpoints, in the order stats() reports them.
+_COUNTERS = (
+    "steps", "sync_steps", "local_steps", "rounds", "steps_in_round", "bytes_allreduced",
+    "comm_seconds", "average_seconds", "compute_seconds", "divergence", "divergence_sum",
+    "live_ranks", "rounds_down",
+)
+
+
+class RISGDController:
+    """Local steps and periodic averaging for one rank. ``cfg=None`` means plain DeepSpeed: the
+    controller then only accounts for DeepSpeed's own per-step gradient all-reduce."""
+
+    def __init__(self, engine: Any, cfg: RISGDConfig | None):
+        self.engine = engine
+        self.cfg = cfg
+        self.group = getattr(engine, "data_parallel_group", None)
+        self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        if cfg is not None:
+            check_world(cfg, self.world_size)
+        self._accelerator = get_accelerator()
+        self.averager = BucketAverager(cfg.bucket_bytes if cfg else 1, self.group, self.synchronize)
+        self.steps = self.sync_steps = self.local_steps = 0
+        self.rounds = self.steps_in_round = self.bytes_allreduced = 0
+        self.comm_seconds = self.average_seconds = self.compute_seconds = 0.0
+        self.divergence = self.divergence_sum = 0.0
+        self.live_ranks = self.world_size
+        self.rounds_down = 0
+        self._step_started: float | None = None
+        self._comm_in_step = 0.0
+        engine.enable_backward_allreduce = self.next_step_is_sync()
+        if cfg is not None:
+            self.averager.set_anchor(self.params())
+
+    # -- what is averaged ---------------------------------------------------------------------
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def extras(self) -> list[torch.Tensor]:
+        """BatchNorm statistics and, optionally, optimizer state shaped like the parameters."""
+        out: list[torch.Tensor] = []
+        if self.cfg.average_buffers:
+            out += [b for b in self.engine.module.buffers() if b.is_floating_point()]
+        if self.cfg.average_optimizer_state:
+            optimizer = self.engine.optimizer
+            for p in self.params():
+                for value in optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.is_floating_point() and value.shape == p.shape:
+                        out.append(value)
+        return out
+
+    # -- the schedule -------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.cfg is not None
+
+    def next_step_is_sync(self) -> bool:
+        return self.cfg is None or self.steps < self.cfg.warmup_sync_steps
+
+    def synchronize(self) -> None:
+        # Host timers only measure device work after a synchronize (a no-op on the CPU).
+        self._accelerator.synchronize()
+
+    def mark_step_start(self) -> None:
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+
+    def record_gradient_allreduce(self, nbytes: int, seconds: float) -> None:
+        self.bytes_allreduced += nbytes
+        self.comm_seconds += seconds
+        self._comm_in_step += seconds
+
+    def after_optimizer_step(self) -> None:
+        """Called once per optimizer step (not per micro-batch), after the update."""
+        was_sync = self.engine.enable_backward_allreduce
+        self.steps += 1
+        if was_sync:
+            self.sync_steps += 1
+        else:
+            self.local_steps += 1
+            self.steps_in_round += 1
+            if self.steps_in_round == self.cfg.tau:
+                self.average()
+        if self.active and self.steps == self.cfg.warmup_sync_steps:
+            # Post-local SGD: ranks are identical after synchronous steps; measure from here.
+            self.averager.set_anchor(self.params())
+        self.engine.enable_backward_allreduce = self.next_step_is_sync()
+        now = time.perf_counter()
+        if self._step_started is not None:
+            self.compute_seconds += max(now - self._step_started - self._comm_in_step, 0.0)
+        self._step_started, self._comm_in_step = None, 0.0
+
+    def average(self) -> None:
+        """One averaging round over the live ranks."""
+        down = failed_ranks(self.cfg, self.rounds, self.world_size)
+        live = self.rank not in down
+        t0 = time.perf_counter()
+        result = self.averager.average(self.params(), self.extras(), live, self.world_size - len(down))
+        self.average_seconds += time.perf_counter() - t0
+        self.comm_seconds += result.comm_seconds
+        self._comm_in_step += time.perf_counter() - t0
+        self.bytes_allreduced += result.bytes_reduced
+        self.divergence = result.divergence
+        self.divergence_sum += result.divergence
+        self.live_ranks = self.world_size - len(down)
+        self.rounds_down += 0 if live else 1
+        self.rounds += 1
+        self.steps_in_round = 0
+
+    # -- reporting and checkpoints ------------------------------------------------------------
+    def stats(self) -> dict[str, float | int]:
+        """Accounting on this rank, as a plain dict (see the README for each key)."""
+        out: dict[str, float | int] = {k: getattr(self, k) for k in _COUNTERS}
+        out["comm_rounds"] = self.sync_steps + self.rounds
+        out["divergence_mean"] = self.divergence_sum / self.rounds if self.rounds else 0.0
+        out["world_size"] = self.world_size
+        out["tau"] = self.cfg.tau if self.cfg else 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
+        state["anchors"] = [a.detach().cpu() for a in self.averager.anchors]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in _COUNTERS:
+            setattr(self, k, state[k])
+        anchors = state.get("anchors", [])
+        if anchors:
+            params = self.params()
+            self.averager.anchors = [a.to(p.device, p.dtype) for a, p in zip(anchors, params)]
+        self.engine.enable_backward_allreduce = self.next_step_is_sync()

@@ -1,0 +1,57 @@
+"""Run a function on N real processes joined by a gloo process group (no mocks).
+
+Each rank gets the usual launcher variables, so ``deepspeed.initialize`` sets up torch.distributed
+exactly as under the ``deepspeed`` launcher. Results come back through files, one per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)  # several ranks share two cores
+    try:
+        result = fn(rank, world_size, *args)
+    except BaseException:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    with open(os.path.join(out_dir, f"result{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; return their results."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"ranks did not finish within {timeout}s")
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(out_dir, f"result{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+        return results
