@@ -1,0 +1,71 @@
+"""The one exception type of the data package, plus the small checks that raise it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+_HASH_CHUNK = 1 << 20
+
+
+class DataError(Exception):
+    """A data problem the user must fix (missing shard, sha256 mismatch, bad manifest...).
+
+    The message is always one line that names the offending file and the fix, so CLIs can print
+    it verbatim and exit 1 instead of showing a traceback.
+    """
+
+
+def safe_name(name: str) -> str:
+    """Return `name` if it is a plain file name; refuse anything that could escape a directory.
+
+    Shard names come from index.json / manifests, which may have been edited or come from
+    elsewhere, and are joined onto local directories and remote URLs.
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or name.startswith(".")
+    ):
+        raise DataError(f"refusing unsafe shard name {name!r}: shard names must be plain file names")
+    return name
+
+
+def sha256_file(path: str) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+# (path, size, mtime_ns) -> digest: each shard is hashed at most once per process.
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def verify_shard(shard_dir: str, name: str, sha256: str, fix: str) -> str:
+    """Check that shard `name` exists under `shard_dir` with the expected sha256; return its path.
+
+    Raises DataError with a one-line message naming the shard and `fix` (the command to run).
+    """
+    path = os.path.join(shard_dir, safe_name(name))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"shard {name} missing under {shard_dir}: {fix}") from None
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    digest = _VERIFIED.get(key)
+    if digest is None:
+        digest = sha256_file(path)
+        _VERIFIED[key] = digest
+    if digest != sha256:
+        raise DataError(
+            f"shard {name} under {shard_dir} has sha256 {digest[:12]}... but the index expects "
+            f"{sha256[:12]}...: {fix}"
+        )
+    return path
