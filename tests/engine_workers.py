@@ -1,0 +1,211 @@
+"""Scenarios run inside each rank of a real gloo group (see multiproc.run_ranks).
+
+Each scenario builds a fresh engine with risgd_ext.initialize or deepspeed.initialize and returns
+plain data (tensors, counters) for the test process to compare across ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+import risgd_ext
+
+# Every torch.distributed entry point that communicates.
+COLLECTIVES = (
+    "all_reduce", "all_reduce_coalesced", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
+    "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce", "gather", "scatter", "barrier",
+    "monitored_barrier", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+    "broadcast_object_list", "all_gather_object",
+)
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count calls of every torch.distributed collective (DeepSpeed's comm layer calls these too)."""
+    counts: dict[str, int] = {}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.BatchNorm1d(24), torch.nn.ReLU(),
+                               torch.nn.Linear(24, 3))
+
+
+def batch(rank: int, step: int, same_data: bool = False, size: int = 8):
+    """A deterministic batch per (rank, step): resume needs nothing but the step number."""
+    g = torch.Generator().manual_seed(1000 * step + (0 if same_data else rank + 1))
+    return torch.randn(size, 12, generator=g), torch.randint(0, 3, (size,), generator=g)
+
+
+def ds_config(risgd: dict | None = None, momentum: float = 0.0, gas: int = 1, **extra) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": gas,
+           "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": momentum}},
+           "gradient_clipping": 1.0, "steps_per_print": 10**9}
+    cfg.update(extra)
+    if risgd is not None:
+        cfg["risgd"] = risgd
+    return cfg
+
+
+def build(cfg: dict, use_risgd: bool = True):
+    model = make_model()
+    init = risgd_ext.initialize if use_risgd else deepspeed.initialize
+    engine, *_ = init(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine
+
+
+def train_step(engine, rank: int, step: int, same_data: bool = False) -> None:
+    x, y = batch(rank, step, same_data)
+    loss = torch.nn.functional.cross_entropy(engine(x), y)
+    engine.backward(loss)
+    engine.step()
+
+
+def state(engine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def momentum(engine) -> list[torch.Tensor]:
+    opt = engine.optimizer
+    return [opt.state[p]["momentum_buffer"].clone() for p in engine.module.parameters() if p in opt.state]
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+def scenario_sync_equivalence(rank: int, steps: int = 6) -> dict:
+    """tau=1 local SGD (no momentum) vs plain DeepSpeed's gradient all-reduce, same data per rank
+    and different data per rank."""
+    out = {}
+    for same in (True, False):
+        local = build(ds_config({"tau": 1, "average_buffers": False}, gradient_clipping=0.0))
+        plain = build(ds_config(gradient_clipping=0.0), use_risgd=False)
+        for s in range(steps):
+            train_step(local, rank, s, same)
+            train_step(plain, rank, s, same)
+        key = "same" if same else "different"
+        out[key] = (list(local.module.parameters()), list(plain.module.parameters()))
+        out[key] = ([p.detach().clone() for p in out[key][0]], [p.detach().clone() for p in out[key][1]])
+    return out
+
+
+def scenario_rounds_and_collectives(rank: int, tau: int = 4, rounds: int = 2) -> dict:
+    """Per-step collective counts and states for local steps, plus plain DeepSpeed as control."""
+    out = {}
+    for name, cfg, use_risgd in (
+        ("risgd", ds_config({"tau": tau}, momentum=0.9), True),
+        ("risgd_small_buckets", ds_config({"tau": tau, "bucket_mb": 0.0005}), True),
+        ("risgd_autocast_bf16", ds_config({"tau": tau}, torch_autocast={"enabled": True, "dtype": "bfloat16"}), True),
+        ("plain", ds_config(momentum=0.9), False),
+    ):
+        engine = build(cfg, use_risgd)
+        counts, states, stats = [], [], []
+        for s in range(tau * rounds):
+            with count_collectives() as c:
+                train_step(engine, rank, s)
+            counts.append(dict(c))
+            states.append(state(engine))
+            stats.append(engine.risgd.stats() if use_risgd else None)
+        out[name] = {"counts": counts, "states": states, "stats": stats}
+    return out
+
+
+def scenario_gradient_accumulation(rank: int, tau: int = 3, gas: int = 2) -> dict:
+    engine = build(ds_config({"tau": tau}, gas=gas))
+    counts, rounds = [], []
+    for micro in range(2 * tau * gas):
+        with count_collectives() as c:
+            train_step(engine, rank, micro)
+        counts.append(sum(c.values()))
+        rounds.append(engine.risgd.stats()["rounds"])
+    return {"counts": counts, "rounds": rounds, "stats": engine.risgd.stats()}
+
+
+def scenario_warmup(rank: int, warmup: int = 3, tau: int = 2) -> dict:
+    engine = build(ds_config({"tau": tau, "warmup_sync_steps": warmup}))
+    counts, states = [], []
+    for s in range(warmup + 2 * tau):
+        with count_collectives() as c:
+            train_step(engine, rank, s)
+        counts.append(dict(c))
+        states.append(state(engine))
+    return {"counts": counts, "states": states, "stats": engine.risgd.stats()}
+
+
+def scenario_momentum(rank: int, tau: int = 3) -> dict:
+    out = {}
+    for flag in (True, False):
+        engine = build(ds_config({"tau": tau, "average_optimizer_state": flag}, momentum=0.9))
+        for s in range(tau):
+            train_step(engine, rank, s)
+        out[flag] = momentum(engine)
+    return out
+
+
+def scenario_failures(rank: int, tau: int = 2) -> dict:
+    """Rank 1 is down in round 1 only; snapshot every rank just before each average."""
+    engine = build(ds_config({"tau": tau, "failures": [{"ranks": [1], "start_round": 1, "end_round": 2}]}))
+    ctl = engine.risgd
+    before, after, divergence, live = [], [], [], []
+    original = ctl.average
+
+    def snapshotting_average():
+        before.append([p.detach().clone() for p in ctl.params()])
+        original()
+        after.append([p.detach().clone() for p in ctl.params()])
+        divergence.append(ctl.divergence)
+        live.append(ctl.live_ranks)
+
+    ctl.average = snapshotting_average
+    for s in range(3 * tau):
+        train_step(engine, rank, s)
+    return {"before": before, "after": after, "divergence": divergence, "live": live, "stats": ctl.stats()}
+
+
+def scenario_resume(rank: int, ckpt_dir: str, tau: int = 4, total: int = 10, save_at: int = 6) -> dict:
+    """Save mid-round, resume in a fresh engine, finish; compare with an uninterrupted run."""
+    cfg = ds_config({"tau": tau}, momentum=0.9)
+    straight = build(cfg)
+    for s in range(total):
+        train_step(straight, rank, s)
+        if s + 1 == save_at:
+            straight.save_checkpoint(ckpt_dir, tag="mid")
+    resumed = build(cfg)
+    torch.manual_seed(12345)  # a different RNG position: the checkpoint must restore it
+    path, client_state = resumed.load_checkpoint(ckpt_dir)
+    start = resumed.risgd.stats()["steps"]
+    for s in range(start, total):
+        train_step(resumed, rank, s)
+    return {"straight": state(straight), "resumed": state(resumed), "start": start,
+            "stats_straight": straight.risgd.stats(), "stats_resumed": resumed.risgd.stats(),
+            "client_state_rounds": client_state["risgd"]["rounds"], "path": path}
+
+
+def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
+    return {
+        "sync_equivalence": scenario_sync_equivalence(rank),
+        "rounds": scenario_rounds_and_collectives(rank),
+        "gas": scenario_gradient_accumulation(rank),
+        "warmup": scenario_warmup(rank),
+        "momentum": scenario_momentum(rank),
+        "failures": scenario_failures(rank),
+        "resume": scenario_resume(rank, ckpt_dir),
+    }

@@ -1,0 +1,92 @@
+"""Every config error is refused before DeepSpeed starts, with one line naming the key and the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import risgd_ext
+from risgd_ext.config import ConfigError, RandomFailure, StaticFailure, check_world, parse_block, split_config
+from risgd_ext.failures import failed_ranks
+
+
+@pytest.mark.parametrize("block, words", [
+    ({"tau": 0}, "risgd.tau must be an int >= 1"),
+    ({"tau": 2.5}, "risgd.tau must be an int >= 1"),
+    ({"tau": True}, "risgd.tau must be an int >= 1"),
+    ({"warmup_sync_steps": -1}, "risgd.warmup_sync_steps must be an int >= 0"),
+    ({"average_buffers": "yes"}, "risgd.average_buffers must be true or false"),
+    ({"average_optimizer_state": 1}, "risgd.average_optimizer_state must be true or false"),
+    ({"bucket_mb": 0}, "risgd.bucket_mb must be a number > 0"),
+    ({"tau": 4, "taus": 5}, "unknown key(s) ['taus']"),
+    ({"failures": {"ranks": [1]}}, "risgd.failures must be a list"),
+    ({"failures": [{"ranks": []}]}, "risgd.failures[0].ranks must be a non-empty list"),
+    ({"failures": [{"ranks": [1], "start_round": 5, "end_round": 5}]}, "risgd.failures[0].end_round must be"),
+    ({"failures": [{"ranks": [1], "when": 3}]}, "risgd.failures[0] has unknown key(s) ['when']"),
+    ({"failures": [{"count": 1, "prob": 1.5}]}, "risgd.failures[0].prob must be a probability"),
+    ({"failures": [{"prob": 0.5}]}, "needs either 'ranks'"),
+    ([], "must be a JSON object"),
+])
+def test_block_errors(block, words):
+    with pytest.raises(ConfigError) as e:
+        parse_block(block)
+    assert words in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_defaults():
+    cfg = parse_block({})
+    assert (cfg.tau, cfg.warmup_sync_steps, cfg.average_buffers, cfg.average_optimizer_state) == (1, 0, True, False)
+    assert cfg.bucket_bytes == 25 * 2**20
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage=1 partitions optimizer state"),
+    ({"zero_optimization": {"stage": 3}}, "set zero_optimization.stage to 0"),
+    ({"fp16": {"enabled": True}}, "'fp16.enabled' wraps the optimizer"),
+    ({"bf16": {"enabled": True}}, "use \"torch_autocast\""),
+])
+def test_deepspeed_features_that_cannot_take_local_steps(extra, words):
+    with pytest.raises(ConfigError) as e:
+        split_config({"train_micro_batch_size_per_gpu": 1, "risgd": {"tau": 2}, **extra})
+    assert words in str(e.value)
+
+
+def test_plain_config_passes_through_unchanged():
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+    assert split_config(cfg) == (cfg, None)
+
+
+def test_initialize_refuses_before_deepspeed_starts(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "risgd": {"tau": 0}}))
+    with pytest.raises(ConfigError, match="risgd.tau"):
+        risgd_ext.initialize(model=None, config=str(path))
+    with pytest.raises(ConfigError, match="not found"):
+        risgd_ext.initialize(model=None, config=str(tmp_path / "missing.json"))
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        risgd_ext.initialize(model=None, config=str(path))
+
+
+def test_world_checks():
+    with pytest.raises(ConfigError, match=r"ranks \[4\] do not exist in a world of 4"):
+        check_world(parse_block({"failures": [{"ranks": [4]}]}), 4)
+    with pytest.raises(ConfigError, match="fails all 2 ranks"):
+        check_world(parse_block({"failures": [{"ranks": [0, 1]}]}), 2)
+    with pytest.raises(ConfigError, match="count=4 must be < the world size 4"):
+        check_world(parse_block({"failures": [{"count": 4, "prob": 0.1}]}), 4)
+
+
+def test_failure_schedule():
+    cfg = parse_block({"failures": [{"ranks": [2], "start_round": 3, "end_round": 5},
+                                    {"count": 1, "prob": 0.5, "seed": 7, "start_round": 10}]})
+    assert isinstance(cfg.failures[0], StaticFailure) and isinstance(cfg.failures[1], RandomFailure)
+    assert [failed_ranks(cfg, r, 4) for r in range(6)] == [frozenset()] * 3 + [frozenset({2})] * 2 + [frozenset()]
+    random_rounds = [failed_ranks(cfg, r, 4) for r in range(10, 210)]
+    hit = sum(1 for d in random_rounds if d)
+    assert 60 < hit < 140  # about half the rounds, one rank each
+    assert all(len(d) <= 1 for d in random_rounds)
+    # a pure function of the round: a resumed run draws the same failures
+    assert random_rounds == [failed_ranks(cfg, r, 4) for r in range(10, 210)]
