@@ -1,0 +1,281 @@
+"""Per-rank RI-SGD train loader and the evaluation loader.
+
+Design: map-style random access instead of WebDataset streaming. index.json records the byte
+offset of every image member, so any sample is one pread. For step s, the sample ids are a pure
+function of (seed, rank, step): chunk i contributes b_i samples taken from an endless sequence of
+seeded permutations of that chunk (one permutation per pass). That gives
+  * a true per-chunk shuffle (so no shuffle buffer is needed: buffers only approximate this),
+  * exact determinism whatever the number of workers, and O(1) resume at any step,
+  * a fixed number of steps per epoch for every rank (from the manifest), so no rank waits.
+Batches are [chunk 0's b_0 samples | chunk 1's b_1 samples | ...] (own chunk first), which are
+the paper's per-chunk mini-batches; `sub_batch_sizes` tells how to split them.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.errors import DataError
+from data.index import load_index, split_arrays, verify_shards
+from data.manifest import load_manifest, rank_chunk_ids
+from data.tario import ShardFiles
+from data.transforms import eval_transform, image_mode, train_transform
+
+POLICIES = ("per_chunk", "split")
+_MASK = (1 << 64) - 1
+
+
+def _mix(*words: int) -> int:
+    """splitmix64-style hash of integers -> 63-bit seed (cheap, stable across versions)."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = (h ^ (w & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        h ^= h >> 31
+        h = h * 0x94D049BB133111EB & _MASK
+        h ^= h >> 29
+    return h >> 1
+
+
+class _Decoder:
+    """Reads and decodes samples of one split by global id; undecodable ones return None."""
+
+    def __init__(self, shard_dir: str, index: dict, split: str, transform: Callable):
+        a = split_arrays(index, split)
+        self.files = ShardFiles([f"{shard_dir}/{n}" for n in a.names])
+        self.offsets, self.sizes, self.shard_of, self.labels = a.offsets, a.sizes, a.shard_of, a.labels
+        self.mode = image_mode(index["dataset"])
+        self.transform = transform
+
+    def decode(self, gid: int) -> torch.Tensor | None:
+        raw = self.files.read(int(self.shard_of[gid]), int(self.offsets[gid]), int(self.sizes[gid]))
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                img = im.convert(self.mode)  # forces the full decode: truncation shows up here
+        except Exception:  # any decoder error means a corrupt sample: skip it, never crash
+            return None
+        return self.transform(img)
+
+
+class _TrainSteps(torch.utils.data.Dataset):
+    """Item s = the whole batch of step s (images, labels, corrupt samples skipped)."""
+
+    def __init__(self, decoder: _Decoder, chunk_ids: list[np.ndarray], sub_sizes: list[int], seed: int,
+                 rank: int):
+        self.decoder, self.chunk_ids, self.sub_sizes = decoder, chunk_ids, sub_sizes
+        self.seed, self.rank = seed, rank
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._bad: set[int] = set()
+
+    def _perm(self, chunk: int, pass_: int) -> np.ndarray:
+        key = (chunk, pass_)
+        if key not in self._perms:
+            rng = np.random.default_rng([self.seed, self.rank, chunk, pass_, 0x9E])
+            self._perms[key] = self.chunk_ids[chunk][rng.permutation(len(self.chunk_ids[chunk]))]
+            if len(self._perms) > 2 * len(self.chunk_ids):
+                self._perms.popitem(last=False)
+        return self._perms[key]
+
+    def sample_ids(self, step: int) -> list[tuple[int, int, int]]:
+        """[(chunk, pass, offset)] of step `step`: a pure function of (seed, rank, step)."""
+        out = []
+        for c, b in enumerate(self.sub_sizes):
+            n = len(self.chunk_ids[c])
+            t = step * b + np.arange(b)
+            out.extend((c, int(p), int(o)) for p, o in zip(t // n, t % n))
+        return out
+
+    def __getitem__(self, step: int):
+        py_state, torch_state = random.getstate(), torch.get_rng_state()
+        images, labels, skipped = [], [], 0
+        try:
+            for pos, (c, p, off) in enumerate(self.sample_ids(step)):
+                perm = self._perm(c, p)
+                for k in range(len(perm)):
+                    # A corrupt sample is replaced by the next one in the same permutation.
+                    gid = int(perm[(off + k) % len(perm)])
+                    if gid not in self._bad:
+                        s = _mix(self.seed, self.rank, step, pos)
+                        random.seed(s)
+                        torch.manual_seed(s)
+                        img = self.decoder.decode(gid)
+                        if img is not None:
+                            break
+                        self._bad.add(gid)
+                    skipped += 1
+                else:
+                    raise DataError(f"every sample of chunk {c} is undecodable: rebuild the shards")
+                images.append(img)
+                labels.append(int(self.decoder.labels[gid]))
+        finally:
+            random.setstate(py_state)
+            torch.set_rng_state(torch_state)
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+
+    def __len__(self) -> int:  # only for tools that ask; the loader itself never ends
+        return 1 << 62
+
+
+class _From:
+    """Sampler yielding step numbers start, start+1, ... forever."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+class RankLoader:
+    """Infinite iterator of (images [B,C,H,W], labels [B]) for one rank; B = sum(sub_batch_sizes)."""
+
+    def __init__(self, steps: _TrainSteps, steps_per_epoch: int, start_step: int, num_workers: int,
+                 pin_memory: bool = False, prefetch_factor: int = 4):
+        self._steps = steps
+        self.steps_per_epoch = steps_per_epoch
+        self.sub_batch_sizes = list(steps.sub_sizes)
+        self.batch_size = sum(self.sub_batch_sizes)
+        self.step = start_step  # the next step this loader yields
+        self.samples_skipped = 0
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of any step, computed in this process (no state change except skip count)."""
+        images, labels, skipped = self._steps[step]
+        self.samples_skipped += skipped
+        return images, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        dl = torch.utils.data.DataLoader(
+            self._steps, batch_size=None, sampler=_From(self.step), num_workers=self.num_workers,
+            pin_memory=self.pin_memory, **extra,
+        )
+        for images, labels, skipped in dl:
+            # Counted here, in the main process, because workers cannot update our attributes.
+            self.samples_skipped += int(skipped)
+            self.step += 1
+            yield images, labels
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "samples_skipped": self.samples_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_skipped = int(state["step"]), int(state.get("samples_skipped", 0))
+
+
+def sub_batch_sizes(fractions: list[float], sizes: list[int], base_batch: int, policy: str) -> list[int]:
+    """Per-chunk sub-batch sizes.
+
+    per_chunk: every full chunk gives base_batch, a partial chunk round(fraction * base_batch)
+    (at least 1): compute grows with q, as in the paper. split: base_batch is shared across chunks
+    in proportion to their sample counts (largest remainder), so compute equals the no-redundancy
+    case.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy {policy!r}: use per_chunk or split")
+    if base_batch < 1:
+        raise ValueError("base_batch must be >= 1")
+    if policy == "per_chunk":
+        return [base_batch if f >= 1.0 else max(1, round(f * base_batch)) for f in fractions]
+    quota = np.asarray(sizes, dtype=float) * base_batch / sum(sizes)
+    out = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - out), kind="stable")[: base_batch - out.sum()]:
+        out[i] += 1
+    return out.tolist()
+
+
+def make_train_loader(
+    manifest: dict | str, shard_dir: str, rank: int, base_batch: int, policy: str = "per_chunk",
+    transform: Callable | None = None, seed: int = 0, start_step: int = 0, num_workers: int = 1,
+    verify: bool = True, pin_memory: bool = False,
+) -> RankLoader:
+    """The rank's infinite train loader. Raises DataError (one line) on a missing/mismatched shard."""
+    if isinstance(manifest, str):
+        manifest = load_manifest(manifest)
+    index = load_index(shard_dir)
+    if not 0 <= rank < manifest["workers"]:
+        raise DataError(f"rank {rank} is not in the manifest's {manifest['workers']} workers")
+    mine = {s["name"]: s["sha256"] for s in manifest["index"]["shards"]["train"]}
+    for s in index["splits"]["train"]["shards"]:
+        if mine.get(s["name"]) != s["sha256"]:
+            raise DataError(f"shard {s['name']} in {shard_dir}/index.json differs from the manifest's: "
+                            "rebuild the manifest for this index or replicate the matching shards")
+    r = manifest["ranks"][rank]
+    if verify:  # hash once here (per process), not per read
+        verify_shards(index, shard_dir, r["shards"], fix=f"run python -m data.replicate --dest {shard_dir} "
+                      f"(for this node) or python -m data.make_shards --out {shard_dir}")
+    chunk_ids = rank_chunk_ids(manifest, index, rank)
+    sizes = sub_batch_sizes([c["fraction"] for c in r["chunks"]], [len(i) for i in chunk_ids], base_batch,
+                            policy)
+    keep = [i for i, b in enumerate(sizes) if b > 0]  # split policy with a tiny batch can give 0
+    transform = transform or train_transform(index["dataset"])
+    steps = _TrainSteps(_Decoder(shard_dir, index, "train", transform), [chunk_ids[i] for i in keep],
+                        [sizes[i] for i in keep], seed, rank)
+    steps_per_epoch = max(1, manifest["epoch_samples"] // base_batch)
+    return RankLoader(steps, steps_per_epoch, start_step, num_workers, pin_memory)
+
+
+class _EvalBatches(torch.utils.data.Dataset):
+    def __init__(self, decoder: _Decoder, batch_size: int):
+        self.decoder, self.batch_size = decoder, batch_size
+        self.n = len(decoder.labels)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __getitem__(self, b: int):
+        images, labels = [], []
+        for gid in range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)):
+            img = self.decoder.decode(gid)
+            if img is not None:
+                images.append(img)
+                labels.append(int(self.decoder.labels[gid]))
+        skipped = min(self.n, (b + 1) * self.batch_size) - b * self.batch_size - len(images)
+        if not images:
+            return None, None, skipped
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+
+
+class EvalLoader:
+    """Finite iterable over a whole split, same order every call; corrupt samples are skipped."""
+
+    def __init__(self, batches: _EvalBatches, num_workers: int):
+        self._batches, self.num_workers = batches, num_workers
+        self.samples_skipped = 0  # over the last full pass
+        self.num_samples = batches.n
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dl = torch.utils.data.DataLoader(self._batches, batch_size=None, shuffle=False,
+                                         num_workers=self.num_workers)
+        skipped = 0
+        for images, labels, s in dl:
+            skipped += int(s)
+            if images is not None:
+                yield images, labels
+        self.samples_skipped = skipped
+
+
+def make_eval_loader(shard_dir: str, batch_size: int, transform: Callable | None = None, split: str = "val",
+                     num_workers: int = 0, verify: bool = True) -> EvalLoader:
+    """Loader over every sample of `split` in shard order (no augmentation by default)."""
+    index = load_index(shard_dir)
+    names = [s["name"] for s in index["splits"].get(split, {"shards": []})["shards"]]
+    if verify:
+        verify_shards(index, shard_dir, names, split=split)
+    transform = transform or eval_transform(index["dataset"])
+    return EvalLoader(_EvalBatches(_Decoder(shard_dir, index, split, transform), batch_size), num_workers)
