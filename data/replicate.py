@@ -1,0 +1,209 @@
+"""Copy exactly the shards one node's ranks need, sha256-verified, atomic and idempotent.
+
+    python -m data.replicate --manifest M.yaml --source SRC --dest NODE_DIR --node-rank K --ranks-per-node N
+
+Run it once per node before training, e.g. with pdsh or as a Slurm step:
+
+    pdsh -w node[0-3] 'cd risgd && python -m data.replicate --manifest M.yaml --source s3://bucket/shards \\
+        --dest /local/shards --node-rank $(( ${HOSTNAME#node} )) --ranks-per-node 8'
+    srun --ntasks-per-node=1 bash -c \
+        'python -m data.replicate ... --node-rank $SLURM_NODEID --ranks-per-node 8'
+
+Node K serves global ranks K*N .. K*N+N-1. SRC is a local directory, any fsspec URL
+(file://, s3://, gs://, memory://...) or `pipe:CMD` where CMD writes the file named {name} to
+stdout (webdataset's convention, e.g. `pipe:curl -s https://host/shards/{name}`). Each file goes to
+NODE_DIR/.NAME.tmp and is renamed into place only after its sha256 matches the manifest; files
+already present with the right size and sha256 are not copied again. index.json and the manifest
+are copied too, so NODE_DIR is a complete shard directory for the loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from data.errors import DataError, safe_name, sha256_file
+from data.manifest import load_manifest
+
+_BLOCK = 1 << 20
+
+
+@contextmanager
+def open_source(source: str, name: str):
+    """Binary stream of file `name` from a local dir, an fsspec URL or a `pipe:` command."""
+    safe_name(name)
+    if source.startswith("pipe:"):
+        cmd = source[len("pipe:"):].replace("{name}", shlex.quote(name))
+        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            yield proc.stdout
+        finally:
+            proc.stdout.close()
+            err = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            proc.stderr.close()
+            if proc.wait() != 0:
+                why = err[-1] if err else f"exit {proc.returncode}"
+                raise DataError(f"{name}: command {cmd!r} failed ({why}): fix the pipe: source")
+    elif "://" in source:
+        import fsspec
+
+        url = f"{source.rstrip('/')}/{name}"
+        try:
+            f = fsspec.open(url, "rb").open()
+        except FileNotFoundError:
+            raise DataError(f"shard {name} not found at {url}: check --source") from None
+        with f:
+            yield f
+    else:
+        path = os.path.join(source, name)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise DataError(
+                f"shard {name} not found under {source}: check --source or run make_shards"
+            ) from None
+        with f:
+            yield f
+
+
+def _copy_verified(src: BinaryIO, dest_dir: str, name: str, sha256: str, origin: str) -> int:
+    tmp = os.path.join(dest_dir, f".{name}.tmp")
+    h, n = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as out:
+            while block := src.read(_BLOCK):
+                h.update(block)
+                out.write(block)
+                n += len(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != sha256:
+            raise DataError(
+                f"shard {name} from {origin} has sha256 {h.hexdigest()[:12]}... but the manifest expects "
+                f"{sha256[:12]}...: the source is corrupt or from another make_shards run"
+            )
+        os.replace(tmp, os.path.join(dest_dir, name))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return n
+
+
+def _present(path: str, size: int, sha256: str) -> bool:
+    return os.path.isfile(path) and os.path.getsize(path) == size and sha256_file(path) == sha256
+
+
+def _write_if_changed(path: str, data: bytes) -> int:
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return 0
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return len(data)
+
+
+def node_ranks(manifest: dict, node_rank: int, ranks_per_node: int) -> list[int]:
+    p = manifest["workers"]
+    if ranks_per_node < 1 or not 0 <= node_rank * ranks_per_node < p:
+        raise DataError(f"--node-rank {node_rank} with --ranks-per-node {ranks_per_node} serves no rank of "
+                        f"the {p} workers: use node ranks 0..{(p - 1) // max(ranks_per_node, 1)}")
+    return list(range(node_rank * ranks_per_node, min(p, (node_rank + 1) * ranks_per_node)))
+
+
+def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_per_node: int,
+              with_val: bool = True, log=print) -> dict:
+    """Copy the node's shards; return a report dict (bytes copied, storage factors)."""
+    manifest = load_manifest(manifest_path)
+    ranks = node_ranks(manifest, node_rank, ranks_per_node)
+    os.makedirs(dest, exist_ok=True)
+    with open_source(source, "index.json") as f:
+        index_bytes = f.read()
+    index = json.loads(index_bytes)
+    train = {s["name"]: s for s in manifest["index"]["shards"]["train"]}
+    for s in index["splits"]["train"]["shards"]:
+        if s["name"] not in train or train[s["name"]]["sha256"] != s["sha256"]:
+            raise DataError(f"index.json at {source} does not match the manifest (shard {s['name']}): "
+                            "rebuild the manifest for this index")
+    needed = sorted({n for r in ranks for n in manifest["ranks"][r]["shards"]})
+    files = [train[n] for n in needed]
+    if with_val:
+        files += manifest["index"]["shards"].get("val", [])
+    copied = skipped = copied_bytes = 0
+    for s in files:
+        name = safe_name(s["name"])
+        if _present(os.path.join(dest, name), s["bytes"], s["sha256"]):
+            skipped += 1
+            continue
+        with open_source(source, name) as f:
+            copied_bytes += _copy_verified(f, dest, name, s["sha256"], source)
+        copied += 1
+        log(f"copied {name} ({s['bytes']} bytes)")
+    with open(manifest_path, "rb") as f:
+        manifest_bytes = f.read()
+    copied_bytes += _write_if_changed(os.path.join(dest, "index.json"), index_bytes)
+    copied_bytes += _write_if_changed(os.path.join(dest, os.path.basename(manifest_path)), manifest_bytes)
+    full = sum(s["bytes"] for s in train.values())
+    node_bytes = sum(os.path.getsize(os.path.join(dest, n)) for n in needed)
+    return {
+        "node_rank": node_rank,
+        "ranks": ranks,
+        "files_copied": copied,
+        "files_present": skipped,
+        "bytes_copied": copied_bytes,
+        "node_train_bytes": node_bytes,
+        "full_copy_bytes": full,
+        "node_storage_over_full_copy": node_bytes / full,
+        # What the manifest predicts: the same quantity at shard granularity, and sample-level gamma.
+        "manifest_node_storage_over_full_copy": sum(train[n]["bytes"] for n in needed) / full,
+        "manifest_node_gamma_sum": sum(manifest["ranks"][r]["gamma"] for r in ranks),
+        "manifest_sum_gamma_all_ranks": manifest["summary"]["sum_gamma"],
+        "mu": manifest["mu"],
+        "workers": manifest["workers"],
+    }
+
+
+def format_report(rep: dict) -> str:
+    return (
+        f"node {rep['node_rank']} (ranks {rep['ranks'][0]}..{rep['ranks'][-1]}): "
+        f"copied {rep['files_copied']} files, {rep['bytes_copied']} bytes; "
+        f"{rep['files_present']} already present\n"
+        f"node storage / one full copy of train = {rep['node_storage_over_full_copy']:.4f} "
+        f"(manifest predicts {rep['manifest_node_storage_over_full_copy']:.4f} at shard granularity; "
+        f"sample-level sum of gamma_j over the node's ranks = {rep['manifest_node_gamma_sum']:.4f})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m data.replicate", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--manifest", required=True, help="manifest YAML from python -m data.manifest build")
+    ap.add_argument("--source", required=True, help="local dir, fsspec URL, or pipe:CMD with {name}")
+    ap.add_argument("--dest", required=True, help="node-local shard directory")
+    ap.add_argument("--node-rank", type=int, required=True, help="this node's index K (0-based)")
+    ap.add_argument("--ranks-per-node", type=int, required=True, help="ranks (GPUs) per node N")
+    ap.add_argument("--no-val", action="store_true", help="do not copy the validation shards")
+    args = ap.parse_args(argv)
+    try:
+        rep = replicate(args.manifest, args.source, args.dest, args.node_rank, args.ranks_per_node,
+                        with_val=not args.no_val)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_report(rep))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
