@@ -156,6 +156,10 @@ class RankLoader:
         self.samples_skipped += skipped
         return images, labels
 
+    def sample_ids(self, step: int) -> list[int]:
+        """Global train ids planned for `step`, batch order (before any corrupt-sample substitution)."""
+        return [int(self._steps._perm(c, p)[o]) for c, p, o in self._steps.sample_ids(step)]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         dl = torch.utils.data.DataLoader(
