@@ -45,6 +45,7 @@ class RISGDConfig:
     average_buffers: bool = True
     average_optimizer_state: bool = False
     bucket_mb: float = 25.0
+    measure_divergence: bool = True
     failures: tuple[StaticFailure | RandomFailure, ...] = field(default_factory=tuple)
 
     @property
@@ -58,6 +59,7 @@ _KEYS = {
     "average_buffers": "bool: also average BatchNorm running statistics (default true)",
     "average_optimizer_state": "bool: also average optimizer state such as momentum (default false)",
     "bucket_mb": "number > 0: size of one averaging all_reduce bucket in MiB (default 25)",
+    "measure_divergence": "bool: measure the model divergence before each average (default true)",
     "failures": "list of {ranks, start_round, end_round} or {count, prob, seed, start_round}",
 }
 _STATIC_KEYS = {"ranks", "start_round", "end_round"}
@@ -129,6 +131,7 @@ def parse_block(block: Any) -> RISGDConfig:
         average_buffers=_bool(block, "average_buffers", True),
         average_optimizer_state=_bool(block, "average_optimizer_state", False),
         bucket_mb=float(bucket_mb),
+        measure_divergence=_bool(block, "measure_divergence", True),
         failures=tuple(_parse_failure(f, i) for i, f in enumerate(failures)),
     )
 

@@ -39,7 +39,7 @@ class RISGDController:
         if cfg is not None:
             check_world(cfg, self.world_size)
         self._accelerator = get_accelerator()
-        self.averager = BucketAverager(cfg.bucket_bytes if cfg else 1, self.group, self.synchronize)
+        self.averager: BucketAverager | None = None
         self.steps = self.sync_steps = self.local_steps = 0
         self.rounds = self.steps_in_round = self.bytes_allreduced = 0
         self.comm_seconds = self.average_seconds = self.compute_seconds = 0.0
@@ -50,17 +50,17 @@ class RISGDController:
         self._comm_in_step = 0.0
         engine.enable_backward_allreduce = self.next_step_is_sync()
         if cfg is not None:
-            self.averager.set_anchor(self.params())
+            buffers = [b for b in engine.module.buffers() if b.is_floating_point()] if cfg.average_buffers else []
+            self.averager = BucketAverager(self.params(), buffers, cfg.bucket_bytes, self.group,
+                                           self.synchronize, cfg.measure_divergence)
 
     # -- what is averaged ---------------------------------------------------------------------
     def params(self) -> list[torch.Tensor]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
-    def extras(self) -> list[torch.Tensor]:
-        """BatchNorm statistics and, optionally, optimizer state shaped like the parameters."""
+    def optimizer_state(self) -> list[torch.Tensor]:
+        """Optimizer state shaped like the parameters (momentum, Adam moments), if averaged."""
         out: list[torch.Tensor] = []
-        if self.cfg.average_buffers:
-            out += [b for b in self.engine.module.buffers() if b.is_floating_point()]
         if self.cfg.average_optimizer_state:
             optimizer = self.engine.optimizer
             for p in self.params():
@@ -103,7 +103,7 @@ class RISGDController:
                 self.average()
         if self.active and self.steps == self.cfg.warmup_sync_steps:
             # Post-local SGD: ranks are identical after synchronous steps; measure from here.
-            self.averager.set_anchor(self.params())
+            self.averager.set_anchor()
         self.engine.enable_backward_allreduce = self.next_step_is_sync()
         now = time.perf_counter()
         if self._step_started is not None:
@@ -115,7 +115,7 @@ class RISGDController:
         down = failed_ranks(self.cfg, self.rounds, self.world_size)
         live = self.rank not in down
         t0 = time.perf_counter()
-        result = self.averager.average(self.params(), self.extras(), live, self.world_size - len(down))
+        result = self.averager.average(live, self.world_size - len(down), self.optimizer_state())
         self.average_seconds += time.perf_counter() - t0
         self.comm_seconds += result.comm_seconds
         self._comm_in_step += time.perf_counter() - t0
@@ -139,14 +139,13 @@ class RISGDController:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
-        state["anchors"] = [a.detach().cpu() for a in self.averager.anchors]
+        state["anchors"] = [a.detach().cpu() for a in self.averager.anchors] if self.averager else []
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in _COUNTERS:
             setattr(self, k, state[k])
-        anchors = state.get("anchors", [])
-        if anchors:
-            params = self.params()
-            self.averager.anchors = [a.to(p.device, p.dtype) for a, p in zip(anchors, params)]
+        if self.averager is not None:
+            for mine, saved in zip(self.averager.anchors, state["anchors"]):
+                mine.copy_(saved)
         self.engine.enable_backward_allreduce = self.next_step_is_sync()

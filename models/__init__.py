@@ -1,0 +1,10 @@
+"""Models for risgd: CIFAR-style ResNets registered in timm's registry.
+
+Importing this package registers them, after which ``timm.create_model("resnet20_cifar")`` works.
+ImageNet ResNet-50 comes straight from timm (``timm.create_model("resnet50")``).
+"""
+
+from . import cifar_resnet  # noqa: F401  (registers the models)
+from .factory import create_model
+
+__all__ = ["create_model"]

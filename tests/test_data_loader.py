@@ -1,0 +1,167 @@
+"""Loader: sub-batch composition, policies, determinism, resume, corrupt samples, bad shards, eval."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from data.errors import DataError
+from data.index import load_index, split_arrays
+from data.loader import make_eval_loader, make_train_loader, sub_batch_sizes
+from data.make_shards import make_shards
+from data.manifest import build_manifest, rank_chunk_ids
+from data.synthetic import write_cifar_tarball
+
+
+@pytest.fixture(scope="module")
+def index(digits_dir):
+    return load_index(digits_dir)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cifar")
+    tgz = write_cifar_tarball(str(d / "c.tar.gz"), "cifar10", n_train=120, n_test=20, seed=0)
+    make_shards("cifar10", str(d / "s"), src=tgz, shard_size=32, progress=False)
+    return str(d / "s")
+
+
+def test_sub_batch_composition(index, digits_dir):
+    m = build_manifest(index, 4, 0.1, "label_sorted")
+    for rank in (0, 3):
+        loader = make_train_loader(m, digits_dir, rank, base_batch=16, num_workers=0)
+        assert loader.sub_batch_sizes == [16, round(0.4 * 16)]
+        chunks = rank_chunk_ids(m, index, rank)
+        labels = split_arrays(index).labels
+        for step in (0, 5, 40):
+            ids = loader.sample_ids(step)
+            assert set(ids[:16]) <= set(chunks[0].tolist())
+            assert set(ids[16:]) <= set(chunks[1].tolist())  # the seeded partial subset only
+            images, y = loader.batch_at(step)
+            assert images.shape == (22, 1, 8, 8) and y.tolist() == labels[ids].tolist()
+
+
+def test_policies(index, digits_dir):
+    m = build_manifest(index, 4, 0.5)
+    per = make_train_loader(m, digits_dir, 1, base_batch=32, policy="per_chunk", num_workers=0)
+    split = make_train_loader(m, digits_dir, 1, base_batch=32, policy="split", num_workers=0)
+    assert per.sub_batch_sizes == [32, 32, 32] and per.batch_at(0)[0].shape[0] == 96
+    assert sum(split.sub_batch_sizes) == 32 and max(split.sub_batch_sizes) - min(split.sub_batch_sizes) <= 1
+    assert sub_batch_sizes([1.0, 0.5], [100, 50], 30, "split") == [20, 10]  # in proportion to size
+    assert sub_batch_sizes([1.0, 0.25], [100, 25], 8, "per_chunk") == [8, 2]
+
+
+def test_steps_per_epoch_equal_and_epoch_is_a_pass(index, digits_dir):
+    m = build_manifest(index, 4, 0.3, "dirichlet:0.5", hetero_std=0.2, seed=4)
+    loaders = [make_train_loader(m, digits_dir, r, base_batch=16, num_workers=0) for r in range(4)]
+    assert len({ld.steps_per_epoch for ld in loaders}) == 1
+    ld = loaders[2]
+    assert ld.steps_per_epoch == m["epoch_samples"] // 16
+    own = [i for s in range(ld.steps_per_epoch) for i in ld.sample_ids(s)[:16]]
+    assert len(set(own)) == len(own)  # a true shuffle: no repeats within one pass over the chunk
+
+
+def test_determinism_workers_and_resume(cifar_dir):
+    m = build_manifest(load_index(cifar_dir), 3, 1 / 3)
+    kw = dict(base_batch=8, seed=11)
+    a = make_train_loader(m, cifar_dir, 1, num_workers=0, **kw)
+    it = iter(a)
+    first = [next(it) for _ in range(6)]
+    assert a.step == 6
+    b = make_train_loader(m, cifar_dir, 1, num_workers=2, **kw)
+    it_b = iter(b)
+    for x, y in first:  # bitwise, augmentation included, whatever the worker count
+        xb, yb = next(it_b)
+        assert torch.equal(x, xb) and torch.equal(y, yb)
+    c = make_train_loader(m, cifar_dir, 1, num_workers=1, start_step=4, **kw)
+    x4, y4 = next(iter(c))
+    assert torch.equal(x4, first[4][0]) and torch.equal(y4, first[4][1])
+    d = make_train_loader(m, cifar_dir, 1, num_workers=0, **kw)
+    d.load_state_dict(a.state_dict())
+    assert torch.equal(next(iter(d))[0], next(it)[0])
+    other_seed = make_train_loader(m, cifar_dir, 1, num_workers=0, base_batch=8, seed=12)
+    other_rank = make_train_loader(m, cifar_dir, 2, num_workers=0, **kw)
+    assert not torch.equal(other_seed.batch_at(0)[0], first[0][0])
+    assert not torch.equal(other_rank.batch_at(0)[0], first[0][0])
+
+
+def test_augmentation_varies_and_global_rng_untouched(cifar_dir):
+    m = build_manifest(load_index(cifar_dir), 1, 0.0)
+    ld = make_train_loader(m, cifar_dir, 0, base_batch=4, num_workers=0)
+    spe = ld.steps_per_epoch
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    ld.batch_at(0)
+    assert torch.equal(torch.rand(3), expected)
+    # The same image in two passes gets different crops / flips (augmentation is live).
+    ids0 = ld.sample_ids(0)
+    later = next(s for s in range(spe, 4 * spe) if ids0[0] in ld.sample_ids(s))
+    pos = ld.sample_ids(later).index(ids0[0])
+    assert not torch.equal(ld.batch_at(0)[0][0], ld.batch_at(later)[0][pos])
+
+
+def _folder_with_corrupt(root) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        os.makedirs(root / cls)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    # JPEG magic then garbage: kept as JPEG bytes by the writer, undecodable by the loader.
+    (root / "a" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 255, 300, dtype=np.uint8)))
+    (root / "b" / "bad2.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+
+
+def test_corrupt_samples_skipped_and_counted(tmp_path):
+    _folder_with_corrupt(tmp_path / "src")
+    out = str(tmp_path / "s")
+    make_shards("imagefolder", out, src=str(tmp_path / "src"), shard_size=5, progress=False)
+    index = load_index(out)
+    m = build_manifest(index, 1, 0.0)
+    tf = T.Compose([T.Resize((8, 8)), T.ToTensor()])
+    ld = make_train_loader(m, out, 0, base_batch=6, transform=tf, num_workers=1)
+    it = iter(ld)
+    batches = [next(it) for _ in range(3 * ld.steps_per_epoch + 3)]
+    assert all(x.shape == (6, 3, 8, 8) for x, _ in batches)  # fixed shapes despite corrupt samples
+    assert ld.samples_skipped > 0  # counted in the main process although decoded in a worker
+    val_bad = sum(1 for s in index["splits"]["val"]["shards"] for sz in s["sizes"] if sz <= 304)
+    ev = make_eval_loader(out, batch_size=3, transform=tf)
+    n = sum(len(y) for _, y in ev)
+    assert n + ev.samples_skipped == index["splits"]["val"]["samples"] and ev.samples_skipped == val_bad
+
+
+def test_missing_and_mismatched_shards(index, digits_dir, tmp_path):
+    d = tmp_path / "s"
+    shutil.copytree(digits_dir, d)
+    m = build_manifest(index, 4, 0.25)
+    name = m["ranks"][0]["shards"][0]
+    os.remove(d / name)
+    with pytest.raises(DataError) as e:
+        make_train_loader(m, str(d), 0, base_batch=8)
+    msg = str(e.value)
+    assert "\n" not in msg and name in msg and "missing" in msg and "data.replicate" in msg
+    shutil.copy(os.path.join(digits_dir, name), d / name)
+    with open(d / name, "r+b") as f:
+        f.seek(600)
+        f.write(b"Z")
+    with pytest.raises(DataError, match=f"shard {name} .*sha256"):
+        make_train_loader(m, str(d), 0, base_batch=8)
+    make_train_loader(m, str(d), 0, base_batch=8, verify=False, num_workers=0)  # opt-out works
+    with pytest.raises(DataError, match="rank 4"):
+        make_train_loader(m, digits_dir, 4, base_batch=8)
+
+
+def test_eval_loader(index, digits_dir):
+    ev = make_eval_loader(digits_dir, batch_size=64)
+    a = [(x, y) for x, y in ev]
+    b = [(x, y) for x, y in make_eval_loader(digits_dir, batch_size=64, num_workers=2)]
+    assert len(a) == len(ev) == 6
+    assert torch.cat([y for _, y in a]).tolist() == split_arrays(index, "val").labels.tolist()
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
+    assert a[0][0].shape == (64, 1, 8, 8) and abs(float(torch.cat([x for x, _ in a]).mean())) < 0.2
