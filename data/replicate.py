@@ -35,6 +35,10 @@ from data.manifest import load_manifest
 _BLOCK = 1 << 20
 
 
+def _what(name: str) -> str:
+    return name if name == "index.json" else f"shard {name}"
+
+
 @contextmanager
 def open_source(source: str, name: str):
     """Binary stream of file `name` from a local dir, an fsspec URL or a `pipe:` command."""
@@ -58,7 +62,7 @@ def open_source(source: str, name: str):
         try:
             f = fsspec.open(url, "rb").open()
         except FileNotFoundError:
-            raise DataError(f"shard {name} not found at {url}: check --source") from None
+            raise DataError(f"{_what(name)} not found at {url}: check --source") from None
         with f:
             yield f
     else:
@@ -67,7 +71,7 @@ def open_source(source: str, name: str):
             f = open(path, "rb")
         except FileNotFoundError:
             raise DataError(
-                f"shard {name} not found under {source}: check --source or run make_shards"
+                f"{_what(name)} not found under {source}: check --source or run make_shards"
             ) from None
         with f:
             yield f

@@ -1,0 +1,110 @@
+"""Replication: exactly the node's shards, sha256-verified, atomic, idempotent; local/fsspec/pipe sources."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import fsspec
+import pytest
+
+from data.errors import DataError
+from data.index import load_index
+from data.loader import make_train_loader
+from data.manifest import build_manifest, write_manifest
+from data.replicate import replicate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def manifest_path(digits_dir, tmp_path):
+    m = build_manifest(load_index(digits_dir), 4, 0.25)
+    path = str(tmp_path / "m.yaml")
+    write_manifest(m, path)
+    return path, m
+
+
+def _quiet(*_):
+    pass
+
+
+def test_local_copy_exact_and_idempotent(digits_dir, manifest_path, tmp_path):
+    path, m = manifest_path
+    dest = tmp_path / "node0"
+    rep = replicate(path, digits_dir, str(dest), node_rank=0, ranks_per_node=1, log=_quiet)
+    want = set(m["ranks"][0]["shards"]) | {s["name"] for s in m["index"]["shards"]["val"]}
+    assert {n for n in os.listdir(dest) if n.endswith(".tar")} == want
+    assert {"index.json", "m.yaml"} <= set(os.listdir(dest))
+    assert not [n for n in os.listdir(dest) if n.startswith(".")]
+    assert rep["node_storage_over_full_copy"] == pytest.approx(rep["manifest_node_storage_over_full_copy"])
+    assert rep["node_storage_over_full_copy"] == pytest.approx(m["ranks"][0]["storage_fraction"])
+    mtimes = {n: os.stat(dest / n).st_mtime_ns for n in os.listdir(dest)}
+    again = replicate(path, digits_dir, str(dest), node_rank=0, ranks_per_node=1, log=_quiet)
+    assert again["bytes_copied"] == 0 and again["files_copied"] == 0
+    assert mtimes == {n: os.stat(dest / n).st_mtime_ns for n in os.listdir(dest)}
+    # The node directory is a complete shard dir for that rank's loader (sha256 verified).
+    make_train_loader(path, str(dest), 0, base_batch=8, num_workers=0).batch_at(0)
+
+
+def test_storage_over_all_nodes(digits_dir, manifest_path, tmp_path):
+    path, m = manifest_path
+    reps = [replicate(path, digits_dir, str(tmp_path / f"n{k}"), k, 1, with_val=False, log=_quiet)
+            for k in range(4)]
+    total = sum(r["node_storage_over_full_copy"] for r in reps)
+    assert total == pytest.approx(m["summary"]["storage_total_over_full_copy"])
+    assert sum(r["manifest_node_gamma_sum"] for r in reps) == pytest.approx(1 + 4 * 0.25)
+    two = replicate(path, digits_dir, str(tmp_path / "pair"), 1, 2, with_val=False, log=_quiet)
+    assert two["ranks"] == [2, 3]
+    assert set(os.listdir(tmp_path / "pair")) - {"index.json", "m.yaml"} == (
+        set(m["ranks"][2]["shards"]) | set(m["ranks"][3]["shards"]))
+    with pytest.raises(DataError, match="--node-rank 2"):
+        replicate(path, digits_dir, str(tmp_path / "x"), 2, 2, log=_quiet)
+
+
+def test_fsspec_and_pipe_sources(digits_dir, manifest_path, tmp_path):
+    path, m = manifest_path
+    fs = fsspec.filesystem("memory")
+    for name in os.listdir(digits_dir):
+        fs.pipe(f"/shards/{name}", open(os.path.join(digits_dir, name), "rb").read())
+    a = replicate(path, "memory://shards", str(tmp_path / "mem"), 1, 1, log=_quiet)
+    b = replicate(path, f"pipe:cat {digits_dir}/{{name}}", str(tmp_path / "pipe"), 1, 1, log=_quiet)
+    c = replicate(path, f"file://{digits_dir}", str(tmp_path / "file"), 1, 1, log=_quiet)
+    assert a["bytes_copied"] == b["bytes_copied"] == c["bytes_copied"] > 0
+    assert sorted(os.listdir(tmp_path / "mem")) == sorted(os.listdir(tmp_path / "pipe"))
+    with pytest.raises(DataError, match="failed"):
+        replicate(path, "pipe:false {name}", str(tmp_path / "bad"), 1, 1, log=_quiet)
+
+
+def test_checksum_failure_leaves_nothing(digits_dir, manifest_path, tmp_path):
+    path, m = manifest_path
+    src = tmp_path / "src"
+    shutil.copytree(digits_dir, src)
+    victim = m["ranks"][0]["shards"][1]
+    with open(src / victim, "r+b") as f:
+        f.seek(1000)
+        f.write(b"!")
+    dest = tmp_path / "node"
+    with pytest.raises(DataError, match=f"shard {victim} .*sha256"):
+        replicate(path, str(src), str(dest), 0, 1, log=_quiet)
+    assert victim not in os.listdir(dest) and not [n for n in os.listdir(dest) if n.endswith(".tmp")]
+    os.remove(src / victim)
+    with pytest.raises(DataError, match=f"shard {victim} not found"):
+        replicate(path, str(src), str(dest), 0, 1, log=_quiet)
+
+
+def test_cli(digits_dir, manifest_path, tmp_path):
+    path, _ = manifest_path
+    run = lambda *a: subprocess.run([sys.executable, "-m", "data.replicate", *a], cwd=REPO,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run("--help")
+    assert r.returncode == 0 and "pdsh" in r.stdout and "Slurm" in r.stdout
+    args = ["--manifest", path, "--dest", str(tmp_path / "n"), "--node-rank", "0", "--ranks-per-node", "1"]
+    r = run(*args, "--source", digits_dir)
+    assert r.returncode == 0 and "node storage / one full copy" in r.stdout, r.stderr
+    r = run(*args, "--source", digits_dir)
+    assert "copied 0 files, 0 bytes" in r.stdout
+    r = run(*args, "--source", str(tmp_path / "nowhere"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "index.json" in r.stderr
