@@ -117,7 +117,8 @@ def bench_replication(args: argparse.Namespace, shard_dir: str, work: str, parti
           f"{m['summary']['sum_gamma']:.4f} = 1 + p*mu = {1 + args.p * args.mu:.4f}")
     print(f"  per node over the no-redundancy share 1/p: {per_node * args.p:.4f} = 1 + p*mu "
           f"(the '1 + mu' of the issue holds only if mu is read as p*mu = q-1 extra chunks per node)")
-    print("  measured storage exceeds gamma by shard granularity: a shard is copied whole if the node "
+    print("  any excess of measured storage over gamma_j is shard granularity: a shard is copied whole "
+          "if the node "
           "needs any sample in it" + (" (label_sorted chunks are scattered over all shards)"
                                       if partition != "iid" else ""))
 
