@@ -1,0 +1,71 @@
+"""Run directory and wandb: config.yaml, metrics.jsonl, summary.json, and the wandb run.
+
+Only rank 0 writes. wandb runs offline unless an API key is configured, so no account is needed
+and ``wandb sync runs/NAME/wandb/offline-run-*`` uploads later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any
+
+import yaml
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunTracker:
+    def __init__(self, run_dir: str, cfg: dict, active: bool, resume_step: int = 0):
+        self.run_dir, self.active = run_dir, active
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb_run = None
+        if not active:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        _atomic_write(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+        self._truncate_metrics(resume_step)
+        if cfg["wandb"]["enabled"]:
+            self._init_wandb(cfg)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        _atomic_write(self.metrics_path, "".join(lines))
+
+    def _init_wandb(self, cfg: dict) -> None:
+        import wandb
+
+        mode = cfg["wandb"]["mode"] or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        id_path = os.path.join(self.run_dir, "wandb_id")
+        run_id = open(id_path).read().strip() if os.path.exists(id_path) else secrets.token_hex(4)
+        _atomic_write(id_path, run_id)
+        self.wandb_run = wandb.init(project=cfg["wandb"]["project"], group=cfg["wandb"]["group"],
+                                    name=os.path.basename(self.run_dir), id=run_id, resume="allow",
+                                    config=cfg, dir=self.run_dir, mode=mode)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        _atomic_write(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.summary.update(summary)
+            self.wandb_run.finish()

@@ -1,0 +1,250 @@
+"""Train an image model with SyncSGD, PR-SGD, RI-SGD or cooperative SGD under DeepSpeed.
+
+    deepspeed --num_gpus 4 train.py --recipe recipes/digits.yaml algorithm=risgd mu=0.5 tau=50
+
+One process per rank (the ``deepspeed`` launcher starts them; on a CPU machine ``--num_gpus N``
+starts N CPU ranks with gloo). The recipe names model, data, algorithm and schedule; ``key=value``
+arguments override it (dotted keys for nested ones, e.g. ``data.partition=iid``). Results go to
+``runs/RUN_NAME/`` (config.yaml, ds_config.json, metrics.jsonl, summary.json, checkpoints/, wandb/).
+Re-running the same command resumes from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from recipes.config import RecipeError, load_recipe, run_name
+from recipes.schedule import lr_factor
+from recipes.tracking import RunTracker
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/digits.yaml")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher (the LOCAL_RANK variable is used)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys (dotted for nested)")
+    return parser.parse_args(argv)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def prepare_shards(cfg: dict, rank: int) -> dict:
+    """The shard index; rank 0 writes the shards first if the directory has none."""
+    from data.index import load_index
+    from data.make_shards import make_shards
+
+    shards = cfg["data"]["shards"]
+    if rank == 0 and not os.path.exists(os.path.join(shards, "index.json")):
+        make_shards(cfg["data"]["dataset"], shards, src=cfg["data"]["src"], seed=0, progress=False)
+    dist.barrier()
+    return load_index(shards)
+
+
+def prepare_manifest(cfg: dict, index: dict, world_size: int) -> dict:
+    """The redundancy manifest: the recipe's file, or built from its parameters (same on every rank)."""
+    from data.manifest import build_manifest, load_manifest
+
+    data = cfg["data"]
+    if data["manifest"]:
+        manifest = load_manifest(data["manifest"])
+    else:
+        mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
+        manifest = build_manifest(index, world_size, cfg["mu"], partition=data["partition"], seed=cfg["seed"],
+                                  hetero_std=data["hetero_std"], mode=mode)
+    if manifest["workers"] != world_size:
+        raise RecipeError(f"the manifest is for {manifest['workers']} workers but this run has {world_size} "
+                          "ranks: launch with that many ranks or rebuild the manifest with --workers")
+    return manifest
+
+
+# -- DeepSpeed -------------------------------------------------------------------------------------
+
+def build_ds_config(cfg: dict, world_size: int) -> dict:
+    """The recipe's ds_config file plus the batch sizes and, except for SyncSGD, the risgd block."""
+    path = cfg["ds_config"]
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"ds_config {path} not found: set ds_config= to a file under ds_configs/") from None
+    gas = ds.get("gradient_accumulation_steps", 1)
+    # DeepSpeed's batch bookkeeping; the real per-rank batch is the loader's (it grows with q).
+    ds["train_micro_batch_size_per_gpu"] = cfg["data"]["base_batch"]
+    ds["train_batch_size"] = cfg["data"]["base_batch"] * gas * world_size
+    block = ds.pop("risgd", {})
+    if cfg["algorithm"] != "sync":
+        block.update(tau=cfg["tau"], warmup_sync_steps=cfg["warmup_sync_steps"],
+                     average_optimizer_state=cfg["average_optimizer_state"], failures=cfg["failures"])
+        ds["risgd"] = block
+    return ds
+
+
+def build_optimizer(cfg: dict, model: torch.nn.Module, total_steps: int):
+    opt = cfg["optimizer"]
+    # No weight decay on BatchNorm and biases (the usual ResNet recipe).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": opt["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg["schedule"], opt["lr"], total_steps))
+    return optimizer, scheduler
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: int) -> dict:
+    model.eval()
+    correct1 = correct5 = total = 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        top = model(images).topk(min(5, num_classes), dim=1).indices
+        hits = top == labels[:, None]
+        correct1 += int(hits[:, 0].sum())
+        correct5 += int(hits.any(dim=1).sum())
+        total += labels.numel()
+    model.train()
+    out = {"test_acc": 100.0 * correct1 / max(1, total)}
+    if num_classes > 10:  # top-5 says little with 10 classes
+        out["test_acc5"] = 100.0 * correct5 / max(1, total)
+    return out
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        return train(cfg)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def train(cfg: dict) -> int:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    import models
+    import risgd_ext
+    from data.loader import make_eval_loader, make_train_loader
+    from data.transforms import eval_transform, train_transform
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    if cfg["data"]["manifest"]:  # refuse a mismatched manifest before starting any process group
+        from data.manifest import load_manifest
+        if load_manifest(cfg["data"]["manifest"])["workers"] != world_size:
+            prepare_manifest(cfg, {}, world_size)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+    index = prepare_shards(cfg, rank)
+    manifest = prepare_manifest(cfg, index, world_size)
+    data = cfg["data"]
+    run_dir = os.path.join(cfg["runs_dir"], run_name(cfg))
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+    steps_per_epoch = max(1, manifest["epoch_samples"] // data["base_batch"])
+    tau = 1 if cfg["algorithm"] == "sync" else cfg["tau"]
+    total_steps = cfg["steps"] or -(-cfg["epochs"] * steps_per_epoch // tau) * tau  # whole rounds
+    if total_steps % tau:
+        raise RecipeError(f"steps={total_steps} must be a multiple of tau={tau} so the run ends on an average")
+
+    torch.manual_seed(cfg["seed"])  # identical initial model on every rank
+    model = models.create_model(cfg["model"]["name"], num_classes=index["num_classes"],
+                                in_chans=index["image_shape"][0] if index.get("image_shape") else 3,
+                                drop_rate=cfg["model"]["drop_rate"])
+    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+    ds_config = build_ds_config(cfg, world_size)
+    engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+
+    start, wall_before, best = 0, 0.0, 0.0
+    if os.path.exists(os.path.join(ckpt_dir, "latest")):
+        _, client = engine.load_checkpoint(ckpt_dir)
+        start, wall_before, best = client["step"], client["wall_seconds"], client["best_test_acc"]
+    torch.manual_seed(cfg["seed"] * 100003 + rank * 7919 + start)  # per-rank randomness (dropout)
+
+    loader = make_train_loader(manifest, data["shards"], rank, data["base_batch"], policy=data["batch_policy"],
+                               transform=train_transform(index["dataset"], data["image_size"]), seed=cfg["seed"],
+                               start_step=start, num_workers=data["num_workers"])
+    eval_loader = make_eval_loader(data["shards"], data["eval_batch"],
+                                   transform=eval_transform(index["dataset"], data["image_size"])) if rank == 0 else None
+
+    tracker = RunTracker(run_dir, cfg, active=rank == 0, resume_step=start)
+    if rank == 0:
+        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
+            json.dump(ds_config, f, indent=2)
+        if not data["manifest"]:
+            from data.manifest import write_manifest
+            write_manifest(manifest, os.path.join(run_dir, "manifest.yaml"))
+
+    t0 = time.perf_counter() - wall_before
+    running = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, samples skipped (since last log)
+    last = {"train_loss": float("nan"), "test_acc": None}
+    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run_name(cfg), dynamic_ncols=True)
+    batches = iter(loader)
+    skipped_seen = loader.samples_skipped
+    for step in range(start + 1, total_steps + 1):
+        images, labels = next(batches)
+        loss = F.cross_entropy(engine(images.to(device)), labels.to(device))
+        engine.backward(loss)
+        engine.step()
+        running[0] += loss.item()
+        running[1] += 1
+        bar.update(1)
+        if step % cfg["eval_every"] == 0 or step == total_steps:
+            running[2] = loader.samples_skipped - skipped_seen
+            skipped_seen = loader.samples_skipped
+            # Telemetry only: one tiny collective per log interval, at a round boundary.
+            dist.all_reduce(running)
+            stats = engine.risgd.stats()
+            metrics = {"step": step, "round": stats["rounds"], "epoch": step / steps_per_epoch,
+                       "lr": scheduler.get_last_lr()[0], "train_loss": float(running[0] / running[1]),
+                       "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
+                       "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
+                       "wall_seconds": time.perf_counter() - t0, "divergence": stats["divergence"],
+                       "samples_skipped": int(running[2])}
+            running.zero_()
+            if rank == 0:
+                metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"]))
+                best = max(best, metrics["test_acc"])
+                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
+            tracker.log(metrics)
+            last = metrics
+        if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == total_steps:
+            engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={
+                "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best})
+    bar.close()
+
+    stats = engine.risgd.stats()
+    summary = {"algorithm": cfg["algorithm"], "tau": tau, "mu": cfg["mu"], "world_size": world_size,
+               "steps": total_steps, "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
+               "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
+               "wall_seconds": time.perf_counter() - t0, "final_test_acc": last.get("test_acc"),
+               "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
+               "partition": data["partition"], "batch_policy": data["batch_policy"],
+               "divergence_mean": stats["divergence_mean"], "samples_skipped": loader.samples_skipped,
+               "recipe": cfg["recipe"], "run_name": run_name(cfg)}
+    tracker.finish(summary)
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
