@@ -183,8 +183,10 @@ def train(cfg: dict) -> int:
     loader = make_train_loader(manifest, data["shards"], rank, data["base_batch"], policy=data["batch_policy"],
                                transform=train_transform(index["dataset"], data["image_size"]), seed=cfg["seed"],
                                start_step=start, num_workers=data["num_workers"])
-    eval_loader = make_eval_loader(data["shards"], data["eval_batch"],
-                                   transform=eval_transform(index["dataset"], data["image_size"])) if rank == 0 else None
+    eval_loader = None
+    if rank == 0:  # rank 0 evaluates the averaged model
+        eval_loader = make_eval_loader(data["shards"], data["eval_batch"],
+                                       transform=eval_transform(index["dataset"], data["image_size"]))
 
     tracker = RunTracker(run_dir, cfg, active=rank == 0, resume_step=start)
     if rank == 0:
@@ -221,6 +223,8 @@ def train(cfg: dict) -> int:
                        "wall_seconds": time.perf_counter() - t0, "divergence": stats["divergence"],
                        "samples_skipped": int(running[2])}
             running.zero_()
+            if not engine.risgd.active:
+                engine.risgd.average_buffers()  # plain DeepSpeed leaves BatchNorm stats per rank
             if rank == 0:
                 metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"]))
                 best = max(best, metrics["test_acc"])

@@ -69,3 +69,40 @@ class RunTracker:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
+
+
+def read_offline_history(run_dir: str) -> list[dict[str, Any]]:
+    """The metrics logged to the run's offline wandb files (``wandb/offline-run-*/run-*.wandb``).
+
+    The file is a LevelDB-style log of protobuf records (32 KiB blocks, 7-byte record headers)
+    after a 7-byte ``:W&B`` header; recent wandb versions read it only from their Go core, so this
+    small reader lets tests and users check what an offline run holds before ``wandb sync``.
+    """
+    import glob
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows: list[dict[str, Any]] = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:4] != b":W&B":
+            raise ValueError(f"{path} is not a wandb run file")
+        pos, block, pending = 7, 32768, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            payload = data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            pending = payload if kind in (1, 2) else pending + payload
+            if kind not in (1, 4):  # FULL=1, FIRST=2, MIDDLE=3, LAST=4
+                continue
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows

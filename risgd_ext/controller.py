@@ -127,6 +127,29 @@ class RISGDController:
         self.rounds += 1
         self.steps_in_round = 0
 
+    def average_buffers(self) -> None:
+        """Average the floating-point buffers (BatchNorm statistics) over all ranks, once.
+
+        Plain DeepSpeed never synchronises buffers, so with non-iid data rank 0's BatchNorm
+        statistics describe only its own chunk; call this before evaluating a synchronous run.
+        (With a 'risgd' block, buffers are averaged every round already.)
+        """
+        buffers = [b for b in self.engine.module.buffers() if b.is_floating_point()]
+        if not buffers or self.world_size == 1:
+            return
+        flat = torch.cat([b.detach().flatten() for b in buffers])
+        self.synchronize()
+        t0 = time.perf_counter()
+        dist.all_reduce(flat, group=self.group)
+        self.synchronize()
+        self.comm_seconds += time.perf_counter() - t0
+        self.bytes_allreduced += flat.numel() * flat.element_size()
+        flat.div_(self.world_size)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
     # -- reporting and checkpoints ------------------------------------------------------------
     def stats(self) -> dict[str, float | int]:
         """Accounting on this rank, as a plain dict (see the README for each key)."""

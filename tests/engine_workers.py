@@ -199,6 +199,17 @@ def scenario_resume(rank: int, ckpt_dir: str, tau: int = 4, total: int = 10, sav
             "client_state_rounds": client_state["risgd"]["rounds"], "path": path}
 
 
+def scenario_plain_buffers(rank: int) -> dict:
+    """Plain DeepSpeed leaves BatchNorm statistics per rank; average_buffers() makes them agree."""
+    engine = build(ds_config())  # risgd_ext without a 'risgd' block: plain DeepSpeed
+    for s in range(2):
+        train_step(engine, rank, s)
+    before = {k: v.clone() for k, v in state(engine).items() if "running" in k}
+    engine.risgd.average_buffers()
+    after = {k: v.clone() for k, v in state(engine).items() if "running" in k}
+    return {"before": before, "after": after}
+
+
 def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
     return {
         "sync_equivalence": scenario_sync_equivalence(rank),
@@ -208,4 +219,5 @@ def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
         "momentum": scenario_momentum(rank),
         "failures": scenario_failures(rank),
         "resume": scenario_resume(rank, ckpt_dir),
+        "plain_buffers": scenario_plain_buffers(rank),
     }

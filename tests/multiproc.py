@@ -10,6 +10,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -42,14 +43,16 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")
-        import time
-
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"ranks did not finish within {timeout}s")
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"ranks did not finish within {timeout}s")
+        except mp.ProcessExitedException:
+            errors = [open(os.path.join(out_dir, n)).read() for n in sorted(os.listdir(out_dir)) if n.startswith("error")]
+            raise RuntimeError("a rank failed:\n" + "\n".join(errors)) from None
         results = []
         for rank in range(world_size):
             with open(os.path.join(out_dir, f"result{rank}.pkl"), "rb") as f:

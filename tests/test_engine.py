@@ -136,3 +136,12 @@ def test_resume_mid_round_is_bitwise(results):
         for key in ("steps", "rounds", "local_steps", "bytes_allreduced", "divergence"):
             assert res["stats_straight"][key] == res["stats_resumed"][key]
         assert res["client_state_rounds"] == 1
+
+
+def test_plain_deepspeed_buffers_can_be_averaged(results):
+    before = [r["plain_buffers"]["before"] for r in results]
+    after = [r["plain_buffers"]["after"] for r in results]
+    assert not identical(before)  # plain DeepSpeed never syncs BatchNorm statistics
+    assert identical(after)
+    for key in before[0]:
+        torch.testing.assert_close(after[0][key], sum(b[key] for b in before) / WORLD)

@@ -1,0 +1,150 @@
+"""train.py end to end: real 2-rank `deepspeed` launches (CPU, gloo), run directories, wandb
+offline files read back, the compare tool, and recipe errors refused before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from recipes import compare
+from recipes.config import RecipeError, load_recipe
+from recipes.tracking import read_offline_history
+from tests.multiproc import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALGORITHMS = {"sync": 0.0, "prsgd": 0.0, "risgd": 0.5, "coop": 0.0}
+STEPS, TAU, EVAL = 20, 5, 10
+METRIC_KEYS = {"step", "round", "epoch", "lr", "train_loss", "test_acc", "comm_rounds", "comm_bytes",
+               "comm_seconds", "compute_seconds", "wall_seconds", "divergence", "samples_skipped"}
+SUMMARY_KEYS = {"algorithm", "tau", "mu", "world_size", "steps", "comm_rounds", "comm_bytes", "comm_seconds",
+                "wall_seconds", "final_test_acc", "best_test_acc", "final_train_loss"}
+
+
+def launch(overrides: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+           str(free_port()), "train.py", "--recipe", "recipes/digits.yaml", *overrides]
+    env = dict(os.environ, WANDB_MODE="", WANDB_API_KEY="")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digits_dir):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    out = {}
+    for algorithm, mu in ALGORITHMS.items():
+        proc = launch([f"algorithm={algorithm}", f"mu={mu}", f"steps={STEPS}", f"tau={TAU}", f"eval_every={EVAL}",
+                       f"checkpoint_every={EVAL}", f"data.shards={digits_dir}", f"runs_dir={runs_dir}",
+                       f"run_name={algorithm}", "wandb.mode=offline"])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[algorithm] = os.path.join(runs_dir, algorithm)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_run_directory(runs, algorithm):
+    run_dir = runs[algorithm]
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    assert config["algorithm"] == algorithm and config["steps"] == STEPS
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["step"] for m in metrics] == [EVAL, 2 * EVAL]
+    assert all(METRIC_KEYS <= set(m) for m in metrics)
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["world_size"] == 2 and summary["steps"] == STEPS
+    assert summary["final_test_acc"] == metrics[-1]["test_acc"] and 0 <= summary["final_test_acc"] <= 100
+    expected_rounds = STEPS if algorithm == "sync" else STEPS // TAU
+    assert summary["comm_rounds"] == expected_rounds
+    assert summary["comm_bytes"] > 0 and summary["wall_seconds"] > 0
+    with open(os.path.join(run_dir, "ds_config.json")) as f:
+        ds = json.load(f)
+    assert ("risgd" in ds) == (algorithm != "sync")
+    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+        assert f.read().strip() == f"step{STEPS}"
+
+
+def test_redundancy_shows_in_the_manifest_and_the_accounting(runs):
+    with open(os.path.join(runs["risgd"], "manifest.yaml")) as f:
+        manifest = yaml.safe_load(f)
+    assert manifest["workers"] == 2 and manifest["mu"] == 0.5
+    assert all(len(r["chunks"]) == 2 for r in manifest["ranks"])  # q = 1 + mu p = 2 chunks per rank
+    sync = json.load(open(os.path.join(runs["sync"], "summary.json")))
+    risgd = json.load(open(os.path.join(runs["risgd"], "summary.json")))
+    assert sync["comm_rounds"] == TAU * risgd["comm_rounds"]
+
+
+@pytest.mark.parametrize("algorithm", ["sync", "risgd"])
+def test_wandb_offline_run_holds_the_metrics(runs, algorithm):
+    run_dir = runs[algorithm]
+    assert any(name.startswith("offline-run-") for name in os.listdir(os.path.join(run_dir, "wandb")))
+    history = read_offline_history(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [h["step"] for h in history] == [m["step"] for m in metrics]
+    for h, m in zip(history, metrics):
+        assert h["test_acc"] == pytest.approx(m["test_acc"]) and h["comm_rounds"] == m["comm_rounds"]
+    # nothing secret in the run directory
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            if name.endswith((".yaml", ".json", ".jsonl", ".log")):
+                assert "WANDB_API_KEY" not in open(os.path.join(root, name), errors="ignore").read()
+
+
+def test_compare_prints_table_and_writes_plots(runs, tmp_path, capsys):
+    assert compare.main([runs["sync"], runs["risgd"], "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SyncSGD" in out and "RI-SGD tau=5 mu=0.5" in out
+    for name in ("vs_iterations.png", "vs_rounds.png", "vs_wall.png"):
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_refuses_an_unfinished_run(tmp_path, capsys):
+    assert compare.main([str(tmp_path)]) == 1
+    assert "summary.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["tau_typo=3"], "unknown recipe key(s) ['tau_typo']"),
+    (["data.partiton=iid"], "unknown recipe key(s) ['data.partiton']"),
+    (["tau=fifty"], "recipe key 'tau' must be an integer"),
+    (["mu=[1]"], "recipe key 'mu' must be a number"),
+    (["algorithm=sgd"], "algorithm 'sgd' is unknown"),
+    (["algorithm=prsgd"], "algorithm prsgd uses no redundancy, but mu=0.5"),
+    (["eval_every=75"], "eval_every=75 must be a multiple of tau=50"),
+    (["epochs=3"], "set exactly one of 'steps' and 'epochs'"),
+    (["data.batch_policy=half"], "data.batch_policy must be per_chunk or split"),
+    (["tau"], "override 'tau' must look like key=value"),
+])
+def test_recipe_errors(overrides, words):
+    with pytest.raises(RecipeError) as e:
+        load_recipe("recipes/digits.yaml", overrides)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_shipped_recipe_is_valid():
+    for name in os.listdir(os.path.join(ROOT, "recipes")):
+        if name.endswith(".yaml"):
+            cfg = load_recipe(os.path.join(ROOT, "recipes", name))
+            assert os.path.exists(os.path.join(ROOT, cfg["ds_config"]))
+
+
+def test_train_refuses_bad_recipe_and_wrong_world_size_before_any_work(tmp_path, digits_dir, monkeypatch, capsys):
+    import train
+    from data.index import load_index
+    from data.manifest import build_manifest, write_manifest
+
+    assert train.main(["--recipe", "recipes/digits.yaml", "bogus=1"]) == 2
+    assert "unknown recipe key(s) ['bogus']" in capsys.readouterr().err
+    manifest = str(tmp_path / "m4.yaml")
+    write_manifest(build_manifest(load_index(digits_dir), 4, 0.25), manifest)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.main(["--recipe", "recipes/digits.yaml", f"data.manifest={manifest}", "mu=0.25"]) == 2
+    assert "the manifest is for 4 workers but this run has 2 ranks" in capsys.readouterr().err
