@@ -51,7 +51,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:
                         p.kill()
                     raise TimeoutError(f"ranks did not finish within {timeout}s")
         except mp.ProcessExitedException:
-            errors = [open(os.path.join(out_dir, n)).read() for n in sorted(os.listdir(out_dir)) if n.startswith("error")]
+            names = sorted(n for n in os.listdir(out_dir) if n.startswith("error"))
+            errors = [open(os.path.join(out_dir, n)).read() for n in names]
             raise RuntimeError("a rank failed:\n" + "\n".join(errors)) from None
         results = []
         for rank in range(world_size):
