@@ -61,10 +61,14 @@ def prepare_manifest(cfg: dict, index: dict, world_size: int) -> dict:
         mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
         manifest = build_manifest(index, world_size, cfg["mu"], partition=data["partition"], seed=cfg["seed"],
                                   hetero_std=data["hetero_std"], mode=mode)
+    check_world_size(manifest, world_size)
+    return manifest
+
+
+def check_world_size(manifest: dict, world_size: int) -> None:
     if manifest["workers"] != world_size:
         raise RecipeError(f"the manifest is for {manifest['workers']} workers but this run has {world_size} "
                           "ranks: launch with that many ranks or rebuild the manifest with --workers")
-    return manifest
 
 
 # -- DeepSpeed -------------------------------------------------------------------------------------
@@ -124,11 +128,14 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
 # -- the run ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    from data.errors import DataError
+    from risgd_ext.config import ConfigError
+
     args = parse_args(argv)
     try:
         cfg = load_recipe(args.recipe, args.overrides)
         return train(cfg)
-    except RecipeError as e:
+    except (RecipeError, ConfigError, DataError) as e:  # one line naming the problem and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -147,8 +154,7 @@ def train(cfg: dict) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     if cfg["data"]["manifest"]:  # refuse a mismatched manifest before starting any process group
         from data.manifest import load_manifest
-        if load_manifest(cfg["data"]["manifest"])["workers"] != world_size:
-            prepare_manifest(cfg, {}, world_size)
+        check_world_size(load_manifest(cfg["data"]["manifest"]), world_size)
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
