@@ -88,22 +88,30 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
+    # One colour per algorithm setting; seeds of the same setting share it (line styles differ).
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(labels)}
+    styles = ("-", "--", ":", "-.")
     paths = []
     for key, xlabel, filename in X_AXES:
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+        seen: dict[str, int] = {}
         for r in runs:
+            nth = seen[r["label"]] = seen.get(r["label"], -1) + 1
+            look = {"color": colours[r["label"]], "linestyle": styles[nth % len(styles)],
+                    "label": r["label"] if nth == 0 else None}
             points = [m for m in r["metrics"] if m.get("test_acc") is not None]
-            name = f"{r['label']} s{r['summary'].get('seed', 0)}"
-            ax_acc.plot([m[key] for m in points], [m["test_acc"] for m in points], marker=".", label=name)
-            ax_loss.plot([m[key] for m in r["metrics"]], [m["train_loss"] for m in r["metrics"]], label=name)
+            ax_acc.plot([m[key] for m in points], [m["test_acc"] for m in points], marker=".", **look)
+            ax_loss.plot([m[key] for m in r["metrics"]], [m["train_loss"] for m in r["metrics"]], **look)
         ax_acc.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"test accuracy vs {xlabel}")
         ax_loss.set(xlabel=xlabel, ylabel="training loss", title=f"training loss vs {xlabel}", yscale="log")
-        if key == "comm_rounds":
-            ax_acc.set_xscale("symlog")
-            ax_loss.set_xscale("symlog")
+        if key == "comm_rounds":  # SyncSGD has ~tau times more rounds: a log axis shows both
+            ax_acc.set_xscale("log")
+            ax_loss.set_xscale("log")
         for ax in (ax_acc, ax_loss):
             ax.grid(alpha=0.3)
-        ax_acc.legend(fontsize=7)
+        ax_acc.legend(fontsize=8, title="line style: seed" if len(runs) > len(labels) else None,
+                      title_fontsize=7)
         fig.tight_layout()
         path = os.path.join(out_dir, filename)
         fig.savefig(path, dpi=110)
