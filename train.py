@@ -203,7 +203,9 @@ def train(cfg: dict) -> int:
             write_manifest(manifest, os.path.join(run_dir, "manifest.yaml"))
 
     t0 = time.perf_counter() - wall_before
-    running = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, samples skipped (since last log)
+    # loss sum, steps, samples skipped since the last log; on the device, so NCCL can reduce it and
+    # adding the loss does not wait for the GPU every step
+    running = torch.zeros(3, dtype=torch.float64, device=device)
     last = {"train_loss": float("nan"), "test_acc": None}
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run_name(cfg), dynamic_ncols=True)
     batches = iter(loader)
@@ -213,7 +215,7 @@ def train(cfg: dict) -> int:
         loss = F.cross_entropy(engine(images.to(device)), labels.to(device))
         engine.backward(loss)
         engine.step()
-        running[0] += loss.item()
+        running[0] += loss.detach()
         running[1] += 1
         bar.update(1)
         if step % cfg["eval_every"] == 0 or step == total_steps:
