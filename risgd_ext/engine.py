@@ -66,14 +66,29 @@ class RISGDEngineMixin:
         save_rank_state(self, os.path.join(save_dir, tag))
         client_state = dict(client_state or {})
         client_state["risgd"] = self.risgd.stats()
-        return super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=save_latest,
-                                       **kwargs)
+        result = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
+        if save_latest:
+            # DeepSpeed writes 'latest' in place; a crash mid-write would leave it empty. Replace it
+            # atomically, after every rank has finished writing the tag.
+            if self.global_rank == 0:
+                _atomic_write_text(os.path.join(save_dir, "latest"), tag)
+            torch.distributed.barrier()
+        return result
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
             load_rank_state(self, os.path.dirname(load_path))
         return load_path, client_state
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _atomic_save(obj: Any, path: str) -> None:

@@ -7,6 +7,7 @@ plain data (tensors, counters) for the test process to compare across ranks.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import deepspeed
 import torch
@@ -196,7 +197,9 @@ def scenario_resume(rank: int, ckpt_dir: str, tau: int = 4, total: int = 10, sav
         train_step(resumed, rank, s)
     return {"straight": state(straight), "resumed": state(resumed), "start": start,
             "stats_straight": straight.risgd.stats(), "stats_resumed": resumed.risgd.stats(),
-            "client_state_rounds": client_state["risgd"]["rounds"], "path": path}
+            "client_state_rounds": client_state["risgd"]["rounds"], "path": path,
+            "latest": open(os.path.join(ckpt_dir, "latest")).read(),
+            "files": sorted(os.listdir(ckpt_dir)) + sorted(os.listdir(os.path.join(ckpt_dir, "mid")))}
 
 
 def scenario_plain_buffers(rank: int) -> dict:

@@ -136,6 +136,9 @@ def test_resume_mid_round_is_bitwise(results):
         for key in ("steps", "rounds", "local_steps", "bytes_allreduced", "divergence"):
             assert res["stats_straight"][key] == res["stats_resumed"][key]
         assert res["client_state_rounds"] == 1
+        assert res["latest"] == "mid"  # written atomically after every rank finished the tag
+        assert not [f for f in res["files"] if ".tmp." in f]
+        assert {f"risgd_rank{r:05d}.pt" for r in range(WORLD)} <= set(res["files"])
 
 
 def test_plain_deepspeed_buffers_can_be_averaged(results):
