@@ -12,8 +12,11 @@ Re-running the same command resumes from the run's latest checkpoint.
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import os
+import signal
 import sys
 import time
 
@@ -125,6 +128,15 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
     return out
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's state (parameters and buffers): equal digests mean bitwise-equal models."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +167,10 @@ def train(cfg: dict) -> int:
     if cfg["data"]["manifest"]:  # refuse a mismatched manifest before starting any process group
         from data.manifest import load_manifest
         check_world_size(load_manifest(cfg["data"]["manifest"]), world_size)
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    # A rank that dies makes the others fail their next collective after this timeout instead of
+    # hanging (the deepspeed launcher also kills the node's other ranks when one exits).
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=datetime.timedelta(seconds=cfg["dist_timeout_s"]))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
@@ -184,7 +199,8 @@ def train(cfg: dict) -> int:
     if os.path.exists(os.path.join(ckpt_dir, "latest")):
         _, client = engine.load_checkpoint(ckpt_dir)
         start, wall_before, best = client["step"], client["wall_seconds"], client["best_test_acc"]
-    torch.manual_seed(cfg["seed"] * 100003 + rank * 7919 + start)  # per-rank randomness (dropout)
+    if start == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
+        torch.manual_seed(cfg["seed"] * 100003 + rank * 7919)
 
     loader = make_train_loader(manifest, data["shards"], rank, data["base_batch"], policy=data["batch_policy"],
                                transform=train_transform(index["dataset"], data["image_size"]), seed=cfg["seed"],
@@ -209,12 +225,15 @@ def train(cfg: dict) -> int:
     last = {"train_loss": float("nan"), "test_acc": None}
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run_name(cfg), dynamic_ncols=True)
     batches = iter(loader)
+    crash_at = int(os.environ.get("RISGD_TEST_KILL_AT_STEP", "-1"))
     skipped_seen = loader.samples_skipped
     for step in range(start + 1, total_steps + 1):
         images, labels = next(batches)
         loss = F.cross_entropy(engine(images.to(device)), labels.to(device))
         engine.backward(loss)
         engine.step()
+        if step == crash_at and rank == world_size - 1:  # fault-injection for tests: a real kill -9
+            os.kill(os.getpid(), signal.SIGKILL)
         running[0] += loss.detach()
         running[1] += 1
         bar.update(1)
@@ -252,7 +271,7 @@ def train(cfg: dict) -> int:
                "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
                "partition": data["partition"], "batch_policy": data["batch_policy"],
                "divergence_mean": stats["divergence_mean"], "samples_skipped": loader.samples_skipped,
-               "recipe": cfg["recipe"], "run_name": run_name(cfg)}
+               "recipe": cfg["recipe"], "run_name": run_name(cfg), "model_sha256": model_digest(engine.module)}
     tracker.finish(summary)
     dist.barrier()
     return 0

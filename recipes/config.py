@@ -35,6 +35,7 @@ SCHEMA: dict[str, Any] = {
     "eval_every": 100,             # steps; a multiple of tau, so the model evaluated is the average
     "checkpoint_every": 0,         # steps; 0: only at the end
     "seed": 0,
+    "dist_timeout_s": 600,         # a collective waiting longer than this fails the job (a dead rank)
     "ds_config": "ds_configs/digits.json",
     "failures": [],                # risgd.failures entries (see risgd_ext)
     "model": {"name": "resnet8_digits", "drop_rate": 0.0},

@@ -25,10 +25,11 @@ SUMMARY_KEYS = {"algorithm", "tau", "mu", "world_size", "steps", "comm_rounds", 
                 "wall_seconds", "final_test_acc", "best_test_acc", "final_train_loss"}
 
 
-def launch(overrides: list[str], ranks: int = 2) -> subprocess.CompletedProcess:
+def launch(overrides: list[str], ranks: int = 2, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
            str(free_port()), "train.py", "--recipe", "recipes/digits.yaml", *overrides]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # offline, no account
+    env.update(env_extra or {})
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
