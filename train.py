@@ -159,6 +159,7 @@ def train(cfg: dict) -> int:
     import models
     import risgd_ext
     from data.loader import make_eval_loader, make_train_loader
+    from data.manifest import live_coverage
     from data.transforms import eval_transform, train_transform
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -226,6 +227,7 @@ def train(cfg: dict) -> int:
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run_name(cfg), dynamic_ncols=True)
     batches = iter(loader)
     crash_at = int(os.environ.get("RISGD_TEST_KILL_AT_STEP", "-1"))
+    coverage: dict[frozenset, float] = {}
     skipped_seen = loader.samples_skipped
     for step in range(start + 1, total_steps + 1):
         images, labels = next(batches)
@@ -253,6 +255,10 @@ def train(cfg: dict) -> int:
             if not engine.risgd.active:
                 engine.risgd.average_buffers()  # plain DeepSpeed leaves BatchNorm stats per rank
             if rank == 0:
+                live = frozenset(range(world_size)) - engine.risgd.down_ranks
+                if live not in coverage:
+                    coverage[live] = live_coverage(manifest, index, live)
+                metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
                 metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"]))
                 best = max(best, metrics["test_acc"])
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
@@ -271,7 +277,8 @@ def train(cfg: dict) -> int:
                "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
                "partition": data["partition"], "batch_policy": data["batch_policy"],
                "divergence_mean": stats["divergence_mean"], "samples_skipped": loader.samples_skipped,
-               "recipe": cfg["recipe"], "run_name": run_name(cfg), "model_sha256": model_digest(engine.module)}
+               "recipe": cfg["recipe"], "run_name": run_name(cfg), "model_sha256": model_digest(engine.module),
+               "min_data_coverage": min(coverage.values(), default=None)}
     tracker.finish(summary)
     dist.barrier()
     return 0

@@ -58,6 +58,15 @@ def rank_chunk_ids(manifest: dict, index: dict, rank: int) -> list[np.ndarray]:
     return out
 
 
+def live_coverage(manifest: dict, index: dict, live_ranks: list[int] | set[int] | frozenset[int]) -> float:
+    """Fraction of the training samples held by at least one of `live_ranks` (failed workers'
+    data survives on the ranks that hold redundant copies of it)."""
+    held = [ids for r in live_ranks for ids in rank_chunk_ids(manifest, index, r)]
+    if not held:
+        return 0.0
+    return len(np.unique(np.concatenate(held))) / index["splits"]["train"]["samples"]
+
+
 def _shards_of(ids: np.ndarray, starts: np.ndarray, names: list[str]) -> list[str]:
     pos = np.unique(np.searchsorted(starts, ids, side="right") - 1)
     return [names[i] for i in pos]

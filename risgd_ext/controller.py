@@ -45,6 +45,7 @@ class RISGDController:
         self.comm_seconds = self.average_seconds = self.compute_seconds = 0.0
         self.divergence = self.divergence_sum = 0.0
         self.live_ranks = self.world_size
+        self.down_ranks: frozenset[int] = frozenset()  # in the last round
         self.rounds_down = 0
         self._step_started: float | None = None
         self._comm_in_step = 0.0
@@ -123,6 +124,7 @@ class RISGDController:
         self.divergence = result.divergence
         self.divergence_sum += result.divergence
         self.live_ranks = self.world_size - len(down)
+        self.down_ranks = down
         self.rounds_down += 0 if live else 1
         self.rounds += 1
         self.steps_in_round = 0
