@@ -76,10 +76,17 @@ class RISGDEngineMixin:
         return result
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
+        # DeepSpeed unpickles its checkpoint files with weights_only=False (arbitrary code on load);
+        # read them with the safe unpickler instead: they hold only tensors and plain values.
+        self.checkpoint_engine.load = _safe_load
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
             load_rank_state(self, os.path.dirname(load_path))
         return load_path, client_state
+
+
+def _safe_load(path: str, map_location=None) -> Any:
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _atomic_write_text(path: str, text: str) -> None:

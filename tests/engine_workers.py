@@ -202,6 +202,32 @@ def scenario_resume(rank: int, ckpt_dir: str, tau: int = 4, total: int = 10, sav
             "files": sorted(os.listdir(ckpt_dir)) + sorted(os.listdir(os.path.join(ckpt_dir, "mid")))}
 
 
+class _Evil:
+    """A pickle that runs code on load (writes a marker file) unless loading is weights-only."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def scenario_malicious_checkpoint(rank: int, ckpt_dir: str) -> dict:
+    engine = build(ds_config({"tau": 2}))
+    marker = os.path.join(ckpt_dir, "pwned")
+    if rank == 0:
+        os.makedirs(os.path.join(ckpt_dir, "evil"), exist_ok=True)
+        torch.save({"module": _Evil(marker)}, os.path.join(ckpt_dir, "evil", "mp_rank_00_model_states.pt"))
+    dist.barrier()
+    try:
+        engine.load_checkpoint(ckpt_dir, tag="evil")
+        refused = ""
+    except Exception as e:  # torch's UnpicklingError, raised before any code runs
+        refused = type(e).__name__
+    dist.barrier()
+    return {"refused": refused, "marker_exists": os.path.exists(marker)}
+
+
 def scenario_plain_buffers(rank: int) -> dict:
     """Plain DeepSpeed leaves BatchNorm statistics per rank; average_buffers() makes them agree."""
     engine = build(ds_config())  # risgd_ext without a 'risgd' block: plain DeepSpeed
@@ -223,4 +249,5 @@ def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
         "failures": scenario_failures(rank),
         "resume": scenario_resume(rank, ckpt_dir),
         "plain_buffers": scenario_plain_buffers(rank),
+        "malicious": scenario_malicious_checkpoint(rank, ckpt_dir),
     }

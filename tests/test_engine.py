@@ -148,3 +148,9 @@ def test_plain_deepspeed_buffers_can_be_averaged(results):
     assert identical(after)
     for key in before[0]:
         torch.testing.assert_close(after[0][key], sum(b[key] for b in before) / WORLD)
+
+
+def test_checkpoints_load_weights_only(results):
+    for r in results:
+        assert r["malicious"]["refused"], "a checkpoint that runs code on load must be refused"
+        assert not r["malicious"]["marker_exists"]
