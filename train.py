@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: dict) -> int:
     import deepspeed
+    import timm
     from deepspeed.accelerator import get_accelerator
 
     import models
@@ -162,6 +163,9 @@ def train(cfg: dict) -> int:
     from data.manifest import live_coverage
     from data.transforms import eval_transform, train_transform
 
+    if not timm.is_model(cfg["model"]["name"]):  # before any process group or data work
+        raise RecipeError(f"unknown model '{cfg['model']['name']}': use resnet8_digits, resnet20_cifar, "
+                          "resnet44_cifar, resnet56_cifar or a timm model name (timm.list_models())")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))

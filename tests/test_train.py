@@ -144,6 +144,8 @@ def test_train_refuses_bad_recipe_and_wrong_world_size_before_any_work(tmp_path,
 
     assert train.main(["--recipe", "recipes/digits.yaml", "bogus=1"]) == 2
     assert "unknown recipe key(s) ['bogus']" in capsys.readouterr().err
+    assert train.main(["--recipe", "recipes/digits.yaml", "model.name=resnet9000"]) == 2
+    assert "unknown model 'resnet9000'" in capsys.readouterr().err
     manifest = str(tmp_path / "m4.yaml")
     write_manifest(build_manifest(load_index(digits_dir), 4, 0.25), manifest)
     monkeypatch.setenv("WORLD_SIZE", "2")
