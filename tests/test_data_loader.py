@@ -153,6 +153,14 @@ def test_missing_and_mismatched_shards(index, digits_dir, tmp_path):
         f.write(b"Z")
     with pytest.raises(DataError, match=f"shard {name} .*sha256"):
         make_train_loader(m, str(d), 0, base_batch=8)
+    shutil.copy(os.path.join(digits_dir, name), d / name)
+    os.truncate(d / name, os.path.getsize(d / name) // 2)  # a truncated tar (an interrupted copy)
+    with pytest.raises(DataError, match=f"shard {name} .*sha256"):
+        make_train_loader(m, str(d), 0, base_batch=8)
+    shutil.copy(os.path.join(digits_dir, name), d / name)
+    with open(d / name, "r+b") as f:
+        f.seek(600)
+        f.write(b"Z")
     make_train_loader(m, str(d), 0, base_batch=8, verify=False, num_workers=0)  # opt-out works
     with pytest.raises(DataError, match="rank 4"):
         make_train_loader(m, digits_dir, 4, base_batch=8)
