@@ -28,6 +28,7 @@ from tqdm import tqdm
 from recipes.config import RecipeError, load_recipe, run_name
 from recipes.schedule import lr_factor
 from recipes.tracking import RunTracker
+from risgd_ext.atomic import write_text_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -217,8 +218,7 @@ def train(cfg: dict) -> int:
 
     tracker = RunTracker(run_dir, cfg, active=rank == 0, resume_step=start)
     if rank == 0:
-        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
-            json.dump(ds_config, f, indent=2)
+        write_text_atomic(os.path.join(run_dir, "ds_config.json"), json.dumps(ds_config, indent=2))
         if not data["manifest"]:
             from data.manifest import write_manifest
             write_manifest(manifest, os.path.join(run_dir, "manifest.yaml"))

@@ -13,12 +13,7 @@ from typing import Any
 
 import yaml
 
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from risgd_ext.atomic import write_text_atomic
 
 
 class RunTracker:
@@ -29,7 +24,7 @@ class RunTracker:
         if not active:
             return
         os.makedirs(run_dir, exist_ok=True)
-        _atomic_write(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+        write_text_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
         self._truncate_metrics(resume_step)
         if cfg["wandb"]["enabled"]:
             self._init_wandb(cfg)
@@ -40,7 +35,7 @@ class RunTracker:
             return
         with open(self.metrics_path) as f:
             lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        _atomic_write(self.metrics_path, "".join(lines))
+        write_text_atomic(self.metrics_path, "".join(lines))
 
     def _init_wandb(self, cfg: dict) -> None:
         import wandb
@@ -49,7 +44,7 @@ class RunTracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         id_path = os.path.join(self.run_dir, "wandb_id")
         run_id = open(id_path).read().strip() if os.path.exists(id_path) else secrets.token_hex(4)
-        _atomic_write(id_path, run_id)
+        write_text_atomic(id_path, run_id)
         self.wandb_run = wandb.init(project=cfg["wandb"]["project"], group=cfg["wandb"]["group"],
                                     name=os.path.basename(self.run_dir), id=run_id, resume="allow",
                                     config=cfg, dir=self.run_dir, mode=mode)
@@ -65,7 +60,7 @@ class RunTracker:
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.active:
             return
-        _atomic_write(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()

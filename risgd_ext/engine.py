@@ -16,6 +16,7 @@ from typing import Any
 import deepspeed
 import torch
 
+from .atomic import torch_save_atomic, write_text_atomic
 from .config import ConfigError, load_ds_config, split_config
 from .controller import RISGDController
 
@@ -71,7 +72,7 @@ class RISGDEngineMixin:
             # DeepSpeed writes 'latest' in place; a crash mid-write would leave it empty. Replace it
             # atomically, after every rank has finished writing the tag.
             if self.global_rank == 0:
-                _atomic_write_text(os.path.join(save_dir, "latest"), tag)
+                write_text_atomic(os.path.join(save_dir, "latest"), tag)
             torch.distributed.barrier()
         return result
 
@@ -89,21 +90,6 @@ def _safe_load(path: str, map_location=None) -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def save_rank_state(engine: Any, tag_dir: str) -> None:
     ctl = engine.risgd
     os.makedirs(tag_dir, exist_ok=True)
@@ -112,7 +98,7 @@ def save_rank_state(engine: Any, tag_dir: str) -> None:
     if ctl.active:  # plain DeepSpeed keeps ranks identical: rank 0's files are enough
         state["module"] = engine.module.state_dict()
         state["optimizer"] = engine.optimizer.state_dict()
-    _atomic_save(state, os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank)))
+    torch_save_atomic(state, os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank)))
 
 
 def load_rank_state(engine: Any, tag_dir: str) -> None:
