@@ -154,4 +154,30 @@ def initialize(args: argparse.Namespace | None = None, model: torch.nn.Module | 
     engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(args=args, model=model, config=ds_config,
                                                                        **kwargs)
     attach(engine, cfg)
+    release_shm_buffer()
     return engine, optimizer, dataloader, lr_scheduler
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU shared-memory all-reduce.
+
+    DeepSpeed creates one (~66 MB) per rank, named by master address and port, and never removes
+    it, so every run on a CPU machine leaks RAM-backed files. Once all ranks have mapped each
+    other's buffers (after a barrier) the name is no longer needed; the memory stays mapped until
+    the process exits, then it is freed.
+    """
+    import glob
+
+    if not torch.distributed.is_initialized():
+        return
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    local_rank = os.environ.get("LOCAL_RANK", "0")
+    paths = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{local_rank}") if addr and port else []
+    if not paths:
+        return
+    torch.distributed.barrier()
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
