@@ -138,6 +138,22 @@ def model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def gather_digests(model: torch.nn.Module, world_size: int) -> list[str]:
+    """Every rank's model digest (rank order): after a final average they must all be equal."""
+    digests: list = [None] * world_size
+    dist.all_gather_object(digests, model_digest(model))
+    return digests
+
+
+def cost_advice(cfg: dict, stats: dict) -> dict:
+    """The cost model's prediction for this run's measured compute and bytes on the recipe's network."""
+    from risgd_ext.cost_model import advise
+
+    net = cfg["network"]
+    tau = None if cfg["algorithm"] == "sync" else cfg["tau"]
+    return advise(stats, net["bandwidth_gbit"], net["latency_us"] / 1e6, net["target_comm_share"], tau)
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +282,8 @@ def train(cfg: dict) -> int:
                 metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"]))
                 best = max(best, metrics["test_acc"])
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
+                if last["test_acc"] is None:  # the first measurement is enough to advise on tau
+                    tqdm.write(f"cost model: {json.dumps(cost_advice(cfg, stats))}")
             tracker.log(metrics)
             last = metrics
         if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == total_steps:
@@ -282,7 +300,11 @@ def train(cfg: dict) -> int:
                "partition": data["partition"], "batch_policy": data["batch_policy"],
                "divergence_mean": stats["divergence_mean"], "samples_skipped": loader.samples_skipped,
                "recipe": cfg["recipe"], "run_name": run_name(cfg), "model_sha256": model_digest(engine.module),
-               "min_data_coverage": min(coverage.values(), default=None)}
+               "min_data_coverage": min(coverage.values(), default=None),
+               "rank_model_sha256": gather_digests(engine.module, world_size),
+               "cost_model": cost_advice(cfg, stats)}
+    if rank == 0:
+        print(f"cost model: {json.dumps(summary['cost_model'])}", flush=True)
     tracker.finish(summary)
     dist.barrier()
     return 0

@@ -55,6 +55,9 @@ SCHEMA: dict[str, Any] = {
     "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
     "schedule": {"kind": "cosine", "warmup_steps": 0, "milestones": [], "gamma": 0.1, "min_lr": 0.0},
     "wandb": {"enabled": True, "project": "risgd", "group": None, "mode": None},
+    # For the cost model's advice in summary.json: the link bandwidth between nodes (0: estimate it
+    # from this run's measured collectives) and the per-message latency.
+    "network": {"bandwidth_gbit": 0.0, "latency_us": 50.0, "target_comm_share": 0.1},
 }
 
 _ANY = (str, int, float, type(None))
@@ -135,6 +138,10 @@ def validate(cfg: dict) -> None:
         raise RecipeError(f"data.batch_policy must be per_chunk or split, got {cfg['data']['batch_policy']!r}")
     if cfg["schedule"]["kind"] not in ("cosine", "step", "constant"):
         raise RecipeError(f"schedule.kind must be cosine, step or constant, got {cfg['schedule']['kind']!r}")
+    net = cfg["network"]
+    if net["bandwidth_gbit"] < 0 or net["latency_us"] < 0 or not 0 < net["target_comm_share"] < 1:
+        raise RecipeError("network.bandwidth_gbit and network.latency_us must be >= 0 and "
+                          "network.target_comm_share in (0, 1)")
     if cfg["data"]["base_batch"] < 1:
         raise RecipeError("data.base_batch must be >= 1")
 

@@ -1,11 +1,18 @@
 """Communication cost model: when do local steps pay off, and which tau to pick.
 
-Ring all-reduce of S bytes over N ranks at bandwidth B (bytes/s) with per-message latency L takes
-``2(N-1) L + 2(N-1)/N * S / B`` seconds (the survey in shared/papers). A synchronous step costs
-compute + one all-reduce of the gradients; a local step costs compute alone; a round of RI-SGD
-costs one all-reduce of the parameters every tau steps.
+The alpha-beta model of a ring all-reduce: S bytes over N ranks at link bandwidth B (bytes/s) with
+per-message latency L take ``2(N-1) L + 2(N-1)/N * S / B`` seconds (the survey in shared/papers).
+A synchronous step costs compute + one all-reduce of the gradients; a local step costs compute
+alone; RI-SGD adds one all-reduce of the parameters (and BatchNorm buffers) every tau steps.
+Compute per step depends on the batch policy: ``split`` keeps the base batch (compute as SyncSGD),
+``per_chunk`` draws a base batch from each of the q chunks (about q times the compute): give the
+time you measured for the policy you run.
 
     python -m risgd_ext.cost_model --nodes 8 --model resnet50 --bandwidth-gbit 10 --compute-ms 120
+    python -m risgd_ext.cost_model --nodes 8 --model resnet50 --bandwidth-gbit 10 --compute-ms 120 \\
+        --risgd-compute-ms 200     # e.g. the per_chunk policy, measured
+
+train.py logs the same prediction for its own run (``summary.json``, key ``cost_model``).
 """
 
 from __future__ import annotations
@@ -16,18 +23,51 @@ import sys
 from dataclasses import asdict, dataclass
 
 
-def ring_allreduce_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float) -> float:
+def ring_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float,
+                 collectives: int = 1) -> float:
+    """Time of ``collectives`` ring all-reduces moving ``nbytes`` of payload in total."""
     if ranks <= 1:
         return 0.0
-    return 2 * (ranks - 1) * latency_s + 2 * (ranks - 1) / ranks * nbytes / bandwidth_bytes_s
+    return collectives * 2 * (ranks - 1) * latency_s + 2 * (ranks - 1) / ranks * nbytes / bandwidth_bytes_s
+
+
+def ring_allreduce_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float) -> float:
+    """One ring all-reduce of ``nbytes``: ``2(N-1) L + 2(N-1)/N * S / B``."""
+    return ring_seconds(nbytes, ranks, bandwidth_bytes_s, latency_s)
+
+
+def fit_latency(comm_seconds: float, nbytes: float, collectives: int, ranks: int, bandwidth_bytes_s: float) -> float:
+    """The per-message latency L that explains measured communication time (alpha of alpha-beta).
+
+    Fit it where bandwidth matters least (the fastest link): on a real cluster it is the network's
+    latency plus the software's; on ranks that share cores it also holds the wait for the slowest rank.
+    """
+    if ranks <= 1 or collectives <= 0:
+        return 0.0
+    transfer = ring_seconds(nbytes, ranks, bandwidth_bytes_s, 0.0)
+    return max(comm_seconds - transfer, 0.0) / (collectives * 2 * (ranks - 1))
+
+
+def effective_bandwidth(comm_seconds: float, nbytes: float, collectives: int, ranks: int, latency_s: float) -> float:
+    """Bytes/s that explain measured communication time, given the latency (inf if latency explains it)."""
+    if ranks <= 1 or nbytes <= 0:
+        return math.inf
+    transfer_s = comm_seconds - collectives * 2 * (ranks - 1) * latency_s
+    return 2 * (ranks - 1) / ranks * nbytes / transfer_s if transfer_s > 0 else math.inf
+
+
+def predict_run_seconds(noncomm_s_per_step: float, steps: int, nbytes: float, collectives: int, ranks: int,
+                        bandwidth_bytes_s: float, latency_s: float) -> float:
+    """Wall-clock of a run: its steps' compute plus its collectives (counts, bytes) on this network."""
+    return steps * noncomm_s_per_step + ring_seconds(nbytes, ranks, bandwidth_bytes_s, latency_s, collectives)
 
 
 @dataclass
 class Prediction:
-    allreduce_s: float          # one all-reduce of the model's bytes
+    allreduce_s: float          # one all-reduce of the model's bytes: a sync step's gradients, or one round
     sync_step_s: float          # compute + gradient all-reduce
-    local_step_s: float         # compute only
-    risgd_step_s: float         # compute + one average every tau steps, per step
+    local_step_s: float         # compute only (RI-SGD's batch policy)
+    risgd_step_s: float         # local step + one average every tau steps, per step
     sync_comm_share: float
     risgd_comm_share: float
     speedup_per_step: float     # sync step time / RI-SGD step time
@@ -44,13 +84,44 @@ def recommend_tau(compute_s: float, allreduce_s: float, target_share: float) -> 
 
 
 def predict(compute_s: float, model_bytes: float, ranks: int, bandwidth_gbit: float, latency_s: float,
-            tau: int, target_share: float = 0.1) -> Prediction:
-    """Predicted step and round times for a cluster of ``ranks`` data-parallel ranks."""
+            tau: int, target_share: float = 0.1, risgd_compute_s: float | None = None) -> Prediction:
+    """Predicted step times for ``ranks`` data-parallel ranks.
+
+    ``compute_s`` is a synchronous step's compute; ``risgd_compute_s`` a local step's under the
+    RI-SGD batch policy (default: the same, as for the ``split`` policy).
+    """
+    local = compute_s if risgd_compute_s is None else risgd_compute_s
     allreduce = ring_allreduce_seconds(model_bytes, ranks, bandwidth_gbit * 1e9 / 8, latency_s)
     sync = compute_s + allreduce
-    risgd = compute_s + allreduce / tau
-    return Prediction(allreduce, sync, compute_s, risgd, allreduce / sync, (allreduce / tau) / risgd,
-                      sync / risgd, recommend_tau(compute_s, allreduce, target_share))
+    risgd = local + allreduce / tau
+    return Prediction(allreduce, sync, local, risgd, allreduce / sync, (allreduce / tau) / risgd,
+                      sync / risgd, recommend_tau(local, allreduce, target_share))
+
+
+def advise(stats: dict, bandwidth_gbit: float = 0.0, latency_s: float = 50e-6, target_share: float = 0.1,
+           tau: int | None = None) -> dict:
+    """The prediction for a run, from its engine accounting (``engine.risgd.stats()``).
+
+    Compute per step and bytes per collective are this run's measurements. With
+    ``bandwidth_gbit=0`` the bandwidth is the one that explains the run's measured collectives (at
+    the given latency); otherwise the prediction is for that network. ``tau`` defaults to the run's
+    (50 for a synchronous run, which then reads as "what RI-SGD at tau=50 would do here").
+    """
+    steps, ranks = stats["steps"], stats["world_size"]
+    collectives = stats["comm_rounds"]
+    compute_s = stats["compute_seconds"] / steps if steps else 0.0
+    nbytes = stats["bytes_allreduced"] / collectives if collectives else 0.0
+    source = "given"
+    if bandwidth_gbit <= 0:
+        bandwidth = effective_bandwidth(stats["comm_seconds"], stats["bytes_allreduced"], collectives, ranks,
+                                        latency_s)
+        bandwidth_gbit, source = bandwidth * 8 / 1e9, "measured"
+    tau = tau or (stats["tau"] if stats["tau"] > 1 else 50)
+    out: dict = {"bandwidth_gbit": bandwidth_gbit, "bandwidth_source": source, "latency_us": latency_s * 1e6,
+                 "ranks": ranks, "tau": tau, "compute_s_per_step": compute_s, "bytes_per_allreduce": nbytes}
+    if compute_s > 0 and nbytes > 0 and math.isfinite(bandwidth_gbit) and ranks > 1:
+        out.update(asdict(predict(compute_s, nbytes, ranks, bandwidth_gbit, latency_s, tau, target_share)))
+    return out
 
 
 def model_bytes(name: str) -> int:
@@ -64,6 +135,10 @@ def model_bytes(name: str) -> int:
     return 4 * sum(t.numel() for t in tensors)
 
 
+def format_prediction(p: Prediction) -> str:
+    return "\n".join(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}" for k, v in asdict(p).items())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, required=True, help="data-parallel ranks in the ring (N)")
@@ -71,18 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-gbit", type=float, required=True, help="link bandwidth in Gbit/s")
     parser.add_argument("--latency-us", type=float, default=50.0, help="per-message latency in us (default 50)")
     parser.add_argument("--compute-ms", type=float, required=True,
-                        help="measured compute time of one step (forward+backward+update) in ms")
+                        help="measured compute time of one synchronous step (forward+backward+update) in ms")
+    parser.add_argument("--risgd-compute-ms", type=float, default=None,
+                        help="measured compute of one RI-SGD local step under its batch policy (default: "
+                             "--compute-ms, as for 'split'; 'per_chunk' takes about q times as long)")
     parser.add_argument("--tau", type=int, default=50, help="local steps per round (default 50)")
     parser.add_argument("--target-share", type=float, default=0.1,
                         help="communication share to stay under when recommending tau (default 0.1)")
     args = parser.parse_args(argv)
     nbytes = model_bytes(args.model)
     p = predict(args.compute_ms / 1e3, nbytes, args.nodes, args.bandwidth_gbit, args.latency_us / 1e6, args.tau,
-                args.target_share)
+                args.target_share, None if args.risgd_compute_ms is None else args.risgd_compute_ms / 1e3)
     print(f"{args.model}: {nbytes / 2**20:.1f} MiB per all-reduce; {args.nodes} ranks at {args.bandwidth_gbit:g} "
           f"Gbit/s, {args.latency_us:g} us latency, {args.compute_ms:g} ms compute per step")
-    for key, value in asdict(p).items():
-        print(f"  {key:<18} {value:.4f}" if isinstance(value, float) else f"  {key:<18} {value}")
+    print(format_prediction(p))
     return 0
 
 
