@@ -1,0 +1,107 @@
+"""Multi-node runs across real network namespaces: 2 test hosts x 2 ranks on tbf-shaped veth links,
+each host with its own replicated data, launched by the stock deepspeed launcher (--no_ssh).
+
+Needs root and `ip netns`; skipped with the reason otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data.index import load_index
+from data.manifest import build_manifest, load_manifest, write_manifest
+from data.replicate import node_ranks
+from recipes.netns_cluster import netns_available, tbf_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHY = netns_available()
+needs_netns = pytest.mark.skipif(WHY is not None, reason=f"network namespaces unavailable: {WHY}")
+
+
+def _namespaces(pid: int) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"risgd{pid}-")]
+
+
+def _cluster(args: list[str], work_dir: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return subprocess.Popen([sys.executable, "-m", "recipes.netns_cluster", "--work-dir", work_dir, *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_tbf_parameters_fit_a_frame_at_every_rate():
+    for mbit in (0.5, 1, 10, 1000):
+        params = dict(zip(*[iter(tbf_args(mbit))] * 2))
+        assert int(params["burst"]) >= 1514  # a full Ethernet frame must fit, or tbf drops everything
+        assert int(params["limit"]) >= int(params["burst"])
+        assert params["rate"] == f"{mbit * 1000:.0f}kbit"
+
+
+@needs_netns
+def test_two_hosts_two_ranks_end_identical(tmp_path, digits_dir):
+    steps, tau = 15, 5
+    manifest_path = str(tmp_path / "m.yaml")
+    write_manifest(build_manifest(load_index(digits_dir), 4, 0.5, partition="label_sorted", seed=0), manifest_path)
+    work = str(tmp_path / "cluster")
+    proc = _cluster(["--hosts", "2", "--ranks-per-host", "2", "--bandwidth-mbit", "100", "--manifest", manifest_path,
+                     "--source", digits_dir, "--timeout-s", "400", "--",
+                     "train.py", "--recipe", "recipes/digits.yaml", "algorithm=risgd", "mu=0.5", f"steps={steps}",
+                     f"tau={tau}", f"eval_every={tau}", "data.shards={data}", f"data.manifest={manifest_path}",
+                     f"runs_dir={tmp_path / 'runs'}", "run_name=netns", "wandb.mode=offline"], work)
+    out, err = proc.communicate(timeout=480)
+    logs = "".join(open(os.path.join(work, f"host{k}.log")).read()[-2000:] for k in range(2)
+                   if os.path.exists(os.path.join(work, f"host{k}.log")))
+    assert proc.returncode == 0, err + logs
+    assert _namespaces(proc.pid) == []  # torn down
+
+    with open(tmp_path / "runs" / "netns" / "summary.json") as f:
+        summary = json.load(f)
+    digests = summary["rank_model_sha256"]
+    assert summary["world_size"] == 4 and len(digests) == 4
+    assert len(set(digests)) == 1 and digests[0] == summary["model_sha256"]  # every rank: the same average
+    assert summary["comm_rounds"] == steps // tau
+
+    # Each host holds exactly the shards its two ranks need, copied by data.replicate.
+    manifest = load_manifest(manifest_path)
+    for k in range(2):
+        held = {n for n in os.listdir(os.path.join(work, f"host{k}", "data")) if n.startswith("train-")}
+        needed = {s for r in node_ranks(manifest, k, 2) for s in manifest["ranks"][r]["shards"]}
+        assert held == needed
+
+    # The averages crossed the shaped links: each host sent at least the payload of every round.
+    with open(os.path.join(work, "traffic.json")) as f:
+        traffic = json.load(f)
+    assert all(h["tx_bytes"] >= summary["comm_bytes"] for h in traffic["per_host"]), traffic
+
+
+@needs_netns
+@pytest.mark.parametrize("how", ["interrupt", "failed_host"])
+def test_torn_down_on_interrupt_and_failure(tmp_path, how):
+    work = str(tmp_path / "cluster")
+    if how == "interrupt":
+        proc = _cluster(["--hosts", "2", "--", "--no_python", "--no_local_rank", "sleep", "300"], work)
+        deadline = time.monotonic() + 120
+        while not any("sleep" in open(f"/proc/{pid}/cmdline").read()
+                      for ns in _namespaces(proc.pid)
+                      for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                text=True).stdout.split()
+                      if os.path.exists(f"/proc/{pid}/cmdline")):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+    else:
+        proc = _cluster(["--hosts", "2", "--", "train.py", "--recipe", "recipes/no-such-recipe.yaml"], work)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1
+        assert err.strip().count("\n") == 0 and "exited with" in err and "host" in err, err
+    assert _namespaces(proc.pid) == []
+    left = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
+    assert left == []
