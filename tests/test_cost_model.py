@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from risgd_ext.cost_model import main, predict, recommend_tau, ring_allreduce_seconds
+from risgd_ext.cost_model import (
+    advise,
+    effective_bandwidth,
+    fit_latency,
+    main,
+    predict,
+    predict_run_seconds,
+    recommend_tau,
+    ring_allreduce_seconds,
+    ring_seconds,
+)
 
 
 def test_ring_allreduce_formula():
@@ -31,3 +41,33 @@ def test_cli(capsys):
     assert main(["--nodes", "8", "--model", "resnet20_cifar", "--bandwidth-gbit", "1", "--compute-ms", "20"]) == 0
     out = capsys.readouterr().out
     assert "recommended_tau" in out and "8 ranks at 1 Gbit/s" in out
+
+
+def test_alpha_beta_fit_round_trips():
+    ranks, bandwidth, latency = 4, 1.25e6, 2e-3
+    measured = ring_seconds(3e6, ranks, bandwidth, latency, collectives=10)
+    assert measured == pytest.approx(10 * 6 * latency + 1.5 * 3e6 / bandwidth)
+    assert fit_latency(measured, 3e6, 10, ranks, bandwidth) == pytest.approx(latency)
+    assert effective_bandwidth(measured, 3e6, 10, ranks, latency) == pytest.approx(bandwidth)
+    assert predict_run_seconds(0.02, 100, 3e6, 10, ranks, bandwidth, latency) == pytest.approx(2.0 + measured)
+    assert fit_latency(0.0, 3e6, 10, ranks, bandwidth) == 0.0  # faster than the bound: no negative latency
+
+
+def test_advise_from_engine_stats():
+    # 100 steps of 10 ms compute and 2 rounds of 1 MB at a measured 8 Mbit/s on 4 ranks (no latency)
+    transfer = 1.5 * 1e6 / 1e6
+    stats = {"steps": 100, "world_size": 4, "comm_rounds": 2, "compute_seconds": 1.0, "bytes_allreduced": 2e6,
+             "comm_seconds": 2 * transfer, "tau": 50}
+    measured = advise(stats, 0.0, 0.0)
+    assert measured["bandwidth_source"] == "measured" and measured["bandwidth_gbit"] == pytest.approx(0.008)
+    assert measured["allreduce_s"] == pytest.approx(transfer) and measured["tau"] == 50
+    given = advise(stats, 0.016, 0.0, tau=10)
+    assert given["bandwidth_source"] == "given" and given["allreduce_s"] == pytest.approx(transfer / 2)
+    assert given["risgd_step_s"] == pytest.approx(0.01 + transfer / 2 / 10)
+
+
+def test_per_chunk_compute_enters_the_risgd_step():
+    p = predict(compute_s=0.1, model_bytes=1e8, ranks=8, bandwidth_gbit=10, latency_s=0.0, tau=50,
+                risgd_compute_s=0.3)
+    assert p.local_step_s == 0.3 and p.risgd_step_s == pytest.approx(0.3 + p.allreduce_s / 50)
+    assert p.sync_step_s == pytest.approx(0.1 + p.allreduce_s)

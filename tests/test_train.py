@@ -65,6 +65,11 @@ def test_run_directory(runs, algorithm):
     expected_rounds = STEPS if algorithm == "sync" else STEPS // TAU
     assert summary["comm_rounds"] == expected_rounds
     assert summary["comm_bytes"] > 0 and summary["wall_seconds"] > 0
+    assert summary["rank_model_sha256"] == [summary["model_sha256"]] * 2  # both ranks end on the same model
+    advice = summary["cost_model"]  # the prediction for this run, from its own measurements
+    assert advice["ranks"] == 2 and advice["bandwidth_source"] == "measured"
+    assert advice["bytes_per_allreduce"] == pytest.approx(summary["comm_bytes"] / summary["comm_rounds"], rel=0.1)
+    assert advice["tau"] == (50 if algorithm == "sync" else TAU) and advice["recommended_tau"] >= 1
     with open(os.path.join(run_dir, "ds_config.json")) as f:
         ds = json.load(f)
     assert ("risgd" in ds) == (algorithm != "sync")
