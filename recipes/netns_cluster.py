@@ -22,7 +22,8 @@ Everything is torn down on exit, on failure and on Ctrl-C/SIGTERM: the processes
 namespaces are killed and the namespaces deleted (which deletes the links). Bytes each host sent
 and received on eth0 are written to ``WORK/traffic.json``. Ranks of one host reach each other over
 loopback, as GPUs of one node do over NVLink; only inter-host traffic crosses the shaped links.
-All hosts share this machine's cores, so each rank gets ``cores / total ranks`` threads.
+All hosts share this machine's cores, so each rank gets ``cores / total ranks`` threads. Paths in
+the command are relative to the current directory, as they would be on a real node.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBNET = "10.93.0"  # private, and only ever assigned inside namespaces this tool creates
 MASTER_PORT = 29500
 
@@ -201,7 +201,7 @@ def replicate_data(cluster: Cluster, work_dir: str, manifest: str, source: str, 
         dest = os.path.join(work_dir, f"host{k}", "data")
         cmd = [*cluster.exec_prefix(k), sys.executable, "-m", "data.replicate", "--manifest", manifest,
                "--source", source, "--dest", dest, "--node-rank", str(k), "--ranks-per-node", str(ranks_per_host)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise ClusterError(f"host{k}: data replication failed: {(proc.stderr or proc.stdout).strip()}")
         dirs.append(dest)
@@ -222,19 +222,15 @@ def launch(cluster: Cluster, command: list[str], work_dir: str, ranks_per_host: 
         full = [*cluster.exec_prefix(k), *launcher(), "--hostfile", hostfile, "--no_ssh", "--node_rank", str(k),
                 "--master_addr", cluster.addr(0), "--master_port", str(master_port), *cmd]
         log = open(os.path.join(work_dir, f"host{k}.log"), "w")
-        procs.append((subprocess.Popen(full, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        procs.append((subprocess.Popen(full, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True), log))
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    failed = None
     try:
-        while any(p.poll() is None for p, _ in procs):
-            failed = next((k for k, (p, _) in enumerate(procs) if p.returncode not in (None, 0)), None)
-            if failed is not None:
-                break
+        # Like the launcher on one node: the first host to fail ends the job on all of them.
+        while (failed := _first_failure(procs)) is None and any(p.poll() is None for p, _ in procs):
             if deadline is not None and time.monotonic() > deadline:
                 raise ClusterError(f"the run did not finish within {timeout_s:.0f} s: see {work_dir}/host*.log")
             time.sleep(0.2)
-        failed = next((k for k, (p, _) in enumerate(procs) if p.returncode not in (None, 0)), failed)
     finally:
         for p, log in procs:
             if p.poll() is None:
@@ -244,6 +240,10 @@ def launch(cluster: Cluster, command: list[str], work_dir: str, ranks_per_host: 
     if failed is not None:
         raise ClusterError(f"host{failed}'s launch exited with {procs[failed][0].returncode}: "
                            f"see {os.path.join(work_dir, f'host{failed}.log')}")
+
+
+def _first_failure(procs: list) -> int | None:
+    return next((k for k, (p, _) in enumerate(procs) if p.poll() not in (None, 0)), None)
 
 
 def _substitute(arg: str, subst: dict[str, str]) -> str:

@@ -36,18 +36,6 @@ def ring_allreduce_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, 
     return ring_seconds(nbytes, ranks, bandwidth_bytes_s, latency_s)
 
 
-def fit_latency(comm_seconds: float, nbytes: float, collectives: int, ranks: int, bandwidth_bytes_s: float) -> float:
-    """The per-message latency L that explains measured communication time (alpha of alpha-beta).
-
-    Fit it where bandwidth matters least (the fastest link): on a real cluster it is the network's
-    latency plus the software's; on ranks that share cores it also holds the wait for the slowest rank.
-    """
-    if ranks <= 1 or collectives <= 0:
-        return 0.0
-    transfer = ring_seconds(nbytes, ranks, bandwidth_bytes_s, 0.0)
-    return max(comm_seconds - transfer, 0.0) / (collectives * 2 * (ranks - 1))
-
-
 def effective_bandwidth(comm_seconds: float, nbytes: float, collectives: int, ranks: int, latency_s: float) -> float:
     """Bytes/s that explain measured communication time, given the latency (inf if latency explains it)."""
     if ranks <= 1 or nbytes <= 0:

@@ -7,7 +7,6 @@ import pytest
 from risgd_ext.cost_model import (
     advise,
     effective_bandwidth,
-    fit_latency,
     main,
     predict,
     predict_run_seconds,
@@ -43,14 +42,13 @@ def test_cli(capsys):
     assert "recommended_tau" in out and "8 ranks at 1 Gbit/s" in out
 
 
-def test_alpha_beta_fit_round_trips():
+def test_alpha_beta_round_trips():
     ranks, bandwidth, latency = 4, 1.25e6, 2e-3
     measured = ring_seconds(3e6, ranks, bandwidth, latency, collectives=10)
     assert measured == pytest.approx(10 * 6 * latency + 1.5 * 3e6 / bandwidth)
-    assert fit_latency(measured, 3e6, 10, ranks, bandwidth) == pytest.approx(latency)
     assert effective_bandwidth(measured, 3e6, 10, ranks, latency) == pytest.approx(bandwidth)
     assert predict_run_seconds(0.02, 100, 3e6, 10, ranks, bandwidth, latency) == pytest.approx(2.0 + measured)
-    assert fit_latency(0.0, 3e6, 10, ranks, bandwidth) == 0.0  # faster than the bound: no negative latency
+    assert effective_bandwidth(10 * 6 * latency, 3e6, 10, ranks, latency) == float("inf")  # latency explains all
 
 
 def test_advise_from_engine_stats():
