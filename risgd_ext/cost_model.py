@@ -105,9 +105,11 @@ def advise(stats: dict, bandwidth_gbit: float = 0.0, latency_s: float = 50e-6, t
                                         latency_s)
         bandwidth_gbit, source = bandwidth * 8 / 1e9, "measured"
     tau = tau or (stats["tau"] if stats["tau"] > 1 else 50)
-    out: dict = {"bandwidth_gbit": bandwidth_gbit, "bandwidth_source": source, "latency_us": latency_s * 1e6,
-                 "ranks": ranks, "tau": tau, "compute_s_per_step": compute_s, "bytes_per_allreduce": nbytes}
-    if compute_s > 0 and nbytes > 0 and math.isfinite(bandwidth_gbit) and ranks > 1:
+    finite = math.isfinite(bandwidth_gbit)  # inf: latency alone explains the measurement (or one rank)
+    out: dict = {"bandwidth_gbit": bandwidth_gbit if finite else None, "bandwidth_source": source,
+                 "latency_us": latency_s * 1e6, "ranks": ranks, "tau": tau, "compute_s_per_step": compute_s,
+                 "bytes_per_allreduce": nbytes}
+    if compute_s > 0 and nbytes > 0 and finite and ranks > 1:
         out.update(asdict(predict(compute_s, nbytes, ranks, bandwidth_gbit, latency_s, tau, target_share)))
     return out
 

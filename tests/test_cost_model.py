@@ -62,6 +62,8 @@ def test_advise_from_engine_stats():
     given = advise(stats, 0.016, 0.0, tau=10)
     assert given["bandwidth_source"] == "given" and given["allreduce_s"] == pytest.approx(transfer / 2)
     assert given["risgd_step_s"] == pytest.approx(0.01 + transfer / 2 / 10)
+    alone = advise({**stats, "world_size": 1}, 0.0, 0.0)  # one rank: nothing to predict, and valid JSON
+    assert alone["bandwidth_gbit"] is None and "allreduce_s" not in alone
 
 
 def test_per_chunk_compute_enters_the_risgd_step():
