@@ -138,10 +138,10 @@ def model_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def gather_digests(model: torch.nn.Module, world_size: int) -> list[str]:
+def gather_digests(digest: str, world_size: int) -> list[str]:
     """Every rank's model digest (rank order): after a final average they must all be equal."""
     digests: list = [None] * world_size
-    dist.all_gather_object(digests, model_digest(model))
+    dist.all_gather_object(digests, digest)
     return digests
 
 
@@ -292,6 +292,7 @@ def train(cfg: dict) -> int:
     bar.close()
 
     stats = engine.risgd.stats()
+    digest = model_digest(engine.module)
     summary = {"algorithm": cfg["algorithm"], "tau": tau, "mu": cfg["mu"], "world_size": world_size,
                "steps": total_steps, "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
                "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
@@ -299,9 +300,9 @@ def train(cfg: dict) -> int:
                "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
                "partition": data["partition"], "batch_policy": data["batch_policy"],
                "divergence_mean": stats["divergence_mean"], "samples_skipped": loader.samples_skipped,
-               "recipe": cfg["recipe"], "run_name": run_name(cfg), "model_sha256": model_digest(engine.module),
+               "recipe": cfg["recipe"], "run_name": run_name(cfg), "model_sha256": digest,
                "min_data_coverage": min(coverage.values(), default=None),
-               "rank_model_sha256": gather_digests(engine.module, world_size),
+               "rank_model_sha256": gather_digests(digest, world_size),
                "cost_model": cost_advice(cfg, stats)}
     if rank == 0:
         print(f"cost model: {json.dumps(summary['cost_model'])}", flush=True)

@@ -163,8 +163,8 @@ def analyse(runs: dict, probes: dict, full_mbit: list[float]) -> dict:
         transfer = ring_seconds(run["comm_bytes"], HOSTS, mbytes_s(calib), latency, collectives(run))
         return (run["wall_seconds"] - transfer) / run["steps"]
 
-    c = {label: calibrated_step(runs[(label, calib, "full")]) for label, *_ in ALGORITHMS}
     full_ref = {label: runs[(label, calib, "full")] for label, *_ in ALGORITHMS}  # trajectories
+    c = {label: calibrated_step(run) for label, run in full_ref.items()}
     target = full_ref[SYNC]["final_test_acc"]
     at = {label: reached(full_ref[label], target) for label in c}
 
@@ -177,8 +177,8 @@ def analyse(runs: dict, probes: dict, full_mbit: list[float]) -> dict:
                                    mbytes_s(mbit), latency)
 
     rows = []
-    for (label, mbit, kind), run in sorted(runs.items(), key=lambda kv: (-kv[0][1], kv[0][2],
-                                                                         [a[0] for a in ALGORITHMS].index(kv[0][0]))):
+    order = [label for label, *_ in ALGORITHMS]
+    for (label, mbit, kind), run in sorted(runs.items(), key=lambda kv: (-kv[0][1], order.index(kv[0][0]))):
         n_coll = collectives(run)
         pred_wall = predict_run_seconds(c[label], run["steps"], run["comm_bytes"], n_coll, HOSTS, mbytes_s(mbit),
                                         latency)
