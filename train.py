@@ -23,12 +23,12 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from risgd_recipes.config import RecipeError, load_recipe, run_name
+from risgd_recipes.schedule import lr_factor
+from risgd_recipes.tracking import RunTracker
 from tqdm import tqdm
 
-from recipes.config import RecipeError, load_recipe, run_name
-from recipes.schedule import lr_factor
-from recipes.tracking import RunTracker
-from risgd_ext.atomic import write_text_atomic
+from risgd_common.atomic import write_text_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare_shards(cfg: dict, rank: int) -> dict:
     """The shard index; rank 0 writes the shards first if the directory has none."""
-    from data.index import load_index
-    from data.make_shards import make_shards
+    from risgd_data.index import load_index
+    from risgd_data.make_shards import make_shards
 
     shards = cfg["data"]["shards"]
     if rank == 0 and not os.path.exists(os.path.join(shards, "index.json")):
@@ -56,7 +56,7 @@ def prepare_shards(cfg: dict, rank: int) -> dict:
 
 def prepare_manifest(cfg: dict, index: dict, world_size: int) -> dict:
     """The redundancy manifest: the recipe's file, or built from its parameters (same on every rank)."""
-    from data.manifest import build_manifest, load_manifest
+    from risgd_data.manifest import build_manifest, load_manifest
 
     data = cfg["data"]
     if data["manifest"]:
@@ -157,7 +157,8 @@ def cost_advice(cfg: dict, stats: dict) -> dict:
 # -- the run ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from data.errors import DataError
+    from risgd_data.errors import DataError
+
     from risgd_ext.config import ConfigError
 
     args = parse_args(argv)
@@ -171,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: dict) -> int:
     import deepspeed
+    import risgd_models as models
     import timm
     from deepspeed.accelerator import get_accelerator
+    from risgd_data.loader import make_eval_loader, make_train_loader
+    from risgd_data.manifest import live_coverage
+    from risgd_data.transforms import eval_transform, train_transform
 
-    import models
     import risgd_ext
-    from data.loader import make_eval_loader, make_train_loader
-    from data.manifest import live_coverage
-    from data.transforms import eval_transform, train_transform
 
     if not timm.is_model(cfg["model"]["name"]):  # before any process group or data work
         raise RecipeError(f"unknown model '{cfg['model']['name']}': use resnet8_digits, resnet20_cifar, "
@@ -187,7 +188,7 @@ def train(cfg: dict) -> int:
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     if cfg["data"]["manifest"]:  # refuse a mismatched manifest before starting any process group
-        from data.manifest import load_manifest
+        from risgd_data.manifest import load_manifest
         check_world_size(load_manifest(cfg["data"]["manifest"]), world_size)
     # A rank that dies makes the others fail their next collective after this timeout instead of
     # hanging (the deepspeed launcher also kills the node's other ranks when one exits).
@@ -236,7 +237,7 @@ def train(cfg: dict) -> int:
     if rank == 0:
         write_text_atomic(os.path.join(run_dir, "ds_config.json"), json.dumps(ds_config, indent=2))
         if not data["manifest"]:
-            from data.manifest import write_manifest
+            from risgd_data.manifest import write_manifest
             write_manifest(manifest, os.path.join(run_dir, "manifest.yaml"))
 
     t0 = time.perf_counter() - wall_before

@@ -43,10 +43,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data.index import load_index  # noqa: E402
-from data.make_shards import make_shards  # noqa: E402
-from data.manifest import build_manifest, write_manifest  # noqa: E402
-from recipes import netns_cluster  # noqa: E402
+from risgd_data.index import load_index  # noqa: E402
+from risgd_data.make_shards import make_shards  # noqa: E402
+from risgd_data.manifest import build_manifest, write_manifest  # noqa: E402
+from risgd_hosts import netns_cluster  # noqa: E402
+
 from risgd_ext.cost_model import predict_run_seconds, ring_seconds  # noqa: E402
 
 HOSTS = 4

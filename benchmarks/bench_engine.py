@@ -33,10 +33,10 @@ def _timed(fn, n: int) -> float:
 
 
 def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
+    import risgd_models as models
     import torch
     import torch.distributed as dist
 
-    import models
     import risgd_ext
 
     torch.manual_seed(rank)

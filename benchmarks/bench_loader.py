@@ -27,13 +27,13 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.index import load_index, split_arrays  # noqa: E402
-from data.loader import make_train_loader  # noqa: E402
-from data.make_shards import make_shards  # noqa: E402
-from data.manifest import build_manifest, write_manifest  # noqa: E402
-from data.replicate import replicate  # noqa: E402
-from data.synthetic import write_cifar_tarball  # noqa: E402
-from data.transforms import image_mode, train_transform  # noqa: E402
+from risgd_data.index import load_index, split_arrays  # noqa: E402
+from risgd_data.loader import make_train_loader  # noqa: E402
+from risgd_data.make_shards import make_shards  # noqa: E402
+from risgd_data.manifest import build_manifest, write_manifest  # noqa: E402
+from risgd_data.replicate import replicate  # noqa: E402
+from risgd_data.synthetic import write_cifar_tarball  # noqa: E402
+from risgd_data.transforms import image_mode, train_transform  # noqa: E402
 
 
 def _shards(args: argparse.Namespace, work: str) -> str:

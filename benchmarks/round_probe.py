@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     args = parser.parse_args(argv)
 
+    import risgd_models as models
     import torch
     import torch.distributed as dist
 
-    import models
     from risgd_ext.averaging import BucketAverager
 
     dist.init_process_group("gloo")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
-_HASH_CHUNK = 1 << 20
+from risgd_common.hashing import sha256_file
 
 
 class DataError(Exception):
@@ -33,15 +32,6 @@ def safe_name(name: str) -> str:
     ):
         raise DataError(f"refusing unsafe shard name {name!r}: shard names must be plain file names")
     return name
-
-
-def sha256_file(path: str) -> str:
-    """sha256 hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 # (path, size, mtime_ns) -> digest: each shard is hashed at most once per process.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.errors import DataError, safe_name, verify_shard
+from .errors import DataError, safe_name, verify_shard
 
 INDEX_VERSION = 1
 

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.errors import DataError
-from data.index import load_index, split_arrays, verify_shards
-from data.manifest import load_manifest, rank_chunk_ids
-from data.tario import ShardFiles
-from data.transforms import eval_transform, image_mode, train_transform
+from .errors import DataError
+from .index import load_index, split_arrays, verify_shards
+from .manifest import load_manifest, rank_chunk_ids
+from .tario import ShardFiles
+from .transforms import eval_transform, image_mode, train_transform
 
 POLICIES = ("per_chunk", "split")
 _MASK = (1 << 64) - 1

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from data.errors import DataError
-from data.sources import Source, open_source
-from data.tario import ShardRecord, scan_shard, write_shard
+from .errors import DataError
+from .sources import Source, open_source
+from .tario import ShardRecord, scan_shard, write_shard
 
 INDEX_VERSION = 1
 DEFAULT_SHARD_SIZE = {"digits": 250, "cifar10": 2500, "cifar100": 2500, "imagefolder": 1000, "imagenet": 5000}

@@ -22,10 +22,10 @@ from collections import Counter
 import numpy as np
 import yaml
 
-from data.errors import DataError, safe_name
-from data.index import load_index, split_arrays, verify_shards
-from data.partition import partition as make_partition
-from data.partition import resolve_chunks
+from .errors import DataError, safe_name
+from .index import load_index, split_arrays, verify_shards
+from .partition import partition as make_partition
+from .partition import resolve_chunks
 
 MANIFEST_VERSION = 1
 MODES = ("risgd", "coop")

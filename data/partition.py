@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data.errors import DataError
+from .errors import DataError
 
 SCHEMES = ("iid", "label_sorted", "dirichlet:ALPHA")
 

@@ -29,8 +29,10 @@ import sys
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from data.errors import DataError, safe_name, sha256_file
-from data.manifest import load_manifest
+from risgd_common.hashing import sha256_file
+
+from .errors import DataError, safe_name
+from .manifest import load_manifest
 
 _BLOCK = 1 << 20
 

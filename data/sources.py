@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from data.errors import DataError
+from .errors import DataError
 
 VAL_FRACTION = 0.2  # digits / split-less ImageFolder: seeded stratified 20% validation split
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from data.errors import DataError
+from .errors import DataError
 
 BLOCK = tarfile.BLOCKSIZE
 _MTIME = 946684800  # 2000-01-01: fixed so shard bytes depend only on their content

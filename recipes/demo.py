@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from recipes import compare
+from . import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

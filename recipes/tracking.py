@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from risgd_ext.atomic import write_text_atomic
+from risgd_common.atomic import write_text_atomic
 
 
 class RunTracker:

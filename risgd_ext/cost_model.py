@@ -116,9 +116,8 @@ def advise(stats: dict, bandwidth_gbit: float = 0.0, latency_s: float = 50e-6, t
 
 def model_bytes(name: str) -> int:
     """fp32 bytes averaged per round: parameters plus floating-point buffers (BatchNorm statistics)."""
+    import risgd_models  # noqa: F401  (registers the CIFAR ResNets)
     import timm
-
-    import models  # noqa: F401  (registers the CIFAR ResNets)
 
     model = timm.create_model(name, pretrained=False)
     tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]

@@ -16,7 +16,8 @@ from typing import Any
 import deepspeed
 import torch
 
-from .atomic import torch_save_atomic, write_text_atomic
+from risgd_common.atomic import atomic_write, write_text_atomic
+
 from .config import ConfigError, load_ds_config, split_config
 from .controller import RISGDController
 
@@ -98,7 +99,7 @@ def save_rank_state(engine: Any, tag_dir: str) -> None:
     if ctl.active:  # plain DeepSpeed keeps ranks identical: rank 0's files are enough
         state["module"] = engine.module.state_dict()
         state["optimizer"] = engine.optimizer.state_dict()
-    torch_save_atomic(state, os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank)))
+    atomic_write(os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank)), lambda f: torch.save(state, f))
 
 
 def load_rank_state(engine: Any, tag_dir: str) -> None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from data.make_shards import make_shards
+from risgd_data.make_shards import make_shards
 
 
 @pytest.fixture(scope="session")

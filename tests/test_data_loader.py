@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from risgd_data.errors import DataError
+from risgd_data.index import load_index, split_arrays
+from risgd_data.loader import make_eval_loader, make_train_loader, sub_batch_sizes
+from risgd_data.make_shards import make_shards
+from risgd_data.manifest import build_manifest, rank_chunk_ids
+from risgd_data.synthetic import write_cifar_tarball
 from torchvision import transforms as T
-
-from data.errors import DataError
-from data.index import load_index, split_arrays
-from data.loader import make_eval_loader, make_train_loader, sub_batch_sizes
-from data.make_shards import make_shards
-from data.manifest import build_manifest, rank_chunk_ids
-from data.synthetic import write_cifar_tarball
 
 
 @pytest.fixture(scope="module")

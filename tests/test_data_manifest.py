@@ -10,11 +10,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from data.errors import DataError
-from data.index import load_index, split_arrays
-from data.manifest import build_manifest, check_manifest, load_manifest, rank_chunk_ids, write_manifest
-from data.partition import partition, resolve_chunks
+from risgd_data.errors import DataError
+from risgd_data.index import load_index, split_arrays
+from risgd_data.manifest import build_manifest, check_manifest, load_manifest, rank_chunk_ids, write_manifest
+from risgd_data.partition import partition, resolve_chunks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,12 +9,11 @@ import sys
 
 import fsspec
 import pytest
-
-from data.errors import DataError
-from data.index import load_index
-from data.loader import make_train_loader
-from data.manifest import build_manifest, write_manifest
-from data.replicate import replicate
+from risgd_data.errors import DataError
+from risgd_data.index import load_index
+from risgd_data.loader import make_train_loader
+from risgd_data.manifest import build_manifest, write_manifest
+from risgd_data.replicate import replicate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

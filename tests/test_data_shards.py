@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
-
-from data.errors import DataError
-from data.index import load_index, split_arrays
-from data.make_shards import make_shards
-from data.synthetic import cifar_like_images, write_cifar_tarball
+from risgd_data.errors import DataError
+from risgd_data.index import load_index, split_arrays
+from risgd_data.make_shards import make_shards
+from risgd_data.synthetic import cifar_like_images, write_cifar_tarball
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,11 +13,10 @@ import sys
 import time
 
 import pytest
-
-from data.index import load_index
-from data.manifest import build_manifest, load_manifest, write_manifest
-from data.replicate import node_ranks
-from recipes.netns_cluster import netns_available, tbf_args
+from risgd_data.index import load_index
+from risgd_data.manifest import build_manifest, load_manifest, write_manifest
+from risgd_data.replicate import node_ranks
+from risgd_hosts.netns_cluster import netns_available, tbf_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHY = netns_available()

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import yaml
+from risgd_recipes import compare
+from risgd_recipes.config import RecipeError, load_recipe
+from risgd_recipes.tracking import read_offline_history
 
-from recipes import compare
-from recipes.config import RecipeError, load_recipe
-from recipes.tracking import read_offline_history
 from tests.multiproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,9 +144,10 @@ def test_every_shipped_recipe_is_valid():
 
 
 def test_train_refuses_bad_recipe_and_wrong_world_size_before_any_work(tmp_path, digits_dir, monkeypatch, capsys):
+    from risgd_data.index import load_index
+    from risgd_data.manifest import build_manifest, write_manifest
+
     import train
-    from data.index import load_index
-    from data.manifest import build_manifest, write_manifest
 
     assert train.main(["--recipe", "recipes/digits.yaml", "bogus=1"]) == 2
     assert "unknown recipe key(s) ['bogus']" in capsys.readouterr().err
