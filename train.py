@@ -5,30 +5,32 @@
 One process per rank (the ``deepspeed`` launcher starts them; on a CPU machine ``--num_gpus N``
 starts N CPU ranks with gloo). The recipe names model, data, algorithm and schedule; ``key=value``
 arguments override it (dotted keys for nested ones, e.g. ``data.partition=iid``). Results go to
-``runs/RUN_NAME/`` (config.yaml, ds_config.json, metrics.jsonl, summary.json, checkpoints/, wandb/).
-Re-running the same command resumes from the run's latest checkpoint.
+``runs/RUN_NAME/`` (config.yaml, ds_config.json, manifest.yaml, metrics.jsonl, summary.json,
+checkpoints/, wandb/). Re-running the same command resumes from the run's latest checkpoint (a
+finished run is left as it is); a run directory is never continued under a configuration that
+changes the experiment. Exit status: 0 done, 2 bad input (one line on stderr), 1 a failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
-import signal
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from risgd_recipes.config import RecipeError, load_recipe, run_name
-from risgd_recipes.schedule import lr_factor
-from risgd_recipes.tracking import RunTracker
 from tqdm import tqdm
 
 from risgd_common.atomic import write_text_atomic
+from risgd_common.hashing import sha256_tensors
+from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
+from risgd_recipes.config import RecipeError, Run, check_same_manifest, resolve_run
+from risgd_recipes.schedule import lr_factor
+from risgd_recipes.tracking import RunTracker, run_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,61 +42,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# -- data ------------------------------------------------------------------------------------------
+# -- set-up ----------------------------------------------------------------------------------------
 
-def prepare_shards(cfg: dict, rank: int) -> dict:
-    """The shard index; rank 0 writes the shards first if the directory has none."""
-    from risgd_data.index import load_index
+def check_model(name: str) -> None:
+    import timm
+
+    import risgd_models  # noqa: F401  (registers the CIFAR ResNets in timm)
+
+    if not timm.is_model(name):
+        raise RecipeError(f"unknown model '{name}': use resnet8_digits, resnet20_cifar, resnet44_cifar, "
+                          "resnet56_cifar or a timm model name (timm.list_models())")
+
+
+def make_shards_if_missing(cfg: dict) -> None:
+    """Rank 0 writes the shards when the directory has none (the embedded digits, or from data.src)."""
     from risgd_data.make_shards import make_shards
 
-    shards = cfg["data"]["shards"]
-    if rank == 0 and not os.path.exists(os.path.join(shards, "index.json")):
-        make_shards(cfg["data"]["dataset"], shards, src=cfg["data"]["src"], seed=0, progress=False)
-    dist.barrier()
-    return load_index(shards)
-
-
-def prepare_manifest(cfg: dict, index: dict, world_size: int) -> dict:
-    """The redundancy manifest: the recipe's file, or built from its parameters (same on every rank)."""
-    from risgd_data.manifest import build_manifest, load_manifest
-
     data = cfg["data"]
-    if data["manifest"]:
-        manifest = load_manifest(data["manifest"])
-    else:
-        mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
-        manifest = build_manifest(index, world_size, cfg["mu"], partition=data["partition"], seed=cfg["seed"],
-                                  hetero_std=data["hetero_std"], mode=mode)
-    check_world_size(manifest, world_size)
-    return manifest
+    if not os.path.exists(os.path.join(data["shards"], "index.json")):
+        make_shards(data["dataset"], data["shards"], src=data["src"], seed=0, progress=False)
 
 
-def check_world_size(manifest: dict, world_size: int) -> None:
-    if manifest["workers"] != world_size:
-        raise RecipeError(f"the manifest is for {manifest['workers']} workers but this run has {world_size} "
-                          "ranks: launch with that many ranks or rebuild the manifest with --workers")
+def load_data(run: Run, rank: int) -> tuple[dict, dict]:
+    """The shard index and the manifest (the recipe's file, or built from its parameters, the same on
+    every rank); the shards this rank reads are verified here, before any engine work."""
+    from risgd_data.index import load_index, verify_shards
+    from risgd_data.manifest import build_manifest
 
-
-# -- DeepSpeed -------------------------------------------------------------------------------------
-
-def build_ds_config(cfg: dict, world_size: int) -> dict:
-    """The recipe's ds_config file plus the batch sizes and, except for SyncSGD, the risgd block."""
-    path = cfg["ds_config"]
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise RecipeError(f"ds_config {path} not found: set ds_config= to a file under ds_configs/") from None
-    gas = ds.get("gradient_accumulation_steps", 1)
-    # DeepSpeed's batch bookkeeping; the real per-rank batch is the loader's (it grows with q).
-    ds["train_micro_batch_size_per_gpu"] = cfg["data"]["base_batch"]
-    ds["train_batch_size"] = cfg["data"]["base_batch"] * gas * world_size
-    block = ds.pop("risgd", {})
-    if cfg["algorithm"] != "sync":
-        block.update(tau=cfg["tau"], warmup_sync_steps=cfg["warmup_sync_steps"],
-                     average_optimizer_state=cfg["average_optimizer_state"], failures=cfg["failures"])
-        ds["risgd"] = block
-    return ds
+    cfg, data = run.cfg, run.cfg["data"]
+    index = load_index(data["shards"])
+    manifest = run.manifest or build_manifest(index, run.world_size, cfg["mu"], partition=data["partition"],
+                                              seed=cfg["seed"], hetero_std=data["hetero_std"],
+                                              mode="coop" if cfg["algorithm"] == "coop" else "risgd")
+    check_same_manifest(run.run_dir, manifest)
+    verify_shards(index, data["shards"], manifest["ranks"][rank]["shards"])
+    if rank == 0:  # rank 0 evaluates
+        verify_shards(index, data["shards"], [s["name"] for s in index["splits"]["val"]["shards"]], split="val")
+    return index, manifest
 
 
 def build_optimizer(cfg: dict, model: torch.nn.Module, total_steps: int):
@@ -129,99 +113,83 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
     return out
 
 
-def model_digest(model: torch.nn.Module) -> str:
-    """sha256 of the model's state (parameters and buffers): equal digests mean bitwise-equal models."""
-    h = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def gather_digests(digest: str, world_size: int) -> list[str]:
-    """Every rank's model digest (rank order): after a final average they must all be equal."""
-    digests: list = [None] * world_size
-    dist.all_gather_object(digests, digest)
-    return digests
-
-
 def cost_advice(cfg: dict, stats: dict) -> dict:
     """The cost model's prediction for this run's measured compute and bytes on the recipe's network."""
     from risgd_ext.cost_model import advise
 
     net = cfg["network"]
-    tau = None if cfg["algorithm"] == "sync" else cfg["tau"]
-    return advise(stats, net["bandwidth_gbit"], net["latency_us"] / 1e6, net["target_comm_share"], tau)
+    return advise(stats, net["bandwidth_gbit"], net["latency_us"] / 1e6, net["target_comm_share"], cfg["tau"])
 
 
 # -- the run ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from risgd_data.errors import DataError
-
-    from risgd_ext.config import ConfigError
-
     args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    first = os.environ.get("RANK", "0") == "0"  # before the process group: every rank finds the same error
     try:
-        cfg = load_recipe(args.recipe, args.overrides)
-        return train(cfg)
-    except (RecipeError, ConfigError, DataError) as e:  # one line naming the problem and the fix
-        print(f"error: {e}", file=sys.stderr)
+        run = resolve_run(args.recipe, args.overrides, world_size)  # everything checked before any work
+        check_model(run.cfg["model"]["name"])
+        if run.finished:
+            if first:
+                print(f"{run.run_dir} is finished (summary.json): nothing to do; pick a new run_name= to train "
+                      "again", file=sys.stderr)
+            return 0
+        return train(run)
+    except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except USER_ERRORS as e:  # one line naming the problem and the fix
+        if first or dist.is_initialized():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def train(cfg: dict) -> int:
-    import deepspeed
-    import risgd_models as models
-    import timm
+def train(run: Run) -> int:
     from deepspeed.accelerator import get_accelerator
-    from risgd_data.loader import make_eval_loader, make_train_loader
-    from risgd_data.manifest import live_coverage
-    from risgd_data.transforms import eval_transform, train_transform
 
     import risgd_ext
+    import risgd_models
+    from risgd_data.loader import make_eval_loader, make_train_loader
+    from risgd_data.manifest import live_coverage, steps_per_epoch
+    from risgd_data.transforms import eval_transform, train_transform
 
-    if not timm.is_model(cfg["model"]["name"]):  # before any process group or data work
-        raise RecipeError(f"unknown model '{cfg['model']['name']}': use resnet8_digits, resnet20_cifar, "
-                          "resnet44_cifar, resnet56_cifar or a timm model name (timm.list_models())")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, data = run.cfg, run.cfg["data"]
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
-    if cfg["data"]["manifest"]:  # refuse a mismatched manifest before starting any process group
-        from risgd_data.manifest import load_manifest
-        check_world_size(load_manifest(cfg["data"]["manifest"]), world_size)
     # A rank that dies makes the others fail their next collective after this timeout instead of
     # hanging (the deepspeed launcher also kills the node's other ranks when one exits).
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               timeout=datetime.timedelta(seconds=cfg["dist_timeout_s"]))
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    risgd_ext.init_distributed(timeout=datetime.timedelta(seconds=cfg["dist_timeout_s"]))
+    rank = dist.get_rank()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
-    index = prepare_shards(cfg, rank)
-    manifest = prepare_manifest(cfg, index, world_size)
-    data = cfg["data"]
-    run_dir = os.path.join(cfg["runs_dir"], run_name(cfg))
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
+    index, manifest = agree(lambda: load_data(run, rank))
+    epoch_steps = steps_per_epoch(manifest, data["base_batch"])
+    total_steps = run.total_steps(epoch_steps)
 
-    steps_per_epoch = max(1, manifest["epoch_samples"] // data["base_batch"])
-    tau = 1 if cfg["algorithm"] == "sync" else cfg["tau"]
-    total_steps = cfg["steps"] or -(-cfg["epochs"] * steps_per_epoch // tau) * tau  # whole rounds
-    if total_steps % tau:
-        raise RecipeError(f"steps={total_steps} must be a multiple of tau={tau} so the run ends on an average")
+    ckpt_dir = os.path.join(run.run_dir, "checkpoints")
 
-    torch.manual_seed(cfg["seed"])  # identical initial model on every rank
-    model = models.create_model(cfg["model"]["name"], num_classes=index["num_classes"],
-                                in_chans=index["image_shape"][0] if index.get("image_shape") else 3,
-                                drop_rate=cfg["model"]["drop_rate"])
-    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
-    ds_config = build_ds_config(cfg, world_size)
-    engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config)
+    def build_engine():
+        torch.manual_seed(cfg["seed"])  # identical initial model on every rank
+        model = risgd_models.create_model(cfg["model"]["name"], num_classes=index["num_classes"],
+                                          in_chans=index["image_shape"][0] if index.get("image_shape") else 3,
+                                          drop_rate=cfg["model"]["drop_rate"])
+        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+        engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                       config=run.ds_config)
+        client = {}
+        if os.path.exists(os.path.join(ckpt_dir, "latest")):
+            _, client = engine.load_checkpoint(ckpt_dir)
+        return engine, scheduler, client
 
-    start, wall_before, best = 0, 0.0, 0.0
-    if os.path.exists(os.path.join(ckpt_dir, "latest")):
-        _, client = engine.load_checkpoint(ckpt_dir)
-        start, wall_before, best = client["step"], client["wall_seconds"], client["best_test_acc"]
+    engine, scheduler, client = agree(build_engine)
+    start, best = client.get("step", 0), client.get("best_test_acc", 0.0)
+    last_eval = client.get("last_eval", start)
     if start == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
         torch.manual_seed(cfg["seed"] * 100003 + rank * 7919)
 
@@ -232,79 +200,73 @@ def train(cfg: dict) -> int:
     if rank == 0:  # rank 0 evaluates the averaged model
         eval_loader = make_eval_loader(data["shards"], data["eval_batch"],
                                        transform=eval_transform(index["dataset"], data["image_size"]))
-
-    tracker = RunTracker(run_dir, cfg, active=rank == 0, resume_step=start)
+    tracker = RunTracker(run.run_dir, cfg, active=rank == 0, resume_step=start)
     if rank == 0:
-        write_text_atomic(os.path.join(run_dir, "ds_config.json"), json.dumps(ds_config, indent=2))
-        if not data["manifest"]:
+        write_text_atomic(os.path.join(run.run_dir, "ds_config.json"), json.dumps(run.ds_config, indent=2))
+        if not os.path.exists(os.path.join(run.run_dir, "manifest.yaml")):
             from risgd_data.manifest import write_manifest
-            write_manifest(manifest, os.path.join(run_dir, "manifest.yaml"))
+            write_manifest(manifest, os.path.join(run.run_dir, "manifest.yaml"))
 
-    t0 = time.perf_counter() - wall_before
+    t0 = time.perf_counter() - client.get("wall_seconds", 0.0)
     # loss sum, steps, samples skipped since the last log; on the device, so NCCL can reduce it and
     # adding the loss does not wait for the GPU every step
     running = torch.zeros(3, dtype=torch.float64, device=device)
-    last = {"train_loss": float("nan"), "test_acc": None}
-    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run_name(cfg), dynamic_ncols=True)
-    batches = iter(loader)
-    crash_at = int(os.environ.get("RISGD_TEST_KILL_AT_STEP", "-1"))
+    last = tracker.last_logged() or {"train_loss": float("nan")}
     coverage: dict[frozenset, float] = {}
     skipped_seen = loader.samples_skipped
+    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
+    batches = iter(loader)
     for step in range(start + 1, total_steps + 1):
         images, labels = next(batches)
         loss = F.cross_entropy(engine(images.to(device)), labels.to(device))
         engine.backward(loss)
         engine.step()
-        if step == crash_at and rank == world_size - 1:  # fault-injection for tests: a real kill -9
-            os.kill(os.getpid(), signal.SIGKILL)
         running[0] += loss.detach()
         running[1] += 1
         bar.update(1)
-        if step % cfg["eval_every"] == 0 or step == total_steps:
+        # Log and evaluate only where every rank holds the averaged model: the first average at or
+        # after each eval_every multiple, and the last step (which the config made an average).
+        due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
+        if step == total_steps or (due and engine.risgd.is_average()):
+            stats = engine.risgd.consensus()
             running[2] = loader.samples_skipped - skipped_seen
             skipped_seen = loader.samples_skipped
-            # Telemetry only: one tiny collective per log interval, at a round boundary.
-            dist.all_reduce(running)
-            stats = engine.risgd.stats()
-            metrics = {"step": step, "round": stats["rounds"], "epoch": step / steps_per_epoch,
-                       "lr": scheduler.get_last_lr()[0], "train_loss": float(running[0] / running[1]),
-                       "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
-                       "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
-                       "wall_seconds": time.perf_counter() - t0, "divergence": stats["divergence"],
-                       "samples_skipped": int(running[2])}
+            dist.all_reduce(running)  # telemetry: one tiny collective per log interval
+            metrics = {"step": step, "epoch": step / epoch_steps, "lr": scheduler.get_last_lr()[0],
+                       "train_loss": float(running[0] / running[1]), **run_metrics(stats),
+                       "wall_seconds": time.perf_counter() - t0, "samples_skipped": int(running[2])}
             running.zero_()
-            if not engine.risgd.active:
-                engine.risgd.average_buffers()  # plain DeepSpeed leaves BatchNorm stats per rank
             if rank == 0:
-                live = frozenset(range(world_size)) - engine.risgd.down_ranks
+                live = frozenset(range(run.world_size)) - set(stats["down_ranks"])
                 if live not in coverage:
                     coverage[live] = live_coverage(manifest, index, live)
                 metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
                 metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"]))
                 best = max(best, metrics["test_acc"])
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
-                if last["test_acc"] is None:  # the first measurement is enough to advise on tau
+                if last_eval == 0:  # the first measurement is enough to advise on tau
                     tqdm.write(f"cost model: {json.dumps(cost_advice(cfg, stats))}")
             tracker.log(metrics)
-            last = metrics
+            last, last_eval = metrics, step
         if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == total_steps:
             engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={
-                "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best})
+                "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best,
+                "last_eval": last_eval})
     bar.close()
 
-    stats = engine.risgd.stats()
-    digest = model_digest(engine.module)
-    summary = {"algorithm": cfg["algorithm"], "tau": tau, "mu": cfg["mu"], "world_size": world_size,
-               "steps": total_steps, "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
-               "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
+    # the last step evaluated above on an average (a resumed, finished run evaluated before its checkpoint)
+    stats = engine.risgd.stats() if last_eval == total_steps else engine.risgd.consensus()
+    digest = sha256_tensors(engine.module.state_dict().items())
+    digests: list = [None] * run.world_size
+    dist.all_gather_object(digests, digest)  # every rank's final model: equal after the last average
+    summary = {"algorithm": cfg["algorithm"], "tau": 1 if run.schedule is None else run.schedule.tau,
+               "mu": cfg["mu"], "world_size": run.world_size, "steps": total_steps, **run_metrics(stats),
                "wall_seconds": time.perf_counter() - t0, "final_test_acc": last.get("test_acc"),
                "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
                "partition": data["partition"], "batch_policy": data["batch_policy"],
-               "divergence_mean": stats["divergence_mean"], "samples_skipped": loader.samples_skipped,
-               "recipe": cfg["recipe"], "run_name": run_name(cfg), "model_sha256": digest,
-               "min_data_coverage": min(coverage.values(), default=None),
-               "rank_model_sha256": gather_digests(digest, world_size),
-               "cost_model": cost_advice(cfg, stats)}
+               "samples_skipped": loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
+               "model_sha256": digest, "min_data_coverage": tracker.min_logged("data_coverage"),
+               "rank_model_sha256": digests, "cost_model": cost_advice(cfg, stats)}
     if rank == 0:
         print(f"cost model: {json.dumps(summary['cost_model'])}", flush=True)
     tracker.finish(summary)

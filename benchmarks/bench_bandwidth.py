@@ -3,8 +3,8 @@
     sudo .venv/bin/python benchmarks/bench_bandwidth.py          # the sweep, about 25 min on 2 cores
     sudo .venv/bin/python benchmarks/bench_bandwidth.py --bandwidths-mbit 1000 10 --full-mbit 1000 10
 
-Every run is a real 4-host launch through ``recipes.netns_cluster`` (network namespaces, veth links
-shaped with tbf, per-host data replicated by ``data.replicate``, the stock deepspeed launcher with
+Every run is a real 4-host launch through ``hosts.netns_cluster`` (network namespaces, veth links
+shaped with tbf, per-host data replicated by ``risgd_data.replicate``, the stock deepspeed launcher with
 --no_ssh, gloo over the links) of ``train.py`` on the embedded digits recipe (label-sorted, ResNet-8,
 base batch 32, tau=50): SyncSGD, PR-SGD and RI-SGD at mu=0.25 and 0.5 under both batch policies.
 
@@ -40,16 +40,13 @@ import os
 import sys
 import time
 
+from risgd_data.index import load_index
+from risgd_data.make_shards import make_shards
+from risgd_data.manifest import build_manifest, write_manifest
+from risgd_ext.cost_model import predict_run_seconds, ring_seconds
+from risgd_hosts import netns_cluster
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from risgd_data.index import load_index  # noqa: E402
-from risgd_data.make_shards import make_shards  # noqa: E402
-from risgd_data.manifest import build_manifest, write_manifest  # noqa: E402
-from risgd_hosts import netns_cluster  # noqa: E402
-
-from risgd_ext.cost_model import predict_run_seconds, ring_seconds  # noqa: E402
-
 HOSTS = 4
 # label, algorithm, mu, batch policy
 ALGORITHMS = [

@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _timed(fn, n: int) -> float:
@@ -33,11 +29,11 @@ def _timed(fn, n: int) -> float:
 
 
 def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
-    import risgd_models as models
     import torch
     import torch.distributed as dist
 
     import risgd_ext
+    import risgd_models as models
 
     torch.manual_seed(rank)
     x = torch.randn(args.batch, 3, 32, 32)
@@ -124,7 +120,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
-    from tests.multiproc import run_ranks
+    from risgd_hosts.local import run_ranks
 
     results = run_ranks(bench_rank, args.ranks, args, timeout=1800)
     mean = {k: statistics.fmean(r[k] for r in results) for k in results[0]}

@@ -25,15 +25,13 @@ import time
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from risgd_data.index import load_index, split_arrays  # noqa: E402
-from risgd_data.loader import make_train_loader  # noqa: E402
-from risgd_data.make_shards import make_shards  # noqa: E402
-from risgd_data.manifest import build_manifest, write_manifest  # noqa: E402
-from risgd_data.replicate import replicate  # noqa: E402
-from risgd_data.synthetic import write_cifar_tarball  # noqa: E402
-from risgd_data.transforms import image_mode, train_transform  # noqa: E402
+from risgd_data.index import load_index, split_arrays
+from risgd_data.loader import make_train_loader
+from risgd_data.make_shards import make_shards
+from risgd_data.manifest import build_manifest, write_manifest
+from risgd_data.replicate import replicate
+from risgd_data.synthetic import write_cifar_tarball
+from risgd_data.transforms import image_mode, train_transform
 
 
 def _shards(args: argparse.Namespace, work: str) -> str:

@@ -1,6 +1,6 @@
 """Time one averaging round, and the per-message latency, on the network the ranks run on.
 
-    deepspeed --num_gpus 4 benchmarks/round_probe.py --out probe.json     # or under recipes.netns_cluster
+    deepspeed --num_gpus 4 benchmarks/round_probe.py --out probe.json     # or under hosts.netns_cluster
 
 Builds the model train.py builds for the digits recipe and averages it with the engine's own
 ``BucketAverager`` (the code path of an RI-SGD round: parameters and BatchNorm buffers in one flat
@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     args = parser.parse_args(argv)
 
-    import risgd_models as models
     import torch
     import torch.distributed as dist
 
+    import risgd_models as models
     from risgd_ext.averaging import BucketAverager
 
     dist.init_process_group("gloo")

@@ -1,8 +1,16 @@
-"""The one exception type of the data package, plus the small checks that raise it."""
+"""The one exception type of the data package, the small checks that raise it, and the exit codes.
+
+Exit codes of every data command (make_shards, manifest build/check, replicate):
+  0  success
+  1  the work itself failed (an OS error while reading or writing, a bug): `error: ...` on stderr
+  2  bad input: a DataError (missing or malformed file, out-of-range argument, sha256 mismatch of an
+     input, problems found by `manifest check`) or an argparse usage error
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 from risgd_common.hashing import sha256_file
 
@@ -11,8 +19,19 @@ class DataError(Exception):
     """A data problem the user must fix (missing shard, sha256 mismatch, bad manifest...).
 
     The message is always one line that names the offending file and the fix, so CLIs can print
-    it verbatim and exit 1 instead of showing a traceback.
+    it verbatim and exit 2 (bad input) instead of showing a traceback.
     """
+
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work itself failed
+EXIT_BAD_INPUT = 2  # DataError, argparse usage errors, problems found by `manifest check`
+
+
+def cli_error(e: BaseException) -> int:
+    """Print `error: ...` (one line) on stderr; return 2 for a DataError, 1 for anything else."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT if isinstance(e, DataError) else EXIT_FAILED
 
 
 def safe_name(name: str) -> str:

@@ -24,12 +24,19 @@ def load_index(path: str) -> dict:
         raise DataError(f"index {path} missing: run python -m data.make_shards --out DIR first") from None
     except json.JSONDecodeError as e:
         raise DataError(f"index {path} is not valid JSON ({e}): re-run python -m data.make_shards") from None
-    if index.get("version") != INDEX_VERSION:
-        raise DataError(f"index {path} has version {index.get('version')!r}, expected {INDEX_VERSION}: "
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
+        version = index.get("version") if isinstance(index, dict) else None
+        raise DataError(f"index {path} has version {version!r}, expected {INDEX_VERSION}: "
                         "re-run python -m data.make_shards")
-    for split in index.get("splits", {}).values():
-        for shard in split["shards"]:
-            safe_name(shard["name"])
+    try:
+        if "train" not in index["splits"]:
+            raise KeyError("splits.train")
+        for split in index["splits"].values():
+            for shard in split["shards"]:
+                safe_name(shard["name"])
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"index {path} is malformed ({type(e).__name__}: {e}): "
+                        "re-run python -m data.make_shards") from None
     return index
 
 

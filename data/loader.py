@@ -25,7 +25,7 @@ from PIL import Image
 
 from .errors import DataError
 from .index import load_index, split_arrays, verify_shards
-from .manifest import load_manifest, rank_chunk_ids
+from .manifest import load_manifest, rank_chunk_ids, steps_per_epoch
 from .tario import ShardFiles
 from .transforms import eval_transform, image_mode, train_transform
 
@@ -230,8 +230,7 @@ def make_train_loader(
     transform = transform or train_transform(index["dataset"])
     steps = _TrainSteps(_Decoder(shard_dir, index, "train", transform), [chunk_ids[i] for i in keep],
                         [sizes[i] for i in keep], seed, rank)
-    steps_per_epoch = max(1, manifest["epoch_samples"] // base_batch)
-    return RankLoader(steps, steps_per_epoch, start_step, num_workers, pin_memory)
+    return RankLoader(steps, steps_per_epoch(manifest, base_batch), start_step, num_workers, pin_memory)
 
 
 class _EvalBatches(torch.utils.data.Dataset):

@@ -16,11 +16,13 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from .errors import DataError
+from risgd_common.atomic import write_text_atomic
+
+from .errors import EXIT_OK, DataError, cli_error
+from .index import INDEX_VERSION
 from .sources import Source, open_source
 from .tario import ShardRecord, scan_shard, write_shard
 
-INDEX_VERSION = 1
 DEFAULT_SHARD_SIZE = {"digits": 250, "cifar10": 2500, "cifar100": 2500, "imagefolder": 1000, "imagenet": 5000}
 SPLITS = ("train", "val")
 
@@ -51,10 +53,11 @@ def make_shards(
     progress: bool = True,
 ) -> dict:
     """Write the shards and index.json under `out`; return the index dict."""
-    source = open_source(dataset, src, seed)
-    shard_size = shard_size or DEFAULT_SHARD_SIZE[dataset]
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:  # before reading the source; 0 is not "default"
         raise DataError(f"--shard-size {shard_size} is invalid: use a positive number of samples")
+    source = open_source(dataset, src, seed)
+    if shard_size is None:
+        shard_size = DEFAULT_SHARD_SIZE[dataset]
     os.makedirs(out, exist_ok=True)
     index = {
         "version": INDEX_VERSION,
@@ -91,18 +94,17 @@ def make_shards(
 
 
 def write_index(index: dict, out: str) -> None:
-    path = os.path.join(out, "index.json")
-    tmp = os.path.join(out, ".index.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    """Write `out`/index.json atomically (risgd_common.atomic)."""
+    write_text_atomic(os.path.join(out, "index.json"), json.dumps(index, separators=(",", ":")))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m data.make_shards",
         description="Write WebDataset tar shards (KEY.png|jpg + KEY.cls) for the train and val splits, "
-        "plus index.json (per shard: samples, bytes, sha256, label histogram, member offsets).",
+        "plus index.json (per shard: samples, bytes, sha256, label histogram, member offsets). "
+        "Exit status: 0 done, 2 bad input (missing or malformed source, bad argument; one 'error:' "
+        "line), 1 the work itself failed (e.g. an OS error while writing).",
     )
     ap.add_argument("--dataset", default="digits", choices=sorted(DEFAULT_SHARD_SIZE),
                     help="source kind (default: digits, embedded in scikit-learn, no download)")
@@ -120,13 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = make_shards(args.dataset, args.out, args.src, args.shard_size, args.seed,
                             progress=not args.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (DataError, OSError) as e:
+        return cli_error(e)
     for split, info in index["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")
     print(f"wrote {os.path.join(args.out, 'index.json')}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import numbers
 import os
 import sys
 from collections import Counter
@@ -22,10 +23,12 @@ from collections import Counter
 import numpy as np
 import yaml
 
-from .errors import DataError, safe_name
+from risgd_common.atomic import write_text_atomic
+
+from .errors import EXIT_BAD_INPUT, EXIT_OK, DataError, cli_error, safe_name
 from .index import load_index, split_arrays, verify_shards
+from .partition import parse_scheme, resolve_chunks
 from .partition import partition as make_partition
-from .partition import resolve_chunks
 
 MANIFEST_VERSION = 1
 MODES = ("risgd", "coop")
@@ -93,26 +96,57 @@ def _cyclic(j: int, p: int, mu_j: float) -> list[tuple[int, float]]:
     return out
 
 
-def _validate_args(n: int, workers: int, mu: float, hetero_std: float, mode: str) -> None:
+def _is_number(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def validate_manifest_params(workers: int, mu: float, partition: str, hetero_std: float = 0.0,
+                             mode: str = "risgd") -> None:
+    """Check the manifest parameters before any data work; raise DataError (one line) if one is bad.
+
+    Needs no shards and no index, so the trainer can call it first. build_manifest calls this same
+    function (one rule per key), then checks what needs the index: workers <= training samples.
+      mode        risgd | coop
+      workers     an integer >= 1 (p)
+      mu          in [0, (p-1)/p] (mode risgd; coop ignores it: every rank holds everything)
+      hetero_std  a finite number >= 0
+      partition   iid | label_sorted | dirichlet:ALPHA with ALPHA > 0 (data.partition.parse_scheme),
+                  checked in both modes
+    """
     if mode not in MODES:
         raise DataError(f"--mode {mode!r} is invalid: use risgd or coop")
-    if not 1 <= workers <= n:
-        raise DataError(f"--workers {workers} is invalid: must be between 1 and the {n} training samples")
+    if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
+        raise DataError(f"--workers {workers} is invalid: must be an integer >= 1 (the number of ranks p)")
     hi = (workers - 1) / workers
-    if mode == "risgd" and not (-_EPS <= mu <= hi + _EPS):
+    if mode == "risgd" and not (_is_number(mu) and -_EPS <= mu <= hi + _EPS):
         raise DataError(
             f"--mu {mu} is out of range: must be in [0, {hi:g}] = [0, (p-1)/p] for --workers {workers}"
         )
-    if hetero_std < 0:
-        raise DataError(f"--hetero-std {hetero_std} is invalid: must be >= 0")
+    if not (_is_number(hetero_std) and math.isfinite(hetero_std) and hetero_std >= 0):
+        raise DataError(f"--hetero-std {hetero_std} is invalid: must be a finite number >= 0")
+    parse_scheme(partition)
+
+
+def steps_per_epoch(manifest: dict, base_batch: int) -> int:
+    """Optimizer steps in one epoch, the same for every rank: max(1, epoch_samples // base_batch).
+
+    `epoch_samples` is |D_j| for risgd (one pass over a rank's own chunk) and N // p for coop, so
+    an epoch means one pass over the data whatever mu; the loader and the trainer both use this.
+    Raises DataError if base_batch < 1.
+    """
+    if isinstance(base_batch, bool) or not isinstance(base_batch, numbers.Integral) or base_batch < 1:
+        raise DataError(f"base_batch {base_batch} is invalid: must be an integer >= 1")
+    return max(1, int(manifest["epoch_samples"]) // int(base_batch))
 
 
 def build_manifest(index: dict, workers: int, mu: float, partition: str = "iid", seed: int = 0,
                    hetero_std: float = 0.0, mode: str = "risgd") -> dict:
     """Build the manifest dict (see module doc; schema in data/README.md)."""
+    validate_manifest_params(workers, mu, partition, hetero_std, mode)
     arrays = split_arrays(index, "train")
     n, p = arrays.samples, workers
-    _validate_args(n, p, mu, hetero_std, mode)
+    if p > n:
+        raise DataError(f"--workers {p} is invalid: must be between 1 and the {n} training samples")
     train_shards = index["splits"]["train"]["shards"]
     total_bytes = sum(s["bytes"] for s in train_shards)
     if mode == "coop":
@@ -203,17 +237,17 @@ def _summary(ranks: list[dict], coverage: np.ndarray, p: int) -> dict:
 
 # ---------------------------------------------------------------- io
 
+_MANIFEST_HEADER = (
+    "# RI-SGD redundancy manifest (python -m data.manifest). Global sample id = position\n"
+    "# in train shard order; runs are [start, end) id ranges; segments are\n"
+    "# [label, from, to): ids from..to-1 among the ascending ids with that label.\n"
+)
+
+
 def write_manifest(manifest: dict, path: str) -> None:
-    """Write YAML atomically (temporary name in the same directory, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        f.write("# RI-SGD redundancy manifest (python -m data.manifest). Global sample id = position\n"
-                "# in train shard order; runs are [start, end) id ranges; segments are\n"
-                "# [label, from, to): ids from..to-1 among the ascending ids with that label.\n")
-        yaml.safe_dump(manifest, f, sort_keys=False, default_flow_style=None, width=110)
-    os.replace(tmp, path)
+    """Write YAML atomically (risgd_common.atomic: temporary name, synced to disk, renamed)."""
+    body = yaml.safe_dump(manifest, sort_keys=False, default_flow_style=None, width=110)
+    write_text_atomic(path, _MANIFEST_HEADER + body)
 
 
 def load_manifest(path: str) -> dict:
@@ -228,19 +262,26 @@ def load_manifest(path: str) -> dict:
         raise DataError(f"manifest {path} is not valid YAML ({e}): rebuild it") from None
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         raise DataError(f"manifest {path} is not a version-{MANIFEST_VERSION} risgd manifest: rebuild it")
-    for split in manifest["index"]["shards"].values():
-        for s in split:
-            safe_name(s["name"])
-    for r in manifest["ranks"]:
-        for name in r["shards"]:
-            safe_name(name)
+    try:
+        for split in manifest["index"]["shards"].values():
+            for s in split:
+                safe_name(s["name"])
+        for r in manifest["ranks"]:
+            for name in r["shards"]:
+                safe_name(name)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"manifest {path} is malformed ({type(e).__name__}: {e}): rebuild it") from None
     return manifest
 
 
 # ---------------------------------------------------------------- check
 
 def check_manifest(manifest: dict, index: dict, shard_dir: str | None = None) -> list[str]:
-    """Validate a manifest against an index; return the problems found (empty list: fine)."""
+    """Validate a manifest against an index; return the problems found (empty list: fine).
+
+    With `shard_dir`, also check that every shard of every split in the index (train and val: every
+    shard a run reads) is there with the index's sha256.
+    """
     try:
         return _check(manifest, index, shard_dir)
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -331,12 +372,13 @@ def _check(m: dict, index: dict, shard_dir: str | None) -> list[str]:
     hist = {int(k): int(v) for k, v in sorted(Counter(coverage.tolist()).items())}
     if hist != {int(k): int(v) for k, v in m["summary"]["replication_histogram"].items()}:
         problems.append(f"replication histogram {m['summary']['replication_histogram']} != actual {hist}")
-    if shard_dir is not None:
-        for s in index["splits"]["train"]["shards"]:
-            try:
-                verify_shards(index, shard_dir, [s["name"]])
-            except DataError as e:
-                problems.append(str(e))
+    if shard_dir is not None:  # every shard a run reads: all splits (train and val)
+        for split, info in index["splits"].items():
+            for s in info["shards"]:
+                try:
+                    verify_shards(index, shard_dir, [s["name"]], split=split)
+                except DataError as e:
+                    problems.append(str(e))
     return problems
 
 
@@ -361,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data.manifest", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write a manifest for an index",
-                       description="Write the per-rank redundancy manifest (YAML) for a shard index.")
+                       description="Write the per-rank redundancy manifest (YAML) for a shard index. "
+                       "Exit status: 0 written; 2 bad input, one 'error:' line naming the argument or file "
+                       "and the fix (--mu/--workers/--partition/--hetero-std out of range, missing or "
+                       "malformed index); 1 the work itself failed (e.g. an OS error writing --out).")
     b.add_argument("--index", required=True, help="path to index.json (or its directory)")
     b.add_argument("--workers", type=int, required=True, help="number of ranks p")
     b.add_argument("--mu", type=float, default=0.0, help="redundancy mu = (q-1)/p in [0, (p-1)/p]")
@@ -372,16 +417,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--mode", choices=MODES, default="risgd",
                    help="risgd (cyclic chunks) or coop (every rank samples the whole set)")
     b.add_argument("--out", required=True, help="output manifest path (.yaml)")
-    c = sub.add_parser("check", help="validate a manifest against an index (exit 1 on any problem)",
+    c = sub.add_parser("check", help="validate a manifest against an index (exit 2 on any problem)",
                        description="Validate coverage, gamma_j, cyclic structure, subsets, replication "
-                       "histogram and shard checksums; exit status 1 on any problem.")
+                       "histogram and the checksums of every shard of every split (train and val). "
+                       "Exit status: 0 OK; 2 when problems are found (one 'problem:' line each, then a "
+                       "count): they are a verdict on the input you gave, like any bad input (missing or "
+                       "malformed manifest/index: one 'error:' line); 1 only if the check itself failed "
+                       "(e.g. an OS error).")
     c.add_argument("manifest", help="manifest YAML")
     c.add_argument("--index", required=True, help="path to index.json (or its directory)")
     c.add_argument("--shard-dir", default=None,
-                   help="also check every train shard is present there with a matching sha256 "
+                   help="also check that every shard of the index (train and val: every shard a run "
+                   "reads) is present there with a matching sha256 "
                    "(default: the index's directory when it holds shards)")
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "build":  # the parameters first: they need no index
+            validate_manifest_params(args.workers, args.mu, args.partition, args.hetero_std, args.mode)
         index = load_index(args.index)
         if args.cmd == "build":
             m = build_manifest(index, args.workers, args.mu, args.partition, args.seed,
@@ -389,25 +441,24 @@ def main(argv: list[str] | None = None) -> int:
             write_manifest(m, args.out)
             _print_summary(m)
             print(f"wrote {args.out}")
-            return 0
+            return EXIT_OK
         m = load_manifest(args.manifest)
         shard_dir = args.shard_dir
         if shard_dir is None:
             idx_dir = args.index if os.path.isdir(args.index) else os.path.dirname(args.index) or "."
-            first = index["splits"]["train"]["shards"][0]["name"]
-            shard_dir = idx_dir if os.path.exists(os.path.join(idx_dir, first)) else None
+            train = index["splits"]["train"]["shards"]
+            shard_dir = idx_dir if train and os.path.exists(os.path.join(idx_dir, train[0]["name"])) else None
         problems = check_manifest(m, index, shard_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (DataError, OSError) as e:
+        return cli_error(e)
     for prob in problems:
         print(f"problem: {prob}")
     if problems:
         print(f"{args.manifest}: {len(problems)} problem(s)")
-        return 1
+        return EXIT_BAD_INPUT
     _print_summary(m)
     print(f"{args.manifest}: OK" + ("" if shard_dir else " (shards not checked: pass --shard-dir)"))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

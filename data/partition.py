@@ -21,16 +21,22 @@ def chunk_sizes(n: int, p: int) -> np.ndarray:
     return np.diff(bounds)
 
 
-def _parse(scheme: str) -> tuple[str, float | None]:
-    if scheme in ("iid", "label_sorted"):
-        return scheme, None
-    if scheme.startswith("dirichlet:"):
-        try:
-            alpha = float(scheme.split(":", 1)[1])
-        except ValueError:
-            alpha = -1.0
-        if alpha > 0:
-            return "dirichlet", alpha
+def parse_scheme(scheme: str) -> tuple[str, float | None]:
+    """Parse a --partition spelling: ("iid", None), ("label_sorted", None) or ("dirichlet", ALPHA).
+
+    The one parser of the spelling (the manifest validator uses it too); raises DataError (one
+    line) for anything else, including dirichlet:ALPHA with ALPHA <= 0 or not a number.
+    """
+    if isinstance(scheme, str):
+        if scheme in ("iid", "label_sorted"):
+            return scheme, None
+        if scheme.startswith("dirichlet:"):
+            try:
+                alpha = float(scheme.split(":", 1)[1])
+            except ValueError:
+                alpha = -1.0
+            if 0 < alpha < float("inf"):
+                return "dirichlet", alpha
     raise DataError(
         f"--partition {scheme!r} is invalid: use iid, label_sorted or dirichlet:ALPHA with ALPHA > 0"
     )
@@ -75,7 +81,7 @@ def _segments_from_counts(m: np.ndarray) -> list[list[list[int]]]:
 def partition(labels: np.ndarray, p: int, scheme: str = "iid", seed: int = 0,
               num_classes: int | None = None) -> list[dict]:
     """Chunk definitions for p workers: [{"id", "samples", "runs"|"segments"}]."""
-    kind, alpha = _parse(scheme)
+    kind, alpha = parse_scheme(scheme)
     n = len(labels)
     if not 1 <= p <= n:
         raise DataError(f"--workers {p} is invalid: must be between 1 and the {n} training samples")

@@ -12,9 +12,15 @@ Run it once per node before training, e.g. with pdsh or as a Slurm step:
 Node K serves global ranks K*N .. K*N+N-1. SRC is a local directory, any fsspec URL
 (file://, s3://, gs://, memory://...) or `pipe:CMD` where CMD writes the file named {name} to
 stdout (webdataset's convention, e.g. `pipe:curl -s https://host/shards/{name}`). Each file goes to
-NODE_DIR/.NAME.tmp and is renamed into place only after its sha256 matches the manifest; files
-already present with the right size and sha256 are not copied again. index.json and the manifest
-are copied too, so NODE_DIR is a complete shard directory for the loader.
+a hidden temporary name in NODE_DIR (risgd_common.atomic) and is renamed into place only after its
+sha256 matches the manifest; files already present with the right size and sha256 are not copied
+again. index.json and the manifest are copied too, so NODE_DIR is a complete shard directory for
+the loader.
+
+Exit status: 0 done; 2 bad input, with one `error:` line naming the file or argument and the fix
+(missing or malformed manifest / index.json, a shard missing at the source or whose sha256 differs
+from the manifest's, a failing pipe: command, a --node-rank that serves no rank); 1 the copy itself
+failed (e.g. an OS error writing NODE_DIR).
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import sys
 from contextlib import contextmanager
 from typing import BinaryIO
 
+from risgd_common.atomic import atomic_write, write_bytes_atomic
 from risgd_common.hashing import sha256_file
 
-from .errors import DataError, safe_name
+from .errors import EXIT_OK, DataError, cli_error, safe_name
 from .manifest import load_manifest
 
 _BLOCK = 1 << 20
@@ -80,25 +87,26 @@ def open_source(source: str, name: str):
 
 
 def _copy_verified(src: BinaryIO, dest_dir: str, name: str, sha256: str, origin: str) -> int:
-    tmp = os.path.join(dest_dir, f".{name}.tmp")
-    h, n = hashlib.sha256(), 0
-    try:
-        with open(tmp, "wb") as out:
-            while block := src.read(_BLOCK):
-                h.update(block)
-                out.write(block)
-                n += len(block)
-            out.flush()
-            os.fsync(out.fileno())
+    """Stream `src` to dest_dir/name through risgd_common.atomic; rename only if the sha256 matches.
+
+    On a mismatch the writer raises before the rename, so neither the file nor a temporary is left.
+    """
+    h = hashlib.sha256()
+    n = 0
+
+    def writer(out: BinaryIO) -> None:
+        nonlocal n
+        while block := src.read(_BLOCK):
+            h.update(block)
+            out.write(block)
+            n += len(block)
         if h.hexdigest() != sha256:
             raise DataError(
                 f"shard {name} from {origin} has sha256 {h.hexdigest()[:12]}... but the manifest expects "
                 f"{sha256[:12]}...: the source is corrupt or from another make_shards run"
             )
-        os.replace(tmp, os.path.join(dest_dir, name))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(os.path.join(dest_dir, name), writer)
     return n
 
 
@@ -111,10 +119,7 @@ def _write_if_changed(path: str, data: bytes) -> int:
         with open(path, "rb") as f:
             if f.read() == data:
                 return 0
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
     return len(data)
 
 
@@ -134,11 +139,15 @@ def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_
     os.makedirs(dest, exist_ok=True)
     with open_source(source, "index.json") as f:
         index_bytes = f.read()
-    index = json.loads(index_bytes)
+    try:
+        index_train = [(s["name"], s["sha256"]) for s in json.loads(index_bytes)["splits"]["train"]["shards"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"index.json at {source} is malformed ({type(e).__name__}: {e}): "
+                        "re-run python -m data.make_shards there") from None
     train = {s["name"]: s for s in manifest["index"]["shards"]["train"]}
-    for s in index["splits"]["train"]["shards"]:
-        if s["name"] not in train or train[s["name"]]["sha256"] != s["sha256"]:
-            raise DataError(f"index.json at {source} does not match the manifest (shard {s['name']}): "
+    for name, sha256 in index_train:
+        if name not in train or train[name]["sha256"] != sha256:
+            raise DataError(f"index.json at {source} does not match the manifest (shard {name}): "
                             "rebuild the manifest for this index")
     needed = sorted({n for r in ranks for n in manifest["ranks"][r]["shards"]})
     files = [train[n] for n in needed]
@@ -204,11 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rep = replicate(args.manifest, args.source, args.dest, args.node_rank, args.ranks_per_node,
                         with_val=not args.no_val)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (DataError, OSError) as e:
+        return cli_error(e)
     print(format_report(rep))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ exercised on the real format.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import tarfile
+from typing import BinaryIO
 
 import numpy as np
+
+from risgd_common.atomic import atomic_write
 
 
 def cifar_like_images(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -41,25 +43,29 @@ def _batch(images: np.ndarray, labels: np.ndarray, label_key: bytes, name: str) 
 
 def write_cifar_tarball(path: str, dataset: str = "cifar10", n_train: int = 50, n_test: int = 20,
                         seed: int = 0) -> str:
-    """Write a CIFAR-format python tarball with random images; returns `path`."""
+    """Write a CIFAR-format python tarball with random images (atomically); returns `path`."""
     rng = np.random.default_rng(seed)
     classes = 10 if dataset == "cifar10" else 100
     train_x, test_x = cifar_like_images(n_train, rng), cifar_like_images(n_test, rng)
     train_y = rng.integers(0, classes, n_train)
     test_y = rng.integers(0, classes, n_test)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
-        if dataset == "cifar10":
-            root = "cifar-10-batches-py"
-            for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
-                _add(tar, f"{root}/data_batch_{i}",
-                     _batch(train_x[part], train_y[part], b"labels", f"training batch {i} of 5"))
-            _add(tar, f"{root}/test_batch", _batch(test_x, test_y, b"labels", "testing batch 1 of 1"))
-            _add(tar, f"{root}/batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)]})
-        else:
-            root = "cifar-100-python"
-            _add(tar, f"{root}/train", _batch(train_x, train_y, b"fine_labels", "training batch 1 of 1"))
-            _add(tar, f"{root}/test", _batch(test_x, test_y, b"fine_labels", "testing batch 1 of 1"))
-            _add(tar, f"{root}/meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                                       b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+
+    def writer(f: BinaryIO) -> None:
+        # name=path: the gzip header records the real file name, not the temporary one.
+        with tarfile.open(name=path, mode="w:gz", fileobj=f) as tar:
+            if dataset == "cifar10":
+                root = "cifar-10-batches-py"
+                for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+                    _add(tar, f"{root}/data_batch_{i}",
+                         _batch(train_x[part], train_y[part], b"labels", f"training batch {i} of 5"))
+                _add(tar, f"{root}/test_batch", _batch(test_x, test_y, b"labels", "testing batch 1 of 1"))
+                _add(tar, f"{root}/batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)]})
+            else:
+                root = "cifar-100-python"
+                _add(tar, f"{root}/train", _batch(train_x, train_y, b"fine_labels", "training batch 1 of 1"))
+                _add(tar, f"{root}/test", _batch(test_x, test_y, b"fine_labels", "testing batch 1 of 1"))
+                _add(tar, f"{root}/meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                                           b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+
+    atomic_write(path, writer)
     return path

@@ -15,6 +15,9 @@ import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from risgd_common.atomic import atomic_write
 
 from .errors import DataError
 
@@ -70,35 +73,31 @@ def write_shard(
 ) -> ShardRecord:
     """Write (key, image_bytes, ext, label) samples to `path` atomically; return the shard record.
 
-    The tar is written to a hidden temporary name in the same directory and renamed into place
-    only when complete, so an interrupted run never leaves a truncated shard under the real name.
+    The tar goes through risgd_common.atomic.atomic_write (hidden temporary name in the same
+    directory, synced to disk, renamed), so an interrupted run never leaves a truncated shard
+    under the real name. Member offsets are recorded while writing.
     """
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.tmp")
+    name = os.path.basename(path)
     rec = ShardRecord(name=name, label_hist=[0] * num_classes)
-    try:
-        with open(tmp, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, data, ext, label in samples:
-                    if "." in key or "/" in key:
-                        raise DataError(f"sample key {key!r} must not contain '.' or '/'")
-                    tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-                    # tar.offset now points past the padded data of the member just written.
-                    rec.offsets.append(tar.offset - _padded(len(data)))
-                    rec.sizes.append(len(data))
-                    cls = str(int(label)).encode()
-                    tar.addfile(_tarinfo(f"{key}.cls", len(cls)), io.BytesIO(cls))
-                    rec.keys.append(key)
-                    rec.labels.append(int(label))
-                    rec.label_hist[int(label)] += 1
-                    if on_sample is not None:
-                        on_sample()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def writer(raw: BinaryIO) -> None:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, data, ext, label in samples:
+                if "." in key or "/" in key:
+                    raise DataError(f"sample key {key!r} must not contain '.' or '/'")
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                # tar.offset now points past the padded data of the member just written.
+                rec.offsets.append(tar.offset - _padded(len(data)))
+                rec.sizes.append(len(data))
+                cls = str(int(label)).encode()
+                tar.addfile(_tarinfo(f"{key}.cls", len(cls)), io.BytesIO(cls))
+                rec.keys.append(key)
+                rec.labels.append(int(label))
+                rec.label_hist[int(label)] += 1
+                if on_sample is not None:
+                    on_sample()
+
+    atomic_write(path, writer)
     return _finish(rec, path)
 
 

@@ -1,8 +1,12 @@
 """Test hosts on one machine: N network namespaces on a shaped-link switch, one DeepSpeed launch each.
 
-    sudo python -m recipes.netns_cluster --hosts 4 --bandwidth-mbit 10 \\
+    sudo .venv/bin/python -m hosts.netns_cluster --hosts 4 --bandwidth-mbit 10 \\
         --manifest m.yaml --source shards/digits --work-dir runs/netns -- \\
         train.py --recipe recipes/digits.yaml data.shards={data} data.manifest=m.yaml
+
+``python -m hosts.netns_cluster`` works from the repository root; ``risgd-netns-cluster`` (or
+``python -m risgd_hosts.netns_cluster``) from anywhere. The old ``python -m recipes.netns_cluster``
+is an alias of the same command.
 
 What it builds (root and iproute2 needed):
 
@@ -11,8 +15,9 @@ What it builds (root and iproute2 needed):
   inside these namespaces; nothing is added to the machine's own network.
 - each link is shaped with ``tc tbf`` in both directions: on the host's eth0 (upload) and on the
   bridge port (download), so a host sends and receives at most the given bandwidth, like a NIC.
-- each host's local data directory ``WORK/hostK/data``, filled by ``python -m data.replicate``
-  (run inside the host's namespace) with exactly the shards the manifest gives that host's ranks.
+- each host's local data directory ``WORK/hostK/data``, filled by ``python -m risgd_data.replicate``
+  (run inside the host's namespace) with exactly the shards the manifest gives that host's ranks;
+  the manifest must be for ``hosts x ranks-per-host`` workers.
 - a hostfile (``hostK slots=R``) and, in each namespace, the stock launcher:
   ``deepspeed --hostfile H --no_ssh --node_rank K --master_addr 10.93.0.1 --master_port P CMD``
   with ``GLOO_SOCKET_IFNAME=eth0`` (and ``NCCL_SOCKET_IFNAME``) so collectives use the shaped link.
@@ -24,6 +29,11 @@ and received on eth0 are written to ``WORK/traffic.json``. Ranks of one host rea
 loopback, as GPUs of one node do over NVLink; only inter-host traffic crosses the shaped links.
 All hosts share this machine's cores, so each rank gets ``cores / total ranks`` threads. Paths in
 the command are relative to the current directory, as they would be on a real node.
+
+Exit status: 0 done; 2 bad input (arguments, a missing manifest or shard source, a manifest for
+another number of ranks), refused before anything is built; 1 the work failed (namespaces not
+usable here, a host's replication or launch failed, the timeout passed); 130 interrupted. Errors
+are one line on stderr, ``error: ...``.
 """
 
 from __future__ import annotations
@@ -41,10 +51,15 @@ from dataclasses import dataclass, field
 
 SUBNET = "10.93.0"  # private, and only ever assigned inside namespaces this tool creates
 MASTER_PORT = 29500
+MAX_HOSTS = 200  # addresses .1 to .200 of the /24
 
 
 class ClusterError(RuntimeError):
     """The test hosts cannot be built or a host's launch failed."""
+
+
+class ClusterInputError(ClusterError):
+    """Bad input, refused before anything is built: arguments, manifest or shard source."""
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -111,8 +126,8 @@ class Cluster:
         return f"{SUBNET}.{k + 1}"
 
     def up(self) -> None:
-        if not 1 <= self.hosts <= 200:
-            raise ClusterError(f"--hosts {self.hosts} is out of range: use 1 to 200")
+        if not 1 <= self.hosts <= MAX_HOSTS:
+            raise ClusterInputError(f"--hosts {self.hosts} is out of range: use 1 to {MAX_HOSTS}")
         for name in [self.switch] + [self.ns(k) for k in range(self.hosts)]:
             _ip("netns", "add", name)
             self.created.append(name)
@@ -199,11 +214,12 @@ def replicate_data(cluster: Cluster, work_dir: str, manifest: str, source: str, 
     dirs = []
     for k in range(cluster.hosts):
         dest = os.path.join(work_dir, f"host{k}", "data")
-        cmd = [*cluster.exec_prefix(k), sys.executable, "-m", "data.replicate", "--manifest", manifest,
+        # By its installed name, so it runs whatever the current directory.
+        cmd = [*cluster.exec_prefix(k), sys.executable, "-m", "risgd_data.replicate", "--manifest", manifest,
                "--source", source, "--dest", dest, "--node-rank", str(k), "--ranks-per-node", str(ranks_per_host)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            raise ClusterError(f"host{k}: data replication failed: {(proc.stderr or proc.stdout).strip()}")
+            raise ClusterError(f"host{k}: data replication failed: {_one_line(proc.stderr or proc.stdout)}")
         dirs.append(dest)
     return dirs
 
@@ -246,6 +262,47 @@ def _first_failure(procs: list) -> int | None:
     return next((k for k, (p, _) in enumerate(procs) if p.poll() not in (None, 0)), None)
 
 
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _is_local(source: str) -> bool:
+    return "://" not in source and not source.startswith("pipe:")
+
+
+def check_inputs(hosts: int, ranks_per_host: int, bandwidth_mbit: float | None, manifest: str | None,
+                 source: str | None, timeout_s: float | None) -> None:
+    """Refuse bad input before anything is built (ClusterInputError, one line that says the fix)."""
+    if not 1 <= hosts <= MAX_HOSTS:
+        raise ClusterInputError(f"--hosts {hosts} is out of range: use 1 to {MAX_HOSTS}")
+    if ranks_per_host < 1:
+        raise ClusterInputError(f"--ranks-per-host {ranks_per_host} must be at least 1")
+    if bandwidth_mbit is not None and not bandwidth_mbit > 0:
+        raise ClusterInputError(f"--bandwidth-mbit {bandwidth_mbit:g} must be > 0 (leave it out for unshaped links)")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ClusterInputError(f"--timeout-s {timeout_s:g} must be > 0")
+    if (manifest is None) != (source is None):
+        raise ClusterInputError("give both --manifest and --source (to fill each host's data directory) or neither")
+    if manifest is None:
+        return
+    if not os.path.isfile(manifest):
+        raise ClusterInputError(f"manifest {manifest} not found: build it with python -m risgd_data.manifest build")
+    if _is_local(source) and not os.path.isfile(os.path.join(source, "index.json")):
+        what = "has no index.json" if os.path.isdir(source) else "is not a directory"
+        raise ClusterInputError(f"shard source {source} {what}: make the shards with python -m risgd_data.make_shards")
+    from risgd_data.errors import DataError
+    from risgd_data.manifest import load_manifest
+
+    try:
+        workers = load_manifest(manifest)["workers"]
+    except DataError as e:
+        raise ClusterInputError(str(e)) from None
+    if workers != hosts * ranks_per_host:
+        raise ClusterInputError(f"manifest {manifest} is for {workers} workers but --hosts {hosts} x "
+                                f"--ranks-per-host {ranks_per_host} makes {hosts * ranks_per_host} ranks: "
+                                "change them or rebuild the manifest with --workers")
+
+
 def _substitute(arg: str, subst: dict[str, str]) -> str:
     for key, value in subst.items():
         arg = arg.replace(key, value)
@@ -255,9 +312,14 @@ def _substitute(arg: str, subst: dict[str, str]) -> str:
 def run(command: list[str], hosts: int, ranks_per_host: int = 1, bandwidth_mbit: float | None = None,
         work_dir: str = "runs/netns", manifest: str | None = None, source: str | None = None,
         timeout_s: float | None = None) -> dict:
-    """Build the hosts, replicate data, run ``command`` on all of them, tear down; return the traffic."""
-    if (manifest is None) != (source is None):
-        raise ClusterError("give both --manifest and --source (to fill each host's data directory) or neither")
+    """Build the hosts, replicate data, run ``command`` on all of them, tear down; return the traffic.
+
+    Raises ClusterInputError for bad input (before anything is built) and ClusterError when the work
+    fails.
+    """
+    if not command:
+        raise ClusterInputError("give the training command after --, e.g. -- train.py --recipe recipes/digits.yaml")
+    check_inputs(hosts, ranks_per_host, bandwidth_mbit, manifest, source, timeout_s)
     why = netns_available()
     if why:
         raise ClusterError(f"network namespaces are not usable here: {why}")
@@ -278,28 +340,36 @@ def run(command: list[str], hosts: int, ranks_per_host: int = 1, bandwidth_mbit:
     return traffic
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line ``error: ...`` and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    script = os.path.basename(sys.argv[0])
+    prog = script if script == "risgd-netns-cluster" else "python -m hosts.netns_cluster"
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, required=True, help="number of test hosts (namespaces)")
     parser.add_argument("--ranks-per-host", type=int, default=1, help="ranks (slots) per host (default 1)")
     parser.add_argument("--bandwidth-mbit", type=float, default=None,
                         help="shape every link to this many Mbit/s each way (default: unshaped)")
     parser.add_argument("--manifest", default=None, help="redundancy manifest for data replication")
-    parser.add_argument("--source", default=None, help="shard source the hosts replicate from (see data.replicate)")
+    parser.add_argument("--source", default=None,
+                        help="shard source the hosts replicate from (see python -m risgd_data.replicate)")
     parser.add_argument("--work-dir", default="runs/netns", help="hostfile, logs, data (default runs/netns)")
     parser.add_argument("--timeout-s", type=float, default=None, help="stop the run after this many seconds")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="after --: the training script and its arguments ({data}, {host} are substituted)")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("give the training command after --, e.g. -- train.py --recipe recipes/digits.yaml")
     try:
         traffic = run(command, args.hosts, args.ranks_per_host, args.bandwidth_mbit, args.work_dir, args.manifest,
                       args.source, args.timeout_s)
     except ClusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return 2 if isinstance(e, ClusterInputError) else 1
     except KeyboardInterrupt:
         print("interrupted: hosts torn down", file=sys.stderr)
         return 130

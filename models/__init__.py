@@ -2,9 +2,11 @@
 
 Importing this package registers them, after which ``timm.create_model("resnet20_cifar")`` works.
 ImageNet ResNet-50 comes straight from timm (``timm.create_model("resnet50")``).
+``model_bytes(name)`` is the fp32 size of what one RI-SGD round averages (parameters and
+floating-point buffers), the number the cost model takes (``--model-bytes``).
 """
 
 from . import cifar_resnet  # noqa: F401  (registers the models)
-from .factory import create_model
+from .factory import create_model, model_bytes
 
-__all__ = ["create_model"]
+__all__ = ["create_model", "model_bytes"]

@@ -1,18 +1,32 @@
-"""Recipe YAML: schema, dotted command-line overrides, validation.
+"""Recipe YAML -> resolved config -> the ds_config with its ``risgd`` block: the one config path.
 
-A recipe is checked completely before any work starts; every error is one line naming the key and
-the fix. The schema below is the single source of truth for what a recipe may say.
+    run = resolve_run("recipes/digits.yaml", ["tau=25"], world_size=4)
+
+:func:`resolve_run` builds and checks everything a run is, before any process group or data work:
+the recipe (defaults < YAML < ``key=value`` overrides), the redundancy parameters (from the
+manifest file when the recipe names one: it is their only source), the ds_config with its
+``risgd`` block (read once, validated by the engine's own validator), that the run ends on an
+average, and that an existing run directory holds this same experiment. Every error is one line
+naming the key and the fix. Each key has one default: the engine's keys (tau, warmup_sync_steps,
+average_optimizer_state, failures) take theirs from :class:`risgd_ext.config.RISGDConfig`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from risgd_data.errors import DataError
+from risgd_data.manifest import load_manifest, validate_manifest_params
+from risgd_ext.config import ConfigError, RISGDConfig, check_world, split_config
+
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
+_ENGINE = RISGDConfig()  # the engine's defaults
 
 
 class RecipeError(ValueError):
@@ -26,14 +40,14 @@ SCHEMA: dict[str, Any] = {
     "run_name": None,              # default: NAME-ALGORITHM-tauT-muM-sSEED
     "runs_dir": "runs",
     "algorithm": "risgd",          # sync | prsgd | risgd | coop
-    "tau": 50,
-    "mu": 0.0,
-    "warmup_sync_steps": 0,
-    "average_optimizer_state": False,
-    "steps": 0,                    # optimizer steps; 0: use epochs
-    "epochs": 0,                   # epochs of one chunk D_j (the manifest's steps_per_epoch)
-    "eval_every": 100,             # steps; a multiple of tau, so the model evaluated is the average
-    "checkpoint_every": 0,         # steps; 0: only at the end
+    "tau": _ENGINE.tau,            # risgd.tau
+    "mu": 0.0,                     # with data.manifest: the manifest's mu (it is the source)
+    "warmup_sync_steps": _ENGINE.warmup_sync_steps,              # risgd.warmup_sync_steps
+    "average_optimizer_state": _ENGINE.average_optimizer_state,  # risgd.average_optimizer_state
+    "steps": 0,                    # optimizer steps; 0: use epochs. Must end on an average.
+    "epochs": 0,                   # epochs of one chunk D_j (rounded up to the next average)
+    "eval_every": 100,             # steps; evaluated at the first average at or after each multiple
+    "checkpoint_every": 0,         # steps (any step: a checkpoint may fall inside a round); 0: at the end
     "seed": 0,
     "dist_timeout_s": 600,         # a collective waiting longer than this fails the job (a dead rank)
     "ds_config": "ds_configs/digits.json",
@@ -43,9 +57,9 @@ SCHEMA: dict[str, Any] = {
         "dataset": "digits",
         "shards": "shards/digits",  # made on the fly for digits when missing
         "src": None,                # source for making shards (CIFAR tarball, ImageNet root)
-        "manifest": None,           # a manifest YAML; null: built from the parameters below
-        "partition": "iid",
-        "hetero_std": 0.0,
+        "manifest": None,           # a manifest YAML; null: built from mu, partition, hetero_std, seed
+        "partition": "iid",         # with data.manifest: the manifest's
+        "hetero_std": 0.0,          # with data.manifest: the manifest's
         "batch_policy": "per_chunk",
         "base_batch": 32,
         "eval_batch": 256,
@@ -59,6 +73,13 @@ SCHEMA: dict[str, Any] = {
     # from this run's measured collectives) and the per-message latency.
     "network": {"bandwidth_gbit": 0.0, "latency_us": 50.0, "target_comm_share": 0.1},
 }
+
+# Keys that may change when a run is continued: where things are, how they are logged, how often
+# they are looked at. Every other key defines the experiment.
+OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
+               "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch")
+# What a manifest file decides (recipe key -> manifest key).
+FROM_MANIFEST = {"mu": "mu", "data.partition": "partition", "data.hetero_std": "hetero_std"}
 
 _ANY = (str, int, float, type(None))
 
@@ -120,20 +141,18 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def validate(cfg: dict) -> None:
+    """Checks of the recipe alone (no world size, no files). The engine's keys are checked by the
+    engine's validator in :func:`build_ds_config`, the redundancy keys by the data package's."""
     if cfg["algorithm"] not in ALGORITHMS:
         raise RecipeError(f"algorithm '{cfg['algorithm']}' is unknown: use one of {', '.join(ALGORITHMS)}")
-    if cfg["tau"] < 1:
-        raise RecipeError(f"tau must be >= 1, got {cfg['tau']}: set tau to the local steps between averages")
     if cfg["algorithm"] in ("sync", "prsgd", "coop") and cfg["mu"] != 0:
-        raise RecipeError(f"algorithm {cfg['algorithm']} uses no redundancy, but mu={cfg['mu']}: set mu=0 "
+        raise RecipeError(f"algorithm {cfg['algorithm']} uses no redundancy, but mu={cfg['mu']:g}: set mu=0 "
                           "or algorithm=risgd")
     if (cfg["steps"] > 0) == (cfg["epochs"] > 0):
         raise RecipeError("set exactly one of 'steps' and 'epochs' to a positive number")
-    tau = 1 if cfg["algorithm"] == "sync" else cfg["tau"]
     for key in ("eval_every", "checkpoint_every"):
-        if cfg[key] < 0 or cfg[key] % tau:
-            raise RecipeError(f"{key}={cfg[key]} must be a multiple of tau={tau}, so that the model it sees "
-                              "is the average: change one of them")
+        if cfg[key] < 0:
+            raise RecipeError(f"{key}={cfg[key]} must be >= 0 (0: only at the end of the run)")
     if cfg["data"]["batch_policy"] not in ("per_chunk", "split"):
         raise RecipeError(f"data.batch_policy must be per_chunk or split, got {cfg['data']['batch_policy']!r}")
     if cfg["schedule"]["kind"] not in ("cosine", "step", "constant"):
@@ -146,8 +165,7 @@ def validate(cfg: dict) -> None:
         raise RecipeError("data.base_batch must be >= 1")
 
 
-def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The resolved recipe: defaults < YAML file < ``key=value`` overrides, validated."""
+def _read_raw(path: str, overrides: list[str] | tuple[str, ...]) -> dict:
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
@@ -160,7 +178,12 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     raw.pop("recipe", None)  # a saved config.yaml can be run again as a recipe
     for item in overrides:
         apply_override(raw, item)
-    cfg = _merge(SCHEMA, raw)
+    return raw
+
+
+def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The recipe alone: defaults < YAML file < ``key=value`` overrides, checked by :func:`validate`."""
+    cfg = _merge(SCHEMA, _read_raw(path, overrides))
     validate(cfg)
     cfg["recipe"] = os.path.relpath(path)
     return cfg
@@ -171,3 +194,197 @@ def run_name(cfg: dict) -> str:
         return cfg["run_name"]
     tau = 1 if cfg["algorithm"] == "sync" else cfg["tau"]
     return f"{cfg['name']}-{cfg['algorithm']}-tau{tau}-mu{cfg['mu']:g}-s{cfg['seed']}"
+
+
+# -- the resolved run ------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a launch is, resolved and checked before any process group or data work."""
+
+    cfg: dict                     # the resolved recipe: saved as config.yaml
+    ds_config: dict               # what risgd_ext.initialize gets: saved as ds_config.json
+    schedule: RISGDConfig | None  # the validated risgd block (None: SyncSGD, plain DeepSpeed)
+    manifest: dict | None         # the recipe's manifest file, loaded (None: built at start)
+    world_size: int
+    name: str
+    run_dir: str
+    finished: bool                # the run directory holds this experiment, finished
+
+    def is_average_step(self, step: int) -> bool:
+        return self.schedule is None or self.schedule.is_average_step(step)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """``steps``, or ``epochs`` of the manifest's chunk rounded up to the next average."""
+        if self.cfg["steps"]:
+            return self.cfg["steps"]
+        steps = self.cfg["epochs"] * steps_per_epoch
+        return steps if self.schedule is None else self.schedule.average_steps_near(steps)[1]
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        cfg = cfg[part]
+    cfg[last] = value
+
+
+def _given(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _apply_manifest(cfg: dict, raw: dict, manifest: dict, path: str) -> None:
+    """The manifest decides mu, partition and hetero_std; the recipe may repeat them, not contradict."""
+    mode = manifest.get("mode", "risgd")
+    if (cfg["algorithm"] == "coop") != (mode == "coop"):
+        raise RecipeError(f"algorithm {cfg['algorithm']} cannot use the {mode}-mode manifest {path}: build one "
+                          f"with --mode {'coop' if cfg['algorithm'] == 'coop' else 'risgd'}")
+    if mode == "coop":
+        return  # every rank samples the whole set: mu and the partition do not apply
+    clash = []
+    for key, mkey in FROM_MANIFEST.items():
+        value = manifest[mkey]
+        if _given(raw, key) and _get(cfg, key) != value:
+            clash.append(f"{key}={_get(cfg, key)!r} (manifest: {value!r})")
+        _set(cfg, key, value)
+    if clash:
+        raise RecipeError(f"recipe key(s) {', '.join(clash)} contradict the manifest {path}, which decides them: "
+                          "drop these keys or build a manifest with those values")
+
+
+def check_world_size(manifest: dict, world_size: int, path: str = "the manifest") -> None:
+    if manifest["workers"] != world_size:
+        raise RecipeError(f"{path} is for {manifest['workers']} workers but this run has {world_size} "
+                          "ranks: launch with that many ranks or rebuild the manifest with --workers")
+
+
+def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | None]:
+    """The recipe's ds_config file (read once) with the batch sizes and, except for SyncSGD, the
+    ``risgd`` block filled from the recipe; validated by the engine's validator."""
+    path = cfg["ds_config"]
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"ds_config {path} not found: set ds_config= to a file under ds_configs/") from None
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"ds_config {path} is not valid JSON ({e}): fix the file") from None
+    gas = ds.get("gradient_accumulation_steps", 1)
+    # DeepSpeed's batch bookkeeping; the real per-rank batch is the loader's (it grows with q).
+    ds["train_micro_batch_size_per_gpu"] = cfg["data"]["base_batch"]
+    ds["train_batch_size"] = cfg["data"]["base_batch"] * gas * world_size
+    block = ds.pop("risgd", {})
+    if cfg["algorithm"] != "sync":
+        block.update(tau=cfg["tau"], warmup_sync_steps=cfg["warmup_sync_steps"],
+                     average_optimizer_state=cfg["average_optimizer_state"], failures=cfg["failures"])
+        ds["risgd"] = block
+    _, schedule = split_config(ds)
+    if schedule is not None:
+        check_world(schedule, world_size)
+    return ds, schedule
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and (prefix + key) in _NESTED:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+_NESTED = {k for k, v in SCHEMA.items() if isinstance(v, dict)}
+
+
+def experiment_diff(old: dict, new: dict) -> list[str]:
+    """The experiment-defining keys in which two resolved configs differ (``key: old -> new``)."""
+    defaults = _flatten(SCHEMA)
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or key.startswith(k + ".") for k in OPERATIONAL):
+            continue
+        va, vb = a.get(key, defaults.get(key)), b.get(key, defaults.get(key))
+        if va != vb:
+            out.append(f"{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def check_same_experiment(run_dir: str, cfg: dict) -> bool:
+    """Refuse to continue (or rewrite) a run directory that holds another experiment.
+
+    Returns whether the run there is finished (it has a summary.json).
+    """
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            old = yaml.safe_load(f)
+    except yaml.YAMLError:
+        old = None
+    if not isinstance(old, dict):
+        raise RecipeError(f"{path} is not a run's config: move the run directory away or pick another run_name=")
+    diff = experiment_diff(old, cfg)
+    if diff:
+        raise RecipeError(f"{run_dir} holds another experiment ({'; '.join(diff)}): it is never continued or "
+                          "rewritten under a changed configuration; pick a new run_name= or runs_dir=")
+    return os.path.exists(os.path.join(run_dir, "summary.json"))
+
+
+def check_same_manifest(run_dir: str, manifest: dict) -> None:
+    """The manifest a continued run trains on must be the one it started with."""
+    path = os.path.join(run_dir, "manifest.yaml")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = yaml.safe_load(f)
+    if old != yaml.safe_load(yaml.safe_dump(manifest)):  # compare as written (lists, not tuples)
+        raise RecipeError(f"{run_dir} was trained on another redundancy manifest ({path} differs from this "
+                          "run's: other shards or another manifest file); pick a new run_name= or runs_dir=")
+
+
+def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: int) -> Run:
+    """The whole launch, resolved and checked (see the module docstring)."""
+    raw = _read_raw(path, overrides)
+    cfg = _merge(SCHEMA, raw)
+    manifest = None
+    try:
+        if cfg["data"]["manifest"]:
+            manifest = load_manifest(cfg["data"]["manifest"])
+            check_world_size(manifest, world_size, f"the manifest {cfg['data']['manifest']}")
+            _apply_manifest(cfg, raw, manifest, cfg["data"]["manifest"])
+        validate(cfg)
+        if manifest is None:
+            mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
+            validate_manifest_params(world_size, cfg["mu"], cfg["data"]["partition"], cfg["data"]["hetero_std"],
+                                     mode)
+    except DataError as e:
+        raise RecipeError(str(e)) from None
+    try:
+        ds_config, schedule = build_ds_config(cfg, world_size)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    cfg["recipe"] = os.path.relpath(path)
+    run = Run(cfg, ds_config, schedule, manifest, world_size, run_name(cfg),
+              os.path.join(cfg["runs_dir"], run_name(cfg)), finished=False)
+    steps = cfg["steps"]
+    if steps and not run.is_average_step(steps):
+        below, above = schedule.average_steps_near(steps)
+        raise RecipeError(f"steps={steps} ends inside a round (warmup_sync_steps={schedule.warmup_sync_steps}, "
+                          f"tau={schedule.tau}): the final model would not be an average; use steps={below} or "
+                          f"steps={above}")
+    run.finished = check_same_experiment(run.run_dir, cfg)
+    return run

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/digits.yaml", help="recipe (default recipes/digits.yaml)")
     parser.add_argument("--ranks", type=int, default=4, help="ranks per run (default 4)")
-    parser.add_argument("--tau", type=int, default=50, help="local steps per round (default 50)")
+    parser.add_argument("--tau", type=int, default=None, help="local steps per round (default: the recipe's tau)")
     parser.add_argument("--mus", type=float, nargs="+", default=[0.25, 0.5], help="RI-SGD redundancies")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
     parser.add_argument("--runs-dir", default="runs/demo", help="where the runs go (default runs/demo)")
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             os.makedirs(run_dir, exist_ok=True)
             t0 = time.perf_counter()
             print(f"[demo] {name}: {args.ranks} ranks ...", flush=True)
-            launch(args.recipe, args.ranks, [f"algorithm={algorithm}", f"mu={mu}", f"tau={args.tau}",
+            tau = [] if args.tau is None else [f"tau={args.tau}"]
+            launch(args.recipe, args.ranks, [f"algorithm={algorithm}", f"mu={mu}", *tau,
                                              f"seed={seed}", f"runs_dir={args.runs_dir}", f"run_name={name}",
                                              "wandb.group=digits-demo", *args.overrides],
                    os.path.join(args.runs_dir, f"{name}.log"))

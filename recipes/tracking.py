@@ -24,7 +24,9 @@ class RunTracker:
         if not active:
             return
         os.makedirs(run_dir, exist_ok=True)
-        write_text_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+        config_path = os.path.join(run_dir, "config.yaml")
+        if not os.path.exists(config_path):  # a continued run keeps the record it started with
+            write_text_atomic(config_path, yaml.safe_dump(cfg, sort_keys=False))
         self._truncate_metrics(resume_step)
         if cfg["wandb"]["enabled"]:
             self._init_wandb(cfg)
@@ -49,6 +51,22 @@ class RunTracker:
                                     name=os.path.basename(self.run_dir), id=run_id, resume="allow",
                                     config=cfg, dir=self.run_dir, mode=mode)
 
+    def history(self) -> list[dict[str, Any]]:
+        """The lines logged so far (rank 0; empty elsewhere)."""
+        if not self.active or not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def last_logged(self) -> dict[str, Any] | None:
+        lines = self.history()
+        return lines[-1] if lines else None
+
+    def min_logged(self, key: str) -> float | None:
+        """The smallest value of ``key`` over the whole run, resumed parts included."""
+        values = [m[key] for m in self.history() if m.get(key) is not None]
+        return min(values, default=None)
+
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.active:
             return
@@ -64,6 +82,15 @@ class RunTracker:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
+
+
+def run_metrics(stats: dict[str, Any]) -> dict[str, Any]:
+    """The engine's accounting (``engine.risgd.consensus()``) under the run record's names: the
+    one mapping behind every metrics.jsonl line and summary.json."""
+    return {"round": stats["rounds"], "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
+            "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
+            "divergence": stats["divergence"], "divergence_mean": stats["divergence_mean"],
+            "live_ranks": stats["live_ranks"]}
 
 
 def read_offline_history(run_dir: str) -> list[dict[str, Any]]:

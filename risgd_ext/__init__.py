@@ -7,6 +7,7 @@ ranks every ``tau`` optimizer steps.
 
 from .config import ConfigError, RISGDConfig, parse_block
 from .controller import RISGDController
-from .engine import attach, initialize
+from .engine import attach, init_distributed, initialize
 
-__all__ = ["ConfigError", "RISGDConfig", "RISGDController", "attach", "initialize", "parse_block"]
+__all__ = ["ConfigError", "RISGDConfig", "RISGDController", "attach", "init_distributed", "initialize",
+           "parse_block"]

@@ -52,6 +52,18 @@ class RISGDConfig:
     def bucket_bytes(self) -> int:
         return max(1, int(self.bucket_mb * 1024 * 1024))
 
+    def is_average_step(self, step: int) -> bool:
+        """Whether every rank holds the averaged model after optimizer step ``step`` (1-based):
+        each warm-up step is synchronous, and after it a round closes every ``tau`` steps."""
+        return step <= self.warmup_sync_steps or (step - self.warmup_sync_steps) % self.tau == 0
+
+    def average_steps_near(self, step: int) -> tuple[int, int]:
+        """The last step <= ``step`` and the first step >= ``step`` that end on an average."""
+        if self.is_average_step(step):
+            return step, step
+        below = step - (step - self.warmup_sync_steps) % self.tau
+        return below, below + self.tau
+
 
 _KEYS = {
     "tau": "int >= 1: optimizer steps between parameter averages",
@@ -66,17 +78,22 @@ _STATIC_KEYS = {"ranks", "start_round", "end_round"}
 _RANDOM_KEYS = {"count", "prob", "seed", "start_round"}
 
 
+_DEFAULTS = RISGDConfig()
+
+
 def _int(block: dict, key: str, default: int, minimum: int, where: str = BLOCK) -> int:
     value = block.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}.{key} must be an int >= {minimum}, got {value!r}: fix it in the ds_config")
+        raise ConfigError(f"{where}.{key} must be an int >= {minimum}, got {value!r}: fix it in the ds_config "
+                          "(or the recipe key of that name)")
     return value
 
 
 def _bool(block: dict, key: str, default: bool) -> bool:
     value = block.get(key, default)
     if not isinstance(value, bool):
-        raise ConfigError(f"{BLOCK}.{key} must be true or false, got {value!r}: fix it in the ds_config")
+        raise ConfigError(f"{BLOCK}.{key} must be true or false, got {value!r}: fix it in the ds_config "
+                          "(or the recipe key of that name)")
     return value
 
 
@@ -119,19 +136,20 @@ def parse_block(block: Any) -> RISGDConfig:
     if unknown:
         allowed = ", ".join(sorted(_KEYS))
         raise ConfigError(f"unknown key(s) {unknown} in the '{BLOCK}' block: allowed keys are {allowed}")
-    bucket_mb = block.get("bucket_mb", 25.0)
+    bucket_mb = block.get("bucket_mb", _DEFAULTS.bucket_mb)
     if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or bucket_mb <= 0:
         raise ConfigError(f"{BLOCK}.bucket_mb must be a number > 0, got {bucket_mb!r}: fix it in the ds_config")
     failures = block.get("failures", [])
     if not isinstance(failures, list):
         raise ConfigError(f"{BLOCK}.failures must be a list, got {failures!r}")
+    d = _DEFAULTS
     return RISGDConfig(
-        tau=_int(block, "tau", 1, 1),
-        warmup_sync_steps=_int(block, "warmup_sync_steps", 0, 0),
-        average_buffers=_bool(block, "average_buffers", True),
-        average_optimizer_state=_bool(block, "average_optimizer_state", False),
+        tau=_int(block, "tau", d.tau, 1),
+        warmup_sync_steps=_int(block, "warmup_sync_steps", d.warmup_sync_steps, 0),
+        average_buffers=_bool(block, "average_buffers", d.average_buffers),
+        average_optimizer_state=_bool(block, "average_optimizer_state", d.average_optimizer_state),
         bucket_mb=float(bucket_mb),
-        measure_divergence=_bool(block, "measure_divergence", True),
+        measure_divergence=_bool(block, "measure_divergence", d.measure_divergence),
         failures=tuple(_parse_failure(f, i) for i, f in enumerate(failures)),
     )
 

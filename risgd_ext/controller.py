@@ -78,6 +78,25 @@ class RISGDController:
     def next_step_is_sync(self) -> bool:
         return self.cfg is None or self.steps < self.cfg.warmup_sync_steps
 
+    def is_average(self) -> bool:
+        """True when every rank holds the same averaged parameters: after a synchronous step or
+        at the end of a round. A training loop evaluates, logs and stops only here."""
+        return self.cfg is None or self.cfg.is_average_step(self.steps)
+
+    def consensus(self) -> dict[str, Any]:
+        """Bring every rank to the same model and return the accounting (:meth:`stats`).
+
+        Call it on every rank at the same step, where :meth:`is_average` holds, before evaluating
+        or saving the final model. Float buffers (BatchNorm statistics) that the rounds do not
+        average (plain DeepSpeed never does) are averaged here, once.
+        """
+        if not self.is_average():
+            raise RuntimeError(f"consensus() at step {self.steps}, inside a round: the ranks hold different "
+                               "models; call it where is_average() is true")
+        if self.cfg is None or not self.cfg.average_buffers:
+            self.average_buffers()
+        return self.stats()
+
     def synchronize(self) -> None:
         # Host timers only measure device work after a synchronize (a no-op on the CPU).
         self._accelerator.synchronize()
@@ -100,7 +119,7 @@ class RISGDController:
         else:
             self.local_steps += 1
             self.steps_in_round += 1
-            if self.steps_in_round == self.cfg.tau:
+            if self.cfg.is_average_step(self.steps):
                 self.average()
         if self.active and self.steps == self.cfg.warmup_sync_steps:
             # Post-local SGD: ranks are identical after synchronous steps; measure from here.
@@ -153,13 +172,16 @@ class RISGDController:
             offset += b.numel()
 
     # -- reporting and checkpoints ------------------------------------------------------------
-    def stats(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, Any]:
         """Accounting on this rank, as a plain dict (see the README for each key)."""
-        out: dict[str, float | int] = {k: getattr(self, k) for k in _COUNTERS}
+        out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
         out["comm_rounds"] = self.sync_steps + self.rounds
         out["divergence_mean"] = self.divergence_sum / self.rounds if self.rounds else 0.0
         out["world_size"] = self.world_size
         out["tau"] = self.cfg.tau if self.cfg else 1
+        # who was down in the last round: a pure function of the schedule, so it survives a resume
+        last = self.rounds - 1
+        out["down_ranks"] = sorted(failed_ranks(self.cfg, last, self.world_size)) if self.cfg and last >= 0 else []
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,12 @@ time you measured for the policy you run.
     python -m risgd_ext.cost_model --nodes 8 --model resnet50 --bandwidth-gbit 10 --compute-ms 120
     python -m risgd_ext.cost_model --nodes 8 --model resnet50 --bandwidth-gbit 10 --compute-ms 120 \\
         --risgd-compute-ms 200     # e.g. the per_chunk policy, measured
+    python -m risgd_ext.cost_model --nodes 8 --model-bytes 2647016 --bandwidth-gbit 1 --compute-ms 20
+
+The library functions take the bytes one all-reduce moves. On the command line ``--model NAME``
+is looked up in timm's registry (timm's own models, e.g. resnet50); for any other model, e.g. the
+CIFAR ResNets of risgd_models, pass its size with ``--model-bytes N``, from
+``python -c "import risgd_models; print(risgd_models.model_bytes('resnet44_cifar'))"``.
 
 train.py logs the same prediction for its own run (``summary.json``, key ``cost_model``).
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass
 
@@ -86,15 +93,17 @@ def predict(compute_s: float, model_bytes: float, ranks: int, bandwidth_gbit: fl
                       sync / risgd, recommend_tau(local, allreduce, target_share))
 
 
-def advise(stats: dict, bandwidth_gbit: float = 0.0, latency_s: float = 50e-6, target_share: float = 0.1,
-           tau: int | None = None) -> dict:
+def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: float, tau: int) -> dict:
     """The prediction for a run, from its engine accounting (``engine.risgd.stats()``).
 
     Compute per step and bytes per collective are this run's measurements. With
     ``bandwidth_gbit=0`` the bandwidth is the one that explains the run's measured collectives (at
-    the given latency); otherwise the prediction is for that network. ``tau`` defaults to the run's
-    (50 for a synchronous run, which then reads as "what RI-SGD at tau=50 would do here").
+    the given latency); otherwise the prediction is for that network. ``tau`` (>= 1) is the local
+    steps per round to predict for: the run's own, or for a synchronous run the tau it is weighed
+    against ("what RI-SGD at this tau would do here").
     """
+    if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+        raise ValueError(f"tau must be an int >= 1, got {tau!r}: pass the local steps per round to predict for")
     steps, ranks = stats["steps"], stats["world_size"]
     collectives = stats["comm_rounds"]
     compute_s = stats["compute_seconds"] / steps if steps else 0.0
@@ -104,7 +113,6 @@ def advise(stats: dict, bandwidth_gbit: float = 0.0, latency_s: float = 50e-6, t
         bandwidth = effective_bandwidth(stats["comm_seconds"], stats["bytes_allreduced"], collectives, ranks,
                                         latency_s)
         bandwidth_gbit, source = bandwidth * 8 / 1e9, "measured"
-    tau = tau or (stats["tau"] if stats["tau"] > 1 else 50)
     finite = math.isfinite(bandwidth_gbit)  # inf: latency alone explains the measurement (or one rank)
     out: dict = {"bandwidth_gbit": bandwidth_gbit if finite else None, "bandwidth_source": source,
                  "latency_us": latency_s * 1e6, "ranks": ranks, "tau": tau, "compute_s_per_step": compute_s,
@@ -114,24 +122,28 @@ def advise(stats: dict, bandwidth_gbit: float = 0.0, latency_s: float = 50e-6, t
     return out
 
 
-def model_bytes(name: str) -> int:
-    """fp32 bytes averaged per round: parameters plus floating-point buffers (BatchNorm statistics)."""
-    import risgd_models  # noqa: F401  (registers the CIFAR ResNets)
-    import timm
-
-    model = timm.create_model(name, pretrained=False)
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-    return 4 * sum(t.numel() for t in tensors)
-
-
 def format_prediction(p: Prediction) -> str:
     return "\n".join(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}" for k, v in asdict(p).items())
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line ``error: ...`` and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    script = os.path.basename(sys.argv[0])
+    prog = script if script == "risgd-cost-model" else "python -m risgd_ext.cost_model"
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, required=True, help="data-parallel ranks in the ring (N)")
-    parser.add_argument("--model", default="resnet50", help="timm model name (default resnet50)")
+    parser.add_argument("--model", default="resnet50",
+                        help="a model name timm's registry knows, whose fp32 parameters and floating-point "
+                             "buffers one round averages (default resnet50)")
+    parser.add_argument("--model-bytes", type=int, default=None,
+                        help="bytes one all-reduce moves; takes precedence over --model (for models timm does "
+                             "not know, e.g. risgd_models.model_bytes('resnet44_cifar'))")
     parser.add_argument("--bandwidth-gbit", type=float, required=True, help="link bandwidth in Gbit/s")
     parser.add_argument("--latency-us", type=float, default=50.0, help="per-message latency in us (default 50)")
     parser.add_argument("--compute-ms", type=float, required=True,
@@ -143,10 +155,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-share", type=float, default=0.1,
                         help="communication share to stay under when recommending tau (default 0.1)")
     args = parser.parse_args(argv)
-    nbytes = model_bytes(args.model)
+    for flag, ok in (("--nodes", args.nodes >= 1), ("--bandwidth-gbit", args.bandwidth_gbit > 0),
+                     ("--latency-us", args.latency_us >= 0), ("--compute-ms", args.compute_ms > 0),
+                     ("--risgd-compute-ms", args.risgd_compute_ms is None or args.risgd_compute_ms > 0),
+                     ("--tau", args.tau >= 1), ("--target-share", 0 < args.target_share < 1),
+                     ("--model-bytes", args.model_bytes is None or args.model_bytes > 0)):
+        if not ok:
+            parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_')):g} is out of range")
+    if args.model_bytes is not None:
+        nbytes, label = args.model_bytes, f"{args.model_bytes} bytes"
+    else:
+        # The name is resolved here, at the command line's edge, in timm's registry alone: the engine
+        # imports no model zoo, and imports timm only when this command names a model.
+        import timm
+
+        if not timm.is_model(args.model):
+            print(f"error: unknown model '{args.model}' for timm: pass --model-bytes N (python -c \"import "
+                  f"risgd_models; print(risgd_models.model_bytes('{args.model}'))\")", file=sys.stderr)
+            return 2
+        model = timm.create_model(args.model, pretrained=False)
+        tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+        nbytes, label = 4 * sum(t.numel() for t in tensors), args.model
     p = predict(args.compute_ms / 1e3, nbytes, args.nodes, args.bandwidth_gbit, args.latency_us / 1e6, args.tau,
                 args.target_share, None if args.risgd_compute_ms is None else args.risgd_compute_ms / 1e3)
-    print(f"{args.model}: {nbytes / 2**20:.1f} MiB per all-reduce; {args.nodes} ranks at {args.bandwidth_gbit:g} "
+    print(f"{label}: {nbytes / 2**20:.1f} MiB per all-reduce; {args.nodes} ranks at {args.bandwidth_gbit:g} "
           f"Gbit/s, {args.latency_us:g} us latency, {args.compute_ms:g} ms compute per step")
     print(format_prediction(p))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from risgd_data.make_shards import make_shards
 
 

@@ -1,4 +1,4 @@
-"""Scenarios run inside each rank of a real gloo group (see multiproc.run_ranks).
+"""Scenarios run inside each rank of a real gloo group (see risgd_hosts.local.run_ranks).
 
 Each scenario builds a fresh engine with risgd_ext.initialize or deepspeed.initialize and returns
 plain data (tensors, counters) for the test process to compare across ranks.

@@ -9,6 +9,8 @@ import time
 
 from tests.test_train import launch
 
+FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults")  # the kill -9 hook (sitecustomize)
+
 
 def _summary(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "summary.json")) as f:
@@ -23,7 +25,7 @@ def test_kill9_then_rerun_resumes_bitwise(tmp_path, digits_dir):
 
     crashed = [*common, "run_name=crashed"]
     t0 = time.monotonic()
-    killed = launch(crashed, env_extra={"RISGD_TEST_KILL_AT_STEP": "25"})
+    killed = launch(crashed, env_extra={"RISGD_TEST_KILL_AT_STEP": "25", "PYTHONPATH": FAULTS})
     stopped_after = time.monotonic() - t0
     assert killed.returncode != 0
     assert stopped_after < 120, f"the job took {stopped_after:.0f}s to stop after a rank died"

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
+
 from risgd_data.errors import DataError
 from risgd_data.index import load_index, split_arrays
 from risgd_data.loader import make_eval_loader, make_train_loader, sub_batch_sizes
 from risgd_data.make_shards import make_shards
-from risgd_data.manifest import build_manifest, rank_chunk_ids
+from risgd_data.manifest import build_manifest, rank_chunk_ids, steps_per_epoch
 from risgd_data.synthetic import write_cifar_tarball
-from torchvision import transforms as T
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,9 @@ def test_steps_per_epoch_equal_and_epoch_is_a_pass(index, digits_dir):
     loaders = [make_train_loader(m, digits_dir, r, base_batch=16, num_workers=0) for r in range(4)]
     assert len({ld.steps_per_epoch for ld in loaders}) == 1
     ld = loaders[2]
-    assert ld.steps_per_epoch == m["epoch_samples"] // 16
+    assert ld.steps_per_epoch == m["epoch_samples"] // 16 == steps_per_epoch(m, 16)
+    big = make_train_loader(m, digits_dir, 0, base_batch=m["epoch_samples"] + 1, num_workers=0, verify=False)
+    assert big.steps_per_epoch == steps_per_epoch(m, m["epoch_samples"] + 1) == 1  # never 0
     own = [i for s in range(ld.steps_per_epoch) for i in ld.sample_ids(s)[:16]]
     assert len(set(own)) == len(own)  # a true shuffle: no repeats within one pass over the chunk
 

@@ -10,10 +10,19 @@ import sys
 
 import numpy as np
 import pytest
+
 from risgd_data.errors import DataError
 from risgd_data.index import load_index, split_arrays
-from risgd_data.manifest import build_manifest, check_manifest, load_manifest, rank_chunk_ids, write_manifest
-from risgd_data.partition import partition, resolve_chunks
+from risgd_data.manifest import (
+    build_manifest,
+    check_manifest,
+    load_manifest,
+    rank_chunk_ids,
+    steps_per_epoch,
+    validate_manifest_params,
+    write_manifest,
+)
+from risgd_data.partition import parse_scheme, partition, resolve_chunks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,6 +213,137 @@ def test_cli_build_check(digits_dir, tmp_path):
     text = open(out).read().replace(load_manifest(out)["index"]["shards"]["train"][0]["sha256"], "f" * 64)
     open(out, "w").write(text)
     r = _run("check", out, "--index", ix)
-    assert r.returncode == 1 and "problem" in r.stdout
+    assert r.returncode == 2 and "problem" in r.stdout
     r = _run("build", "--index", ix, "--workers", "4", "--mu", "0.9", "--out", out)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--mu" in r.stderr and "[0, 0.75]" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--mu" in r.stderr and "[0, 0.75]" in r.stderr
+
+
+def test_cli_check_covers_val_shards(digits_dir, tmp_path):
+    # A truncated val shard used to pass `check` (only train shards were hashed) and fail at training.
+    d = tmp_path / "shards"
+    shutil.copytree(digits_dir, d)
+    ix = str(d / "index.json")
+    out = str(tmp_path / "m.yaml")
+    r = _run("build", "--index", ix, "--workers", "4", "--mu", "0.25", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert _run("check", out, "--index", ix, "--shard-dir", str(d)).returncode == 0
+    victim = d / "val-000000.tar"
+    os.truncate(victim, victim.stat().st_size // 2)
+    for extra in (["--shard-dir", str(d)], []):  # explicit, and the default (the index's directory)
+        r = _run("check", out, "--index", ix, *extra)
+        assert r.returncode == 2, r.stdout + r.stderr
+        problems = [line for line in r.stdout.splitlines() if line.startswith("problem:")]
+        assert len(problems) == 1 and "val-000000.tar" in problems[0] and "sha256" in problems[0], r.stdout
+    os.remove(victim)
+    r = _run("check", out, "--index", ix, "--shard-dir", str(d))
+    assert r.returncode == 2 and "val-000000.tar missing" in r.stdout
+    assert "exit" in _run("check", "--help").stdout and "2" in _run("check", "--help").stdout
+
+
+def test_cli_exit_codes(digits_dir, tmp_path):
+    ix = os.path.join(digits_dir, "index.json")
+    out = str(tmp_path / "m.yaml")
+    # Bad input: one `error:` line and exit 2. The parameters are checked before the index is read.
+    r = _run("build", "--index", str(tmp_path / "nowhere"), "--workers", "4", "--mu", "0.9", "--out", out)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: --mu 0.9"), r.stderr
+    assert "--mu 0.9 is out of range: must be in [0, 0.75] = [0, (p-1)/p] for --workers 4" in r.stderr
+    for args, word in ((["--workers", "0"], "--workers 0"), (["--workers", "4", "--partition", "dirichlet:0"],
+                                                             "--partition"),
+                       (["--workers", "2000"], "--workers 2000"), (["--workers", "2", "--hetero-std", "-1"],
+                                                                   "--hetero-std")):
+        r = _run("build", "--index", ix, *args, "--out", out)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and word in r.stderr, (args, r.stderr)
+    r = _run("build", "--index", str(tmp_path / "nowhere"), "--workers", "4", "--out", out)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "index" in r.stderr and "make_shards" in r.stderr
+    assert _run("build", "--index", ix, "--workers", "4", "--mu", "0.25", "--out", out).returncode == 0
+    r = _run("check", str(tmp_path / "missing.yaml"), "--index", ix)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.yaml" in r.stderr
+    # A structurally malformed manifest is bad input too (it used to end in a traceback, exit 1).
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nindex: 3\n")
+    r = _run("check", str(bad), "--index", ix)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "bad.yaml" in r.stderr and "malformed" in r.stderr
+    bad.write_text("version: 1\nindex: [\n")
+    r = _run("check", str(bad), "--index", ix)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not valid YAML" in r.stderr
+    # The work itself failing (here: --out cannot be created) is exit 1, still one line.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _run("build", "--index", ix, "--workers", "4", "--out", str(blocker / "m.yaml"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+    # argparse usage errors: 2.
+    assert _run("build", "--index", ix).returncode == 2
+
+
+def test_validate_manifest_params_needs_no_index(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no shards, no index anywhere
+    for args in ((4, 0.0, "iid"), (4, 0.75, "label_sorted"), (1, 0.0, "dirichlet:0.5"), (8, 0.3, "iid", 0.2),
+                 (4, 5.0, "iid", 0.0, "coop"), (np.int64(3), 2 / 3, "dirichlet:1e-3")):
+        validate_manifest_params(*args)
+    bad = [
+        ((4, 0.9, "iid"), "--mu 0.9 is out of range: must be in [0, 0.75] = [0, (p-1)/p] for --workers 4"),
+        ((4, -0.1, "iid"), "--mu -0.1 is out of range"),
+        ((1, 0.5, "iid"), "--mu 0.5 is out of range: must be in [0, 0]"),
+        ((4, float("nan"), "iid"), "--mu nan is out of range"),
+        ((0, 0.0, "iid"), "--workers 0 is invalid"),
+        ((2.5, 0.0, "iid"), "--workers 2.5 is invalid"),
+        ((4, 0.1, "iid", -0.5), "--hetero-std -0.5 is invalid"),
+        ((4, 0.1, "iid", float("nan")), "--hetero-std nan is invalid"),
+        ((4, 0.1, "iid", 0.0, "sync"), "--mode 'sync' is invalid"),
+        ((4, 0.1, "dirichlet:0"), "--partition 'dirichlet:0' is invalid"),
+        ((4, 0.1, "dirichlet:x"), "--partition 'dirichlet:x' is invalid"),
+        ((4, 0.1, "label-sorted"), "--partition 'label-sorted' is invalid"),
+        ((4, 0.0, "typo", 0.0, "coop"), "--partition 'typo' is invalid"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(DataError) as e:
+            validate_manifest_params(*args)
+        assert str(e.value).startswith(msg) and "\n" not in str(e.value), (args, str(e.value))
+    assert os.listdir(tmp_path) == []
+    # The partition spelling has one parser, shared with data.partition.
+    assert parse_scheme("dirichlet:0.5") == ("dirichlet", 0.5) and parse_scheme("iid") == ("iid", None)
+    with pytest.raises(DataError) as e:
+        parse_scheme("dirichlet:-1")
+    with pytest.raises(DataError) as v:
+        validate_manifest_params(4, 0.1, "dirichlet:-1")
+    assert str(e.value) == str(v.value)
+
+
+def test_build_uses_the_same_validator(index):
+    # One rule per key: build_manifest raises exactly what the index-free validator raises.
+    for args in ((4, 0.9, "iid", 0.0, "risgd"), (0, 0.0, "iid", 0.0, "risgd"), (4, 0.1, "iid", -1.0, "risgd"),
+                 (4, 0.1, "dirichlet:0", 0.0, "risgd"), (4, 0.1, "iid", 0.0, "sync"),
+                 (4, 0.0, "bogus", 0.0, "coop")):
+        workers, mu, part, std, mode = args
+        with pytest.raises(DataError) as v:
+            validate_manifest_params(workers, mu, part, std, mode)
+        with pytest.raises(DataError) as b:
+            build_manifest(index, workers, mu, part, hetero_std=std, mode=mode)
+        assert str(b.value) == str(v.value)
+    n = split_arrays(index).samples
+    validate_manifest_params(n + 1, 0.0, "iid")  # needs the index: only build_manifest knows n
+    with pytest.raises(DataError, match=f"--workers {n + 1} is invalid: must be between 1 and the {n} training"):
+        build_manifest(index, n + 1, 0.0)
+
+
+def test_steps_per_epoch(index):
+    for mode, mu in (("risgd", 0.1), ("coop", 0.0)):
+        m = build_manifest(index, 4, mu, mode=mode)
+        e = m["epoch_samples"]
+        assert e == (min(c["samples"] for c in m["chunks"]) if mode == "risgd" else split_arrays(index).samples // 4)
+        for b in (1, 7, 16, 128, e, e + 1, 10 * e):
+            assert steps_per_epoch(m, b) == max(1, e // b)
+        assert steps_per_epoch(m, 10 * e) == 1
+        with pytest.raises(DataError, match="base_batch 0"):
+            steps_per_epoch(m, 0)
+
+
+def test_failed_write_keeps_old_manifest_and_leaves_no_temp(index, tmp_path):
+    m = build_manifest(index, 2, 0.5)
+    path = tmp_path / "m.yaml"
+    write_manifest(m, str(path))
+    before = path.read_bytes()
+    bad = dict(m, junk=object())  # not representable: the YAML dump fails half way
+    with pytest.raises(Exception, match="represent"):
+        write_manifest(bad, str(path))
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.yaml"]

@@ -9,6 +9,7 @@ import sys
 
 import fsspec
 import pytest
+
 from risgd_data.errors import DataError
 from risgd_data.index import load_index
 from risgd_data.loader import make_train_loader
@@ -88,7 +89,7 @@ def test_checksum_failure_leaves_nothing(digits_dir, manifest_path, tmp_path):
     dest = tmp_path / "node"
     with pytest.raises(DataError, match=f"shard {victim} .*sha256"):
         replicate(path, str(src), str(dest), 0, 1, log=_quiet)
-    assert victim not in os.listdir(dest) and not [n for n in os.listdir(dest) if n.endswith(".tmp")]
+    assert victim not in os.listdir(dest) and not [n for n in os.listdir(dest) if n.startswith(".")]
     os.remove(src / victim)
     with pytest.raises(DataError, match=f"shard {victim} not found"):
         replicate(path, str(src), str(dest), 0, 1, log=_quiet)
@@ -106,4 +107,37 @@ def test_cli(digits_dir, manifest_path, tmp_path):
     r = run(*args, "--source", digits_dir)
     assert "copied 0 files, 0 bytes" in r.stdout
     r = run(*args, "--source", str(tmp_path / "nowhere"))
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "index.json" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "index.json" in r.stderr
+
+
+def test_cli_exit_codes(digits_dir, manifest_path, tmp_path):
+    path, m = manifest_path
+    run = lambda *a: subprocess.run([sys.executable, "-m", "data.replicate", *a], cwd=REPO,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    node = ["--manifest", path, "--node-rank", "0", "--ranks-per-node", "1"]
+    # A source shard whose sha256 differs from the manifest's: bad input, exit 2, one line naming it,
+    # and neither the shard nor a temporary file is left in the destination.
+    src = tmp_path / "src"
+    shutil.copytree(digits_dir, src)
+    victim = m["ranks"][0]["shards"][0]
+    with open(src / victim, "r+b") as f:
+        f.seek(600)
+        f.write(b"#")
+    dest = tmp_path / "node"
+    r = run(*node, "--source", str(src), "--dest", str(dest))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and victim in r.stderr and "sha256" in r.stderr
+    assert victim not in os.listdir(dest) and not [n for n in os.listdir(dest) if n.startswith(".")]
+    # A malformed index.json at the source (used to be a JSON traceback): exit 2, one line.
+    (src / "index.json").write_text("{not json")
+    r = run(*node, "--source", str(src), "--dest", str(dest))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "index.json" in r.stderr, r.stderr
+    # An out-of-range argument: exit 2.
+    r = run("--manifest", path, "--node-rank", "9", "--ranks-per-node", "1", "--source", digits_dir,
+            "--dest", str(dest))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--node-rank 9" in r.stderr
+    # The copy itself failing (the destination cannot be created): exit 1, one line.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run(*node, "--source", digits_dir, "--dest", str(blocker / "n"))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+    assert "Exit status" in run("--help").stdout

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
+
 from risgd_data.errors import DataError
-from risgd_data.index import load_index, split_arrays
-from risgd_data.make_shards import make_shards
+from risgd_data.index import INDEX_VERSION, load_index, split_arrays
+from risgd_data.make_shards import make_shards, write_index
 from risgd_data.synthetic import cifar_like_images, write_cifar_tarball
+from risgd_data.tario import write_shard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +47,7 @@ def test_digits_index(digits_dir):
     val_hist = np.sum([s["label_hist"] for s in va["shards"]], axis=0)
     all_hist = val_hist + np.sum([s["label_hist"] for s in tr["shards"]], axis=0)
     assert np.all(np.abs(val_hist / all_hist - 0.2) < 0.02)
-    assert not [n for n in os.listdir(digits_dir) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(digits_dir) if n.startswith(".")]  # no temporary left behind
 
 
 def test_readable_by_webdataset_and_tar(digits_dir):
@@ -180,4 +182,69 @@ def test_make_shards_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "d" / "index.json"))["splits"]["train"]["samples"] == 1437
     r = _run("data.make_shards", "--dataset", "cifar10", "--out", str(tmp_path / "c"))
-    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "--src" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--src" in r.stderr
+
+
+def test_make_shards_exit_codes(tmp_path):
+    # Bad input: one `error:` line, exit 2 (--shard-size 0 used to fall back to the default silently).
+    for size in ("0", "-3"):
+        r = _run("data.make_shards", "--dataset", "digits", "--out", str(tmp_path / "d"), "--shard-size", size,
+                 "--no-progress")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: --shard-size {size} is invalid")
+    assert not (tmp_path / "d").exists()
+    assert _run("data.make_shards", "--dataset", "nope", "--out", str(tmp_path / "d")).returncode == 2  # argparse
+    # The work itself failing (the output directory cannot be created): exit 1, one line, no traceback.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _run("data.make_shards", "--dataset", "digits", "--out", str(blocker / "d"), "--no-progress")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+    assert "exit status" in _run("data.make_shards", "--help").stdout.lower()
+
+
+def test_one_write_path_and_one_index_version():
+    data_dir = os.path.join(REPO, "data")
+    defs = []
+    for name in sorted(os.listdir(data_dir)):
+        if name.endswith(".py"):
+            text = open(os.path.join(data_dir, name)).read()
+            # Every file data/ writes goes through risgd_common.atomic (one fsync policy).
+            assert "os.replace" not in text and "fsync" not in text and "os.rename" not in text, name
+            defs += [name for line in text.splitlines() if line.startswith("INDEX_VERSION =")]
+    assert defs == ["index.py"]
+    assert INDEX_VERSION == 1
+
+
+def test_shards_byte_identical_and_failed_writes_leave_nothing(digits_dir, tmp_path):
+    # Written through risgd_common.atomic, shards and index.json are byte for byte what they were.
+    out = tmp_path / "again"
+    make_shards("digits", str(out), shard_size=250, seed=0, progress=False)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(digits_dir))
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == open(os.path.join(digits_dir, name), "rb").read(), name
+    # A writer that fails half way leaves the old file and no temporary.
+    shard = out / "train-000000.tar"
+    before = shard.read_bytes()
+    rows = [("k0", b"x" * 10, "png", 0), ("bad.key", b"y", "png", 1)]
+    with pytest.raises(DataError, match="bad.key"):
+        write_shard(str(shard), iter(rows), 2)
+    assert shard.read_bytes() == before
+    index_before = (out / "index.json").read_bytes()
+    with pytest.raises(TypeError):
+        write_index({"version": 1, "junk": object()}, str(out))
+    assert (out / "index.json").read_bytes() == index_before
+    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    # A fresh shard records the offsets it wrote.
+    rec = write_shard(str(tmp_path / "one.tar"), iter([("a", b"12345", "png", 1), ("b", b"6" * 700, "jpg", 0)]), 2)
+    raw = (tmp_path / "one.tar").read_bytes()
+    assert [raw[o:o + n] for o, n in zip(rec.offsets, rec.sizes)] == [b"12345", b"6" * 700]
+    assert rec.bytes == len(raw) and rec.label_hist == [1, 1]
+
+
+def test_data_tools_import_no_trainer():
+    code = ("import sys, data.make_shards, data.manifest, data.replicate, data.index, data.partition; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('risgd_ext', 'risgd_models', 'risgd_recipes', 'train', 'deepspeed', 'torch')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
+from risgd_hosts.local import run_ranks
 from tests.engine_workers import run_all
-from tests.multiproc import run_ranks
 
 WORLD = 3
 

@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
+
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest, live_coverage
-
 from tests.test_train import launch
 
 

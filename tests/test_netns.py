@@ -1,7 +1,8 @@
 """Multi-node runs across real network namespaces: 2 test hosts x 2 ranks on tbf-shaped veth links,
 each host with its own replicated data, launched by the stock deepspeed launcher (--no_ssh).
 
-Needs root and `ip netns`; skipped with the reason otherwise."""
+The launches need root and `ip netns` (skipped with the reason otherwise); the command line, its
+invocations and its refusal of bad input are checked everywhere."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import time
 
 import pytest
+
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest, load_manifest, write_manifest
 from risgd_data.replicate import node_ranks
@@ -28,10 +30,43 @@ def _namespaces(pid: int) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.startswith(f"risgd{pid}-")]
 
 
-def _cluster(args: list[str], work_dir: str) -> subprocess.Popen:
+def _cluster(args: list[str], work_dir: str, module: str = "hosts.netns_cluster", cwd: str = ROOT) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return subprocess.Popen([sys.executable, "-m", "recipes.netns_cluster", "--work-dir", work_dir, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", module, "--work-dir", work_dir, *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("module", ["hosts.netns_cluster", "recipes.netns_cluster"])
+def test_help_under_the_new_name_and_the_old_alias(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m hosts.netns_cluster" in proc.stdout and "recipes.netns_cluster" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["no_hosts", "hosts_out_of_range", "unknown_option", "no_command",
+                                  "manifest_without_source", "missing_manifest", "missing_source",
+                                  "manifest_for_other_ranks"])
+def test_bad_input_exits_2_with_one_line_before_building(tmp_path, digits_dir, case):
+    manifest = str(tmp_path / "m.yaml")
+    write_manifest(build_manifest(load_index(digits_dir), 4, 0.5, partition="label_sorted", seed=0), manifest)
+    cmd = ["--", "train.py"]
+    args = {"no_hosts": cmd,
+            "hosts_out_of_range": ["--hosts", "201", *cmd],
+            "unknown_option": ["--hosts", "2", "--no-such-option", *cmd],
+            "no_command": ["--hosts", "2"],
+            "manifest_without_source": ["--hosts", "2", "--manifest", manifest, *cmd],
+            "missing_manifest": ["--hosts", "2", "--manifest", str(tmp_path / "none.yaml"), "--source", digits_dir,
+                                 *cmd],
+            "missing_source": ["--hosts", "2", "--manifest", manifest, "--source", str(tmp_path / "none"), *cmd],
+            "manifest_for_other_ranks": ["--hosts", "3", "--manifest", manifest, "--source", digits_dir, *cmd]}[case]
+    # Installed name, from another directory: what a user outside the repository runs.
+    proc = _cluster(args, str(tmp_path / "cluster"), module="risgd_hosts.netns_cluster", cwd=str(tmp_path))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+    assert not os.path.exists(tmp_path / "cluster")  # refused before anything was built
+    if WHY is None:
+        assert _namespaces(proc.pid) == []
 
 
 def test_tbf_parameters_fit_a_frame_at_every_rate():
@@ -77,6 +112,25 @@ def test_two_hosts_two_ranks_end_identical(tmp_path, digits_dir):
     with open(os.path.join(work, "traffic.json")) as f:
         traffic = json.load(f)
     assert all(h["tx_bytes"] >= summary["comm_bytes"] for h in traffic["per_host"]), traffic
+
+
+@needs_netns
+def test_replication_runs_from_any_working_directory(tmp_path, digits_dir):
+    manifest_path = str(tmp_path / "m.yaml")
+    write_manifest(build_manifest(load_index(digits_dir), 4, 0.5, partition="label_sorted", seed=0), manifest_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    work = str(tmp_path / "cluster")
+    proc = _cluster(["--hosts", "2", "--ranks-per-host", "2", "--manifest", manifest_path, "--source", digits_dir,
+                     "--", "--no_python", "--no_local_rank", "true"], work, module="risgd_hosts.netns_cluster",
+                    cwd=str(elsewhere))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    manifest = load_manifest(manifest_path)
+    for k in range(2):
+        held = {n for n in os.listdir(os.path.join(work, f"host{k}", "data")) if n.startswith("train-")}
+        assert held == {s for r in node_ranks(manifest, k, 2) for s in manifest["ranks"][r]["shards"]}
+    assert _namespaces(proc.pid) == []
 
 
 @needs_netns

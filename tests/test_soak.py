@@ -3,7 +3,7 @@ every round, and resident memory flat."""
 
 from __future__ import annotations
 
-from tests.multiproc import run_ranks
+from risgd_hosts.local import run_ranks
 from tests.soak_worker import ROUNDS, soak
 
 

@@ -1,7 +1,15 @@
 """Run a function on N real processes joined by a gloo process group (no mocks).
 
-Each rank gets the usual launcher variables, so ``deepspeed.initialize`` sets up torch.distributed
-exactly as under the ``deepspeed`` launcher. Results come back through files, one per rank.
+Local process groups for tests and benchmarks, on this machine's CPU:
+
+    from risgd_hosts.local import run_ranks
+    results = run_ranks(fn, 4, arg, timeout=240)   # fn(rank, world_size, arg) on 4 processes
+
+Each rank gets the usual launcher variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT on a
+free loopback port), so ``deepspeed.initialize`` sets up torch.distributed exactly as under the
+``deepspeed`` launcher. Processes are spawned, so ``fn`` and its arguments must be picklable (a
+module-level function). Results come back through files, one per rank; a rank's exception comes
+back as a RuntimeError carrying its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -1,0 +1,134 @@
+"""The one config path (recipe -> resolved config -> ds_config with its risgd block), checked before
+any process group or data work: where rounds end, one source for mu, one default and one validator
+per key, and run directories that are never continued under another experiment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch.distributed as dist
+import yaml
+
+from risgd_data.index import load_index
+from risgd_data.manifest import build_manifest, write_manifest
+from risgd_ext.config import RISGDConfig, parse_block
+from risgd_recipes.config import SCHEMA, RecipeError, experiment_diff, load_recipe, resolve_run
+
+RECIPE = "recipes/digits.yaml"
+
+
+def resolve(tmp_path, *overrides, world_size=4):
+    return resolve_run(RECIPE, [f"runs_dir={tmp_path}", *overrides], world_size)
+
+
+def test_the_engine_schedule_says_where_averages_fall():
+    cfg = RISGDConfig(tau=50, warmup_sync_steps=25)
+    averages = [s for s in range(1, 300) if cfg.is_average_step(s)]
+    assert averages == list(range(1, 26)) + [75, 125, 175, 225, 275]
+    assert cfg.average_steps_near(200) == (175, 225) and cfg.average_steps_near(225) == (225, 225)
+
+
+def test_a_run_that_cannot_end_on_an_average_is_refused(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, "warmup_sync_steps=25", "tau=50", "steps=200")
+    assert "use steps=175 or steps=225" in str(e.value) and "\n" not in str(e.value)
+    assert resolve(tmp_path, "warmup_sync_steps=25", "tau=50", "steps=225").cfg["steps"] == 225
+    # SyncSGD averages every step: any length ends on an average
+    assert resolve(tmp_path, "algorithm=sync", "mu=0", "steps=201").schedule is None
+
+
+def test_epochs_round_up_to_the_next_average(tmp_path):
+    run = resolve(tmp_path, "steps=0", "epochs=3", "warmup_sync_steps=25", "tau=50")
+    assert run.total_steps(steps_per_epoch=70) == 225  # 210 -> the next average, 225
+
+
+def test_one_default_per_engine_key():
+    defaults = RISGDConfig()
+    assert parse_block({}) == defaults  # the parser takes the dataclass's defaults
+    for key in ("tau", "warmup_sync_steps", "average_optimizer_state"):
+        assert SCHEMA[key] == getattr(defaults, key)
+
+
+def test_the_engine_validates_the_recipe_keys_it_owns(tmp_path):
+    with pytest.raises(RecipeError, match=r"risgd.tau must be an int >= 1, got 0"):
+        resolve(tmp_path, "tau=0")
+    with pytest.raises(RecipeError, match=r"failures\[0\].ranks \[7\] do not exist in a world of 4"):
+        resolve(tmp_path, "failures=[{ranks: [7]}]")
+
+
+def test_the_ds_config_is_built_once_with_the_risgd_block(tmp_path):
+    run = resolve(tmp_path, "tau=20", "warmup_sync_steps=10", "steps=990")
+    assert run.ds_config["risgd"]["tau"] == 20 and run.schedule.tau == 20
+    assert run.ds_config["train_batch_size"] == 32 * 4
+    assert "risgd" not in resolve(tmp_path, "algorithm=sync", "mu=0").ds_config
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["mu=0.9"], "--mu 0.9 is out of range"),                  # p=4: mu <= 0.75
+    (["data.partition=bogus"], "bogus"),
+    (["data.hetero_std=-1"], "hetero"),
+])
+def test_redundancy_keys_are_checked_before_any_data_work(tmp_path, overrides, words):
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, f"data.shards={tmp_path}/none", *overrides)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "none")
+
+
+def test_train_stops_on_a_bad_recipe_before_the_process_group(tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert train.main(["--recipe", RECIPE, "mu=0.9", f"data.shards={tmp_path}/none", f"runs_dir={tmp_path}"]) == 2
+    assert "--mu 0.9 is out of range" in capsys.readouterr().err
+    assert not dist.is_initialized() and not os.path.exists(tmp_path / "none")
+    monkeypatch.setenv("RANK", "3")  # the same error on another rank: rank 0 alone says it
+    assert train.main(["--recipe", RECIPE, "mu=0.9", f"runs_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_the_manifest_is_the_one_source_of_mu(tmp_path, digits_dir):
+    path = str(tmp_path / "m.yaml")
+    write_manifest(build_manifest(load_index(digits_dir), 4, 0.25, partition="label_sorted"), path)
+    # the recipe says mu: 0.5; an explicit contradiction is refused, naming the key and both values
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, f"data.manifest={path}", "mu=0.5", "data.partition=iid")
+    assert "mu=0.5 (manifest: 0.25)" in str(e.value) and "data.partition='iid'" in str(e.value)
+    # repeating the manifest's values is fine; leaving them out takes them from the manifest
+    run = resolve(tmp_path, f"data.manifest={path}", "mu=0.25")
+    assert run.cfg["mu"] == 0.25 and run.name == "digits-risgd-tau50-mu0.25-s0"
+    with open(tmp_path / "r.yaml", "w") as f:  # a recipe that does not name mu at all
+        yaml.safe_dump({k: v for k, v in yaml.safe_load(open(RECIPE)).items() if k != "mu"}, f)
+    run = resolve_run(str(tmp_path / "r.yaml"), [f"runs_dir={tmp_path}", f"data.manifest={path}"], 4)
+    assert run.cfg["mu"] == 0.25 and run.cfg["data"]["partition"] == "label_sorted"
+    with pytest.raises(RecipeError, match="the manifest .* is for 4 workers but this run has 2 ranks"):
+        resolve(tmp_path, f"data.manifest={path}", world_size=2)
+    with pytest.raises(RecipeError, match="algorithm coop cannot use the risgd-mode manifest"):
+        resolve(tmp_path, f"data.manifest={path}", "algorithm=coop", "mu=0")
+
+
+def test_an_existing_run_directory_must_hold_the_same_experiment(tmp_path):
+    run = resolve(tmp_path, "run_name=a")
+    os.makedirs(run.run_dir)
+    with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(run.cfg, f)
+    assert not resolve(tmp_path, "run_name=a").finished
+    # where things are and how they are logged may change; what is trained may not
+    assert not resolve(tmp_path, "run_name=a", "wandb.enabled=false", "eval_every=50", "data.num_workers=2").finished
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, "run_name=a", "data.partition=iid", "optimizer.lr=0.2")
+    msg = str(e.value)
+    assert "data.partition: 'label_sorted' -> 'iid'" in msg and "optimizer.lr: 0.05 -> 0.2" in msg
+    assert "run_name=" in msg and "\n" not in msg
+    with pytest.raises(RecipeError, match="steps: 1000 -> 2000"):  # extending a run changes its schedule
+        resolve(tmp_path, "run_name=a", "steps=2000")
+    open(os.path.join(run.run_dir, "summary.json"), "w").close()
+    assert resolve(tmp_path, "run_name=a").finished
+
+
+def test_experiment_diff_ignores_operational_keys_only():
+    a = load_recipe(RECIPE)
+    b = load_recipe(RECIPE, ["runs_dir=/elsewhere", "data.shards=/local", "checkpoint_every=100", "seed=1"])
+    assert experiment_diff(a, b) == ["seed: 0 -> 1"]
