@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [load_run(d) for d in args.runs]
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # bad input: a directory that holds no finished run
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(table(runs))
     per_seed = seed_table(runs)
     if per_seed:

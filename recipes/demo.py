@@ -33,8 +33,9 @@ def launch(recipe: str, ranks: int, overrides: list[str], log_path: str) -> None
            "--master_port", str(_free_port()), os.path.join(ROOT, "train.py"), "--recipe", recipe, *overrides]
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"run failed (exit {proc.returncode}): see {log_path}")
+    if proc.returncode:  # 2: the run refused its input (one line in the log); 1: it failed
+        print(f"error: run failed (exit {proc.returncode}): see {log_path}", file=sys.stderr)
+        raise SystemExit(2 if proc.returncode == 2 else 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,13 +87,14 @@ class RISGDController:
         """Bring every rank to the same model and return the accounting (:meth:`stats`).
 
         Call it on every rank at the same step, where :meth:`is_average` holds, before evaluating
-        or saving the final model. Float buffers (BatchNorm statistics) that the rounds do not
-        average (plain DeepSpeed never does) are averaged here, once.
+        or saving the final model. Float buffers (BatchNorm statistics) that no round has averaged
+        (plain DeepSpeed and warm-up steps never do) are averaged here, once.
         """
         if not self.is_average():
             raise RuntimeError(f"consensus() at step {self.steps}, inside a round: the ranks hold different "
                                "models; call it where is_average() is true")
-        if self.cfg is None or not self.cfg.average_buffers:
+        # synchronous steps (plain DeepSpeed, warm-up) average gradients, never buffers
+        if self.cfg is None or not self.cfg.average_buffers or self.steps <= self.cfg.warmup_sync_steps:
             self.average_buffers()
         return self.stats()
 

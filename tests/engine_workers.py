@@ -142,13 +142,22 @@ def scenario_gradient_accumulation(rank: int, tau: int = 3, gas: int = 2) -> dic
 
 def scenario_warmup(rank: int, warmup: int = 3, tau: int = 2) -> dict:
     engine = build(ds_config({"tau": tau, "warmup_sync_steps": warmup}))
-    counts, states = [], []
+    counts, states, averaged, consensus, agreed = [], [], [], [], []
     for s in range(warmup + 2 * tau):
         with count_collectives() as c:
             train_step(engine, rank, s)
         counts.append(dict(c))
         states.append(state(engine))
-    return {"counts": counts, "states": states, "stats": engine.risgd.stats()}
+        averaged.append(engine.risgd.is_average())
+        try:  # mid-round, consensus() refuses instead of handing back this rank's local model
+            engine.risgd.consensus()
+            consensus.append("ok")
+            agreed.append(state(engine))
+        except RuntimeError as e:
+            consensus.append(str(e))
+            agreed.append(None)
+    return {"counts": counts, "states": states, "stats": engine.risgd.stats(), "averaged": averaged,
+            "consensus": consensus, "agreed": agreed}
 
 
 def scenario_momentum(rank: int, tau: int = 3) -> dict:
@@ -229,12 +238,13 @@ def scenario_malicious_checkpoint(rank: int, ckpt_dir: str) -> dict:
 
 
 def scenario_plain_buffers(rank: int) -> dict:
-    """Plain DeepSpeed leaves BatchNorm statistics per rank; average_buffers() makes them agree."""
+    """Plain DeepSpeed leaves BatchNorm statistics per rank; consensus() makes them agree."""
     engine = build(ds_config())  # risgd_ext without a 'risgd' block: plain DeepSpeed
     for s in range(2):
         train_step(engine, rank, s)
     before = {k: v.clone() for k, v in state(engine).items() if "running" in k}
-    engine.risgd.average_buffers()
+    assert engine.risgd.is_average()  # synchronous: every step ends on an average
+    engine.risgd.consensus()
     after = {k: v.clone() for k, v in state(engine).items() if "running" in k}
     return {"before": before, "after": after}
 

@@ -106,6 +106,17 @@ def test_warmup_is_synchronous_then_local(results):
     assert warm[0]["stats"]["sync_steps"] == 3 and warm[0]["stats"]["rounds"] == 2
 
 
+def test_the_engine_says_where_the_model_is_an_average(results):
+    warm = [r["warmup"] for r in results]
+    # steps 1..3 synchronous, then rounds close at steps 5 and 7 (tau=2)
+    assert warm[0]["averaged"] == [True, True, True, False, True, False, True]
+    assert [c == "ok" for c in warm[0]["consensus"]] == warm[0]["averaged"]
+    assert "inside a round" in warm[0]["consensus"][3]
+    for step, averaged in enumerate(warm[0]["averaged"]):
+        if averaged:  # after consensus() every rank holds the same model, BatchNorm statistics included
+            assert identical([w["agreed"][step] for w in warm])
+
+
 def test_momentum_averaging_on_and_off(results):
     on = [r["momentum"][True] for r in results]
     off = [r["momentum"][False] for r in results]

@@ -114,7 +114,7 @@ def test_compare_prints_table_and_writes_plots(runs, tmp_path, capsys):
 
 
 def test_compare_refuses_an_unfinished_run(tmp_path, capsys):
-    assert compare.main([str(tmp_path)]) == 1
+    assert compare.main([str(tmp_path)]) == 2
     assert "summary.json is missing" in capsys.readouterr().err
 
 
@@ -152,6 +152,7 @@ def test_train_refuses_bad_recipe_and_wrong_world_size_before_any_work(tmp_path,
     from risgd_data.index import load_index
     from risgd_data.manifest import build_manifest, write_manifest
 
+    monkeypatch.setenv("WORLD_SIZE", "4")  # the recipe's mu=0.5 needs p >= 2
     assert train.main(["--recipe", "recipes/digits.yaml", "bogus=1"]) == 2
     assert "unknown recipe key(s) ['bogus']" in capsys.readouterr().err
     assert train.main(["--recipe", "recipes/digits.yaml", "model.name=resnet9000"]) == 2
