@@ -29,6 +29,7 @@ from risgd_common.atomic import write_text_atomic
 from risgd_common.hashing import sha256_tensors
 from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
 from risgd_recipes.config import RecipeError, Run, check_same_manifest, resolve_run
+from risgd_recipes.evaluation import evaluate
 from risgd_recipes.schedule import lr_factor
 from risgd_recipes.tracking import RunTracker, run_metrics
 
@@ -76,8 +77,8 @@ def load_data(run: Run, rank: int) -> tuple[dict, dict]:
                                               mode="coop" if cfg["algorithm"] == "coop" else "risgd")
     check_same_manifest(run.run_dir, manifest)
     verify_shards(index, data["shards"], manifest["ranks"][rank]["shards"])
-    if rank == 0:  # rank 0 evaluates
-        verify_shards(index, data["shards"], [s["name"] for s in index["splits"]["val"]["shards"]], split="val")
+    # every rank evaluates a slice of the test set
+    verify_shards(index, data["shards"], [s["name"] for s in index["splits"]["val"]["shards"]], split="val")
     return index, manifest
 
 
@@ -94,24 +95,6 @@ def build_optimizer(cfg: dict, model: torch.nn.Module, total_steps: int):
 
 
 # -- evaluation ------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: int) -> dict:
-    model.eval()
-    correct1 = correct5 = total = 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        top = model(images).topk(min(5, num_classes), dim=1).indices
-        hits = top == labels[:, None]
-        correct1 += int(hits[:, 0].sum())
-        correct5 += int(hits.any(dim=1).sum())
-        total += labels.numel()
-    model.train()
-    out = {"test_acc": 100.0 * correct1 / max(1, total)}
-    if num_classes > 10:  # top-5 says little with 10 classes
-        out["test_acc5"] = 100.0 * correct5 / max(1, total)
-    return out
-
 
 def cost_advice(cfg: dict, stats: dict) -> dict:
     """The cost model's prediction for this run's measured compute and bytes on the recipe's network."""
@@ -179,6 +162,8 @@ def train(run: Run) -> int:
         model = risgd_models.create_model(cfg["model"]["name"], num_classes=index["num_classes"],
                                           in_chans=index["image_shape"][0] if index.get("image_shape") else 3,
                                           drop_rate=cfg["model"]["drop_rate"])
+        if cfg["model"]["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=run.ds_config)
@@ -193,13 +178,13 @@ def train(run: Run) -> int:
     if start == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
         torch.manual_seed(cfg["seed"] * 100003 + rank * 7919)
 
+    cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
     loader = make_train_loader(manifest, data["shards"], rank, data["base_batch"], policy=data["batch_policy"],
                                transform=train_transform(index["dataset"], data["image_size"]), seed=cfg["seed"],
-                               start_step=start, num_workers=data["num_workers"])
-    eval_loader = None
-    if rank == 0:  # rank 0 evaluates the averaged model
-        eval_loader = make_eval_loader(data["shards"], data["eval_batch"],
-                                       transform=eval_transform(index["dataset"], data["image_size"]))
+                               start_step=start, num_workers=data["num_workers"], pin_memory=cuda)
+    eval_loader = make_eval_loader(data["shards"], data["eval_batch"], rank=rank, world_size=run.world_size,
+                                   transform=eval_transform(index["dataset"], data["image_size"]))
+    fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
     tracker = RunTracker(run.run_dir, cfg, active=rank == 0, resume_step=start)
     if rank == 0:
         write_text_atomic(os.path.join(run.run_dir, "ds_config.json"), json.dumps(run.ds_config, indent=2))
@@ -218,7 +203,8 @@ def train(run: Run) -> int:
     batches = iter(loader)
     for step in range(start + 1, total_steps + 1):
         images, labels = next(batches)
-        loss = F.cross_entropy(engine(images.to(device)), labels.to(device))
+        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        loss = F.cross_entropy(engine(images), labels.to(device, non_blocking=True))
         engine.backward(loss)
         engine.step()
         running[0] += loss.detach()
@@ -236,13 +222,16 @@ def train(run: Run) -> int:
                        "train_loss": float(running[0] / running[1]), **run_metrics(stats),
                        "wall_seconds": time.perf_counter() - t0, "samples_skipped": int(running[2])}
             running.zero_()
+            t_eval = time.perf_counter()
+            metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"],
+                                    cfg["model"]["channels_last"]))
+            metrics["eval_seconds"] = time.perf_counter() - t_eval
+            best = max(best, metrics["test_acc"])
             if rank == 0:
                 live = frozenset(range(run.world_size)) - set(stats["down_ranks"])
                 if live not in coverage:
                     coverage[live] = live_coverage(manifest, index, live)
                 metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
-                metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"]))
-                best = max(best, metrics["test_acc"])
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
                 if last_eval == 0:  # the first measurement is enough to advise on tau
                     tqdm.write(f"cost model: {json.dumps(cost_advice(cfg, stats))}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from risgd_common.hashing import sha256_file
+from .stamps import Stamps
 
 
 class DataError(Exception):
@@ -53,25 +53,29 @@ def safe_name(name: str) -> str:
     return name
 
 
-# (path, size, mtime_ns) -> digest: each shard is hashed at most once per process.
-_VERIFIED: dict[tuple[str, int, int], str] = {}
-
-
-def verify_shard(shard_dir: str, name: str, sha256: str, fix: str) -> str:
+def verify_shard(shard_dir: str, name: str, sha256: str, fix: str, full: bool = False,
+                 stamps: Stamps | None = None) -> str:
     """Check that shard `name` exists under `shard_dir` with the expected sha256; return its path.
 
+    The shard is hashed only when neither the in-process cache nor the directory's verification stamp
+    (data/stamps.py) vouches for it, or always with `full=True`. `stamps` shares one stamp file across
+    many calls (index.verify_shards); without it this call reads and saves its own.
     Raises DataError with a one-line message naming the shard and `fix` (the command to run).
     """
     path = os.path.join(shard_dir, safe_name(name))
+    own = stamps is None
+    if own:
+        stamps = Stamps(shard_dir)
+    elif stamps.shard_dir != shard_dir:
+        raise ValueError(f"stamps of {stamps.shard_dir!r} passed to verify a shard under {shard_dir!r}")
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DataError(f"shard {name} missing under {shard_dir}: {fix}") from None
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    digest = _VERIFIED.get(key)
-    if digest is None:
-        digest = sha256_file(path)
-        _VERIFIED[key] = digest
+        try:
+            digest = stamps.digest(name, sha256, full=full)
+        except FileNotFoundError:
+            raise DataError(f"shard {name} missing under {shard_dir}: {fix}") from None
+    finally:
+        if own:
+            stamps.save()
     if digest != sha256:
         raise DataError(
             f"shard {name} under {shard_dir} has sha256 {digest[:12]}... but the index expects "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError, safe_name, verify_shard
+from .stamps import Stamps
 
 INDEX_VERSION = 1
 
@@ -75,10 +76,25 @@ def shard_map(index: dict, split: str = "train") -> dict[str, dict]:
     return {s["name"]: s for s in index["splits"][split]["shards"]}
 
 
-def verify_shards(index: dict, shard_dir: str, names: list[str], split: str = "train", fix: str = "") -> None:
-    """Fail fast (DataError, one line) if any named shard is missing or has the wrong sha256."""
+def verify_shards(index: dict, shard_dir: str, names: list[str], split: str = "train", fix: str = "",
+                  full: bool = False, stamps: Stamps | None = None) -> dict:
+    """Fail fast (DataError, one line) if any named shard is missing or has the wrong sha256.
+
+    A shard whose verification stamp still matches the file (data/stamps.py) is not hashed; with
+    `full=True` every shard is hashed. Shards that hash correctly refresh their stamps (in a directory
+    that has a stamp file), also when a later one fails. Returns the counts: {"shards", "by_stamp",
+    "by_cache", "hashed", "hashed_bytes"} (cumulative over a shared `stamps`).
+    """
     by_name = shard_map(index, split)
     fix = fix or (f"copy it with python -m data.replicate --dest {shard_dir} ... "
                   f"or rebuild with python -m data.make_shards --out {shard_dir}")
-    for name in names:
-        verify_shard(shard_dir, name, by_name[name]["sha256"], fix)
+    own = stamps is None
+    if own:
+        stamps = Stamps(shard_dir)
+    try:
+        for name in names:
+            verify_shard(shard_dir, name, by_name[name]["sha256"], fix, full=full, stamps=stamps)
+    finally:
+        if own:
+            stamps.save()
+    return stamps.report()

@@ -29,6 +29,7 @@ from .errors import EXIT_BAD_INPUT, EXIT_OK, DataError, cli_error, safe_name
 from .index import load_index, split_arrays, verify_shards
 from .partition import parse_scheme, resolve_chunks
 from .partition import partition as make_partition
+from .stamps import Stamps
 
 MANIFEST_VERSION = 1
 MODES = ("risgd", "coop")
@@ -276,19 +277,21 @@ def load_manifest(path: str) -> dict:
 
 # ---------------------------------------------------------------- check
 
-def check_manifest(manifest: dict, index: dict, shard_dir: str | None = None) -> list[str]:
+def check_manifest(manifest: dict, index: dict, shard_dir: str | None = None, stamp: bool = False) -> list[str]:
     """Validate a manifest against an index; return the problems found (empty list: fine).
 
     With `shard_dir`, also check that every shard of every split in the index (train and val: every
-    shard a run reads) is there with the index's sha256.
+    shard a run reads) is there with the index's sha256, hashing each in full (never trusting a
+    verification stamp). Shards that verify refresh their stamps where `shard_dir` has a stamp file;
+    `stamp=True` creates one (data/stamps.py).
     """
     try:
-        return _check(manifest, index, shard_dir)
+        return _check(manifest, index, shard_dir, stamp)
     except (KeyError, TypeError, ValueError, IndexError) as e:
         return [f"malformed manifest: {type(e).__name__}: {e}"]
 
 
-def _check(m: dict, index: dict, shard_dir: str | None) -> list[str]:
+def _check(m: dict, index: dict, shard_dir: str | None, stamp: bool = False) -> list[str]:
     problems: list[str] = []
     if m.get("version") != MANIFEST_VERSION:
         problems.append(f"version {m.get('version')!r} != {MANIFEST_VERSION}")
@@ -372,13 +375,17 @@ def _check(m: dict, index: dict, shard_dir: str | None) -> list[str]:
     hist = {int(k): int(v) for k, v in sorted(Counter(coverage.tolist()).items())}
     if hist != {int(k): int(v) for k, v in m["summary"]["replication_histogram"].items()}:
         problems.append(f"replication histogram {m['summary']['replication_histogram']} != actual {hist}")
-    if shard_dir is not None:  # every shard a run reads: all splits (train and val)
-        for split, info in index["splits"].items():
-            for s in info["shards"]:
-                try:
-                    verify_shards(index, shard_dir, [s["name"]], split=split)
-                except DataError as e:
-                    problems.append(str(e))
+    if shard_dir is not None:  # every shard a run reads: all splits (train and val), hashed in full
+        stamps = Stamps(shard_dir, create=stamp)
+        try:
+            for split, info in index["splits"].items():
+                for s in info["shards"]:
+                    try:
+                        verify_shards(index, shard_dir, [s["name"]], split=split, full=True, stamps=stamps)
+                    except DataError as e:
+                        problems.append(str(e))
+        finally:
+            stamps.save()
     return problems
 
 
@@ -429,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--shard-dir", default=None,
                    help="also check that every shard of the index (train and val: every shard a run "
                    "reads) is present there with a matching sha256 "
-                   "(default: the index's directory when it holds shards)")
+                   "(default: the index's directory when it holds shards); every shard is hashed in full")
+    c.add_argument("--stamp", action="store_true",
+                   help="record the shards that verify in the shard directory's .risgd-verified.json (created "
+                   "if missing), so that training starts there skip hashing them; without it, an existing "
+                   "stamp file is refreshed and none is created")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "build":  # the parameters first: they need no index
@@ -448,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             idx_dir = args.index if os.path.isdir(args.index) else os.path.dirname(args.index) or "."
             train = index["splits"]["train"]["shards"]
             shard_dir = idx_dir if train and os.path.exists(os.path.join(idx_dir, train[0]["name"])) else None
-        problems = check_manifest(m, index, shard_dir)
+        problems = check_manifest(m, index, shard_dir, stamp=args.stamp)
     except (DataError, OSError) as e:
         return cli_error(e)
     for prob in problems:

@@ -17,6 +17,11 @@ sha256 matches the manifest; files already present with the right size and sha25
 again. index.json and the manifest are copied too, so NODE_DIR is a complete shard directory for
 the loader.
 
+Every shard copied or found correct is recorded in NODE_DIR/.risgd-verified.json (its sha256 with
+the file's size, mtime, ctime, inode and device), so the ranks that start on this node skip hashing
+shards that have not changed since; a shard already present is trusted the same way on a second
+run. --rehash hashes every shard already present instead (and refreshes the stamps).
+
 Exit status: 0 done; 2 bad input, with one `error:` line naming the file or argument and the fix
 (missing or malformed manifest / index.json, a shard missing at the source or whose sha256 differs
 from the manifest's, a failing pipe: command, a --node-rank that serves no rank); 1 the copy itself
@@ -36,10 +41,10 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from risgd_common.atomic import atomic_write, write_bytes_atomic
-from risgd_common.hashing import sha256_file
 
 from .errors import EXIT_OK, DataError, cli_error, safe_name
 from .manifest import load_manifest
+from .stamps import Stamps
 
 _BLOCK = 1 << 20
 
@@ -86,16 +91,18 @@ def open_source(source: str, name: str):
             yield f
 
 
-def _copy_verified(src: BinaryIO, dest_dir: str, name: str, sha256: str, origin: str) -> int:
-    """Stream `src` to dest_dir/name through risgd_common.atomic; rename only if the sha256 matches.
+def _copy_verified(src: BinaryIO, stamps: Stamps, name: str, sha256: str, origin: str) -> int:
+    """Stream `src` to name under the stamps' directory through risgd_common.atomic; rename only if
+    the sha256 matches, then stamp the copy.
 
     On a mismatch the writer raises before the rename, so neither the file nor a temporary is left.
     """
     h = hashlib.sha256()
     n = 0
+    written = None
 
     def writer(out: BinaryIO) -> None:
-        nonlocal n
+        nonlocal n, written
         while block := src.read(_BLOCK):
             h.update(block)
             out.write(block)
@@ -105,13 +112,23 @@ def _copy_verified(src: BinaryIO, dest_dir: str, name: str, sha256: str, origin:
                 f"shard {name} from {origin} has sha256 {h.hexdigest()[:12]}... but the manifest expects "
                 f"{sha256[:12]}...: the source is corrupt or from another make_shards run"
             )
+        out.flush()
+        written = os.fstat(out.fileno())
 
-    atomic_write(os.path.join(dest_dir, name), writer)
+    atomic_write(os.path.join(stamps.shard_dir, name), writer)
+    stamps.add_copy(name, sha256, written)
     return n
 
 
-def _present(path: str, size: int, sha256: str) -> bool:
-    return os.path.isfile(path) and os.path.getsize(path) == size and sha256_file(path) == sha256
+def _present(stamps: Stamps, name: str, size: int, sha256: str, rehash: bool) -> bool:
+    """The shard is there with the manifest's sha256 (its stamp vouches for it unless `rehash`)."""
+    path = os.path.join(stamps.shard_dir, name)
+    if not os.path.isfile(path) or os.path.getsize(path) != size:
+        return False
+    try:
+        return stamps.digest(name, sha256, full=rehash) == sha256
+    except FileNotFoundError:
+        return False
 
 
 def _write_if_changed(path: str, data: bytes) -> int:
@@ -132,8 +149,11 @@ def node_ranks(manifest: dict, node_rank: int, ranks_per_node: int) -> list[int]
 
 
 def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_per_node: int,
-              with_val: bool = True, log=print) -> dict:
-    """Copy the node's shards; return a report dict (bytes copied, storage factors)."""
+              with_val: bool = True, log=print, rehash: bool = False) -> dict:
+    """Copy the node's shards and stamp them; return a report dict (bytes copied, storage factors).
+
+    Shards already in `dest` are trusted by their verification stamp, or hashed in full with `rehash`.
+    """
     manifest = load_manifest(manifest_path)
     ranks = node_ranks(manifest, node_rank, ranks_per_node)
     os.makedirs(dest, exist_ok=True)
@@ -154,15 +174,19 @@ def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_
     if with_val:
         files += manifest["index"]["shards"].get("val", [])
     copied = skipped = copied_bytes = 0
-    for s in files:
-        name = safe_name(s["name"])
-        if _present(os.path.join(dest, name), s["bytes"], s["sha256"]):
-            skipped += 1
-            continue
-        with open_source(source, name) as f:
-            copied_bytes += _copy_verified(f, dest, name, s["sha256"], source)
-        copied += 1
-        log(f"copied {name} ({s['bytes']} bytes)")
+    stamps = Stamps(dest, create=True)
+    try:
+        for s in files:
+            name = safe_name(s["name"])
+            if _present(stamps, name, s["bytes"], s["sha256"], rehash):
+                skipped += 1
+                continue
+            with open_source(source, name) as f:
+                copied_bytes += _copy_verified(f, stamps, name, s["sha256"], source)
+            copied += 1
+            log(f"copied {name} ({s['bytes']} bytes)")
+    finally:  # what was verified stays stamped, also when a later shard fails
+        stamps.save()
     with open(manifest_path, "rb") as f:
         manifest_bytes = f.read()
     copied_bytes += _write_if_changed(os.path.join(dest, "index.json"), index_bytes)
@@ -174,6 +198,7 @@ def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_
         "ranks": ranks,
         "files_copied": copied,
         "files_present": skipped,
+        "present_by_stamp": stamps.by_stamp + stamps.by_cache,  # of those present: not hashed (stamp)
         "bytes_copied": copied_bytes,
         "node_train_bytes": node_bytes,
         "full_copy_bytes": full,
@@ -191,7 +216,8 @@ def format_report(rep: dict) -> str:
     return (
         f"node {rep['node_rank']} (ranks {rep['ranks'][0]}..{rep['ranks'][-1]}): "
         f"copied {rep['files_copied']} files, {rep['bytes_copied']} bytes; "
-        f"{rep['files_present']} already present\n"
+        f"{rep['files_present']} already present ({rep['present_by_stamp']} by stamp, "
+        f"{rep['files_present'] - rep['present_by_stamp']} hashed)\n"
         f"node storage / one full copy of train = {rep['node_storage_over_full_copy']:.4f} "
         f"(manifest predicts {rep['manifest_node_storage_over_full_copy']:.4f} at shard granularity; "
         f"sample-level sum of gamma_j over the node's ranks = {rep['manifest_node_gamma_sum']:.4f})"
@@ -209,10 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-rank", type=int, required=True, help="this node's index K (0-based)")
     ap.add_argument("--ranks-per-node", type=int, required=True, help="ranks (GPUs) per node N")
     ap.add_argument("--no-val", action="store_true", help="do not copy the validation shards")
+    ap.add_argument("--rehash", action="store_true",
+                    help="hash every shard already in --dest in full instead of trusting its verification "
+                    "stamp (.risgd-verified.json); refreshes the stamps")
     args = ap.parse_args(argv)
     try:
         rep = replicate(args.manifest, args.source, args.dest, args.node_rank, args.ranks_per_node,
-                        with_val=not args.no_val)
+                        with_val=not args.no_val, rehash=args.rehash)
     except (DataError, OSError) as e:
         return cli_error(e)
     print(format_report(rep))

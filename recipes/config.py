@@ -26,6 +26,7 @@ from risgd_data.manifest import load_manifest, validate_manifest_params
 from risgd_ext.config import ConfigError, RISGDConfig, check_world, split_config
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
+PRECISIONS = (None, "fp32", "bf16")
 _ENGINE = RISGDConfig()  # the engine's defaults
 
 
@@ -52,7 +53,8 @@ SCHEMA: dict[str, Any] = {
     "dist_timeout_s": 600,         # a collective waiting longer than this fails the job (a dead rank)
     "ds_config": "ds_configs/digits.json",
     "failures": [],                # risgd.failures entries (see risgd_ext)
-    "model": {"name": "resnet8_digits", "drop_rate": 0.0},
+    "precision": None,             # fp32 | bf16 (torch autocast, fp32 weights); null: as the ds_config says
+    "model": {"name": "resnet8_digits", "drop_rate": 0.0, "channels_last": False},
     "data": {
         "dataset": "digits",
         "shards": "shards/digits",  # made on the fly for digits when missing
@@ -163,6 +165,8 @@ def validate(cfg: dict) -> None:
                           "network.target_comm_share in (0, 1)")
     if cfg["data"]["base_batch"] < 1:
         raise RecipeError("data.base_batch must be >= 1")
+    if cfg["precision"] not in PRECISIONS:
+        raise RecipeError(f"precision must be fp32 or bf16 (or null: as the ds_config says), got {cfg['precision']!r}")
 
 
 def _read_raw(path: str, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -284,6 +288,10 @@ def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | Non
     # DeepSpeed's batch bookkeeping; the real per-rank batch is the loader's (it grows with q).
     ds["train_micro_batch_size_per_gpu"] = cfg["data"]["base_batch"]
     ds["train_batch_size"] = cfg["data"]["base_batch"] * gas * world_size
+    if cfg["precision"] == "bf16":  # fp32 weights, bf16 compute: the precision the 'risgd' block allows
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif cfg["precision"] == "fp32":
+        ds.pop("torch_autocast", None)
     block = ds.pop("risgd", {})
     if cfg["algorithm"] != "sync":
         block.update(tau=cfg["tau"], warmup_sync_steps=cfg["warmup_sync_steps"],

@@ -15,6 +15,7 @@ from risgd_data.index import load_index
 from risgd_data.loader import make_train_loader
 from risgd_data.manifest import build_manifest, write_manifest
 from risgd_data.replicate import replicate
+from risgd_data.stamps import STAMP_NAME, read_stamps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,12 +39,15 @@ def test_local_copy_exact_and_idempotent(digits_dir, manifest_path, tmp_path):
     want = set(m["ranks"][0]["shards"]) | {s["name"] for s in m["index"]["shards"]["val"]}
     assert {n for n in os.listdir(dest) if n.endswith(".tar")} == want
     assert {"index.json", "m.yaml"} <= set(os.listdir(dest))
-    assert not [n for n in os.listdir(dest) if n.startswith(".")]
+    # No temporary left; the one hidden file is the verification stamp of every shard copied.
+    assert [n for n in os.listdir(dest) if n.startswith(".")] == [STAMP_NAME]
+    assert set(read_stamps(str(dest))) == want
     assert rep["node_storage_over_full_copy"] == pytest.approx(rep["manifest_node_storage_over_full_copy"])
     assert rep["node_storage_over_full_copy"] == pytest.approx(m["ranks"][0]["storage_fraction"])
     mtimes = {n: os.stat(dest / n).st_mtime_ns for n in os.listdir(dest)}
     again = replicate(path, digits_dir, str(dest), node_rank=0, ranks_per_node=1, log=_quiet)
     assert again["bytes_copied"] == 0 and again["files_copied"] == 0
+    assert again["present_by_stamp"] == again["files_present"] == len(want)  # trusted, not re-hashed
     assert mtimes == {n: os.stat(dest / n).st_mtime_ns for n in os.listdir(dest)}
     # The node directory is a complete shard dir for that rank's loader (sha256 verified).
     make_train_loader(path, str(dest), 0, base_batch=8, num_workers=0).batch_at(0)
@@ -58,7 +62,7 @@ def test_storage_over_all_nodes(digits_dir, manifest_path, tmp_path):
     assert sum(r["manifest_node_gamma_sum"] for r in reps) == pytest.approx(1 + 4 * 0.25)
     two = replicate(path, digits_dir, str(tmp_path / "pair"), 1, 2, with_val=False, log=_quiet)
     assert two["ranks"] == [2, 3]
-    assert set(os.listdir(tmp_path / "pair")) - {"index.json", "m.yaml"} == (
+    assert set(os.listdir(tmp_path / "pair")) - {"index.json", "m.yaml", STAMP_NAME} == (
         set(m["ranks"][2]["shards"]) | set(m["ranks"][3]["shards"]))
     with pytest.raises(DataError, match="--node-rank 2"):
         replicate(path, digits_dir, str(tmp_path / "x"), 2, 2, log=_quiet)
@@ -89,7 +93,9 @@ def test_checksum_failure_leaves_nothing(digits_dir, manifest_path, tmp_path):
     dest = tmp_path / "node"
     with pytest.raises(DataError, match=f"shard {victim} .*sha256"):
         replicate(path, str(src), str(dest), 0, 1, log=_quiet)
-    assert victim not in os.listdir(dest) and not [n for n in os.listdir(dest) if n.startswith(".")]
+    assert victim not in os.listdir(dest)
+    assert [n for n in os.listdir(dest) if n.startswith(".")] == [STAMP_NAME]  # no temporary
+    assert victim not in read_stamps(str(dest)) and m["ranks"][0]["shards"][0] in read_stamps(str(dest))
     os.remove(src / victim)
     with pytest.raises(DataError, match=f"shard {victim} not found"):
         replicate(path, str(src), str(dest), 0, 1, log=_quiet)
@@ -105,7 +111,10 @@ def test_cli(digits_dir, manifest_path, tmp_path):
     r = run(*args, "--source", digits_dir)
     assert r.returncode == 0 and "node storage / one full copy" in r.stdout, r.stderr
     r = run(*args, "--source", digits_dir)
-    assert "copied 0 files, 0 bytes" in r.stdout
+    assert "copied 0 files, 0 bytes" in r.stdout and " by stamp, 0 hashed)" in r.stdout, r.stdout
+    r = run(*args, "--source", digits_dir, "--rehash")  # every shard present hashed in full
+    assert r.returncode == 0 and "copied 0 files, 0 bytes" in r.stdout and "(0 by stamp, " in r.stdout, r.stdout
+    assert "--rehash" in run("--help").stdout
     r = run(*args, "--source", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "index.json" in r.stderr
 
@@ -126,7 +135,8 @@ def test_cli_exit_codes(digits_dir, manifest_path, tmp_path):
     dest = tmp_path / "node"
     r = run(*node, "--source", str(src), "--dest", str(dest))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and victim in r.stderr and "sha256" in r.stderr
-    assert victim not in os.listdir(dest) and not [n for n in os.listdir(dest) if n.startswith(".")]
+    assert victim not in os.listdir(dest) and not [n for n in os.listdir(dest)
+                                                    if n.startswith(".") and n != STAMP_NAME]
     # A malformed index.json at the source (used to be a JSON traceback): exit 2, one line.
     (src / "index.json").write_text("{not json")
     r = run(*node, "--source", str(src), "--dest", str(dest))

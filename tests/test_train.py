@@ -162,3 +162,28 @@ def test_train_refuses_bad_recipe_and_wrong_world_size_before_any_work(tmp_path,
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert train.main(["--recipe", "recipes/digits.yaml", f"data.manifest={manifest}", "mu=0.25"]) == 2
     assert "is for 4 workers but this run has 2 ranks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algorithm", ["prsgd", "risgd"])
+def test_distributed_evaluation_equals_one_process_evaluating_everything(runs, algorithm, digits_dir):
+    """Each of the 2 ranks evaluated its slice and the counts were summed; one process evaluating the
+    whole test set with the final model must get exactly the same accuracy."""
+    import torch
+
+    import risgd_models
+    from risgd_data.index import load_index
+    from risgd_data.loader import make_eval_loader
+    from risgd_data.transforms import eval_transform
+    from risgd_recipes.evaluation import evaluate
+
+    index = load_index(digits_dir)
+    state = torch.load(os.path.join(runs[algorithm], "checkpoints", f"step{STEPS}", "risgd_rank00000.pt"),
+                       map_location="cpu", weights_only=True)
+    model = risgd_models.create_model("resnet8_digits", num_classes=10, in_chans=index["image_shape"][0])
+    model.load_state_dict(state["module"])
+    loader = make_eval_loader(digits_dir, 64, transform=eval_transform("digits"))
+    acc = evaluate(model, loader, torch.device("cpu"), 10)["test_acc"]
+    with open(os.path.join(runs[algorithm], "summary.json")) as f:
+        assert acc == json.load(f)["final_test_acc"]
+    with open(os.path.join(runs[algorithm], "metrics.jsonl")) as f:
+        assert all(json.loads(line)["eval_seconds"] > 0 for line in f)
