@@ -234,21 +234,26 @@ def make_train_loader(
 
 
 class _EvalBatches(torch.utils.data.Dataset):
-    def __init__(self, decoder: _Decoder, batch_size: int):
+    """Batches over the samples [lo, hi) of a split, in order."""
+
+    def __init__(self, decoder: _Decoder, batch_size: int, lo: int = 0, hi: int | None = None):
         self.decoder, self.batch_size = decoder, batch_size
-        self.n = len(decoder.labels)
+        self.lo = lo
+        self.hi = len(decoder.labels) if hi is None else hi
+        self.n = self.hi - self.lo
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
     def __getitem__(self, b: int):
         images, labels = [], []
-        for gid in range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)):
+        first = self.lo + b * self.batch_size
+        for gid in range(first, min(self.hi, first + self.batch_size)):
             img = self.decoder.decode(gid)
             if img is not None:
                 images.append(img)
                 labels.append(int(self.decoder.labels[gid]))
-        skipped = min(self.n, (b + 1) * self.batch_size) - b * self.batch_size - len(images)
+        skipped = min(self.hi, first + self.batch_size) - first - len(images)
         if not images:
             return None, None, skipped
         return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
@@ -277,11 +282,20 @@ class EvalLoader:
 
 
 def make_eval_loader(shard_dir: str, batch_size: int, transform: Callable | None = None, split: str = "val",
-                     num_workers: int = 0, verify: bool = True) -> EvalLoader:
-    """Loader over every sample of `split` in shard order (no augmentation by default)."""
+                     num_workers: int = 0, verify: bool = True, rank: int = 0, world_size: int = 1) -> EvalLoader:
+    """Loader over the samples of `split` in shard order (no augmentation by default).
+
+    With ``world_size`` p > 1, rank r gets the contiguous slice [r*n//p, (r+1)*n//p) of the n
+    samples: the slices are disjoint and together are the whole split, in order (distributed
+    evaluation sums the ranks' counts)."""
     index = load_index(shard_dir)
     names = [s["name"] for s in index["splits"].get(split, {"shards": []})["shards"]]
     if verify:
         verify_shards(index, shard_dir, names, split=split)
     transform = transform or eval_transform(index["dataset"])
-    return EvalLoader(_EvalBatches(_Decoder(shard_dir, index, split, transform), batch_size), num_workers)
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in a world of {world_size} ranks")
+    decoder = _Decoder(shard_dir, index, split, transform)
+    n = len(decoder.labels)
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    return EvalLoader(_EvalBatches(decoder, batch_size, lo, hi), num_workers)

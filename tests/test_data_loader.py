@@ -176,3 +176,16 @@ def test_eval_loader(index, digits_dir):
     assert torch.cat([y for _, y in a]).tolist() == split_arrays(index, "val").labels.tolist()
     assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b))
     assert a[0][0].shape == (64, 1, 8, 8) and abs(float(torch.cat([x for x, _ in a]).mean())) < 0.2
+
+
+def test_eval_slices_are_disjoint_and_cover_the_split_in_order(digits_dir):
+    from risgd_data.loader import make_eval_loader
+
+    def labels(loader):
+        return [int(y) for _, ys in loader for y in ys]
+
+    whole = labels(make_eval_loader(digits_dir, 64))
+    for world in (1, 2, 3, 4):
+        parts = [labels(make_eval_loader(digits_dir, 64, rank=r, world_size=world)) for r in range(world)]
+        assert sum(parts, []) == whole  # disjoint, complete, in shard order
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
