@@ -67,6 +67,7 @@ SCHEMA: dict[str, Any] = {
         "eval_batch": 256,
         "num_workers": 0,
         "image_size": None,
+        "verify": "stamp",          # stamp: skip re-hashing replicated, unchanged shards; full: hash all
     },
     "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
     "schedule": {"kind": "cosine", "warmup_steps": 0, "milestones": [], "gamma": 0.1, "min_lr": 0.0},
@@ -79,7 +80,8 @@ SCHEMA: dict[str, Any] = {
 # Keys that may change when a run is continued: where things are, how they are logged, how often
 # they are looked at. Every other key defines the experiment.
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
-               "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch")
+               "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
+               "data.verify")
 # What a manifest file decides (recipe key -> manifest key).
 FROM_MANIFEST = {"mu": "mu", "data.partition": "partition", "data.hetero_std": "hetero_std"}
 
@@ -165,6 +167,8 @@ def validate(cfg: dict) -> None:
                           "network.target_comm_share in (0, 1)")
     if cfg["data"]["base_batch"] < 1:
         raise RecipeError("data.base_batch must be >= 1")
+    if cfg["data"]["verify"] not in ("stamp", "full"):
+        raise RecipeError(f"data.verify must be stamp or full, got {cfg['data']['verify']!r}")
     if cfg["precision"] not in PRECISIONS:
         raise RecipeError(f"precision must be fp32 or bf16 (or null: as the ds_config says), got {cfg['precision']!r}")
 
