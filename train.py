@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import risgd_ext
 from risgd_common.atomic import write_text_atomic
 from risgd_common.hashing import sha256_tensors
 from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
@@ -39,8 +40,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recipe", required=True, help="recipe YAML, e.g. recipes/digits.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher (the LOCAL_RANK variable is used)")
+    parser.add_argument("--plan", default=None,
+                        help="YAML list of runs, each a list of key=value overrides applied after the command "
+                             "line's: all are checked first, then trained one after another in this one process "
+                             "group (a launch costs ~30 s of start-up); finished runs are skipped")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys (dotted for nested)")
     return parser.parse_args(argv)
+
+
+def load_plan(path: str | None) -> list[list[str]]:
+    """The plan's runs (``[[]]``: one run, the command line's)."""
+    import yaml
+
+    if path is None:
+        return [[]]
+    try:
+        with open(path) as f:
+            plan = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"plan {path} cannot be read ({' '.join(str(e).split())}): pass a YAML list of "
+                          "override lists") from None
+    if not isinstance(plan, list) or not plan or not all(
+            isinstance(run, list) and all(isinstance(o, str) for o in run) for run in plan):
+        raise RecipeError(f"plan {path} must be a non-empty YAML list of lists of key=value strings, "
+                          "e.g. [[algorithm=sync, mu=0], [algorithm=risgd, mu=0.5]]")
+    return plan
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -113,14 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     first = os.environ.get("RANK", "0") == "0"  # before the process group: every rank finds the same error
     try:
-        run = resolve_run(args.recipe, args.overrides, world_size)  # everything checked before any work
-        check_model(run.cfg["model"]["name"])
-        if run.finished:
-            if first:
+        # every run checked before any work
+        runs = [resolve_run(args.recipe, [*args.overrides, *extra], world_size) for extra in load_plan(args.plan)]
+        dirs = [run.run_dir for run in runs]
+        if len(set(dirs)) < len(dirs):
+            raise RecipeError(f"the plan names run directory {next(d for d in dirs if dirs.count(d) > 1)} twice: "
+                              "give each run its own run_name=")
+        for run in runs:
+            check_model(run.cfg["model"]["name"])
+            if run.finished and first:
                 print(f"{run.run_dir} is finished (summary.json): nothing to do; pick a new run_name= to train "
                       "again", file=sys.stderr)
-            return 0
-        return train(run)
+        pending = [run for run in runs if not run.finished]
+        if pending:
+            # A rank that dies makes the others fail their next collective after this timeout instead of
+            # hanging (the deepspeed launcher also kills the node's other ranks when one exits).
+            timeout = max(run.cfg["dist_timeout_s"] for run in pending)
+            risgd_ext.init_distributed(timeout=datetime.timedelta(seconds=timeout))
+        for run in pending:
+            train(run)
+        return 0
     except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
         if dist.get_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -134,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def train(run: Run) -> int:
+def train(run: Run) -> None:
+    """One run, in the process group that main() started."""
     from deepspeed.accelerator import get_accelerator
 
-    import risgd_ext
     import risgd_models
     from risgd_data.loader import make_eval_loader, make_train_loader
     from risgd_data.manifest import live_coverage, steps_per_epoch
@@ -146,9 +182,6 @@ def train(run: Run) -> int:
     cfg, data = run.cfg, run.cfg["data"]
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
-    # A rank that dies makes the others fail their next collective after this timeout instead of
-    # hanging (the deepspeed launcher also kills the node's other ranks when one exits).
-    risgd_ext.init_distributed(timeout=datetime.timedelta(seconds=cfg["dist_timeout_s"]))
     rank = dist.get_rank()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
@@ -262,7 +295,6 @@ def train(run: Run) -> int:
         print(f"cost model: {json.dumps(summary['cost_model'])}", flush=True)
     tracker.finish(summary)
     dist.barrier()
-    return 0
 
 
 if __name__ == "__main__":

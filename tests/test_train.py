@@ -36,15 +36,36 @@ def launch(overrides: list[str], ranks: int = 2, env_extra: dict | None = None) 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, digits_dir):
+    """The four algorithms as one launch: a plan trains them one after another in one process group."""
     runs_dir = tmp_path_factory.mktemp("runs")
-    out = {}
-    for algorithm, mu in ALGORITHMS.items():
-        proc = launch([f"algorithm={algorithm}", f"mu={mu}", f"steps={STEPS}", f"tau={TAU}", f"eval_every={EVAL}",
-                       f"checkpoint_every={EVAL}", f"data.shards={digits_dir}", f"runs_dir={runs_dir}",
-                       f"run_name={algorithm}", "wandb.mode=offline"], env_extra={"WANDB_API_KEY": FAKE_KEY})
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[algorithm] = os.path.join(runs_dir, algorithm)
-    return out
+    plan = runs_dir / "plan.yaml"
+    plan.write_text(yaml.safe_dump([[f"algorithm={a}", f"mu={mu}", f"run_name={a}"] for a, mu in ALGORITHMS.items()]))
+    proc = launch(["--plan", str(plan), f"steps={STEPS}", f"tau={TAU}", f"eval_every={EVAL}",
+                   f"checkpoint_every={EVAL}", f"data.shards={digits_dir}", f"runs_dir={runs_dir}",
+                   "wandb.mode=offline"], env_extra={"WANDB_API_KEY": FAKE_KEY})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {a: os.path.join(runs_dir, a) for a in ALGORITHMS}
+
+
+def test_a_plan_run_equals_a_launch_of_its_own(runs, digits_dir, tmp_path):
+    proc = launch(["algorithm=risgd", "mu=0.5", f"steps={STEPS}", f"tau={TAU}", f"eval_every={EVAL}",
+                   f"checkpoint_every={EVAL}", f"data.shards={digits_dir}", f"runs_dir={tmp_path}", "run_name=alone",
+                   "wandb.enabled=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "alone" / "summary.json") as f, open(os.path.join(runs["risgd"], "summary.json")) as g:
+        alone, planned = json.load(f), json.load(g)
+    assert alone["model_sha256"] == planned["model_sha256"]  # the earlier runs in the process left no trace
+    assert alone["final_test_acc"] == planned["final_test_acc"]
+
+
+def test_a_plan_is_checked_whole_before_any_work(tmp_path, digits_dir):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump([["algorithm=sync", "mu=0", "run_name=a"], ["algorithm=risgd", "mu=0.9",
+                                                                            "run_name=b"]]))
+    proc = launch(["--plan", str(plan), "steps=10", "tau=5", f"data.shards={digits_dir}", f"runs_dir={tmp_path}",
+                   "wandb.enabled=false"])
+    assert proc.returncode == 2 and "--mu 0.9 is out of range" in proc.stdout + proc.stderr
+    assert not os.path.exists(tmp_path / "a")  # the valid first run was not trained either
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
