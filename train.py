@@ -214,8 +214,9 @@ def train(run: Run) -> None:
         torch.manual_seed(cfg["seed"] * 100003 + rank * 7919)
 
     cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
+    transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
     loader = make_train_loader(manifest, data["shards"], rank, data["base_batch"], policy=data["batch_policy"],
-                               transform=train_transform(index["dataset"], data["image_size"]), seed=cfg["seed"],
+                               transform=transform, seed=cfg["seed"],
                                start_step=start, num_workers=data["num_workers"], pin_memory=cuda)
     eval_loader = make_eval_loader(data["shards"], data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))

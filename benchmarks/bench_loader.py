@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_loader.py            # synthetic CIFAR-like PNG shards, ~1 minute
     .venv/bin/python benchmarks/bench_loader.py --dataset digits
+    .venv/bin/python benchmarks/bench_loader.py --imagenet --images 1200   # ImageNet-like JPEGs, ~3 minutes
 
 Writes a CIFAR-format tarball of random smooth 32x32 images (or uses scikit-learn digits), shards
 it, builds a manifest, then measures
@@ -11,13 +12,29 @@ it, builds a manifest, then measures
   2. replication: the storage each node gets (1 rank per node) over one full copy of the train
      shards, next to the manifest's gamma_j = 1/p + mu and sum_j gamma_j = 1 + p*mu.
 Prints figures only; nothing is asserted.
+
+--imagenet writes --images synthetic photo-like JPEGs of ImageNet's pixel and file sizes (seeded,
+no download; risgd_data.synthetic.write_imagenet_tree) in the ILSVRC-2012 layout, then
+  1. converts them with make_shards --dataset imagenet with 1 and 2 worker processes (--repeats
+     times each, the source evicted from the page cache before each run unless --warm-source):
+     img/s total and per process, the time for the full 1.33M images, and whether the two runs'
+     shards and index.json are byte-identical;
+  2. measures img/s per process, side by side in rounds (order rotated each round; median and
+     min..max over --repeats rounds; one torch thread): torchvision ImageFolder + the same timm
+     train transform (the peer), this loader with that transform (as is), this loader's fast path
+     (FastTrainTransform) with the PIL decoder and with simplejpeg, and the fast loader with 1 and 2
+     DataLoader workers; the ratios to the peer per round;
+  3. prints how many loader cores one GPU training ResNet-50 needs at the measured rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -27,11 +44,11 @@ from PIL import Image
 
 from risgd_data.index import load_index, split_arrays
 from risgd_data.loader import make_train_loader
-from risgd_data.make_shards import make_shards
+from risgd_data.make_shards import IMAGENET_IMAGES, make_shards
 from risgd_data.manifest import build_manifest, write_manifest
 from risgd_data.replicate import replicate
-from risgd_data.synthetic import write_cifar_tarball
-from risgd_data.transforms import image_mode, train_transform
+from risgd_data.synthetic import write_cifar_tarball, write_imagenet_tree
+from risgd_data.transforms import FastTrainTransform, image_mode, train_transform
 
 
 def _shards(args: argparse.Namespace, work: str) -> str:
@@ -121,21 +138,255 @@ def bench_replication(args: argparse.Namespace, shard_dir: str, work: str, parti
                                       if partition != "iid" else ""))
 
 
+# ---------------------------------------------------------------- ImageNet mode
+
+def _spread(values: list[float], fmt: str = ",.0f") -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
+
+
+def _evict(root: str) -> None:
+    """Drop the files under `root` from the page cache (posix_fadvise DONTNEED; our files only, no
+    privileges), so that a conversion reads them from the disk as a first conversion would."""
+    for d, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _same_tree(a: str, b: str) -> bool:
+    names = sorted(os.listdir(a))
+    if names != sorted(os.listdir(b)):
+        return False
+    for name in names:
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+            if fa.read() != fb.read():
+                return False
+    return True
+
+
+def _tree_stats(root: str) -> str:
+    sizes, dims = [], []
+    for d, _, files in os.walk(os.path.join(root, "train")):
+        for name in files:
+            path = os.path.join(d, name)
+            sizes.append(os.path.getsize(path))
+            with Image.open(path) as im:
+                dims.append(im.size)
+    kb = sorted(x / 1e3 for x in sizes)
+    w = statistics.mean(x for x, _ in dims)
+    h = statistics.mean(y for _, y in dims)
+    return (f"mean {statistics.mean(kb):.1f} KB (5%..95%: {kb[len(kb) // 20]:.0f}..{kb[-len(kb) // 20 - 1]:.0f} KB), "
+            f"mean {w:.0f} x {h:.0f} px")
+
+
+def bench_conversion(args: argparse.Namespace, tree: str, work: str) -> str:
+    """make_shards --dataset imagenet with 1 and 2 worker processes, alternating, --repeats times."""
+    rates: dict[int, dict[str, list[float]]] = {k: {"total": [], "per": [], "min": []} for k in (1, 2)}
+    for _ in range(args.repeats):
+        for k in (1, 2):
+            out = os.path.join(work, f"shards-w{k}")
+            shutil.rmtree(out, ignore_errors=True)
+            if not args.warm_source:
+                _evict(tree)
+            report: dict = {}
+            make_shards("imagenet", out, src=tree, shard_size=args.shard_size, progress=False, workers=k,
+                        report=report)
+            total = report["written"] / report["convert_seconds"]
+            overhead = report["seconds"] - report["convert_seconds"]
+            rates[k]["total"].append(total)
+            rates[k]["per"].append(report["written"] / report["busy_seconds"])
+            rates[k]["min"].append((overhead + IMAGENET_IMAGES / total) / 60)
+    where = "from the page cache" if args.warm_source else "evicted from the page cache before each run"
+    print(f"\nconversion: make_shards --dataset imagenet --shard-size {args.shard_size}, {args.repeats} repeats "
+          f"(source {where}); median (min..max):")
+    for k in (1, 2):
+        print(f"  --workers {k}: {_spread(rates[k]['total'])} img/s total, {_spread(rates[k]['per'])} img/s per "
+              f"process; full ImageNet-1k ({IMAGENET_IMAGES:,} images): {_spread(rates[k]['min'], '.1f')} min")
+    same = _same_tree(os.path.join(work, "shards-w1"), os.path.join(work, "shards-w2"))
+    print(f"  shards and index.json of --workers 1 and --workers 2 byte-identical: {'yes' if same else 'NO'}")
+    return os.path.join(work, "shards-w1")
+
+
+class _Peer:
+    """torchvision ImageFolder + the same timm transform, shuffled, endless (epoch after epoch)."""
+
+    def __init__(self, root: str, transform, batch: int):
+        from torchvision.datasets import ImageFolder
+
+        ds = ImageFolder(root, transform=transform)
+        gen = torch.Generator().manual_seed(0)
+        self.dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0, generator=gen,
+                                              drop_last=True)
+        self.it = itertools.chain.from_iterable(itertools.repeat(self.dl))
+
+    def next_batch(self) -> int:
+        return next(self.it)[0].shape[0]
+
+
+def bench_imagenet_loaders(args: argparse.Namespace, tree: str, shard_dir: str) -> None:
+    load_start = os.getloadavg()[0]
+    torch.set_num_threads(1)  # per process = one core; DataLoader workers run one thread each too
+    index = load_index(shard_dir)
+    manifest = build_manifest(index, 1, 0.0, "iid", seed=0)  # one rank holding the whole training set
+    slow = train_transform("imagenet", fast=False)
+    fast_pil = FastTrainTransform(slow, decoder="pil")
+    fast_default = train_transform("imagenet")  # what training uses: simplejpeg if installed
+
+    def rank_loader(tf, workers: int):
+        return make_train_loader(manifest, shard_dir, 0, args.batch, transform=tf, seed=0, num_workers=workers)
+
+    peer = _Peer(os.path.join(tree, "train"), slow, args.batch)
+    in_process = {
+        "peer: torchvision ImageFolder + timm transform": peer.next_batch,
+        "loader, timm transform (as is)": _next_of(rank_loader(slow, 0)),
+        "loader, fast path, PIL decoder": _next_of(rank_loader(fast_pil, 0)),
+        f"loader, fast path, {fast_default.decoder} decoder (default)": _next_of(rank_loader(fast_default, 0)),
+    }
+    worker_loaders = {k: rank_loader(fast_default, k) for k in args.worker_counts}
+    for fn in in_process.values():  # warm-up: first permutations, allocator, file descriptors
+        fn()
+    rates: dict[str, list[float]] = {name: [] for name in in_process}
+    wrates: dict[int, list[float]] = {k: [] for k in worker_loaders}
+    names = list(in_process)
+    for r in range(args.repeats):
+        # Batch by batch, competitors in turn (order rotated every batch), so that load from other
+        # processes on the machine hits all of them alike; one rate per competitor per round.
+        took = dict.fromkeys(names, 0.0)
+        done = dict.fromkeys(names, 0)
+        for s in range(args.steps):
+            k = (r + s) % len(names)
+            for name in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                done[name] += in_process[name]()
+                took[name] += time.perf_counter() - t0
+        for name in names:
+            rates[name].append(done[name] / took[name])
+        for k, ld in worker_loaders.items():  # workers run in the background: one loader at a time
+            it = iter(ld)
+            for _ in range(k):  # start-up: the workers' first batches
+                next(it)
+            t0 = time.perf_counter()
+            n = sum(next(it)[0].shape[0] for _ in range(args.steps * k))
+            wrates[k].append(n / (time.perf_counter() - t0))
+            it.close()  # shuts the workers down
+    peer_rates = rates[names[0]]
+    print(f"\nloader throughput, img/s per process (one core): batch {args.batch}, {args.steps} batches per "
+          f"competitor per round, taken in turn; {args.repeats} rounds; median (min..max) [per round]")
+    for name in names:
+        print(f"  {name:56s} {_spread(rates[name])}  {[round(x) for x in rates[name]]}")
+    for k, v in wrates.items():
+        per = [x / k for x in v]
+        print(f"  {f'loader, fast path, {k} DataLoader worker(s)':56s} {_spread(per)} per process, "
+              f"{_spread(v)} in total")
+    print("ratio to the peer, per round (same round), median (min..max):")
+    goals = {names[1]: "goal >= 1.0", names[3]: "goal >= 2"}
+    for name in names[1:]:
+        ratio = [a / b for a, b in zip(rates[name], peer_rates)]
+        print(f"  {name:56s} {_spread(ratio, '.2f')}  {goals.get(name, '')}")
+    for k, v in wrates.items():
+        ratio = [a / k / b for a, b in zip(v, peer_rates)]
+        print(f"  {f'loader, fast path, {k} DataLoader worker(s), per process':56s} {_spread(ratio, '.2f')}")
+    c = fast_default.counts
+    print(f"fast path: {fast_default.decoder} decoder; {c['reduced']} of {c['decoded']} crops "
+          f"({100 * c['reduced'] / max(1, c['decoded']):.1f}%) were decoded at a reduced scale (the crop >= 2x the "
+          f"output in both sides); {c['pil']} went through PIL")
+    per_process = statistics.median(rates[names[3]])
+    print(f"\nloader cores per GPU for ResNet-50 at {per_process:,.0f} img/s per loader process (fast path, one "
+          "core each; this machine's cores):")
+    for rate, what in zip(args.gpu_rates, args.gpu_labels):
+        print(f"  {what} at {rate:,.0f} img/s: {rate / per_process:.1f} cores (with the timm transform as is: "
+              f"{rate / statistics.median(rates[names[1]]):.1f})")
+    print(f"machine: {os.cpu_count()} cpus, load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} "
+          "now (other processes skew absolute rates; the ratios are taken side by side)")
+
+
+def _next_of(loader):
+    it = iter(loader)
+    return lambda: next(it)[0].shape[0]
+
+
+def main_imagenet(args: argparse.Namespace) -> int:
+    if not isinstance(train_transform("imagenet"), FastTrainTransform):
+        return _error("the fast path is off (RISGD_FAST_DECODE=0?): unset it to benchmark it", 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or tmp
+        tree = os.path.join(work, "imagenet-synthetic")
+        t0 = time.perf_counter()
+        info = write_imagenet_tree(tree, args.images, args.val_images, classes=args.classes, seed=0,
+                                   workers=os.cpu_count() or 1)
+        print(f"ImageNet-like data: {args.images} train + {args.val_images} val synthetic JPEGs in {args.classes} "
+              f"classes under {tree} ({time.perf_counter() - t0:.0f} s; existing files are kept); train "
+              f"{_tree_stats(tree)}; {info['mean_kb']:.1f} KB mean over both splits")
+        shard_dir = bench_conversion(args, tree, work)
+        bench_imagenet_loaders(args, tree, shard_dir)
+    return 0
+
+
+def _error(msg: str, status: int) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=["cifar", "digits"], default="cifar",
                     help="synthetic CIFAR-like PNG shards (default) or scikit-learn digits")
     ap.add_argument("--samples", type=int, default=10000, help="synthetic CIFAR training images")
-    ap.add_argument("--batch", type=int, default=128, help="base batch per chunk")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    ap.add_argument("--batch", type=int, default=None, help="base batch per chunk (default 128; --imagenet: 32)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per round (default 20; --imagenet: 8)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating loader / plain-loop rounds")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     ap.add_argument("--p", type=int, default=4, help="workers in the manifest")
     ap.add_argument("--mu", type=float, default=0.25, help="redundancy in the manifest")
     ap.add_argument("--work", default=None, help="work directory (default: a temporary one)")
+    im = ap.add_argument_group("ImageNet mode")
+    im.add_argument("--imagenet", action="store_true",
+                    help="synthetic ImageNet-like JPEGs: conversion and loader throughput against ImageFolder")
+    im.add_argument("--images", type=int, default=1200, help="synthetic training JPEGs (default 1200)")
+    im.add_argument("--val-images", type=int, default=100, help="synthetic validation JPEGs (default 100)")
+    im.add_argument("--classes", type=int, default=10, help="classes (default 10)")
+    im.add_argument("--shard-size", type=int, default=100, help="images per shard for the conversion (default 100)")
+    im.add_argument("--repeats", type=int, default=5, help="rounds per measurement (median, min..max; default 5)")
+    im.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2],
+                    help="DataLoader worker counts for the fast loader (default 1 2)")
+    im.add_argument("--warm-source", action="store_true",
+                    help="convert from the page cache (default: evict the source files before each run)")
+    im.add_argument("--gpu-rates", type=float, nargs="+", default=[2500.0, 3000.0, 5000.0],
+                    help="ResNet-50 training img/s of one GPU for the cores estimate")
+    im.add_argument("--gpu-labels", nargs="+", default=["A100 (mixed precision, low end)",
+                                                          "A100 (mixed precision, high end)",
+                                                          "H100 (assumed, not measured here)"],
+                    help="labels of --gpu-rates")
     args = ap.parse_args(argv)
+    if args.imagenet:
+        if args.steps is None:
+            args.steps = 8
+        if args.batch is None:
+            args.batch = 32
+        bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("images", "classes", "shard_size", "repeats",
+                                                                         "steps", "batch") if getattr(args, k) < 1]
+        bad += [f"--val-images {args.val_images}"] if args.val_images < 0 else []
+        bad += [f"--worker-counts {k}" for k in args.worker_counts if k < 1]
+        bad += [f"--gpu-rates {r:g}" for r in args.gpu_rates if not r > 0]
+        if bad:
+            return _error(f"{', '.join(bad)} invalid: use positive numbers", 2)
+        if args.images < args.classes:
+            return _error(f"--images {args.images} is fewer than --classes {args.classes}: give every class an "
+                          "image", 2)
+        if len(args.gpu_labels) != len(args.gpu_rates):
+            return _error(f"{len(args.gpu_labels)} --gpu-labels for {len(args.gpu_rates)} --gpu-rates: give one "
+                          "label per rate", 2)
+        try:
+            return main_imagenet(args)
+        except Exception as e:  # the work itself failed: one line, exit 1
+            return _error(f"{type(e).__name__}: {' '.join(str(e).split())}", 1)
+    args.steps = 20 if args.steps is None else args.steps
+    args.batch = 128 if args.batch is None else args.batch
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or tmp
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from .errors import DataError
 from .index import load_index, split_arrays, verify_shards
 from .manifest import load_manifest, rank_chunk_ids, steps_per_epoch
 from .tario import ShardFiles
-from .transforms import eval_transform, image_mode, train_transform
+from .transforms import decode_jpeg_rgb, eval_transform, image_mode, train_transform
 
 POLICIES = ("per_chunk", "split")
 _MASK = (1 << 64) - 1
@@ -45,23 +46,51 @@ def _mix(*words: int) -> int:
 
 
 class _Decoder:
-    """Reads and decodes samples of one split by global id; undecodable ones return None."""
+    """Reads and decodes samples of one split by global id; undecodable ones return None.
 
-    def __init__(self, shard_dir: str, index: dict, split: str, transform: Callable):
+    A transform with `takes_bytes` (transforms.FastTrainTransform) gets the encoded image and may
+    write its result straight into a slot of the batch; any other gets the decoded PIL image. With
+    `simplejpeg=True` (the train loader) RGB JPEGs are decoded by simplejpeg when it is installed:
+    the same pixels as PIL's decode (tested), faster; everything else, and every eval split, by PIL.
+    """
+
+    def __init__(self, shard_dir: str, index: dict, split: str, transform: Callable, simplejpeg: bool = False):
         a = split_arrays(index, split)
         self.files = ShardFiles([f"{shard_dir}/{n}" for n in a.names])
         self.offsets, self.sizes, self.shard_of, self.labels = a.offsets, a.sizes, a.shard_of, a.labels
+        self.starts = a.starts
         self.mode = image_mode(index["dataset"])
         self.transform = transform
+        self.fast = transform if getattr(transform, "takes_bytes", False) else None
+        self.simplejpeg = simplejpeg and self.mode == "RGB"  # same pixels as PIL, faster (train only)
 
-    def decode(self, gid: int) -> torch.Tensor | None:
+    def decode(self, gid: int, out: torch.Tensor | None = None) -> torch.Tensor | None:
         raw = self.files.read(int(self.shard_of[gid]), int(self.offsets[gid]), int(self.sizes[gid]))
+        if self.fast is not None:
+            return self.fast.decode_bytes(raw, out)
+        arr = decode_jpeg_rgb(raw) if self.simplejpeg else None
+        if arr is not None:
+            return self.transform(Image.fromarray(arr))
         try:
-            with Image.open(io.BytesIO(raw)) as im:
-                img = im.convert(self.mode)  # forces the full decode: truncation shows up here
+            im = Image.open(io.BytesIO(raw))
+            im.load()  # the full decode: truncation shows up here
+            img = im if im.mode == self.mode else im.convert(self.mode)  # same pixels, one copy fewer
         except Exception:  # any decoder error means a corrupt sample: skip it, never crash
             return None
         return self.transform(img)
+
+    def batch(self, n: int, images: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """An [n, ...] batch tensor: `images` stacked, or (fast path, images=None) empty slots to write.
+        In a DataLoader worker it lives in shared memory, as default_collate does it, so handing it
+        to the main process copies nothing."""
+        shape = (n, *images[0].shape) if images else (n, 3, *self.fast.size)
+        if torch.utils.data.get_worker_info() is not None:
+            proto = torch.empty(0)
+            out = proto.new(proto._typed_storage()._new_shared(math.prod(shape), device=proto.device))
+            out = out.resize_(shape)
+        else:
+            out = torch.empty(shape)
+        return torch.stack(images, out=out) if images else out
 
 
 class _TrainSteps(torch.utils.data.Dataset):
@@ -97,9 +126,12 @@ class _TrainSteps(torch.utils.data.Dataset):
         # ~100 us per call (a traceback is captured), more than decoding a CIFAR image.
         gen = torch.default_generator
         py_state, torch_state = random.getstate(), gen.get_state()
-        images, labels, skipped = [], [], 0
+        ids = self.sample_ids(step)
+        fast = self.decoder.fast is not None
+        images = self.decoder.batch(len(ids)) if fast else []  # fast path: decoded into its slot
+        labels, skipped = [], 0
         try:
-            for pos, (c, p, off) in enumerate(self.sample_ids(step)):
+            for pos, (c, p, off) in enumerate(ids):
                 perm = self._perm(c, p)
                 for k in range(len(perm)):
                     # A corrupt sample is replaced by the next one in the same permutation.
@@ -108,19 +140,21 @@ class _TrainSteps(torch.utils.data.Dataset):
                         s = _mix(self.seed, self.rank, step, pos)
                         random.seed(s)
                         gen.manual_seed(s)
-                        img = self.decoder.decode(gid)
+                        img = self.decoder.decode(gid, images[pos] if fast else None)
                         if img is not None:
                             break
                         self._bad.add(gid)
                     skipped += 1
                 else:
                     raise DataError(f"every sample of chunk {c} is undecodable: rebuild the shards")
-                images.append(img)
+                if not fast:
+                    images.append(img)
                 labels.append(int(self.decoder.labels[gid]))
         finally:
             random.setstate(py_state)
             gen.set_state(torch_state)
-        return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+        batch = images if fast else self.decoder.batch(len(images), images)
+        return batch, torch.tensor(labels, dtype=torch.long), skipped
 
     def __len__(self) -> int:  # only for tools that ask; the loader itself never ends
         return 1 << 62
@@ -208,7 +242,11 @@ def make_train_loader(
     transform: Callable | None = None, seed: int = 0, start_step: int = 0, num_workers: int = 1,
     verify: bool = True, pin_memory: bool = False,
 ) -> RankLoader:
-    """The rank's infinite train loader. Raises DataError (one line) on a missing/mismatched shard."""
+    """The rank's infinite train loader. Raises DataError (one line) on a missing/mismatched shard.
+
+    `transform` defaults to train_transform(dataset): for ImageNet-format data the fast path
+    (transforms.FastTrainTransform, decoding into the batch), unless RISGD_FAST_DECODE=0; pass
+    train_transform(dataset, fast=False) for timm's transform itself."""
     if isinstance(manifest, str):
         manifest = load_manifest(manifest)
     index = load_index(shard_dir)
@@ -228,44 +266,45 @@ def make_train_loader(
                             policy)
     keep = [i for i, b in enumerate(sizes) if b > 0]  # split policy with a tiny batch can give 0
     transform = transform or train_transform(index["dataset"])
-    steps = _TrainSteps(_Decoder(shard_dir, index, "train", transform), [chunk_ids[i] for i in keep],
-                        [sizes[i] for i in keep], seed, rank)
+    decoder = _Decoder(shard_dir, index, "train", transform, simplejpeg=True)
+    steps = _TrainSteps(decoder, [chunk_ids[i] for i in keep], [sizes[i] for i in keep], seed, rank)
     return RankLoader(steps, steps_per_epoch(manifest, base_batch), start_step, num_workers, pin_memory)
 
 
 class _EvalBatches(torch.utils.data.Dataset):
-    """Batches over the samples [lo, hi) of a split, in order."""
+    """Batches of consecutive global ids start, start+1, ..., stop-1 of one split."""
 
-    def __init__(self, decoder: _Decoder, batch_size: int, lo: int = 0, hi: int | None = None):
+    def __init__(self, decoder: _Decoder, batch_size: int, start: int, stop: int):
         self.decoder, self.batch_size = decoder, batch_size
-        self.lo = lo
-        self.hi = len(decoder.labels) if hi is None else hi
-        self.n = self.hi - self.lo
+        self.start, self.stop = start, stop
+        self.n = stop - start
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
     def __getitem__(self, b: int):
         images, labels = [], []
-        first = self.lo + b * self.batch_size
-        for gid in range(first, min(self.hi, first + self.batch_size)):
+        first, last = self.start + b * self.batch_size, min(self.stop, self.start + (b + 1) * self.batch_size)
+        for gid in range(first, last):
             img = self.decoder.decode(gid)
             if img is not None:
                 images.append(img)
                 labels.append(int(self.decoder.labels[gid]))
-        skipped = min(self.hi, first + self.batch_size) - first - len(images)
+        skipped = last - first - len(images)
         if not images:
             return None, None, skipped
-        return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+        return self.decoder.batch(len(images), images), torch.tensor(labels, dtype=torch.long), skipped
 
 
 class EvalLoader:
-    """Finite iterable over a whole split, same order every call; corrupt samples are skipped."""
+    """Finite iterable over a split (or one rank's slice of it), same order every call; corrupt
+    samples are skipped. `sample_range` = (start, stop): the global ids this loader covers."""
 
     def __init__(self, batches: _EvalBatches, num_workers: int):
         self._batches, self.num_workers = batches, num_workers
         self.samples_skipped = 0  # over the last full pass
         self.num_samples = batches.n
+        self.sample_range = (batches.start, batches.stop)
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -281,21 +320,29 @@ class EvalLoader:
         self.samples_skipped = skipped
 
 
+def eval_slice(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous slice [start, stop) of n samples: [n*r//p, n*(r+1)//p). Over ranks
+    0..p-1 the slices are disjoint, in order, and cover 0..n-1; their sizes differ by at most 1."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is not in a world of {world_size} ranks")
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
 def make_eval_loader(shard_dir: str, batch_size: int, transform: Callable | None = None, split: str = "val",
                      num_workers: int = 0, verify: bool = True, rank: int = 0, world_size: int = 1) -> EvalLoader:
     """Loader over the samples of `split` in shard order (no augmentation by default).
 
-    With ``world_size`` p > 1, rank r gets the contiguous slice [r*n//p, (r+1)*n//p) of the n
-    samples: the slices are disjoint and together are the whole split, in order (distributed
-    evaluation sums the ranks' counts)."""
+    With ``world_size`` p > 1, rank r gets the contiguous slice eval_slice(n, r, p) = [r*n//p,
+    (r+1)*n//p) of the n samples: the slices are disjoint and together are the whole split, in
+    order (distributed evaluation sums the ranks' counts). world_size=1 is the whole split, as
+    before. Only the shards that the slice touches are verified."""
     index = load_index(shard_dir)
-    names = [s["name"] for s in index["splits"].get(split, {"shards": []})["shards"]]
-    if verify:
-        verify_shards(index, shard_dir, names, split=split)
     transform = transform or eval_transform(index["dataset"])
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is not in a world of {world_size} ranks")
     decoder = _Decoder(shard_dir, index, split, transform)
-    n = len(decoder.labels)
-    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-    return EvalLoader(_EvalBatches(decoder, batch_size, lo, hi), num_workers)
+    start, stop = eval_slice(len(decoder.labels), rank, world_size)
+    if verify:
+        shards = index["splits"][split]["shards"]
+        ends = decoder.starts[1:]
+        touched = [s["name"] for s, lo, hi in zip(shards, decoder.starts[:-1], ends) if lo < stop and hi > start]
+        verify_shards(index, shard_dir, touched, split=split)
+    return EvalLoader(_EvalBatches(decoder, batch_size, start, stop), num_workers)

@@ -3,6 +3,12 @@
 The randomness these draw comes from Python's `random` (timm) and torch's global generator
 (torchvision); the loader reseeds both per sample from (seed, rank, step, position), which is what
 makes augmented batches reproducible and resumable.
+
+ImageNet-format training data (imagenet, imagefolder) gets FastTrainTransform by default: timm's
+train transform fused with the JPEG decode (encoded bytes in), with the same random draws, DCT-scaled
+decoding where the crop allows it, and simplejpeg as the decoder when installed.
+train_transform(..., fast=False) (train.py: the recipe key data.fast_decode) gives timm's transform
+itself; RISGD_FAST_DECODE=0 sets the default of callers that pass no `fast`. digits and CIFAR are untouched.
 """
 
 from __future__ import annotations
@@ -91,12 +97,31 @@ def fast_decode_default() -> bool:
     return os.environ.get(FAST_DECODE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+_SJ: list = []  # [module or None] once looked up
+
+
 def _simplejpeg():
-    try:
-        import simplejpeg
-    except ImportError:  # optional: PIL decodes instead (with draft mode for the reductions)
+    """The simplejpeg module, or None where it is not installed (optional: PIL decodes instead)."""
+    if not _SJ:
+        try:
+            import simplejpeg
+        except ImportError:
+            simplejpeg = None
+        _SJ.append(simplejpeg)
+    return _SJ[0]
+
+
+def decode_jpeg_rgb(raw: bytes) -> np.ndarray | None:
+    """An RGB JPEG decoded by simplejpeg (libjpeg-turbo, ISLOW IDCT, fancy upsampling: the same
+    pixels as PIL's decode, tested), or None when simplejpeg is missing or refuses it (not a JPEG,
+    CMYK, data it is strict about): the caller then decodes with PIL as before."""
+    sj = _simplejpeg()
+    if sj is None or raw[:3] != b"\xff\xd8\xff":
         return None
-    return simplejpeg
+    try:
+        return sj.decode_jpeg(raw, colorspace="RGB")
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -161,6 +186,9 @@ class FastTrainTransform:
         if decoder == "simplejpeg" and sj is None:
             raise ValueError("decoder='simplejpeg' but simplejpeg is not installed: pip install simplejpeg")
         self.slow, self.rrc, self.flip_p, self.jitter = slow, rrc, flip.p, jitter
+        self._flip_p32 = float(np.float32(flip.p))
+        ranges = (jitter.brightness, jitter.contrast, jitter.saturation)
+        self._one_range = all(r is not None and list(r) == list(ranges[0]) for r in ranges)
         self.size = tuple(rrc.size)  # (height, width)
         self.mean = torch.as_tensor(norm.mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.as_tensor(norm.std, dtype=torch.float32).view(-1, 1, 1)
@@ -172,14 +200,18 @@ class FastTrainTransform:
         # Reused between samples: fresh 0.5 MB buffers per image cost page faults (~15% of a decode).
         self._sj = _simplejpeg() if self.decoder == "simplejpeg" else None
         self._buf = np.empty(0, dtype=np.uint8)  # simplejpeg's output
-        self._work = torch.empty((3, *self.size), dtype=torch.float32)
+        self._work = torch.ones((4, *self.size), dtype=torch.float32)  # R, G, B and a plane of ones
+        self._rgb = self._work[:3]
         self._gray = torch.empty(self.size, dtype=torch.float32)
+        self._luma_w = torch.tensor([[19595.0, 38470.0, 7471.0, 32768.0]]) / 65536
+        self._sum_dtype = torch.float32 if 255 * self.size[0] * self.size[1] < 2**24 else torch.float64
 
     def __repr__(self) -> str:
         return f"FastTrainTransform(decoder={self.decoder!r}, slow={self.slow!r})"
 
     def __getstate__(self) -> dict:  # DataLoader workers (spawn): no module, no scratch buffers
-        return {k: v for k, v in self.__dict__.items() if k not in ("_sj", "_buf", "_work", "_gray")}
+        scratch = ("_sj", "_buf", "_work", "_rgb", "_gray", "_luma_w", "_sum_dtype")
+        return {k: v for k, v in self.__dict__.items() if k not in scratch}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -189,13 +221,18 @@ class FastTrainTransform:
 
     def sample_params(self, width: int, height: int) -> TrainParams:
         """Draw one sample's crop, flip and jitter for a width x height image, consuming Python's
-        `random` and torch's default generator exactly as the slow transform does."""
-        stub = torch.empty((1, 1, 1), dtype=torch.uint8).expand(1, height, width)  # a size, no pixels
-        i, j, h, w = self.rrc.get_params(stub, self.rrc.scale, self.rrc.ratio)
-        flip = bool(torch.rand(1) < self.flip_p)
+        `random` and torch's default generator exactly as the slow transform does (tested)."""
+        i, j, h, w = self.rrc.get_params(_SizeOnly(width, height), self.rrc.scale, self.rrc.ratio)
+        # RandomHorizontalFlip: torch.rand(1) < p, compared in float32 as the tensor comparison does.
+        flip = torch.rand(1).item() < self._flip_p32
         cj = self.jitter
-        order, b, c, s, _ = cj.get_params(cj.brightness, cj.contrast, cj.saturation, cj.hue)
-        return TrainParams(i, j, h, w, flip, tuple(int(k) for k in order), b, c, s)
+        if self._one_range:  # ColorJitter.get_params' draws, with fewer torch calls (the same numbers)
+            order = tuple(torch.randperm(4).tolist())
+            b, c, s = torch.empty(3).uniform_(cj.brightness[0], cj.brightness[1]).tolist()
+        else:
+            perm, b, c, s, _ = cj.get_params(cj.brightness, cj.contrast, cj.saturation, cj.hue)
+            order = tuple(perm.tolist())
+        return TrainParams(i, j, h, w, flip, order, b, c, s)
 
     def reduction(self, p: TrainParams) -> int:
         """Largest r in 8, 4, 2, 1 with the crop still >= the output size after decoding at 1/r."""
@@ -242,19 +279,18 @@ class FastTrainTransform:
     def _pil_bytes(self, raw: bytes, p: TrainParams | None, out: torch.Tensor | None) -> torch.Tensor | None:
         try:
             for attempt in (0, 1):
-                with Image.open(io.BytesIO(raw)) as im:
-                    width, height = im.size
-                    if p is None:
-                        p = self.sample_params(width, height)
-                    r = self.reduction(p) if im.format == "JPEG" and attempt == 0 else 1
-                    if r > 1:
-                        im.draft("RGB", (width // r, height // r))  # DCT scaling by exactly r: size >= r * 224
-                    if im.size != (-(-width // r), -(-height // r)):
-                        continue  # not the reduction asked for: decode again in full
-                    im.load()  # the whole decode: truncation shows up here, as on the slow path
-                    img = im if im.mode == "RGB" else im.convert("RGB")
-                    arr = np.array(img) if r == 1 else img
-                    break
+                im = Image.open(io.BytesIO(raw))  # in memory: nothing to close
+                width, height = im.size
+                if p is None:
+                    p = self.sample_params(width, height)
+                r = self.reduction(p) if im.format == "JPEG" and attempt == 0 else 1
+                if r > 1:
+                    im.draft("RGB", (width // r, height // r))  # DCT scaling by exactly r: size >= r * 224
+                if im.size == (-(-width // r), -(-height // r)):
+                    break  # else: not the reduction asked for, decode again in full
+            im.load()  # the whole decode: truncation shows up here, as on the slow path
+            img = im if im.mode == "RGB" else im.convert("RGB")
+            arr = np.array(img) if r == 1 else img
         except Exception:  # any decoder error means a corrupt sample: the loader skips it
             return None
         self.counts["decoded"] += 1
@@ -264,38 +300,47 @@ class FastTrainTransform:
 
     def _finish(self, img: np.ndarray | Image.Image, p: TrainParams, r: int,
                 out: torch.Tensor | None) -> torch.Tensor:
+        # Few torch calls: each costs ~10 us of dispatch here, as much as a pass over the pixels.
         out_h, out_w = self.size
         if r == 1:  # whole pixels: slice the crop, then torch's antialiased bilinear (PIL's filter)
-            x = torch.from_numpy(img).permute(2, 0, 1)[:, p.top:p.top + p.height, p.left:p.left + p.width]
-            x = torch.nn.functional.interpolate(x.unsqueeze(0).contiguous(memory_format=torch.channels_last),
-                                                size=self.size, mode="bilinear", antialias=True,
-                                                align_corners=False)[0]
+            crop = np.ascontiguousarray(img[p.top:p.top + p.height, p.left:p.left + p.width])
+            x = torch.nn.functional.interpolate(torch.from_numpy(crop).permute(2, 0, 1)[None], size=self.size,
+                                                mode="bilinear", antialias=True, align_corners=False)[0]
         else:  # the crop box is fractional in a 1/r decode: PIL's bilinear resize takes such a box
             img = img if isinstance(img, Image.Image) else Image.fromarray(img)
             box = (p.left / r, p.top / r, (p.left + p.width) / r, (p.top + p.height) / r)
             x = torch.from_numpy(np.array(img.resize((out_w, out_h), Image.BILINEAR, box=box))).permute(2, 0, 1)
         if p.flip:
             x = x.flip(-1)
-        f = self._work
+        f = self._rgb
         f.copy_(x)  # uint8 values, exact in float32
         for k in p.order:
             if k == 0 and p.brightness is not None:
                 _blend_(f, 0.0, p.brightness)
-            elif k == 1 and p.contrast is not None:
-                mean = float(_luma(f, self._gray).sum(dtype=torch.float64)) / (out_h * out_w)
-                _blend_(f, float(int(mean + 0.5)), p.contrast)
+            elif k == 1 and p.contrast is not None:  # PIL: the mean of the L image, rounded to an integer
+                total = self._luma().sum(dtype=self._sum_dtype)  # integers: float32 is exact below 2**24
+                _blend_(f, float(int(float(total) / (out_h * out_w) + 0.5)), p.contrast)
             elif k == 2 and p.saturation is not None:
-                _blend_(f, _luma(f, self._gray), p.saturation)
+                _blend_(f, self._luma(), p.saturation)
         f.div_(255).sub_(self.mean)  # ToTensor, then Normalize's sub_ and div_, as torchvision
         return torch.div(f, self.std, out=out if out is not None else torch.empty_like(f))
 
+    def _luma(self) -> torch.Tensor:
+        """PIL's RGB -> L of the work image: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, as one
+        matrix product with weights / 2**16 (the constant fourth plane of ones adds the 0x8000) and a
+        floor. Every product and partial sum is a multiple of 2**-16 below 256, which float32 holds
+        exactly, so the product is exact whatever the summation order."""
+        g = self._gray
+        torch.mm(self._luma_w, self._work.view(4, -1), out=g.view(1, -1))
+        return g.floor_()
 
-def _luma(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L on uint8 values held in float32: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16
-    (every intermediate is an integer below 2**24, so float32 is exact)."""
-    torch.mul(x[0], 19595, out=out)
-    out.add_(x[1], alpha=38470).add_(x[2], alpha=7471).add_(32768)
-    return out.div_(65536).floor_()
+
+class _SizeOnly(Image.Image):
+    """A PIL image that has a size and no pixels: what RandomResizedCrop.get_params reads."""
+
+    def __init__(self, width: int, height: int):
+        super().__init__()
+        self._size = (width, height)
 
 
 def _blend_(x: torch.Tensor, degenerate: float | torch.Tensor, factor: float) -> torch.Tensor:

@@ -68,6 +68,7 @@ SCHEMA: dict[str, Any] = {
         "num_workers": 0,
         "image_size": None,
         "verify": "stamp",          # stamp: skip re-hashing replicated, unchanged shards; full: hash all
+        "fast_decode": True,        # JPEG training data: timm's transform fused with a faster decode
     },
     "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
     "schedule": {"kind": "cosine", "warmup_steps": 0, "milestones": [], "gamma": 0.1, "min_lr": 0.0},

@@ -189,3 +189,25 @@ def test_eval_slices_are_disjoint_and_cover_the_split_in_order(digits_dir):
         parts = [labels(make_eval_loader(digits_dir, 64, rank=r, world_size=world)) for r in range(world)]
         assert sum(parts, []) == whole  # disjoint, complete, in shard order
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_eval_slice_reads_and_verifies_only_its_shards(index, digits_dir, tmp_path):
+    from risgd_data.loader import eval_slice
+
+    d = tmp_path / "s"
+    shutil.copytree(digits_dir, d)
+    val = index["splits"]["val"]
+    assert len(val["shards"]) == 2 and val["samples"] == 360  # 250 + 110
+    with open(d / val["shards"][1]["name"], "r+b") as f:  # corrupt the last val shard
+        f.seek(600)
+        f.write(b"Z")
+    first = make_eval_loader(str(d), 64, rank=0, world_size=2)  # samples 0..179: only the first shard
+    assert first.sample_range == (0, 180) and first.num_samples == 180
+    assert [int(y) for _, ys in first for y in ys] == split_arrays(index, "val").labels[:180].tolist()
+    with pytest.raises(DataError, match=val["shards"][1]["name"]):
+        make_eval_loader(str(d), 64, rank=1, world_size=2)  # samples 180..359 touch both shards
+    assert [eval_slice(10, r, 4) for r in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert [eval_slice(2, r, 3) for r in range(3)] == [(0, 0), (0, 1), (1, 2)]  # more ranks than samples
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(DataError, match="not in a world"):
+            make_eval_loader(digits_dir, 64, rank=rank, world_size=world)
