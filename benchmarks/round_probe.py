@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     dist.init_process_group("gloo")
     n = dist.get_world_size()
-    torch.manual_seed(dist.get_rank())  # ranks differ, as they do before a round
+    torch.manual_seed(0)  # the same model on every rank, as DeepSpeed's broadcast leaves it (the first anchor)
     model = models.create_model(args.model, num_classes=args.num_classes)
+    torch.manual_seed(1 + dist.get_rank())  # then ranks drift apart, as they do before a round
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [b for b in model.buffers() if b.is_floating_point()]
     averager = BucketAverager(params, buffers, int(args.bucket_mb * 2**20))

@@ -8,6 +8,7 @@ train.py logs and that a checkpoint must carry.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -47,8 +48,17 @@ class RISGDController:
         self.live_ranks = self.world_size
         self.down_ranks: frozenset[int] = frozenset()  # in the last round
         self.rounds_down = 0
-        self._step_started: float | None = None
+        # compute_seconds: each step from its forward to the end of its optimizer step, minus the
+        # communication inside it. On a device whose work is done when the host call returns (the
+        # CPU) two host clock reads per step measure it. On an asynchronous device (CUDA) the host
+        # clock would only see kernel launches, and synchronising every step would stall the
+        # pipeline: a pair of timing events is recorded instead, and read at the next point that
+        # waits for the device anyway (a round, stats(), a checkpoint) or once 64 are pending.
+        self._event_cls = None if self._accelerator.is_synchronized_device() else self._accelerator.Event
+        self._step_started: Any = None  # perf_counter() or an event
         self._comm_in_step = 0.0
+        self._pending: deque = deque()  # (start event, end event, communication seconds inside)
+        self._free_events: list = []
         engine.enable_backward_allreduce = self.next_step_is_sync()
         if cfg is not None:
             buffers = [b for b in engine.module.buffers() if b.is_floating_point()] if cfg.average_buffers else []
@@ -103,8 +113,42 @@ class RISGDController:
         self._accelerator.synchronize()
 
     def mark_step_start(self) -> None:
+        """The first forward of a step (not micro-batch) starts its compute time."""
         if self._step_started is None:
-            self._step_started = time.perf_counter()
+            if self._event_cls is None:
+                self._step_started = time.perf_counter()
+            else:
+                self._step_started = self._event()
+                self._step_started.record()
+
+    def _event(self):
+        return self._free_events.pop() if self._free_events else self._event_cls(enable_timing=True)
+
+    def _end_step(self) -> None:
+        started, comm = self._step_started, self._comm_in_step
+        self._step_started, self._comm_in_step = None, 0.0
+        if started is None:
+            return
+        if self._event_cls is None:
+            self.compute_seconds += max(time.perf_counter() - started - comm, 0.0)
+            return
+        end = self._event()
+        end.record()
+        self._pending.append((started, end, comm))
+        if len(self._pending) >= 64:
+            self._collect_events(wait=False)
+
+    def _collect_events(self, wait: bool) -> None:
+        """Add the device time of finished steps to compute_seconds (all of them with ``wait``)."""
+        while self._pending:
+            start, end, comm = self._pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return
+            self.compute_seconds += max(start.elapsed_time(end) / 1e3 - comm, 0.0)
+            self._pending.popleft()
+            self._free_events += (start, end)
 
     def record_gradient_allreduce(self, nbytes: int, seconds: float) -> None:
         self.bytes_allreduced += nbytes
@@ -113,8 +157,10 @@ class RISGDController:
 
     def after_optimizer_step(self) -> None:
         """Called once per optimizer step (not per micro-batch), after the update."""
-        was_sync = self.engine.enable_backward_allreduce
+        engine = self.engine
+        was_sync = engine.enable_backward_allreduce
         self.steps += 1
+        self._end_step()  # the step's compute ends here; a round is accounted on its own
         if was_sync:
             self.sync_steps += 1
         else:
@@ -122,14 +168,13 @@ class RISGDController:
             self.steps_in_round += 1
             if self.cfg.is_average_step(self.steps):
                 self.average()
-        if self.active and self.steps == self.cfg.warmup_sync_steps:
-            # Post-local SGD: ranks are identical after synchronous steps; measure from here.
-            self.averager.set_anchor()
-        self.engine.enable_backward_allreduce = self.next_step_is_sync()
-        now = time.perf_counter()
-        if self._step_started is not None:
-            self.compute_seconds += max(now - self._step_started - self._comm_in_step, 0.0)
-        self._step_started, self._comm_in_step = None, 0.0
+        if self.cfg is not None:
+            if self.steps == self.cfg.warmup_sync_steps:
+                # Post-local SGD: ranks are identical after synchronous steps; measure from here.
+                self.averager.set_anchor()
+            sync = self.steps < self.cfg.warmup_sync_steps
+            if sync != was_sync:  # the engine is an nn.Module: set the flag only when it changes
+                engine.enable_backward_allreduce = sync
 
     def average(self) -> None:
         """One averaging round over the live ranks."""
@@ -139,7 +184,6 @@ class RISGDController:
         result = self.averager.average(live, self.world_size - len(down), self.optimizer_state())
         self.average_seconds += time.perf_counter() - t0
         self.comm_seconds += result.comm_seconds
-        self._comm_in_step += time.perf_counter() - t0
         self.bytes_allreduced += result.bytes_reduced
         self.divergence = result.divergence
         self.divergence_sum += result.divergence
@@ -148,6 +192,7 @@ class RISGDController:
         self.rounds_down += 0 if live else 1
         self.rounds += 1
         self.steps_in_round = 0
+        self._collect_events(wait=False)  # the round waited for the device: read the steps' events
 
     def average_buffers(self) -> None:
         """Average the floating-point buffers (BatchNorm statistics) over all ranks, once.
@@ -174,7 +219,9 @@ class RISGDController:
 
     # -- reporting and checkpoints ------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Accounting on this rank, as a plain dict (see the README for each key)."""
+        """Accounting on this rank, as a plain dict (see the README for each key). On an
+        asynchronous device this waits for the steps queued so far, to count their compute."""
+        self._collect_events(wait=True)
         out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
         out["comm_rounds"] = self.sync_steps + self.rounds
         out["divergence_mean"] = self.divergence_sum / self.rounds if self.rounds else 0.0
@@ -186,6 +233,7 @@ class RISGDController:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        self._collect_events(wait=True)
         state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
         state["anchors"] = [a.detach().cpu() for a in self.averager.anchors] if self.averager else []
         return state
@@ -193,6 +241,8 @@ class RISGDController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in _COUNTERS:
             setattr(self, k, state[k])
+        self._pending.clear()
+        self._step_started, self._comm_in_step = None, 0.0
         if self.averager is not None:
             for mine, saved in zip(self.averager.anchors, state["anchors"]):
                 mine.copy_(saved)

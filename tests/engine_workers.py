@@ -125,7 +125,7 @@ def scenario_rounds_and_collectives(rank: int, tau: int = 4, rounds: int = 2) ->
             counts.append(dict(c))
             states.append(state(engine))
             stats.append(engine.risgd.stats() if use_risgd else None)
-        out[name] = {"counts": counts, "states": states, "stats": stats}
+        out[name] = {"counts": counts, "states": states, "stats": stats, "lean": getattr(engine, "_risgd_lean", None)}
     return out
 
 
@@ -237,6 +237,52 @@ def scenario_malicious_checkpoint(rank: int, ckpt_dir: str) -> dict:
     return {"refused": refused, "marker_exists": os.path.exists(marker)}
 
 
+def scenario_lean_local_steps(rank: int, tau: int = 3, gas: int = 2) -> dict:
+    """Local steps on the lean path vs DeepSpeed's own per-step path (forced by asking for its
+    throughput timer): same states bit for bit, same DeepSpeed counters and learning rates."""
+    scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.05, "warmup_num_steps": 4}}
+    out = {}
+    for name, extra in (("lean", {}), ("deepspeed", {"timers": {"throughput": {"enabled": True,
+                                                                               "synchronized": False}}})):
+        engine = build(ds_config({"tau": tau, "warmup_sync_steps": 2}, momentum=0.9, gas=gas, scheduler=scheduler,
+                                 **extra))
+        states, counters, grads_after_step = [], [], []
+        for micro in range((2 + 2 * tau) * gas):
+            train_step(engine, rank, micro)
+            states.append(state(engine))
+            counters.append((engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps,
+                             engine.get_lr()[0], engine.risgd.stats()["steps"]))
+            grads_after_step.append(any(p.grad is not None for p in engine.module.parameters()))
+        out[name] = {"lean": engine._risgd_lean, "tput_timer": engine.tput_timer.config.enabled, "states": states,
+                     "counters": counters, "grads_after_step": grads_after_step,
+                     "compute_seconds": engine.risgd.stats()["compute_seconds"]}
+    return out
+
+
+def scenario_channels_last(rank: int, tau: int = 2) -> dict:
+    """A channels_last conv model: initialize works (DeepSpeed's broadcast needs contiguous
+    parameters), the weights keep their layout in the flat buffer, rounds still agree."""
+    out = {}
+    for name, block in (("risgd", {"tau": tau}), ("plain", None)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        model = model.to(memory_format=torch.channels_last)
+        engine, *_ = risgd_ext.initialize(model=model, model_parameters=model.parameters(),
+                                          config=ds_config(block, momentum=0.9))
+        layouts, states = [], []
+        for s in range(2 * tau):
+            g = torch.Generator().manual_seed(1000 * s + rank)
+            x = torch.randn(8, 3, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 3, (8,), generator=g)
+            engine.backward(torch.nn.functional.cross_entropy(engine(x), y))
+            engine.step()
+            layouts.append(engine.module[0].weight.is_contiguous(memory_format=torch.channels_last))
+            states.append(state(engine))
+        out[name] = {"layouts": layouts, "states": states, "bytes": engine.risgd.stats()["bytes_allreduced"]}
+    return out
+
+
 def scenario_plain_buffers(rank: int) -> dict:
     """Plain DeepSpeed leaves BatchNorm statistics per rank; consensus() makes them agree."""
     engine = build(ds_config())  # risgd_ext without a 'risgd' block: plain DeepSpeed
@@ -259,5 +305,7 @@ def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
         "failures": scenario_failures(rank),
         "resume": scenario_resume(rank, ckpt_dir),
         "plain_buffers": scenario_plain_buffers(rank),
+        "lean": scenario_lean_local_steps(rank),
+        "channels_last": scenario_channels_last(rank),
         "malicious": scenario_malicious_checkpoint(rank, ckpt_dir),
     }

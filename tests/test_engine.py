@@ -165,3 +165,172 @@ def test_checkpoints_load_weights_only(results):
     for r in results:
         assert r["malicious"]["refused"], "a checkpoint that runs code on load must be refused"
         assert not r["malicious"]["marker_exists"]
+
+
+def test_local_steps_take_the_lean_path(results):
+    for r in results:
+        assert all(r["rounds"][name]["lean"] for name in ("risgd", "risgd_small_buckets", "risgd_autocast_bf16"))
+        lean, ds = r["lean"]["lean"], r["lean"]["deepspeed"]
+        assert lean["lean"] and not ds["lean"]
+        # DeepSpeed's throughput timer synchronises the device twice per step: off unless configured
+        assert not lean["tput_timer"] and ds["tput_timer"]
+
+
+def test_lean_local_steps_equal_deepspeeds_path(results):
+    # warm-up 2 synchronous steps, then tau=3 rounds; 2 micro-batches per step; momentum, clipping and
+    # an LR schedule: the lean path and DeepSpeed's own end every micro-batch bit for bit equal
+    for r in results:
+        lean, ds = r["lean"]["lean"], r["lean"]["deepspeed"]
+        for step, (a, b) in enumerate(zip(lean["states"], ds["states"])):
+            for k in a:
+                assert torch.equal(a[k], b[k]), f"{k} differs after micro-batch {step + 1}"
+        assert lean["counters"] == ds["counters"]  # global_steps, samples, micro_steps, skipped, lr, steps
+        assert lean["counters"][-1][0] == lean["counters"][-1][5] == 8
+        assert lean["compute_seconds"] > 0
+
+
+def test_cpu_lean_step_releases_gradients_at_the_next_backward(results):
+    lean, ds = results[0]["lean"]["lean"], results[0]["lean"]["deepspeed"]
+    gas = 2
+    for micro, held in enumerate(lean["grads_after_step"]):
+        step = micro // gas + 1
+        boundary = (micro + 1) % gas == 0
+        # mid-accumulation gradients are kept; after an optimizer step DeepSpeed frees them, the
+        # lean CPU path keeps them until the next backward (synchronous steps: DeepSpeed's order)
+        assert held == (not boundary or step > 2), f"micro-batch {micro + 1}"
+    assert ds["grads_after_step"] == [(micro + 1) % gas != 0 for micro in range(len(ds["grads_after_step"]))]
+
+
+def test_channels_last_models_keep_their_layout(results):
+    for r in results:
+        for name in ("risgd", "plain"):
+            assert all(r["channels_last"][name]["layouts"]), f"{name}: the conv weight lost channels_last"
+    for step in (1, 3):  # tau=2: rounds close at steps 2 and 4
+        assert identical([r["channels_last"]["risgd"]["states"][step] for r in results])
+    for step in range(4):  # plain DeepSpeed: synchronous, parameters agree after every step
+        assert identical([{k: v for k, v in r["channels_last"]["plain"]["states"][step].items() if "running" not in k
+                           and "num_batches" not in k} for r in results])
+    assert not torch.equal(flat(results[0]["channels_last"]["risgd"]["states"][0]),
+                           flat(results[1]["channels_last"]["risgd"]["states"][0]))
+
+
+# -- the per-rank checkpoint file and the compute clock, without a process group ------------------
+
+class _FakeAccelerator:
+    """An accelerator with two devices and an RNG state per device."""
+
+    def __init__(self):
+        self.states = {0: torch.tensor([1, 2, 3], dtype=torch.uint8), 1: torch.tensor([4, 5, 6], dtype=torch.uint8)}
+
+    def device_name(self, *args):
+        return "cuda"
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return 2
+
+    def get_rng_state(self, i):
+        return self.states[i].clone()
+
+    def set_rng_state(self, state, i):
+        self.states[i] = state.clone()
+
+
+def _fake_engine(block: dict | None):
+    from types import SimpleNamespace
+
+    from risgd_ext import RISGDController, parse_block
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    engine = SimpleNamespace(module=module, optimizer=torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
+                             enable_backward_allreduce=True)
+    engine.risgd = RISGDController(engine, parse_block(block) if block is not None else None)
+    return engine
+
+
+@pytest.mark.parametrize("block", [None, {"tau": 2}])
+def test_rank_state_holds_device_rng_only_with_an_accelerator(tmp_path, monkeypatch, block):
+    import risgd_ext.engine as eng
+
+    engine = _fake_engine(block)
+    eng.save_rank_state(engine, str(tmp_path / "cpu"))
+    state = torch.load(tmp_path / "cpu" / "risgd_rank00000.pt", weights_only=True)
+    assert "rng_cpu" in state and "rng_device" not in state  # this machine has no accelerator
+    assert state["format"] == 2
+
+    fake = _FakeAccelerator()
+    monkeypatch.setattr(eng, "get_accelerator", lambda: fake)
+    eng.save_rank_state(engine, str(tmp_path / "gpu"))
+    state = torch.load(tmp_path / "gpu" / "risgd_rank00000.pt", weights_only=True)
+    assert [s.tolist() for s in state["rng_device"]] == [[1, 2, 3], [4, 5, 6]]
+    fake.states = {0: torch.zeros(3, dtype=torch.uint8), 1: torch.zeros(3, dtype=torch.uint8)}
+    eng.load_rank_state(_fake_engine(block), str(tmp_path / "gpu"))
+    assert [fake.states[i].tolist() for i in (0, 1)] == [[1, 2, 3], [4, 5, 6]]  # restored per device
+
+
+def test_rank_state_without_device_rng_still_loads(tmp_path, monkeypatch):
+    import risgd_ext.engine as eng
+
+    engine = _fake_engine({"tau": 2})
+    expected = torch.get_rng_state()
+    eng.save_rank_state(engine, str(tmp_path))
+    path = tmp_path / "risgd_rank00000.pt"
+    state = torch.load(path, weights_only=True)
+    state["format"] = 1  # as written before the device RNG was saved
+    torch.save(state, path)
+    fake = _FakeAccelerator()
+    monkeypatch.setattr(eng, "get_accelerator", lambda: fake)  # loading where an accelerator is
+    torch.manual_seed(123)
+    resumed = _fake_engine({"tau": 2})
+    eng.load_rank_state(resumed, str(tmp_path))
+    assert torch.equal(torch.get_rng_state(), expected)
+    assert [fake.states[i].tolist() for i in (0, 1)] == [[1, 2, 3], [4, 5, 6]]  # left as they were
+    for k, v in engine.module.state_dict().items():
+        assert torch.equal(v, resumed.module.state_dict()[k])
+
+
+class _FakeEvent:
+    """A timing event on a fake asynchronous device (one stream: an event is done once a later one is)."""
+
+    now = 0.0
+
+    def __init__(self, enable_timing=False):
+        self.t, self.done = None, False
+
+    def record(self):
+        self.t, self.done = _FakeEvent.now, False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+    def elapsed_time(self, end):
+        assert end.done and self.t <= end.t, "elapsed_time needs both events complete"
+        return (end.t - self.t) * 1e3
+
+
+def test_compute_seconds_from_device_events_without_waiting():
+    engine = _fake_engine(None)  # plain DeepSpeed: every step synchronous
+    ctl = engine.risgd
+    ctl._event_cls = _FakeEvent  # what an asynchronous accelerator (CUDA) gets
+    for step in range(3):
+        _FakeEvent.now = 10.0 * step
+        ctl.mark_step_start()
+        _FakeEvent.now += 2.0
+        ctl.record_gradient_allreduce(100, 0.5)  # communication inside the step is not compute
+        ctl.after_optimizer_step()
+    assert ctl.compute_seconds == 0.0 and len(ctl._pending) == 3  # nothing waited for the device
+    for _, end, _ in list(ctl._pending)[:2]:
+        end.done = True
+    ctl._collect_events(wait=False)  # reads what has finished, in order, without waiting
+    assert ctl.compute_seconds == pytest.approx(2 * 1.5) and len(ctl._pending) == 1
+    stats = ctl.stats()  # waits for the rest
+    assert stats["compute_seconds"] == pytest.approx(3 * 1.5) and not ctl._pending
+    assert len(ctl._free_events) == 6  # events are reused
+    ctl.mark_step_start()
+    assert len(ctl._free_events) == 5

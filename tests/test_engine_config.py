@@ -90,3 +90,23 @@ def test_failure_schedule():
     assert all(len(d) <= 1 for d in random_rounds)
     # a pure function of the round: a resumed run draws the same failures
     assert random_rounds == [failed_ranks(cfg, r, 4) for r in range(10, 210)]
+
+
+def test_gpu_check_refuses_without_a_gpu_in_one_line():
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", "gpu_check.py")
+    assert subprocess.run([sys.executable, script, "--help"], capture_output=True).returncode == 0
+    bad = subprocess.run([sys.executable, script, "--steps", "30"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("error: --steps 30 must be a multiple of --tau 50 "
+                                                          "(the run ends on an average)")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: no CUDA GPU on this machine") and proc.stderr.count("\n") == 1
