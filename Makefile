@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo paper clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: lint
 
 demo: $(STAMP)
 	$(PY) -m recipes.demo
+
+# The paper, experiment by experiment: every run, then reports/paper.md and paper.json (~90 min on
+# 2 cores; re-running resumes). `$(PY) -m recipes.paper --quick` is the 10-minute version.
+paper: $(STAMP)
+	$(PY) -m recipes.paper
 
 clean:
 	rm -rf runs/demo* build *.egg-info

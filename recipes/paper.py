@@ -1,0 +1,264 @@
+"""The RI-SGD paper, experiment by experiment: re-run every experiment, write a report with verdicts.
+
+    python -m recipes.paper                      # `make paper`: the embedded digits, 4 ranks (~90 min on 2 cores)
+    python -m recipes.paper --quick              # 1 seed, 200-step runs (~10 min)
+    python -m recipes.paper --plan-only          # the planned runs and an estimate of the time
+    python -m recipes.paper --report-only        # rebuild the report from the finished runs
+    python -m recipes.paper --recipe recipes/cifar10_resnet44.yaml   # the paper's own setup (GPUs, the data)
+
+Experiments: Fig. 2 (mu against SyncSGD, label-sorted and iid), Appendix A (the tau sweep and no
+averaging until the end), Fig. 3 (full redundancy against cooperative SGD), Fig. 4 (a 4x batch),
+section 4.4 (failed workers) and Theorem 4.2's residual error (divergence before averaging). All runs
+of the grid go into one ``deepspeed`` launch (``train.py --plan``: one process group trains them one
+after another). A run that has finished is never trained again, so re-running the command resumes
+and rebuilds the report. Writes ``OUT/paper.md``, ``OUT/paper.json`` and the PNGs next to them.
+
+Extra ``key=value`` arguments are recipe overrides for every run (e.g. ``data.shards=DIR``); the keys
+the grid sets (algorithm, mu, tau, steps, seed, data.partition, ...) are refused. Exit status: 0 done,
+2 bad input (one line ``error: ...``), 1 a run or the report failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+
+from risgd_data.errors import DataError
+
+from . import compare
+from .config import RecipeError, load_recipe, resolve_run
+from .launch import ROOT, launch
+from .paper_grid import GRID_KEYS, GRIDS, Grid, GridError, Setting, make_grid
+
+DEFAULT_RECIPE = "recipes/digits.yaml"
+# Seconds on this 2-core machine for digits (ResNet-8) with 4 CPU ranks, measured on the demo's runs;
+# a grid with finished runs rescales them by measured / predicted.
+LAUNCH_S, RUN_SETUP_S, STEP_S, SAMPLE_S, ALLREDUCE_S, EVAL_S = 40.0, 1.0, 0.008, 0.00045, 0.012, 0.3
+
+
+class BadInput(Exception):
+    """A command-line problem: one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as every risgd command
+        raise BadInput(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe (default {DEFAULT_RECIPE})")
+    p.add_argument("--grid", choices=GRIDS, default=None,
+                   help="full: the paper's grid at the recipe's iterations (default); quick: 1 seed, shorter runs, "
+                        "fewer taus; test: 2 ranks, 20-step runs (the test suite's)")
+    p.add_argument("--quick", action="store_true", help="the same as --grid quick")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds for every experiment (default: the grid's; full: 3 for Fig. 2, 2 elsewhere)")
+    p.add_argument("--ranks", type=int, default=None, help="ranks per run (default 4; 2 for --grid test)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="iterations per run (default: the recipe's for full, a fifth for quick, 20 for test); "
+                        "a multiple of every tau of the sweep")
+    p.add_argument("--runs-dir", default=None, help="where the runs go (default runs/paper/NAME-GRID-pRANKS)")
+    p.add_argument("--out", default=None,
+                   help="where paper.md, paper.json and the PNGs go (default reports/; reports/NAME/ for a recipe "
+                        "other than digits)")
+    p.add_argument("--plan-only", action="store_true", help="print the planned runs and the estimated time; run "
+                                                             "nothing")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the finished runs; train "
+                                                               "nothing")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides for every run (not the grid's keys)")
+    args = p.parse_args(argv)
+    if args.quick:
+        if args.grid not in (None, "quick"):
+            raise BadInput(f"--quick contradicts --grid {args.grid}: give one of them")
+        args.grid = "quick"
+    args.grid = args.grid or "full"
+    if args.plan_only and args.report_only:
+        raise BadInput("--plan-only and --report-only exclude each other: give one")
+    for item in args.overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item:
+            raise BadInput(f"override '{item}' must look like key=value (e.g. data.shards=DIR)")
+        if key in GRID_KEYS or any(key.startswith(k + ".") for k in GRID_KEYS):
+            raise BadInput(f"override '{item}': the paper grid sets {key} for every run; use --steps, --seeds, "
+                           "--runs-dir or --grid instead, or run train.py yourself")
+    if args.ranks is not None and args.ranks < 2:
+        raise BadInput(f"--ranks {args.ranks} is invalid: the paper's comparisons need at least 2 ranks")
+    if args.steps is not None and args.steps < 1:
+        raise BadInput(f"--steps {args.steps} is invalid: use a positive number of iterations")
+    return args
+
+
+# -- planning ---------------------------------------------------------------------------------------
+
+def predicted_seconds(setting: Setting, grid: Grid) -> float:
+    """A run's wall-clock by the digits constants above (rescaled by finished runs, see estimate)."""
+    per_step = STEP_S + SAMPLE_S * setting.per_rank_batch(grid.ranks) * grid.ranks / 4
+    rounds = setting.steps if setting.algorithm == "sync" else setting.steps // setting.tau
+    evals = -(-setting.steps // max(grid.eval_every, setting.tau if setting.algorithm != "sync" else 1))
+    return RUN_SETUP_S + setting.steps * per_step + rounds * ALLREDUCE_S + evals * EVAL_S
+
+
+def estimate(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[str, dict],
+             dataset: str) -> tuple[float | None, str]:
+    """Seconds the pending runs will take, and how that was estimated."""
+    done = [(s, run) for s, run in ((s, finished.get(s.run_name(seed))) for s, seed in grid.runs()) if run]
+    if done:
+        scale = sum(r["wall_seconds"] for _, r in done) / sum(predicted_seconds(s, grid) for s, _ in done)
+        how = f"rescaled by {len(done)} finished run(s) of this grid (measured / predicted = {scale:.2f})"
+    elif dataset == "digits":
+        scale, how = 1.0, "digits constants measured on 2 shared cores"
+    else:
+        return None, (f"no estimate for {dataset} before a run of this grid has finished (the built-in constants "
+                      "are digits on 2 CPU cores); re-run --plan-only after the first runs")
+    total = sum(predicted_seconds(s, grid) for s, _ in pending) * scale
+    return (total + (LAUNCH_S if pending else 0.0)), how
+
+
+def print_plan(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[str, dict], dataset: str) -> None:
+    uses: dict[str, list[str]] = {}
+    for exp in grid.experiments():
+        for s in exp.settings:
+            for seed in grid.seeds_of(exp, s):
+                uses.setdefault(s.run_name(seed), []).append(exp.key)
+    waiting = {s.run_name(seed) for s, seed in pending}
+    print(f"{'run':<48} {'batch/rank':>10} {'steps':>6} {'status':<8} experiments")
+    for s, seed in grid.runs():
+        name = s.run_name(seed)
+        print(f"{name:<48} {s.per_rank_batch(grid.ranks):>10g} {s.steps:>6} "
+              f"{'pending' if name in waiting else 'done':<8} {', '.join(dict.fromkeys(uses[name]))}")
+    seconds, how = estimate(grid, pending, finished, dataset)
+    est = "unknown" if seconds is None else f"{seconds / 60:.1f} min"
+    print(f"\n{len(grid.runs())} runs ({len(pending)} pending) on {grid.ranks} ranks in one launch; "
+          f"estimated {est} ({how})")
+
+
+class Progress(threading.Thread):
+    """Prints each run as its summary.json appears (the launch's own output goes to its log)."""
+
+    def __init__(self, dirs: list[str]):
+        super().__init__(daemon=True)
+        self.dirs, self.stop = dirs, threading.Event()
+        self.t0 = time.perf_counter()
+
+    def run(self) -> None:
+        left = list(self.dirs)
+        while left and not self.stop.wait(5.0):
+            for d in [d for d in left if os.path.exists(os.path.join(d, "summary.json"))]:
+                left.remove(d)
+                print(f"[paper] {len(self.dirs) - len(left)}/{len(self.dirs)} {os.path.basename(d)} "
+                      f"({time.perf_counter() - self.t0:.0f} s)", flush=True)
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    started = time.perf_counter()
+    try:
+        args = parse_args(argv)
+        recipe = args.recipe
+        if not os.path.exists(recipe) and not os.path.isabs(recipe) and os.path.exists(os.path.join(ROOT, recipe)):
+            recipe = os.path.join(ROOT, recipe)  # recipes/NAME.yaml from anywhere, as in a checkout
+        recipe = os.path.abspath(recipe)
+        cfg = load_recipe(recipe, args.overrides)
+        ranks = args.ranks or (2 if args.grid == "test" else 4)
+        grid = make_grid(args.grid, cfg, ranks, steps=args.steps, seeds=tuple(args.seeds) if args.seeds else None)
+        runs_dir = os.path.abspath(args.runs_dir or os.path.join("runs", "paper",
+                                                                 f"{cfg['name']}-{grid.name}-p{ranks}"))
+        out = args.out or ("reports" if cfg["data"]["dataset"] == "digits" else os.path.join("reports", cfg["name"]))
+        common = [f"runs_dir={runs_dir}", f"eval_every={grid.eval_every}", "wandb.enabled=false",
+                  f"wandb.group=paper-{cfg['name']}", *args.overrides]  # the user's overrides win
+        planned = grid.runs()
+        finished, pending = {}, []
+        for setting, seed in planned:  # every run checked (and its directory compared) before any launch
+            run = resolve_run(recipe, [*common, *setting.overrides(seed)], ranks)
+            if run.finished:
+                with open(os.path.join(run.run_dir, "summary.json")) as f:
+                    finished[setting.run_name(seed)] = json.load(f)
+                if finished[setting.run_name(seed)].get("world_size") != ranks:
+                    raise BadInput(f"{run.run_dir} was trained on {finished[setting.run_name(seed)].get('world_size')}"
+                                   f" ranks, not {ranks}: pick another --runs-dir")
+            else:
+                pending.append((setting, seed))
+    except (BadInput, RecipeError, GridError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if args.plan_only:
+        print_plan(grid, pending, finished, cfg["data"]["dataset"])
+        return 0
+    if args.report_only and pending:
+        print(f"error: {len(pending)} of {len(planned)} runs are not finished (e.g. "
+              f"{os.path.join(runs_dir, pending[0][0].run_name(pending[0][1]))}): run the command without "
+              "--report-only to train them", file=sys.stderr)
+        return 2
+
+    launches = 0
+    if pending:
+        os.makedirs(runs_dir, exist_ok=True)
+        log = os.path.join(runs_dir, "paper.log")
+        seconds, how = estimate(grid, pending, finished, cfg["data"]["dataset"])
+        est = "" if seconds is None else f", estimated {seconds / 60:.0f} min ({how})"
+        print(f"[paper] {len(pending)} of {len(planned)} runs to train, {ranks} ranks, one launch{est}; "
+              f"log: {log}", flush=True)
+        progress = Progress([os.path.join(runs_dir, s.run_name(seed)) for s, seed in pending])
+        progress.start()
+        try:  # one launch, one process group for every pending run
+            launch(recipe, ranks, common, log, plan=[s.overrides(seed) for s, seed in pending])
+        except KeyboardInterrupt:
+            print("[paper] interrupted: the finished runs are kept; the same command resumes", file=sys.stderr)
+            return 130
+        finally:
+            progress.stop.set()
+            progress.join()
+        launches = 1
+    else:
+        print(f"[paper] all {len(planned)} runs are finished: no launch; rebuilding the report", flush=True)
+
+    from . import paper_report
+
+    try:
+        runs = {s.run_name(seed): compare.load_run(os.path.join(runs_dir, s.run_name(seed))) for s, seed in planned}
+        index = _index(runs[planned[0][0].run_name(planned[0][1])])
+        timing = {"runs_dir": _shown(runs_dir), "trained": len(pending), "launches": launches,
+                  "seconds": time.perf_counter() - started,
+                  "run_seconds": sum(r["summary"]["wall_seconds"] for r in runs.values())}
+        command = "python -m recipes.paper " + " ".join(shlex.quote(a) for a in argv)
+        analyses = paper_report.write(grid, cfg, runs, out, command.strip(), index, timing)
+    except (OSError, KeyError, ValueError) as e:  # a run record that cannot be read or analysed
+        print(f"error: the report failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(paper_report.verdict_table(analyses))
+    print(f"\nwrote {os.path.join(out, 'paper.md')}, {os.path.join(out, 'paper.json')} and "
+          f"{len([a for a in analyses if a.plot])} plots ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _index(run: dict) -> dict | None:
+    """The shard index the runs trained on (for the scale-down table), or None if it is gone."""
+    import yaml
+
+    try:
+        with open(os.path.join(run["dir"], "config.yaml")) as f:
+            shards = yaml.safe_load(f)["data"]["shards"]
+        with open(os.path.join(ROOT, shards, "index.json")) as f:  # train.py runs in ROOT
+            return json.load(f)
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

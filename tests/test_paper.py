@@ -1,0 +1,271 @@
+"""recipes.paper end to end: the test grid (2 ranks, 20-step runs) as one real `deepspeed` launch on
+the digits shards and on a CIFAR-format tarball, the re-run that skips every finished run, the
+report's files; and the verdict rules on constructed numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from risgd_data.synthetic import write_cifar_tarball
+from risgd_recipes import compare, paper, paper_report
+from risgd_recipes import paper_verdict as V
+from risgd_recipes.config import load_recipe
+from risgd_recipes.paper_grid import make_grid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ["fig2", "tau", "diversity", "saturation", "failures", "theory"]
+
+
+def run_paper(args: list[str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return subprocess.run([sys.executable, "-m", "recipes.paper", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+def the_test_grid():
+    return make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=2)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, digits_dir):
+    base = tmp_path_factory.mktemp("paper")
+    args = ["--grid", "test", "--runs-dir", str(base / "runs"), "--out", str(base / "out"), f"data.shards={digits_dir}"]
+    proc = run_paper(args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(base / "out" / "paper.json") as f:
+        doc = json.load(f)
+    return {"args": args, "runs": base / "runs", "out": base / "out", "proc": proc, "doc": doc}
+
+
+def check_report(out, doc: dict, ranks: int) -> None:
+    """What every report must hold: each experiment, a verdict from the allowed set decided by the rules
+    from the numbers shown, the runs behind it, real PNGs, and each claim in paper.md."""
+    assert [e["key"] for e in doc["experiments"]] == KEYS
+    md = (out / "paper.md").read_text()
+    for exp in doc["experiments"]:
+        assert exp["verdict"] in V.VERDICTS
+        checks = exp["numbers"]["checks"]
+        assert checks and all(c["verdict"] in V.VERDICTS for c in checks)
+        for c in checks:  # the verdict is the rule applied to the numbers reported with it
+            if c["per_seed"]:
+                assert c["verdict"] == V.judge(c["per_seed"], c["margin"]), c
+        assert exp["verdict"] == V.combine([c["verdict"] for c in checks])
+        assert exp["runs"] and all(r["summary"]["world_size"] == ranks for r in exp["runs"])
+        for r in exp["runs"]:  # every run's summary, as the run wrote it
+            with open(os.path.join(r["dir"], "summary.json")) as f:
+                assert json.load(f) == r["summary"]
+        assert exp["claim"] in md and exp["setup"] in md and f"**Verdict: {exp['verdict']}.**" in md
+        with open(out / exp["plot"], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        with Image.open(out / exp["plot"]) as im:
+            im.verify()
+            assert im.size[0] > 400 and im.size[1] > 250
+        assert f"]({exp['plot']})" in md
+    assert "## How the verdicts are decided" in md and "## What was scaled down against the paper" in md
+    assert "## Every run" in md
+
+
+def test_every_run_of_the_grid_finishes_in_one_launch(digits):
+    grid = the_test_grid()
+    planned = grid.runs()
+    assert len(planned) == len({s.run_name(seed) for s, seed in planned})  # each run once, shared between experiments
+    for s, seed in planned:
+        with open(digits["runs"] / s.run_name(seed) / "summary.json") as f:
+            summary = json.load(f)
+        assert summary["steps"] == 20 and summary["world_size"] == 2 and summary["seed"] == seed
+        assert summary["algorithm"] == s.algorithm and summary["mu"] == s.mu
+        assert len(set(summary["rank_model_sha256"])) == 1  # the run ended on an average
+    # one launch: one plan with every run in it
+    plan = (digits["runs"] / "paper.log.plan.yaml").read_text()
+    assert plan.count("run_name=") == len(planned)
+    assert f"{len(planned)} of {len(planned)} runs to train" in digits["proc"].stdout
+    # the failed ranks' runs lost data on PR-SGD and kept it with full redundancy mu=0.5 (p=2)
+    with open(digits["runs"] / "ls-prsgd-t5-b32-down1r2-s0" / "summary.json") as f:
+        assert json.load(f)["min_data_coverage"] == pytest.approx(0.5, abs=0.02)
+    with open(digits["runs"] / "ls-risgd-t5-mu0.5-h0.01-b32-down1r2-s0" / "summary.json") as f:
+        assert json.load(f)["min_data_coverage"] > 0.97
+
+
+def test_report_has_every_experiment_with_its_verdict_numbers_and_plots(digits):
+    check_report(digits["out"], digits["doc"], ranks=2)
+    fig2 = digits["doc"]["experiments"][0]["numbers"]["partitions"]["label_sorted"]["settings"]
+    with open(digits["runs"] / "ls-sync-b32-s0" / "summary.json") as f:
+        assert fig2["sync"]["final_test_acc"]["per_seed"]["0"] == json.load(f)["final_test_acc"]
+    printed = digits["proc"].stdout
+    for exp in digits["doc"]["experiments"]:
+        assert f"{exp['name']:<62} {exp['verdict']:<14}" in printed
+
+
+def test_a_rerun_launches_nothing_and_rebuilds_the_report(digits):
+    summaries = sorted(digits["runs"].glob("*/summary.json"))
+    before = {p: p.stat().st_mtime_ns for p in summaries}
+    log_before = (digits["runs"] / "paper.log").stat().st_mtime_ns
+    md_before = (digits["out"] / "paper.md").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    proc = run_paper(digits["args"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs are finished: no launch" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before
+    assert (digits["runs"] / "paper.log").stat().st_mtime_ns == log_before  # no deepspeed launch wrote to it
+    assert (digits["out"] / "paper.md").stat().st_mtime_ns > md_before
+    assert time.perf_counter() - t0 < 120
+    with open(digits["out"] / "paper.json") as f:
+        doc = json.load(f)
+    assert [e["verdict"] for e in doc["experiments"]] == [e["verdict"] for e in digits["doc"]["experiments"]]
+    assert doc["timing"]["trained"] == 0 and doc["timing"]["launches"] == 0
+
+
+def test_plan_only_and_report_only(digits, capsys, tmp_path):
+    common = ["--grid", "test", "--runs-dir", str(digits["runs"]), *digits["args"][-1:]]
+    assert paper.main([*common, "--plan-only"]) == 0
+    out = capsys.readouterr().out
+    assert "21 runs (0 pending)" in out and "ls-risgd-t5-mu0.5-b32-s0" in out
+    assert paper.main([*common, "--report-only", "--out", str(tmp_path)]) == 0
+    check_report(tmp_path, json.loads((tmp_path / "paper.json").read_text()), ranks=2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--grid", "huge"], "invalid choice"),
+    (["--quick", "--grid", "test"], "--quick contradicts --grid test"),
+    (["--grid", "test", "mu=0.5"], "the paper grid sets mu"),
+    (["--grid", "test", "data.partition=iid"], "the paper grid sets data.partition"),
+    (["--grid", "test", "--steps", "7"], "--steps 7 is not a multiple of tau=5"),
+    (["--grid", "test", "--ranks", "1"], "--ranks 1 is invalid"),
+    (["--grid", "test", "--recipe", "recipes/nope.yaml"], "recipe"),
+    (["--grid", "test", "data.partiton=iid"], "unknown recipe key"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
+    assert paper.main([*args, "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_report_only_refuses_unfinished_runs(capsys, tmp_path, digits_dir):
+    args = ["--grid", "test", "--report-only", "--runs-dir", str(tmp_path), f"data.shards={digits_dir}"]
+    assert paper.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "21 of 21 runs are not finished" in err[0]
+
+
+def test_cifar_format_data_runs_the_same_grid(tmp_path):
+    """The CIFAR-10 recipe's path: a real CIFAR-format tarball, shards made by train.py on first use, the
+    test grid at 10 steps (ResNet-8 instead of ResNet-44, so that it runs in a test's time on CPU)."""
+    tarball = write_cifar_tarball(str(tmp_path / "cifar-10-python.tar.gz"), "cifar10", n_train=160, n_test=40)
+    shards = tmp_path / "shards"
+    proc = run_paper(["--recipe", "recipes/cifar10_resnet44.yaml", "--grid", "test", "--steps", "10",
+                      "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), f"data.src={tarball}",
+                      f"data.shards={shards}", "data.num_workers=0", "model.name=resnet8_digits"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(shards / "index.json") as f:
+        index = json.load(f)
+    assert index["dataset"] == "cifar10" and index["splits"]["train"]["samples"] == 160
+    doc = json.loads((tmp_path / "out" / "paper.json").read_text())
+    check_report(tmp_path / "out", doc, ranks=2)
+    assert doc["steps"] == 10 and doc["recipe"].endswith("cifar10_resnet44.yaml")
+    # the recipe's partition (iid, the paper's) comes first in Fig. 2; the rest run on it
+    assert list(doc["experiments"][0]["numbers"]["partitions"]) == ["iid", "label_sorted"]
+    assert all(r["summary"]["partition"] == "iid" for r in doc["experiments"][2]["runs"]
+               if r["summary"]["algorithm"] != "coop")
+    assert "cifar10 (160 train, 40 test, 3x32x32" in (tmp_path / "out" / "paper.md").read_text()
+
+
+# -- the verdict rules on constructed numbers ---------------------------------------------------------
+
+def test_judge_has_four_quadrants():
+    assert V.judge([1.0, 2.0], 0.5) == V.CONFIRMED             # an effect on every seed
+    assert V.judge([3.0, -1.0], 0.5) == V.MIXED                # an effect, but one seed disagrees
+    assert V.judge([0.2, 0.3], 0.5) == V.MIXED                 # every seed agrees, but too small
+    assert V.judge([0.2, -0.1], 0.5) == V.NOT_CONFIRMED
+    assert V.judge([-2.0, -1.0], 0.5) == V.NOT_CONFIRMED
+    assert V.judge([0.0], 0.0) == V.NOT_CONFIRMED              # no difference is no support
+    with pytest.raises(ValueError):
+        V.judge([], 0.5)
+
+
+def test_paired_orients_by_what_is_better_and_pairs_seeds():
+    c = V.paired("fewer rounds", {0: 2, 1: 4}, {0: 10, 1: 12, 2: 1}, 0.0, lower_is_better=True)
+    assert c.diffs == [8, 8] and c.verdict == V.CONFIRMED  # seed 2 has no partner: left out
+    c = V.paired("higher accuracy", {0: 90.0, 1: 91.0}, {0: 90.2, 1: 90.9}, 0.5)
+    assert c.diffs == pytest.approx([-0.2, 0.1]) and c.verdict == V.NOT_CONFIRMED
+    with pytest.raises(ValueError):
+        V.paired("no seeds in common", {0: 1.0}, {1: 1.0}, 0.0)
+
+
+def test_fewer_rounds_never_lets_a_run_that_never_gets_there_win():
+    c = V.fewer_rounds("x", {0: (4, True), 1: (21, False)}, {0: (20, True), 1: (1001, False)})
+    assert c.diffs == [16, 0.0] and c.verdict == V.MIXED  # seed 1: both never reached it: no saving
+    c = V.fewer_rounds("x", {0: (2, True)}, {0: (21, False)})  # the baseline never: total + 1 rounds
+    assert c.diffs == [19] and c.verdict == V.CONFIRMED
+
+
+def test_combine_rounds_to_and_knee():
+    assert V.combine([V.CONFIRMED, V.CONFIRMED]) == V.CONFIRMED
+    assert V.combine([V.NOT_CONFIRMED, V.NOT_CONFIRMED]) == V.NOT_CONFIRMED
+    assert V.combine([V.CONFIRMED, V.NOT_CONFIRMED]) == V.MIXED
+    assert V.combine([V.MIXED]) == V.MIXED
+    points = [(2, 50.0), (4, 96.0), (6, 97.5), (8, 97.0)]
+    assert V.rounds_to(points, 97.0, 8) == 6
+    assert V.rounds_to(points, 99.0, 8) == 9  # never: its total rounds + 1
+    assert V.knee({1: 98.0, 10: 97.5, 50: 97.2, 200: 90.0}) == 50
+    assert V.knee({1: 98.0, 10: 95.0, 50: 97.5}) == 50  # the largest tau within 1 point of the best
+
+
+def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[str, dict]:
+    """Run records (as compare.load_run gives them) whose numbers follow the paper's claims (holds) or
+    their opposite; every effect is several margins large and the same on every seed."""
+    sign = 1.0 if holds else -1.0
+    runs = {}
+    for s, seed in grid.runs():
+        jitter = 0.05 * seed
+        if s.algorithm == "sync":
+            final, div = 90.0, None
+        elif s.algorithm == "coop":
+            final, div = 90.0 - sign * 2.0, 1e-5
+        else:
+            final = 80.0 + sign * 20.0 * s.mu
+            if s.mu == grid.full_mu and not s.hetero_std:  # full redundancy against coop
+                final = 90.0 + sign * 2.0 + (4.0 * (1 - 2 * seed) if noisy_diversity else 0.0)
+            if s.base_batch > grid.base_batch:  # the 4x batch: PR-SGD saturates
+                final = 80.0 + (sign * 6.0 if s.algorithm == "risgd" else 0.0)
+            if s.tau > grid.tau:
+                final -= sign * 3.0 if s.tau < grid.steps else sign * (10.0 - 8.0 * (s.mu > 0))
+            final -= sign * len(s.down) * (10.0 if s.mu == 0 else 2.0)
+            div = 1e-3 * (1.0 - 1.8 * s.mu) ** (1 if holds else -1) * (s.tau / grid.tau) ** sign
+        rounds = s.steps if s.algorithm == "sync" else s.steps // s.tau
+        n = 4
+        metrics = [{"step": s.steps * (k + 1) // n, "comm_rounds": rounds * (k + 1) // n,
+                    "round": rounds * (k + 1) // n, "wall_seconds": 1.0 + k, "train_loss": 1.0 / (k + 1),
+                    "test_acc": final - 30.0 * (n - 1 - k) / n + jitter, "divergence": div} for k in range(n)]
+        summary = {"algorithm": s.algorithm, "tau": s.tau, "mu": s.mu, "world_size": grid.ranks, "steps": s.steps,
+                   "comm_rounds": rounds, "comm_bytes": 1e6, "comm_seconds": 0.1, "wall_seconds": 4.0,
+                   "final_test_acc": final + jitter, "best_test_acc": final + jitter, "final_train_loss": 0.25,
+                   "divergence_mean": div, "min_data_coverage": 1.0 - 0.5 * len(s.down) * (s.mu == 0),
+                   "batch_policy": s.batch_policy, "seed": seed}
+        runs[s.run_name(seed)] = {"dir": f"/constructed/{s.run_name(seed)}", "summary": summary, "metrics": metrics,
+                                  "label": compare.label(summary)}
+    return runs
+
+
+def test_verdicts_follow_constructed_numbers(tmp_path):
+    grid = make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=2, seeds=(0, 1))
+    held = {a.exp.key: a for a in paper_report.analyse(grid, constructed_runs(grid, holds=True), str(tmp_path))}
+    assert {k: a.verdict for k, a in held.items()} == dict.fromkeys(KEYS, V.CONFIRMED), {
+        k: [(c.name, c.verdict) for c in a.checks] for k, a in held.items() if a.verdict != V.CONFIRMED}
+    assert held["fig2"].numbers["partitions"]["label_sorted"]["settings"]["sync"]["rounds_to_target"]["mean"] == 20
+    failed = {a.exp.key: a for a in paper_report.analyse(grid, constructed_runs(grid, holds=False), str(tmp_path))}
+    for key in ("fig2", "diversity", "saturation", "failures", "theory"):
+        assert failed[key].verdict == V.NOT_CONFIRMED, [(c.name, c.verdict) for c in failed[key].checks]
+    tau_checks = {c.name.split(":")[0]: c.verdict for c in failed["tau"].checks}
+    assert tau_checks["PR-SGD"] == tau_checks["RI-SGD mu=0.25"] == V.NOT_CONFIRMED  # accuracy rises with tau
+    assert failed["tau"].checks[-1].verdict == V.NOT_CONFIRMED  # no averaging: redundancy does not help
+    noisy = paper_report.analyse(grid, constructed_runs(grid, holds=True, noisy_diversity=True), str(tmp_path))
+    diversity = next(a for a in noisy if a.exp.key == "diversity")
+    assert diversity.verdict == V.MIXED and diversity.checks[0].diffs == pytest.approx([8.0, 0.0])
