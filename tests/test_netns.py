@@ -31,13 +31,14 @@ def _namespaces(pid: int) -> list[str]:
 
 
 def _sleepers(pid: int) -> list[str]:
-    """PIDs of the `sleep` processes running inside the namespaces of the cluster tool `pid`."""
+    """PIDs of the processes inside the namespaces of the cluster tool `pid` whose command line
+    mentions `sleep` (the per-host launchers and the sleeps they start)."""
     out = []
     for ns in _namespaces(pid):
         for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
             try:
                 with open(f"/proc/{p}/cmdline", "rb") as f:
-                    if f.read().split(b"\0")[0].endswith(b"sleep"):
+                    if b"sleep" in f.read():
                         out.append(p)
             except OSError:
                 pass
