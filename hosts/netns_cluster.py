@@ -180,11 +180,12 @@ class Cluster:
 
 @contextmanager
 def torn_down_on_exit(cluster: Cluster):
-    """Build the cluster; tear it down however the block ends (SIGTERM and SIGHUP included)."""
+    """Build the cluster; tear it down however the block ends (SIGINT, SIGTERM and SIGHUP included)."""
     def _raise(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {s: signal.signal(s, _raise) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a tool started in the background by a non-interactive shell inherits it ignored
+    previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         cluster.up()
         yield cluster
