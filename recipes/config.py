@@ -14,7 +14,6 @@ average_optimizer_state, failures) take theirs from :class:`risgd_ext.config.RIS
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ import yaml
 
 from risgd_data.errors import DataError
 from risgd_data.manifest import load_manifest, validate_manifest_params
-from risgd_ext.config import ConfigError, RISGDConfig, check_world, split_config
+from risgd_ext.config import ConfigError, RISGDConfig, check_world, load_ds_config, split_config
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
 PRECISIONS = (None, "fp32", "bf16")
@@ -282,13 +281,9 @@ def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | Non
     """The recipe's ds_config file (read once) with the batch sizes and, except for SyncSGD, the
     ``risgd`` block filled from the recipe; validated by the engine's validator."""
     path = cfg["ds_config"]
-    try:
-        with open(path) as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise RecipeError(f"ds_config {path} not found: set ds_config= to a file under ds_configs/") from None
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"ds_config {path} is not valid JSON ({e}): fix the file") from None
+    if not os.path.isfile(path):
+        raise RecipeError(f"ds_config {path} not found: set ds_config= to a file under ds_configs/")
+    ds = load_ds_config(path)  # the engine's reader: ConfigError (one line) on invalid JSON
     gas = ds.get("gradient_accumulation_steps", 1)
     # DeepSpeed's batch bookkeeping; the real per-rank batch is the loader's (it grows with q).
     ds["train_micro_batch_size_per_gpu"] = cfg["data"]["base_batch"]
