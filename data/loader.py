@@ -9,6 +9,13 @@ seeded permutations of that chunk (one permutation per pass). That gives
   * a fixed number of steps per epoch for every rank (from the manifest), so no rank waits.
 Batches are [chunk 0's b_0 samples | chunk 1's b_1 samples | ...] (own chunk first), which are
 the paper's per-chunk mini-batches; `sub_batch_sizes` tells how to split them.
+
+Node-level workers (`share=(l, k)`): a manifest worker may be a node of k ranks that split its data.
+The worker's step batch is planned as for one rank with base batch base_batch * k, and share l
+takes, from every chunk's sub-batch of size b_c, the contiguous positions [l*b_c//k, (l+1)*b_c//k).
+Augmentation seeds and corrupt-sample substitution use the position in the WHOLE worker batch, so
+concatenating, chunk by chunk, share 0's slice, share 1's slice, ... gives exactly (bitwise) the
+batch of the share=(0, 1) loader with base batch base_batch * k.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import numbers
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -94,12 +102,23 @@ class _Decoder:
 
 
 class _TrainSteps(torch.utils.data.Dataset):
-    """Item s = the whole batch of step s (images, labels, corrupt samples skipped)."""
+    """Item s = this share's part of the batch of step s (images, labels, corrupt samples skipped).
+
+    `sub_sizes` are the whole worker's per-chunk sizes; `share` = (l, k) selects positions
+    [l*b//k, (l+1)*b//k) of every chunk's b; `share_sizes` are the resulting per-chunk sizes."""
 
     def __init__(self, decoder: _Decoder, chunk_ids: list[np.ndarray], sub_sizes: list[int], seed: int,
-                 rank: int):
+                 rank: int, share: tuple[int, int] = (0, 1)):
         self.decoder, self.chunk_ids, self.sub_sizes = decoder, chunk_ids, sub_sizes
         self.seed, self.rank = seed, rank
+        part, k = share
+        # (chunk, first position inside the chunk's sub-batch, count, chunk's start in the worker batch)
+        self._slices, start = [], 0
+        for c, b in enumerate(sub_sizes):
+            lo, hi = part * b // k, (part + 1) * b // k
+            self._slices.append((c, lo, hi - lo, start))
+            start += b
+        self.share_sizes = [n for _, _, n, _ in self._slices]
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._bad: set[int] = set()
 
@@ -112,13 +131,15 @@ class _TrainSteps(torch.utils.data.Dataset):
                 self._perms.popitem(last=False)
         return self._perms[key]
 
-    def sample_ids(self, step: int) -> list[tuple[int, int, int]]:
-        """[(chunk, pass, offset)] of step `step`: a pure function of (seed, rank, step)."""
+    def sample_ids(self, step: int) -> list[tuple[int, int, int, int]]:
+        """[(chunk, pass, offset, pos)] of this share at step `step`, pos = the position in the whole
+        worker batch: a pure function of (seed, rank, step) and the share."""
         out = []
-        for c, b in enumerate(self.sub_sizes):
-            n = len(self.chunk_ids[c])
-            t = step * b + np.arange(b)
-            out.extend((c, int(p), int(o)) for p, o in zip(t // n, t % n))
+        for c, lo, count, start in self._slices:
+            n, b = len(self.chunk_ids[c]), self.sub_sizes[c]
+            j = lo + np.arange(count)
+            t = step * b + j
+            out.extend((c, int(p), int(o), start + int(i)) for p, o, i in zip(t // n, t % n, j))
         return out
 
     def __getitem__(self, step: int):
@@ -131,16 +152,17 @@ class _TrainSteps(torch.utils.data.Dataset):
         images = self.decoder.batch(len(ids)) if fast else []  # fast path: decoded into its slot
         labels, skipped = [], 0
         try:
-            for pos, (c, p, off) in enumerate(ids):
+            for slot, (c, p, off, pos) in enumerate(ids):
                 perm = self._perm(c, p)
                 for k in range(len(perm)):
-                    # A corrupt sample is replaced by the next one in the same permutation.
+                    # A corrupt sample is replaced by the next one in the same permutation; the seed
+                    # is that of the position in the whole worker batch, whatever the share.
                     gid = int(perm[(off + k) % len(perm)])
                     if gid not in self._bad:
                         s = _mix(self.seed, self.rank, step, pos)
                         random.seed(s)
                         gen.manual_seed(s)
-                        img = self.decoder.decode(gid, images[pos] if fast else None)
+                        img = self.decoder.decode(gid, images[slot] if fast else None)
                         if img is not None:
                             break
                         self._bad.add(gid)
@@ -171,13 +193,16 @@ class _From:
 
 
 class RankLoader:
-    """Infinite iterator of (images [B,C,H,W], labels [B]) for one rank; B = sum(sub_batch_sizes)."""
+    """Infinite iterator of (images [B,C,H,W], labels [B]) for one rank; B = sum(sub_batch_sizes).
+
+    With a share (l, k) of a node-level worker, `sub_batch_sizes` (one entry per chunk of the worker,
+    0 where this share takes nothing from a chunk) and `batch_size` are this rank's own share."""
 
     def __init__(self, steps: _TrainSteps, steps_per_epoch: int, start_step: int, num_workers: int,
                  pin_memory: bool = False, prefetch_factor: int = 4):
         self._steps = steps
         self.steps_per_epoch = steps_per_epoch
-        self.sub_batch_sizes = list(steps.sub_sizes)
+        self.sub_batch_sizes = list(steps.share_sizes)
         self.batch_size = sum(self.sub_batch_sizes)
         self.step = start_step  # the next step this loader yields
         self.samples_skipped = 0
@@ -194,8 +219,9 @@ class RankLoader:
         return images, labels
 
     def sample_ids(self, step: int) -> list[int]:
-        """Global train ids planned for `step`, batch order (before any corrupt-sample substitution)."""
-        return [int(self._steps._perm(c, p)[o]) for c, p, o in self._steps.sample_ids(step)]
+        """Global train ids planned for `step` for this share, batch order (before any corrupt-sample
+        substitution)."""
+        return [int(self._steps._perm(c, p)[o]) for c, p, o, _ in self._steps.sample_ids(step)]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
@@ -240,13 +266,23 @@ def sub_batch_sizes(fractions: list[float], sizes: list[int], base_batch: int, p
 def make_train_loader(
     manifest: dict | str, shard_dir: str, rank: int, base_batch: int, policy: str = "per_chunk",
     transform: Callable | None = None, seed: int = 0, start_step: int = 0, num_workers: int = 1,
-    verify: bool = True, pin_memory: bool = False,
+    verify: bool = True, pin_memory: bool = False, share: tuple[int, int] = (0, 1),
 ) -> RankLoader:
     """The rank's infinite train loader. Raises DataError (one line) on a missing/mismatched shard.
+
+    `rank` is the manifest worker index. `share` = (l, k): this process is rank l of the k ranks of
+    a node-level worker `rank` (the manifest built with --workers = nodes). The worker's batch is
+    planned for base batch base_batch * k (steps_per_epoch(manifest, base_batch * k) steps per
+    epoch) and this share takes positions [l*b//k, (l+1)*b//k) of every chunk's sub-batch b; per
+    sample augmentation seeds use the position in the whole worker batch, so the k shares of a step,
+    concatenated chunk by chunk in share order, are bitwise the share=(0, 1) batch with base batch
+    base_batch * k. The shares of a step are disjoint; their sizes can differ by one per chunk.
+    share=(0, 1), the default, is the plain one-rank-per-worker loader.
 
     `transform` defaults to train_transform(dataset): for ImageNet-format data the fast path
     (transforms.FastTrainTransform, decoding into the batch), unless RISGD_FAST_DECODE=0; pass
     train_transform(dataset, fast=False) for timm's transform itself."""
+    part, k = _check_share(share)
     if isinstance(manifest, str):
         manifest = load_manifest(manifest)
     index = load_index(shard_dir)
@@ -262,13 +298,37 @@ def make_train_loader(
         verify_shards(index, shard_dir, r["shards"], fix=f"run python -m data.replicate --dest {shard_dir} "
                       f"(for this node) or python -m data.make_shards --out {shard_dir}")
     chunk_ids = rank_chunk_ids(manifest, index, rank)
-    sizes = sub_batch_sizes([c["fraction"] for c in r["chunks"]], [len(i) for i in chunk_ids], base_batch,
+    sizes = sub_batch_sizes([c["fraction"] for c in r["chunks"]], [len(i) for i in chunk_ids], base_batch * k,
                             policy)
+    epoch_steps = steps_per_epoch(manifest, base_batch * k)
     keep = [i for i, b in enumerate(sizes) if b > 0]  # split policy with a tiny batch can give 0
+    kept = [sizes[i] for i in keep]
+    if all((part + 1) * b // k == part * b // k for b in kept):
+        raise DataError(f"base_batch {base_batch} is too small for k={k} ranks per worker: share {part} gets no "
+                        f"sample of the worker's per-chunk sub-batches {kept}; raise base_batch or use fewer "
+                        "ranks per node")
     transform = transform or train_transform(index["dataset"])
     decoder = _Decoder(shard_dir, index, "train", transform, simplejpeg=True)
-    steps = _TrainSteps(decoder, [chunk_ids[i] for i in keep], [sizes[i] for i in keep], seed, rank)
-    return RankLoader(steps, steps_per_epoch(manifest, base_batch), start_step, num_workers, pin_memory)
+    steps = _TrainSteps(decoder, [chunk_ids[i] for i in keep], kept, seed, rank, (part, k))
+    return RankLoader(steps, epoch_steps, start_step, num_workers, pin_memory)
+
+
+def _check_share(share) -> tuple[int, int]:
+    """(l, k) as ints if 0 <= l < k and k >= 1, else DataError (one line naming the fix)."""
+    try:
+        part, k = share
+    except (TypeError, ValueError):
+        raise DataError(f"share {share!r} is invalid: give (index, count), e.g. (0, 1) for one rank per "
+                        "worker or (local_rank, ranks_per_node)") from None
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (part, k)):
+        raise DataError(f"share {share!r} is invalid: index and count must be integers, e.g. "
+                        "(local_rank, ranks_per_node)")
+    if k < 1:
+        raise DataError(f"share {share!r} is invalid: the count (ranks per worker) must be >= 1")
+    if not 0 <= part < k:
+        raise DataError(f"share {share!r} is invalid: the index must be in 0..{k - 1} (the local rank in "
+                        "its node)")
+    return int(part), int(k)
 
 
 class _EvalBatches(torch.utils.data.Dataset):

@@ -17,7 +17,9 @@ What it builds (root and iproute2 needed):
   bridge port (download), so a host sends and receives at most the given bandwidth, like a NIC.
 - each host's local data directory ``WORK/hostK/data``, filled by ``python -m risgd_data.replicate``
   (run inside the host's namespace) with exactly the shards the manifest gives that host's ranks;
-  the manifest must be for ``hosts x ranks-per-host`` workers.
+  the manifest must be for ``hosts x ranks-per-host`` workers (one per rank: host K serves workers
+  K*R .. K*R+R-1) or for ``hosts`` workers (node-level: one worker per host, whose R ranks split its
+  data; host K serves worker K).
 - a hostfile (``hostK slots=R``) and, in each namespace, the stock launcher:
   ``deepspeed --hostfile H --no_ssh --node_rank K --master_addr 10.93.0.1 --master_port P CMD``
   with ``GLOO_SOCKET_IFNAME=eth0`` (and ``NCCL_SOCKET_IFNAME``) so collectives use the shaped link.
@@ -210,14 +212,33 @@ def host_env(cluster: Cluster, ranks_per_host: int) -> dict[str, str]:
     return env
 
 
+def manifest_ranks_per_node(workers: int, hosts: int, ranks_per_host: int) -> int | None:
+    """Manifest workers each host serves (replicate's --ranks-per-node): ranks_per_host for a
+    per-rank manifest (workers = hosts x ranks_per_host), 1 for a node-level one (workers = hosts),
+    None for any other number of workers. When both fit (ranks_per_host 1) they agree."""
+    if workers == hosts * ranks_per_host:
+        return ranks_per_host
+    if workers == hosts:
+        return 1
+    return None
+
+
 def replicate_data(cluster: Cluster, work_dir: str, manifest: str, source: str, ranks_per_host: int) -> list[str]:
-    """Each host's local data directory, filled inside its namespace by the replication command."""
+    """Each host's local data directory, filled inside its namespace by the replication command.
+
+    A node-level manifest (one worker per host) is replicated with --ranks-per-node 1: host K gets
+    worker K's shards, which its ranks split."""
+    from risgd_data.manifest import load_manifest
+
+    per_node = manifest_ranks_per_node(load_manifest(manifest)["workers"], cluster.hosts, ranks_per_host)
+    if per_node is None:  # check_inputs refuses this first
+        raise ClusterInputError(f"manifest {manifest} does not fit {cluster.hosts} hosts x {ranks_per_host} ranks")
     dirs = []
     for k in range(cluster.hosts):
         dest = os.path.join(work_dir, f"host{k}", "data")
         # By its installed name, so it runs whatever the current directory.
         cmd = [*cluster.exec_prefix(k), sys.executable, "-m", "risgd_data.replicate", "--manifest", manifest,
-               "--source", source, "--dest", dest, "--node-rank", str(k), "--ranks-per-node", str(ranks_per_host)]
+               "--source", source, "--dest", dest, "--node-rank", str(k), "--ranks-per-node", str(per_node)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise ClusterError(f"host{k}: data replication failed: {_one_line(proc.stderr or proc.stdout)}")
@@ -298,10 +319,11 @@ def check_inputs(hosts: int, ranks_per_host: int, bandwidth_mbit: float | None, 
         workers = load_manifest(manifest)["workers"]
     except DataError as e:
         raise ClusterInputError(str(e)) from None
-    if workers != hosts * ranks_per_host:
+    if manifest_ranks_per_node(workers, hosts, ranks_per_host) is None:
         raise ClusterInputError(f"manifest {manifest} is for {workers} workers but --hosts {hosts} x "
                                 f"--ranks-per-host {ranks_per_host} makes {hosts * ranks_per_host} ranks: "
-                                "change them or rebuild the manifest with --workers")
+                                f"change them or rebuild the manifest with --workers {hosts * ranks_per_host} "
+                                f"(one worker per rank) or --workers {hosts} (one worker per host)")
 
 
 def _substitute(arg: str, subst: dict[str, str]) -> str:

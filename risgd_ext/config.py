@@ -47,10 +47,33 @@ class RISGDConfig:
     bucket_mb: float = 25.0
     measure_divergence: bool = True
     failures: tuple[StaticFailure | RandomFailure, ...] = field(default_factory=tuple)
+    node_size: int = 1        # ranks per node; > 1: a node is one RI-SGD worker (the hierarchy)
+    tau_intra: int = 0        # 0: a node's ranks all-reduce gradients every step; k: average every k steps
+    overlap: bool = False     # a round's all-reduce runs behind the next local steps
+    overlap_delay: int = 0    # steps after a round at which its average is applied; 0: tau (the next round)
 
     @property
     def bucket_bytes(self) -> int:
         return max(1, int(self.bucket_mb * 1024 * 1024))
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.node_size > 1
+
+    @property
+    def delay(self) -> int:
+        """Steps between a round's start (its all-reduce launched) and the step its average is
+        applied at, with ``overlap``."""
+        return self.overlap_delay or self.tau
+
+    def workers(self, world_size: int) -> int:
+        """RI-SGD workers: ranks, or nodes with the hierarchy."""
+        return world_size // self.node_size
+
+    def is_intra_average_step(self, step: int) -> bool:
+        """Whether step ``step`` ends with an average inside each node only (``tau_intra`` > 0)."""
+        return (self.tau_intra > 0 and step > self.warmup_sync_steps
+                and (step - self.warmup_sync_steps) % self.tau_intra == 0 and not self.is_average_step(step))
 
     def is_average_step(self, step: int) -> bool:
         """Whether every rank holds the averaged model after optimizer step ``step`` (1-based):
@@ -72,7 +95,13 @@ _KEYS = {
     "average_optimizer_state": "bool: also average optimizer state such as momentum (default false)",
     "bucket_mb": "number > 0: size of one averaging all_reduce bucket in MiB (default 25)",
     "measure_divergence": "bool: measure the model divergence before each average (default true)",
-    "failures": "list of {ranks, start_round, end_round} or {count, prob, seed, start_round}",
+    "failures": "list of {ranks, start_round, end_round} or {count, prob, seed, start_round} (with node_size > 1 "
+                "the entries name workers, i.e. nodes)",
+    "node_size": "int >= 1: ranks per node; > 1 makes each node one worker, averaged across nodes every tau",
+    "tau_intra": "int >= 0: 0 keeps a node's ranks synchronous (gradient all-reduce in the node every step); "
+                 "k >= 1 averages parameters inside the node every k steps (tau must be a multiple)",
+    "overlap": "bool: run each round's all-reduce behind the next local steps (one-round-delayed averaging)",
+    "overlap_delay": "int >= 0: with overlap, steps after a round at which its average is applied (0: tau)",
 }
 _STATIC_KEYS = {"ranks", "start_round", "end_round"}
 _RANDOM_KEYS = {"count", "prob", "seed", "start_round"}
@@ -143,7 +172,7 @@ def parse_block(block: Any) -> RISGDConfig:
     if not isinstance(failures, list):
         raise ConfigError(f"{BLOCK}.failures must be a list, got {failures!r}")
     d = _DEFAULTS
-    return RISGDConfig(
+    cfg = RISGDConfig(
         tau=_int(block, "tau", d.tau, 1),
         warmup_sync_steps=_int(block, "warmup_sync_steps", d.warmup_sync_steps, 0),
         average_buffers=_bool(block, "average_buffers", d.average_buffers),
@@ -151,7 +180,31 @@ def parse_block(block: Any) -> RISGDConfig:
         bucket_mb=float(bucket_mb),
         measure_divergence=_bool(block, "measure_divergence", d.measure_divergence),
         failures=tuple(_parse_failure(f, i) for i, f in enumerate(failures)),
+        node_size=_int(block, "node_size", d.node_size, 1),
+        tau_intra=_int(block, "tau_intra", d.tau_intra, 0),
+        overlap=_bool(block, "overlap", d.overlap),
+        overlap_delay=_int(block, "overlap_delay", d.overlap_delay, 0),
     )
+    _check_combinations(cfg)
+    return cfg
+
+
+def _check_combinations(cfg: RISGDConfig) -> None:
+    if cfg.tau_intra and not cfg.hierarchical:
+        raise ConfigError(f"{BLOCK}.tau_intra={cfg.tau_intra} needs a node level: set {BLOCK}.node_size to the "
+                          "ranks per node (> 1) or leave tau_intra out")
+    if cfg.tau_intra and cfg.tau % cfg.tau_intra:
+        raise ConfigError(f"{BLOCK}.tau={cfg.tau} must be a multiple of {BLOCK}.tau_intra={cfg.tau_intra}, so that "
+                          "rounds across nodes close on an intra-node average: change one of them")
+    if cfg.overlap_delay and not cfg.overlap:
+        raise ConfigError(f"{BLOCK}.overlap_delay={cfg.overlap_delay} only applies with {BLOCK}.overlap=true: set "
+                          "overlap or leave overlap_delay out")
+    if cfg.overlap_delay > cfg.tau:
+        raise ConfigError(f"{BLOCK}.overlap_delay={cfg.overlap_delay} must be <= tau={cfg.tau}: a round's average "
+                          "is applied before the next round starts")
+    if cfg.average_optimizer_state and (cfg.overlap or cfg.hierarchical):
+        raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with node_size > 1 or overlap: "
+                          "leave one of them out")
 
 
 def check_deepspeed_config(ds_config: dict) -> None:
@@ -177,17 +230,23 @@ def check_deepspeed_config(ds_config: dict) -> None:
 
 def check_world(cfg: RISGDConfig, world_size: int) -> None:
     """Checks that need the world size (known only once the process group exists)."""
+    if world_size % cfg.node_size:
+        raise ConfigError(f"{BLOCK}.node_size={cfg.node_size} does not divide the {world_size} ranks: set it to the "
+                          "ranks per node (the launcher's --num_gpus / slots)")
+    unit = "ranks"
+    if cfg.hierarchical:  # failures name workers (nodes), checked against their number
+        world_size, unit = cfg.workers(world_size), "workers (nodes)"
     for i, failure in enumerate(cfg.failures):
         where = f"{BLOCK}.failures[{i}]"
         if isinstance(failure, StaticFailure):
             bad = [r for r in failure.ranks if r >= world_size]
             if bad:
-                raise ConfigError(f"{where}.ranks {bad} do not exist in a world of {world_size} ranks")
+                raise ConfigError(f"{where}.ranks {bad} do not exist in a world of {world_size} {unit}")
             if len(failure.ranks) >= world_size:
-                raise ConfigError(f"{where} fails all {world_size} ranks: at least one rank must stay live")
+                raise ConfigError(f"{where} fails all {world_size} {unit}: at least one must stay live")
         elif failure.count >= world_size:
             raise ConfigError(
-                f"{where}.count={failure.count} must be < the world size {world_size}: one rank must stay live"
+                f"{where}.count={failure.count} must be < the world size {world_size} ({unit}): one must stay live"
             )
 
 

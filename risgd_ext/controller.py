@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .averaging import BucketAverager
+from .averaging import BucketAverager, GradientAverager
 from .config import RISGDConfig, check_world
 from .failures import failed_ranks
+from .topology import Topology, build_topology
 
 # Counters carried by checkpoints, in the order stats() reports them.
 _COUNTERS = (
@@ -25,6 +28,9 @@ _COUNTERS = (
     "comm_seconds", "average_seconds", "compute_seconds", "divergence", "divergence_sum",
     "live_ranks", "rounds_down",
 )
+# Added with the node level and overlap: a checkpoint written before them lacks these (0 then).
+_COUNTERS_2 = ("intra_bytes", "intra_comm_seconds", "intra_collectives", "inter_collectives",
+               "comm_wait_seconds")
 
 
 class RISGDController:
@@ -39,6 +45,14 @@ class RISGDController:
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         if cfg is not None:
             check_world(cfg, self.world_size)
+        self.node_size = cfg.node_size if cfg is not None else 1
+        self.workers = self.world_size // self.node_size
+        self.worker = self.rank // self.node_size  # with the hierarchy, a worker is a node
+        self.topology: Topology | None = None
+        if cfg is not None and cfg.hierarchical:
+            if self.world_size != dist.get_world_size():
+                raise ValueError("node_size > 1 needs the data-parallel group to be the whole world")
+            self.topology = build_topology(cfg.node_size)
         self._accelerator = get_accelerator()
         self.averager: BucketAverager | None = None
         self.steps = self.sync_steps = self.local_steps = 0
@@ -48,6 +62,9 @@ class RISGDController:
         self.live_ranks = self.world_size
         self.down_ranks: frozenset[int] = frozenset()  # in the last round
         self.rounds_down = 0
+        self.intra_bytes = self.intra_collectives = self.inter_collectives = 0
+        self.intra_comm_seconds = self.comm_wait_seconds = 0.0
+        self._consensus_step = -1  # the step at which consensus() last averaged BatchNorm statistics
         # compute_seconds: each step from its forward to the end of its optimizer step, minus the
         # communication inside it. On a device whose work is done when the host call returns (the
         # CPU) two host clock reads per step measure it. On an asynchronous device (CUDA) the host
@@ -63,7 +80,11 @@ class RISGDController:
         if cfg is not None:
             buffers = [b for b in engine.module.buffers() if b.is_floating_point()] if cfg.average_buffers else []
             self.averager = BucketAverager(self.params(), buffers, cfg.bucket_bytes, self.group,
-                                           self.synchronize, cfg.measure_divergence)
+                                           self.synchronize, cfg.measure_divergence, self.topology)
+        self.grad_averager: GradientAverager | None = None
+        if self.topology is not None and cfg.tau_intra == 0:
+            self.grad_averager = GradientAverager(self.params(), self.topology.node_group, cfg.node_size,
+                                                  cfg.bucket_bytes, self.synchronize)
 
     # -- what is averaged ---------------------------------------------------------------------
     def params(self) -> list[torch.Tensor]:
@@ -94,19 +115,51 @@ class RISGDController:
         return self.cfg is None or self.cfg.is_average_step(self.steps)
 
     def consensus(self) -> dict[str, Any]:
-        """Bring every rank to the same model and return the accounting (:meth:`stats`).
+        """Bring every rank to the same model for good and return the accounting (:meth:`stats`).
 
-        Call it on every rank at the same step, where :meth:`is_average` holds, before evaluating
-        or saving the final model. Float buffers (BatchNorm statistics) that no round has averaged
-        (plain DeepSpeed and warm-up steps never do) are averaged here, once.
+        Call it on every rank at the same step, where :meth:`is_average` holds, at the end of
+        training (before saving the final model). Float buffers (BatchNorm statistics) that no round
+        has averaged (plain DeepSpeed and warm-up steps never do) are averaged here, once per step.
+        With ``overlap`` the round in flight is waited for and applied now: the ranks take its
+        average (the trajectory after this point would differ from a run that did not call it, so
+        evaluate mid-run inside :meth:`averaged` instead).
         """
         if not self.is_average():
             raise RuntimeError(f"consensus() at step {self.steps}, inside a round: the ranks hold different "
                                "models; call it where is_average() is true")
+        if self.averager is not None and self.averager.pending is not None:
+            self._apply_pending()
         # synchronous steps (plain DeepSpeed, warm-up) average gradients, never buffers
-        if self.cfg is None or not self.cfg.average_buffers or self.steps <= self.cfg.warmup_sync_steps:
+        sync_phase = self.cfg is None or not self.cfg.average_buffers or self.steps <= self.cfg.warmup_sync_steps
+        if sync_phase and self._consensus_step != self.steps:
             self.average_buffers()
+            self._consensus_step = self.steps
         return self.stats()
+
+    @contextmanager
+    def averaged(self) -> Iterator[dict[str, Any]]:
+        """``with engine.risgd.averaged() as stats:`` every rank holds the averaged model inside (to
+        evaluate it), and training goes on afterwards exactly as if nothing had been looked at.
+
+        Without overlap this is :meth:`consensus`. With overlap the round that closed at this step
+        is waited for (the only wait it adds) and its average is swapped into the model, then the
+        local model is put back: its average is applied at the step the schedule says.
+        """
+        pending = self.averager.pending if self.averager is not None else None
+        if pending is None or not self.is_average():
+            yield self.consensus()
+            return
+        self._wait_pending()
+        view = self.averager.average_view()
+        flats = [f.buffer for f in self.averager.flats]
+        stash = [f.clone() for f in flats]
+        for f, v in zip(flats, view):
+            f.copy_(v)
+        try:
+            yield self.stats()
+        finally:
+            for f, saved in zip(flats, stash):
+                f.copy_(saved)
 
     def synchronize(self) -> None:
         # Host timers only measure device work after a synchronize (a no-op on the CPU).
@@ -166,8 +219,14 @@ class RISGDController:
         else:
             self.local_steps += 1
             self.steps_in_round += 1
+            pending = self.averager.pending
+            if pending is not None and pending.apply_step == self.steps:
+                self._apply_pending()
             if self.cfg.is_average_step(self.steps):
                 self.average()
+            elif self.cfg.is_intra_average_step(self.steps):
+                self.averager.average_within_node()
+                self._take_intra()
         if self.cfg is not None:
             if self.steps == self.cfg.warmup_sync_steps:
                 # Post-local SGD: ranks are identical after synchronous steps; measure from here.
@@ -176,23 +235,83 @@ class RISGDController:
             if sync != was_sync:  # the engine is an nn.Module: set the flag only when it changes
                 engine.enable_backward_allreduce = sync
 
+    def _down_workers(self, round_index: int) -> frozenset[int]:
+        return failed_ranks(self.cfg, round_index, self.workers)
+
+    def _ranks_of(self, workers: frozenset[int]) -> list[int]:
+        k = self.node_size
+        return sorted(r for w in workers for r in range(w * k, (w + 1) * k))
+
     def average(self) -> None:
-        """One averaging round over the live ranks."""
-        down = failed_ranks(self.cfg, self.rounds, self.world_size)
-        live = self.rank not in down
+        """One averaging round over the live workers (across nodes with the hierarchy): blocking,
+        or with ``overlap`` started in the background and applied ``delay`` steps later."""
+        cfg = self.cfg
+        down = self._down_workers(self.rounds)
+        live = self.worker not in down
+        live_workers = self.workers - len(down)
+        # The sum holds one contribution per live rank, or per live node when a node's ranks are
+        # identical (synchronous inside) and only the cross groups reduce.
+        node_sum = cfg.hierarchical and cfg.tau_intra > 0
+        num_live = live_workers * self.node_size if (node_sum or not cfg.hierarchical) else live_workers
         t0 = time.perf_counter()
-        result = self.averager.average(live, self.world_size - len(down), self.optimizer_state())
+        if cfg.overlap:
+            self.averager.send(live, num_live, node_sum, self.steps + cfg.delay)
+            self.bytes_allreduced += self.averager.pending.nbytes
+        else:
+            result = self.averager.average(live, num_live, self.optimizer_state(), node_sum)
+            self.comm_seconds += result.comm_seconds
+            self.bytes_allreduced += result.bytes_reduced
+            self._round_result(result.divergence)
         self.average_seconds += time.perf_counter() - t0
-        self.comm_seconds += result.comm_seconds
-        self.bytes_allreduced += result.bytes_reduced
-        self.divergence = result.divergence
-        self.divergence_sum += result.divergence
-        self.live_ranks = self.world_size - len(down)
-        self.down_ranks = down
+        self._take_intra()
+        self.live_ranks = live_workers * self.node_size
+        self.down_ranks = frozenset(self._ranks_of(down))
         self.rounds_down += 0 if live else 1
         self.rounds += 1
         self.steps_in_round = 0
         self._collect_events(wait=False)  # the round waited for the device: read the steps' events
+
+    def _round_result(self, divergence: float) -> None:
+        self.divergence = divergence
+        self.divergence_sum += divergence
+
+    def _wait_pending(self) -> None:
+        pending = self.averager.pending
+        if pending is None or pending.complete:
+            return
+        self.comm_wait_seconds += self.averager.wait()
+        self.comm_seconds += pending.comm_seconds
+        self._take_intra()
+
+    def _apply_pending(self) -> None:
+        t0 = time.perf_counter()
+        self._wait_pending()
+        self._round_result(self.averager.apply().divergence)
+        self.average_seconds += time.perf_counter() - t0
+
+    def _take_intra(self) -> None:
+        a = self.averager
+        self.intra_bytes += a.intra_bytes
+        self.intra_comm_seconds += a.intra_seconds
+        self.intra_collectives += a.intra_collectives
+        self.inter_collectives += a.inter_collectives
+        a.intra_bytes = a.intra_collectives = a.inter_collectives = 0
+        a.intra_seconds = 0.0
+
+    def node_gradients_due(self) -> bool:
+        """Whether this optimizer step all-reduces gradients inside the node (a local step with a
+        synchronous node level); the engine calls :meth:`reduce_node_gradients` before it updates."""
+        return self.grad_averager is not None and not self.engine.enable_backward_allreduce
+
+    def reduce_node_gradients(self) -> None:
+        t0 = time.perf_counter()
+        nbytes, collectives = self.grad_averager.reduce()
+        self.synchronize()
+        seconds = time.perf_counter() - t0
+        self.intra_bytes += nbytes
+        self.intra_collectives += collectives
+        self.intra_comm_seconds += seconds
+        self._comm_in_step += seconds
 
     def average_buffers(self) -> None:
         """Average the floating-point buffers (BatchNorm statistics) over all ranks, once.
@@ -225,22 +344,40 @@ class RISGDController:
         out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
         out["comm_rounds"] = self.sync_steps + self.rounds
         out["divergence_mean"] = self.divergence_sum / self.rounds if self.rounds else 0.0
+        for k in _COUNTERS_2:
+            out[k] = getattr(self, k)
         out["world_size"] = self.world_size
         out["tau"] = self.cfg.tau if self.cfg else 1
+        out["node_size"] = self.node_size
+        out["workers"] = self.workers
+        out["tau_intra"] = self.cfg.tau_intra if self.cfg else 0
+        out["overlap"] = bool(self.cfg and self.cfg.overlap)
+        out["overlap_delay"] = self.cfg.delay if self.cfg and self.cfg.overlap else 0
         # who was down in the last round: a pure function of the schedule, so it survives a resume
         last = self.rounds - 1
-        out["down_ranks"] = sorted(failed_ranks(self.cfg, last, self.world_size)) if self.cfg and last >= 0 else []
+        down = self._down_workers(last) if self.cfg and last >= 0 else frozenset()
+        out["down_workers"] = sorted(down)
+        out["down_ranks"] = self._ranks_of(down)
         return out
 
     def state_dict(self) -> dict[str, Any]:
         self._collect_events(wait=True)
-        state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
+        if self.averager is not None:
+            self._wait_pending()  # a round in flight is saved complete: its sums, not a promise
+        state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS + _COUNTERS_2}
+        state["consensus_step"] = self._consensus_step
         state["anchors"] = [a.detach().cpu() for a in self.averager.anchors] if self.averager else []
+        state["pending"] = self.averager.pending_state() if self.averager else None
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in _COUNTERS:
             setattr(self, k, state[k])
+        for k in _COUNTERS_2:
+            setattr(self, k, state.get(k, 0))
+        self._consensus_step = state.get("consensus_step", -1)
+        if self.averager is not None:
+            self.averager.load_pending_state(state.get("pending"))
         self._pending.clear()
         self._step_started, self._comm_in_step = None, 0.0
         if self.averager is not None:

@@ -18,6 +18,19 @@ is looked up in timm's registry (timm's own models, e.g. resnet50); for any othe
 CIFAR ResNets of risgd_models, pass its size with ``--model-bytes N``, from
 ``python -c "import risgd_models; print(risgd_models.model_bytes('resnet44_cifar'))"``.
 
+Node hierarchy and overlapped averaging. With ``--ranks-per-node K`` the ``--nodes`` are M nodes of
+K ranks each (M*K ranks; the flat lines are for one ring over all of them). Inside a node the ranks
+either all-reduce their gradients every step (``--tau-intra 0``, on the intra-node link,
+``--intra-bandwidth-gbit``) or average parameters every ``--tau-intra`` steps; across nodes a
+hierarchical round averages the parameters every ``--tau`` steps (``hierarchical_round_seconds``).
+With ``--overlap`` a round's cross-node all-reduce runs behind the next ``--overlap-delay D``
+local steps (default tau) and only what D steps of compute do not hide is waited for
+(``exposed_seconds``; the round's intra-node phases block, as in the engine). These flags add a
+``hierarchical/overlapped:`` section after the flat lines:
+
+    python -m risgd_ext.cost_model --nodes 4 --ranks-per-node 8 --model resnet50 --bandwidth-gbit 10 \\
+        --compute-ms 120 --intra-bandwidth-gbit 100 --tau-intra 0 --overlap --overlap-delay 10
+
 train.py logs the same prediction for its own run (``summary.json``, key ``cost_model``).
 """
 
@@ -28,6 +41,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 
 def ring_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float,
@@ -55,6 +69,127 @@ def predict_run_seconds(noncomm_s_per_step: float, steps: int, nbytes: float, co
                         bandwidth_bytes_s: float, latency_s: float) -> float:
     """Wall-clock of a run: its steps' compute plus its collectives (counts, bytes) on this network."""
     return steps * noncomm_s_per_step + ring_seconds(nbytes, ranks, bandwidth_bytes_s, latency_s, collectives)
+
+
+def _check_count(name: str, value: int, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
+class RoundParts(NamedTuple):
+    """The three phases of a hierarchical round, in seconds (see ``hierarchical_round_seconds``)."""
+
+    intra: float    # the node's ranks all-reduce the full payload first (not node-synchronous only)
+    cross: float    # the slices' all-reduces between nodes: the only inter-node traffic
+    bcast: float    # the slices broadcast inside the node
+
+
+def hierarchical_round_parts(nbytes: float, nodes: int, ranks_per_node: int, inter_bandwidth_bytes_s: float,
+                             inter_latency_s: float, intra_bandwidth_bytes_s: float = math.inf,
+                             intra_latency_s: float = 0.0, node_synchronous: bool = True) -> RoundParts:
+    """``hierarchical_round_seconds`` by phase: ``RoundParts(intra, cross, bcast)``, which sum to it."""
+    _check_count("nodes", nodes, 1)
+    _check_count("ranks_per_node", ranks_per_node, 1)
+    k = ranks_per_node
+    cross = ring_seconds(nbytes, nodes, inter_bandwidth_bytes_s, inter_latency_s)
+    if k == 1:
+        return RoundParts(0.0, cross, 0.0)
+    intra = 0.0 if node_synchronous else ring_seconds(nbytes, k, intra_bandwidth_bytes_s, intra_latency_s)
+    return RoundParts(intra, cross, k * (k - 1) * intra_latency_s + nbytes / intra_bandwidth_bytes_s)
+
+
+def hierarchical_round_seconds(nbytes: float, nodes: int, ranks_per_node: int, inter_bandwidth_bytes_s: float,
+                               inter_latency_s: float, intra_bandwidth_bytes_s: float = math.inf,
+                               intra_latency_s: float = 0.0, node_synchronous: bool = True) -> float:
+    """One hierarchical all-reduce of ``nbytes`` (S) over ``nodes`` (M) nodes of ``ranks_per_node`` (k) ranks.
+
+    With B, L the inter-node link and b, l the intra-node link (all terms of a ring over 1 rank are 0)::
+
+        intra  = 2(k-1) l + 2(k-1)/k * S / b   only if not node_synchronous: the node's ranks first
+                                               all-reduce the full S (their parameters differ)
+        cross  = 2(M-1) L + 2(M-1)/M * S / B   rank i of each node all-reduces its slice S/k with rank i
+                                               of the other nodes: k rings of M nodes at once, sharing
+                                               the node's one link (2(M-1)/M * S bytes on it in all),
+                                               their latencies counted once (the rings run concurrently)
+        bcast  = k (k-1) l + S / b             k broadcasts of the slices S/k inside the node, one after
+                                               another, each (k-1) l + (S/k) / b; always when k > 1
+        round  = intra + cross + bcast
+
+    With ``ranks_per_node == 1`` this is ``ring_seconds(nbytes, nodes, inter_bandwidth_bytes_s,
+    inter_latency_s)``, the flat ring over the nodes. ``hierarchical_round_parts`` gives the phases.
+    """
+    return sum(hierarchical_round_parts(nbytes, nodes, ranks_per_node, inter_bandwidth_bytes_s, inter_latency_s,
+                                        intra_bandwidth_bytes_s, intra_latency_s, node_synchronous))
+
+
+def exposed_seconds(round_s: float, hide_s: float) -> float:
+    """The part of a background transfer of ``round_s`` seconds that a window of ``hide_s`` seconds of
+    compute does not hide: ``max(0, round_s - hide_s)``."""
+    return max(0.0, round_s - hide_s)
+
+
+def exposed_round_seconds(parts: RoundParts, hide_s: float, overlap: bool = True) -> float:
+    """What the steps wait for of one round: all of it without overlap; with overlap
+    ``intra + bcast + max(0, cross - hide_s)``: only the cross-node all-reduce runs in the background
+    (as the engine does it: the intra-node sum before it and the broadcasts after it block)."""
+    if not overlap:
+        return sum(parts)
+    return parts.intra + parts.bcast + exposed_seconds(parts.cross, hide_s)
+
+
+def predict_hierarchical_run_seconds(noncomm_s_per_step: float, steps: int, round_bytes: float, rounds: int,
+                                     nodes: int, ranks_per_node: int, inter_bandwidth_bytes_s: float,
+                                     inter_latency_s: float, *, intra_bandwidth_bytes_s: float = math.inf,
+                                     intra_latency_s: float = 0.0, node_synchronous: bool = True,
+                                     grad_allreduces: int = 0, grad_allreduce_bytes: float = 0.0,
+                                     intra_rounds: int = 0, overlap: bool = False, delay_steps: int | None = None,
+                                     round_overhead_s: float = 0.0) -> float:
+    """Predicted wall-clock of a run on ``nodes`` (M) nodes of ``ranks_per_node`` (k) ranks.
+
+    The run: ``steps`` steps of ``noncomm_s_per_step`` (c) seconds each; ``rounds`` inter-node rounds of
+    ``round_bytes`` (S) each, R = intra + cross + bcast = ``hierarchical_round_seconds(S, M, k, ...,
+    node_synchronous)`` (phases: ``hierarchical_round_parts``);
+    ``grad_allreduces`` blocking intra-node gradient all-reduces of ``grad_allreduce_bytes`` (G) each
+    (node-synchronous: typically one per step); ``intra_rounds`` blocking intra-node parameter
+    averages of S (tau_intra > 0), not counting the ones inside the inter-node rounds; ``round_overhead_s``
+    (o) a blocking fixed cost per round (e.g. the copy of the parameters into the send buffer)::
+
+        T = steps * c + grad_allreduces * ring(G, k, b, l) + intra_rounds * ring(S, k, b, l)
+            + rounds * o + rounds * R                                          without overlap
+            + rounds * o + (rounds - 1) * E + R                                with overlap
+        E = intra + bcast + max(0, cross - delay_steps * c)                    (exposed_round_seconds)
+
+    (ring = ``ring_seconds``; no round terms when rounds == 0.) With overlap each round's cross-node
+    all-reduce runs behind the next ``delay_steps`` steps' compute (the engine's default is tau: pass
+    it) and a step waits only for what is left of it; the intra-node sum before it and the broadcasts
+    after it block (with k = 1 both are 0 and E = max(0, R - delay_steps * c)). The last round is
+    waited for in full (the run ends on it). Intra-node traffic and the background transfer are taken
+    not to slow each other.
+
+    With the defaults (k = 1, no intra-node traffic, no overlap) this is
+    ``predict_run_seconds(c, steps, rounds * S, rounds, M, B, L)``.
+    """
+    _check_count("steps", steps, 0)
+    _check_count("rounds", rounds, 0)
+    _check_count("grad_allreduces", grad_allreduces, 0)
+    _check_count("intra_rounds", intra_rounds, 0)
+    k = ranks_per_node
+    total = steps * noncomm_s_per_step
+    total += grad_allreduces * ring_seconds(grad_allreduce_bytes, k, intra_bandwidth_bytes_s, intra_latency_s)
+    total += intra_rounds * ring_seconds(round_bytes, k, intra_bandwidth_bytes_s, intra_latency_s)
+    parts = hierarchical_round_parts(round_bytes, nodes, k, inter_bandwidth_bytes_s, inter_latency_s,
+                                     intra_bandwidth_bytes_s, intra_latency_s, node_synchronous)
+    if overlap:
+        if delay_steps is None:
+            raise ValueError("overlap needs delay_steps: the steps a round runs behind (the engine's default: tau)")
+        _check_count("delay_steps", delay_steps, 0)
+    if rounds:
+        total += rounds * round_overhead_s
+        if overlap:
+            total += (rounds - 1) * exposed_round_seconds(parts, delay_steps * noncomm_s_per_step) + sum(parts)
+        else:
+            total += rounds * sum(parts)
+    return total
 
 
 @dataclass
@@ -93,7 +228,69 @@ def predict(compute_s: float, model_bytes: float, ranks: int, bandwidth_gbit: fl
                       sync / risgd, recommend_tau(local, allreduce, target_share))
 
 
-def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: float, tau: int) -> dict:
+@dataclass
+class HierarchicalPrediction:
+    round_s: float              # one inter-node round (hierarchical_round_seconds)
+    intra_step_comm_s: float    # blocking intra-node communication per step (gradients, or intra averages)
+    exposed_round_s: float      # what the steps wait for of one round (all of it, unless overlapped)
+    hier_step_s: float          # local step + intra_step_comm_s + exposed_round_s / tau
+    hier_comm_share: float      # (hier_step_s - local step) / hier_step_s
+    speedup_vs_sync: float      # flat synchronous step (one ring over all M*k ranks) / hier_step_s
+    speedup_vs_risgd: float     # flat RI-SGD step (the same tau, one ring over all ranks) / hier_step_s
+
+
+def predict_hierarchical(compute_s: float, model_bytes: float, nodes: int, ranks_per_node: int,
+                         bandwidth_gbit: float, latency_s: float, tau: int, *, tau_intra: int = 0,
+                         intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6, overlap: bool = False,
+                         overlap_delay: int | None = None, round_overhead_s: float = 0.0,
+                         risgd_compute_s: float | None = None, grad_bytes: float | None = None,
+                         ) -> HierarchicalPrediction:
+    """Predicted steady-state step time on ``nodes`` (M) nodes of ``ranks_per_node`` (k) ranks.
+
+    ``bandwidth_gbit``/``latency_s`` are the inter-node link's (B, L), ``intra_*`` the intra-node
+    link's (b, l); S = ``model_bytes``, G = ``grad_bytes`` (default S), c = the local step's compute
+    (``risgd_compute_s``, default ``compute_s``), D = ``overlap_delay`` (default tau), o =
+    ``round_overhead_s``, ring = ``ring_seconds``::
+
+        round_s           = hierarchical_round_seconds(S, M, k, B, L, b, l, node_synchronous=tau_intra == 0)
+        intra_step_comm_s = ring(G, k, b, l)                                   tau_intra == 0 (every step)
+                          = floor((tau-1)/tau_intra) * ring(S, k, b, l) / tau  tau_intra > 0 (the intra
+                            averages inside a round; the one at the round's step is part of round_s)
+        exposed_round_s   = o + round_s                                    without overlap
+                          = o + intra + bcast + max(0, cross - D * c)      with overlap (only the
+                            cross-node phase is in the background: ``exposed_round_seconds``)
+        hier_step_s       = c + intra_step_comm_s + exposed_round_s / tau
+        hier_comm_share   = (hier_step_s - c) / hier_step_s
+
+    The speedups divide the flat ``predict(compute_s, S, M*k, ...)`` step times by ``hier_step_s``.
+    Per step in the steady state: a run's last round, waited for in full, is not in it
+    (``predict_hierarchical_run_seconds`` counts it).
+    """
+    _check_count("tau", tau, 1)
+    _check_count("tau_intra", tau_intra, 0)
+    _check_count("nodes", nodes, 1)
+    _check_count("ranks_per_node", ranks_per_node, 1)
+    k = ranks_per_node
+    local = compute_s if risgd_compute_s is None else risgd_compute_s
+    delay = tau if overlap_delay is None else overlap_delay
+    _check_count("overlap_delay", delay, 0)
+    inter_bw, intra_bw = bandwidth_gbit * 1e9 / 8, intra_bandwidth_gbit * 1e9 / 8
+    parts = hierarchical_round_parts(model_bytes, nodes, k, inter_bw, latency_s, intra_bw, intra_latency_s,
+                                     node_synchronous=tau_intra == 0)
+    round_s = sum(parts)
+    if tau_intra == 0:
+        intra = ring_seconds(model_bytes if grad_bytes is None else grad_bytes, k, intra_bw, intra_latency_s)
+    else:
+        intra = (tau - 1) // tau_intra * ring_seconds(model_bytes, k, intra_bw, intra_latency_s) / tau
+    exposed = round_overhead_s + exposed_round_seconds(parts, delay * local, overlap)
+    step = local + intra + exposed / tau
+    flat = predict(compute_s, model_bytes, nodes * k, bandwidth_gbit, latency_s, tau, risgd_compute_s=risgd_compute_s)
+    return HierarchicalPrediction(round_s, intra, exposed, step, (step - local) / step, flat.sync_step_s / step,
+                                  flat.risgd_step_s / step)
+
+
+def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: float, tau: int, *,
+           intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6) -> dict:
     """The prediction for a run, from its engine accounting (``engine.risgd.stats()``).
 
     Compute per step and bytes per collective are this run's measurements. With
@@ -101,6 +298,16 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
     the given latency); otherwise the prediction is for that network. ``tau`` (>= 1) is the local
     steps per round to predict for: the run's own, or for a synchronous run the tau it is weighed
     against ("what RI-SGD at this tau would do here").
+
+    For a run with a node hierarchy or overlapped averaging (stats ``node_size`` > 1, or ``overlap``
+    true) the output adds ``node_size``, ``nodes`` (world_size / node_size), ``tau_intra``, ``overlap``,
+    ``overlap_delay`` (default tau), ``intra_bandwidth_gbit``, ``intra_latency_us``, the measured
+    ``comm_wait_s_per_step`` (stats ``comm_wait_seconds`` / steps, when reported) and, when the flat
+    prediction is made, the ``HierarchicalPrediction`` fields of ``predict_hierarchical`` for this
+    run's compute and bytes per all-reduce on the given (or measured) inter-node bandwidth and the
+    intra-node link ``intra_bandwidth_gbit``/``intra_latency_s``. A measured bandwidth is fitted with
+    the flat ring over all ranks: for such a run a rough figure, better give the network's. Stats
+    without those keys give the flat output alone.
     """
     if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
         raise ValueError(f"tau must be an int >= 1, got {tau!r}: pass the local steps per round to predict for")
@@ -119,6 +326,24 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
                  "bytes_per_allreduce": nbytes}
     if compute_s > 0 and nbytes > 0 and finite and ranks > 1:
         out.update(asdict(predict(compute_s, nbytes, ranks, bandwidth_gbit, latency_s, tau, target_share)))
+    node_size = stats.get("node_size", 1) or 1
+    if node_size > 1 or stats.get("overlap"):
+        if ranks % node_size:
+            raise ValueError(f"world_size {ranks} is not a multiple of node_size {node_size}")
+        overlap = bool(stats.get("overlap"))
+        delay = stats.get("overlap_delay")
+        delay = tau if delay is None else delay
+        tau_intra = stats.get("tau_intra", 0) or 0
+        out.update(node_size=node_size, nodes=ranks // node_size, tau_intra=tau_intra, overlap=overlap,
+                   overlap_delay=delay if overlap else None, intra_bandwidth_gbit=intra_bandwidth_gbit,
+                   intra_latency_us=intra_latency_s * 1e6)
+        if "comm_wait_seconds" in stats:
+            out["comm_wait_s_per_step"] = stats["comm_wait_seconds"] / steps if steps else 0.0
+        if "allreduce_s" in out:
+            out.update(asdict(predict_hierarchical(
+                compute_s, nbytes, ranks // node_size, node_size, bandwidth_gbit, latency_s, tau, tau_intra=tau_intra,
+                intra_bandwidth_gbit=intra_bandwidth_gbit, intra_latency_s=intra_latency_s, overlap=overlap,
+                overlap_delay=delay)))
     return out
 
 
@@ -137,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     script = os.path.basename(sys.argv[0])
     prog = script if script == "risgd-cost-model" else "python -m risgd_ext.cost_model"
     parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, required=True, help="data-parallel ranks in the ring (N)")
+    parser.add_argument("--nodes", type=int, required=True,
+                        help="data-parallel ranks in the ring (N); with --ranks-per-node K, nodes of K ranks each")
     parser.add_argument("--model", default="resnet50",
                         help="a model name timm's registry knows, whose fp32 parameters and floating-point "
                              "buffers one round averages (default resnet50)")
@@ -154,6 +380,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tau", type=int, default=50, help="local steps per round (default 50)")
     parser.add_argument("--target-share", type=float, default=0.1,
                         help="communication share to stay under when recommending tau (default 0.1)")
+    parser.add_argument("--ranks-per-node", type=int, default=1,
+                        help="ranks per node (K, default 1): M=--nodes nodes of K ranks, averaged hierarchically")
+    parser.add_argument("--tau-intra", type=int, default=0,
+                        help="local steps between parameter averages inside a node; 0 (default): the node's ranks "
+                             "all-reduce their gradients every step (needs --ranks-per-node > 1 when > 0)")
+    parser.add_argument("--intra-bandwidth-gbit", type=float, default=100.0,
+                        help="intra-node link bandwidth in Gbit/s (default 100)")
+    parser.add_argument("--intra-latency-us", type=float, default=5.0,
+                        help="intra-node per-message latency in us (default 5)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="a round's all-reduce runs behind the next local steps' compute")
+    parser.add_argument("--overlap-delay", type=int, default=None,
+                        help="steps after which an overlapped round's result is applied (default: --tau; "
+                             "1..tau, needs --overlap)")
     args = parser.parse_args(argv)
     for flag, ok in (("--nodes", args.nodes >= 1), ("--bandwidth-gbit", args.bandwidth_gbit > 0),
                      ("--latency-us", args.latency_us >= 0), ("--compute-ms", args.compute_ms > 0),
@@ -162,6 +402,16 @@ def main(argv: list[str] | None = None) -> int:
                      ("--model-bytes", args.model_bytes is None or args.model_bytes > 0)):
         if not ok:
             parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_')):g} is out of range")
+    delay = args.tau if args.overlap_delay is None else args.overlap_delay
+    for flag, ok in (("--ranks-per-node", args.ranks_per_node >= 1), ("--tau-intra", args.tau_intra >= 0),
+                     ("--intra-bandwidth-gbit", args.intra_bandwidth_gbit > 0),
+                     ("--intra-latency-us", args.intra_latency_us >= 0), ("--overlap-delay", 1 <= delay <= args.tau)):
+        if not ok:
+            parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_')):g} is out of range")
+    if args.tau_intra > 0 and args.ranks_per_node == 1:
+        parser.error(f"--tau-intra {args.tau_intra} needs --ranks-per-node > 1 (a node of one rank has no average)")
+    if args.overlap_delay is not None and not args.overlap:
+        parser.error(f"--overlap-delay {args.overlap_delay} needs --overlap")
     if args.model_bytes is not None:
         nbytes, label = args.model_bytes, f"{args.model_bytes} bytes"
     else:
@@ -176,11 +426,24 @@ def main(argv: list[str] | None = None) -> int:
         model = timm.create_model(args.model, pretrained=False)
         tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
         nbytes, label = 4 * sum(t.numel() for t in tensors), args.model
-    p = predict(args.compute_ms / 1e3, nbytes, args.nodes, args.bandwidth_gbit, args.latency_us / 1e6, args.tau,
-                args.target_share, None if args.risgd_compute_ms is None else args.risgd_compute_ms / 1e3)
-    print(f"{label}: {nbytes / 2**20:.1f} MiB per all-reduce; {args.nodes} ranks at {args.bandwidth_gbit:g} "
+    ranks = args.nodes * args.ranks_per_node
+    risgd_compute_s = None if args.risgd_compute_ms is None else args.risgd_compute_ms / 1e3
+    p = predict(args.compute_ms / 1e3, nbytes, ranks, args.bandwidth_gbit, args.latency_us / 1e6, args.tau,
+                args.target_share, risgd_compute_s)
+    print(f"{label}: {nbytes / 2**20:.1f} MiB per all-reduce; {ranks} ranks at {args.bandwidth_gbit:g} "
           f"Gbit/s, {args.latency_us:g} us latency, {args.compute_ms:g} ms compute per step")
     print(format_prediction(p))
+    if args.ranks_per_node > 1 or args.overlap:
+        h = predict_hierarchical(args.compute_ms / 1e3, nbytes, args.nodes, args.ranks_per_node, args.bandwidth_gbit,
+                                 args.latency_us / 1e6, args.tau, tau_intra=args.tau_intra,
+                                 intra_bandwidth_gbit=args.intra_bandwidth_gbit,
+                                 intra_latency_s=args.intra_latency_us / 1e6, overlap=args.overlap,
+                                 overlap_delay=delay, risgd_compute_s=risgd_compute_s)
+        inside = "node-synchronous (tau_intra 0)" if args.tau_intra == 0 else f"tau_intra {args.tau_intra}"
+        print(f"hierarchical/overlapped: {args.nodes} nodes x {args.ranks_per_node} ranks, "
+              f"{args.intra_bandwidth_gbit:g} Gbit/s and {args.intra_latency_us:g} us latency inside a node, "
+              f"{inside}, tau {args.tau}, " + (f"overlap delay {delay} steps" if args.overlap else "no overlap"))
+        print(format_prediction(h))
     return 0
 
 

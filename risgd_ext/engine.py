@@ -95,6 +95,8 @@ class RISGDEngineMixin:
     def step(self, lr_kwargs=None):
         if not self._risgd_lean or self.enable_backward_allreduce:
             boundary = self.is_gradient_accumulation_boundary()
+            if boundary and self.risgd.node_gradients_due():
+                self.risgd.reduce_node_gradients()
             result = super().step(lr_kwargs)
             if boundary:  # tau counts optimizer steps, not micro-batches
                 self.risgd.after_optimizer_step()
@@ -102,6 +104,8 @@ class RISGDEngineMixin:
         forced = self._is_gradient_accumulation_boundary  # set_gradient_accumulation_boundary()
         boundary = (self.micro_steps + 1) % self._risgd_gas == 0 if forced is None else forced
         if boundary:
+            if self.risgd.node_gradients_due():  # the node level: gradients all-reduced in the node
+                self.risgd.reduce_node_gradients()
             self._step_applied = False
             self._risgd_in_step = True
             try:

@@ -11,10 +11,17 @@ import pytest
 
 import risgd_models
 from risgd_ext.cost_model import (
+    RoundParts,
     advise,
     effective_bandwidth,
+    exposed_round_seconds,
+    exposed_seconds,
+    hierarchical_round_parts,
+    hierarchical_round_seconds,
     main,
     predict,
+    predict_hierarchical,
+    predict_hierarchical_run_seconds,
     predict_run_seconds,
     recommend_tau,
     ring_allreduce_seconds,
@@ -161,3 +168,207 @@ def test_per_chunk_compute_enters_the_risgd_step():
                 risgd_compute_s=0.3)
     assert p.local_step_s == 0.3 and p.risgd_step_s == pytest.approx(0.3 + p.allreduce_s / 50)
     assert p.sync_step_s == pytest.approx(0.1 + p.allreduce_s)
+
+
+# -- node hierarchy and overlapped averaging -----------------------------------------------------------
+
+def test_hierarchical_round_by_hand():
+    # S = 8 MB, M = 4 nodes of k = 2 ranks; inter 1 GB/s, 100 us; intra 4 GB/s, 10 us
+    # cross: 2*3*100us + 2*3/4 * 8e6/1e9 = 0.0006 + 0.012 = 0.0126
+    # bcast: k(k-1)*10us + 8e6/4e9       = 0.00002 + 0.002 = 0.00202
+    # intra (not node-synchronous): 2*1*10us + 2*1/2 * 8e6/4e9 = 0.00202
+    args = (8e6, 4, 2, 1e9, 1e-4, 4e9, 1e-5)
+    assert hierarchical_round_seconds(*args) == pytest.approx(0.01462)
+    assert hierarchical_round_seconds(*args, node_synchronous=True) == pytest.approx(0.01462)
+    assert hierarchical_round_seconds(*args, node_synchronous=False) == pytest.approx(0.01664)
+    # M = 2 nodes of k = 4; intra 8 GB/s: cross 2*1*100us + 1 * 8e6/1e9 = 0.0082,
+    # bcast 4*3*10us + 8e6/8e9 = 0.00112, intra 2*3*10us + 2*3/4 * 8e6/8e9 = 0.00156
+    assert hierarchical_round_seconds(8e6, 2, 4, 1e9, 1e-4, 8e9, 1e-5) == pytest.approx(0.00932)
+    assert hierarchical_round_seconds(8e6, 2, 4, 1e9, 1e-4, 8e9, 1e-5, False) == pytest.approx(0.01088)
+    # one node: no cross-node ring, the broadcasts remain
+    assert hierarchical_round_seconds(8e6, 1, 4, 1e9, 1e-4, 8e9, 1e-5) == pytest.approx(0.00112)
+    # an infinitely fast, latency-free node link (the defaults): the cross-node ring alone
+    assert hierarchical_round_seconds(8e6, 4, 2, 1e9, 1e-4) == pytest.approx(0.0126)
+    for bad in ((8e6, 0, 2, 1e9, 0.0), (8e6, 4, 0, 1e9, 0.0), (8e6, 4, 1.5, 1e9, 0.0)):
+        with pytest.raises(ValueError):
+            hierarchical_round_seconds(*bad)
+
+
+@pytest.mark.parametrize("nbytes,nodes,bandwidth,latency", [(8e6, 4, 1e9, 1e-4), (3e6, 7, 1.25e6, 2e-3),
+                                                             (1e8, 1, 1e9, 1e-4), (0.0, 5, 1e9, 5e-5)])
+def test_one_rank_per_node_is_the_flat_ring(nbytes, nodes, bandwidth, latency):
+    flat = ring_seconds(nbytes, nodes, bandwidth, latency)
+    for synchronous in (True, False):  # no node to average inside, no slices to broadcast
+        assert hierarchical_round_seconds(nbytes, nodes, 1, bandwidth, latency, 1e3, 1.0, synchronous) == flat
+    assert hierarchical_round_seconds(8e6, 4, 1, 1e9, 1e-4) == pytest.approx(0.0126)  # by hand, above
+
+
+def test_exposed_seconds():
+    assert exposed_seconds(0.5, 0.8) == 0.0  # the window hides the whole transfer
+    assert exposed_seconds(0.5, 0.5) == 0.0
+    assert exposed_seconds(0.5, 0.2) == pytest.approx(0.3)  # round - window
+    assert exposed_seconds(0.5, 0.0) == 0.5
+
+
+def test_round_phases_and_what_overlap_hides():
+    # the round by hand above: intra 0.00202, cross 0.0126, bcast 0.00202
+    parts = hierarchical_round_parts(8e6, 4, 2, 1e9, 1e-4, 4e9, 1e-5, node_synchronous=False)
+    assert parts == pytest.approx(RoundParts(0.00202, 0.0126, 0.00202))
+    assert hierarchical_round_parts(8e6, 4, 2, 1e9, 1e-4, 4e9, 1e-5).intra == 0.0  # node-synchronous
+    # only the cross-node all-reduce runs in the background; the intra-node phases block
+    assert exposed_round_seconds(parts, 0.02) == pytest.approx(0.00404)  # cross hidden
+    assert exposed_round_seconds(parts, 0.01) == pytest.approx(0.00404 + 0.0026)  # cross - window exposed
+    assert exposed_round_seconds(parts, 0.02, overlap=False) == pytest.approx(0.01664)  # all of it
+    # one rank per node: the round is the flat ring, exposed = max(0, round - window)
+    flat = hierarchical_round_parts(8e6, 4, 1, 1e9, 1e-4)
+    assert flat == pytest.approx(RoundParts(0.0, 0.0126, 0.0))
+    assert exposed_round_seconds(flat, 0.02) == 0.0 and exposed_round_seconds(flat, 0.01) == pytest.approx(0.0026)
+
+
+def test_hierarchical_run_reduces_to_the_flat_run():
+    # 100 steps of 20 ms, 10 rounds of 3 MB on 4 ranks at 1.25 MB/s, 2 ms: 2.0 + 10 * (6*2ms + 1.5*3e6/1.25e6)
+    flat = predict_run_seconds(0.02, 100, 3e7, 10, 4, 1.25e6, 2e-3)
+    hier = predict_hierarchical_run_seconds(0.02, 100, 3e6, 10, 4, 1, 1.25e6, 2e-3)
+    assert hier == pytest.approx(flat) and hier == pytest.approx(38.12)
+
+
+def test_hierarchical_run_by_hand():
+    # 100 steps of 10 ms; 4 rounds of 8 MB over 4 nodes of 2 ranks (round 0.01462 s node-synchronous,
+    # 0.01664 s otherwise, as above); an intra-node all-reduce of 8 MB over 2 ranks: 0.00202 s
+    net = dict(intra_bandwidth_bytes_s=4e9, intra_latency_s=1e-5)
+    run = lambda **kw: predict_hierarchical_run_seconds(0.01, 100, 8e6, 4, 4, 2, 1e9, 1e-4, **net, **kw)  # noqa: E731
+    synchronous = dict(grad_allreduces=100, grad_allreduce_bytes=8e6)
+    assert run(**synchronous) == pytest.approx(1.0 + 0.202 + 4 * 0.01462)  # 1.26048
+    # overlapped behind 1 step (10 ms): 4.62 ms of each round exposed, the last round in full
+    assert run(**synchronous, overlap=True, delay_steps=1) == pytest.approx(1.0 + 0.202 + 3 * 0.00462 + 0.01462)
+    # behind 2 steps (20 ms > the 12.6 ms cross-node phase): the broadcasts (2.02 ms) block, the last round in full
+    assert run(**synchronous, overlap=True, delay_steps=2) == pytest.approx(1.0 + 0.202 + 3 * 0.00202 + 0.01462)
+    # one rank per node, behind 2 steps: only the last round (12.6 ms) is waited for
+    assert predict_hierarchical_run_seconds(0.01, 100, 8e6, 4, 4, 1, 1e9, 1e-4, overlap=True,
+                                            delay_steps=2) == pytest.approx(1.0 + 0.0126)
+    assert run(**synchronous, overlap=True, delay_steps=1, round_overhead_s=0.001) == pytest.approx(1.23448)
+    # tau_intra > 0: 16 intra-node averages besides the 4 rounds, which average inside the node first
+    assert run(node_synchronous=False, intra_rounds=16) == pytest.approx(1.0 + 16 * 0.00202 + 4 * 0.01664)
+    assert predict_hierarchical_run_seconds(0.01, 100, 8e6, 0, 4, 2, 1e9, 1e-4, overlap=True,
+                                            delay_steps=5) == pytest.approx(1.0)  # no rounds: compute alone
+    with pytest.raises(ValueError, match="delay_steps"):
+        run(overlap=True)
+
+
+def test_hierarchical_step_prediction_by_hand():
+    # 100 ms compute, 1e8 bytes, 4 nodes of 2 ranks, inter 8 Gbit/s (1 GB/s), intra 32 Gbit/s (4 GB/s), no latency
+    # round (node-synchronous): 2*3/4 * 1e8/1e9 + 1e8/4e9 = 0.15 + 0.025 = 0.175; gradient all-reduce 1e8/4e9 = 0.025
+    h = lambda **kw: predict_hierarchical(0.1, 1e8, 4, 2, 8.0, 0.0, 10, intra_bandwidth_gbit=32.0,  # noqa: E731
+                                          intra_latency_s=0.0, **kw)
+    p = h()
+    assert p.round_s == pytest.approx(0.175) and p.intra_step_comm_s == pytest.approx(0.025)
+    assert p.exposed_round_s == pytest.approx(0.175)
+    assert p.hier_step_s == pytest.approx(0.1 + 0.025 + 0.0175)  # 0.1425
+    assert p.hier_comm_share == pytest.approx(0.0425 / 0.1425)
+    # flat over 8 ranks: all-reduce 2*7/8 * 0.1 = 0.175, sync step 0.275, RI-SGD step 0.1 + 0.0175
+    assert p.speedup_vs_sync == pytest.approx(0.275 / 0.1425)
+    assert p.speedup_vs_risgd == pytest.approx(0.1175 / 0.1425)
+    hidden = h(overlap=True)  # behind tau = 10 steps, 1 s of compute: the cross-node phase, not the broadcasts
+    assert hidden.exposed_round_s == pytest.approx(0.025) and hidden.hier_step_s == pytest.approx(0.1275)
+    one = h(overlap=True, overlap_delay=1)  # behind one step: broadcasts 0.025 + cross 0.15 - 0.1
+    assert one.exposed_round_s == pytest.approx(0.075) and one.hier_step_s == pytest.approx(0.1325)
+    assert h(overlap=True, overlap_delay=1, round_overhead_s=0.01).exposed_round_s == pytest.approx(0.085)
+    # tau_intra 3 in a round of 10: 3 intra averages (steps 3, 6, 9) of 0.025; the round averages inside first
+    intra = h(tau_intra=3)
+    assert intra.round_s == pytest.approx(0.2) and intra.intra_step_comm_s == pytest.approx(0.0075)
+    assert intra.hier_step_s == pytest.approx(0.1 + 0.0075 + 0.02)
+
+
+def _main_lines(capsys, *args: str) -> list[str]:
+    assert main(list(args)) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+# The output of the command before the hierarchy flags existed, for these arguments.
+FLAT = ["--nodes", "4", "--model-bytes", "1000000", "--bandwidth-gbit", "1", "--compute-ms", "20",
+        "--risgd-compute-ms", "30", "--tau", "10", "--latency-us", "0"]
+FLAT_OUTPUT = ["1000000 bytes: 1.0 MiB per all-reduce; 4 ranks at 1 Gbit/s, 0 us latency, 20 ms compute per step",
+               "  allreduce_s        0.0120", "  sync_step_s        0.0320", "  local_step_s       0.0300",
+               "  risgd_step_s       0.0312", "  sync_comm_share    0.3750", "  risgd_comm_share   0.0385",
+               "  speedup_per_step   1.0256", "  recommended_tau    4"]
+
+
+def test_cli_defaults_print_what_they_printed(capsys):
+    assert _main_lines(capsys, *FLAT) == FLAT_OUTPUT
+    assert _main_lines(capsys, *FLAT, "--ranks-per-node", "1", "--tau-intra", "0", "--intra-bandwidth-gbit", "40",
+                       "--intra-latency-us", "1") == FLAT_OUTPUT
+
+
+HIER = ["--nodes", "4", "--ranks-per-node", "2", "--model-bytes", "100000000", "--bandwidth-gbit", "8",
+        "--latency-us", "0", "--compute-ms", "100", "--tau", "10", "--intra-bandwidth-gbit", "32",
+        "--intra-latency-us", "0"]
+
+
+def test_cli_hierarchy_and_overlap(capsys):
+    lines = _main_lines(capsys, *HIER)
+    flat = _main_lines(capsys, "--nodes", "8", *HIER[4:14])  # the same model, network, compute and tau
+    assert lines[:9] == flat  # the flat lines: one ring over all 4 x 2 ranks
+    assert lines[0].startswith("100000000 bytes: 95.4 MiB per all-reduce; 8 ranks at 8 Gbit/s")
+    assert lines[9] == ("hierarchical/overlapped: 4 nodes x 2 ranks, 32 Gbit/s and 0 us latency inside a node, "
+                        "node-synchronous (tau_intra 0), tau 10, no overlap")
+    assert lines[10:] == ["  round_s            0.1750", "  intra_step_comm_s  0.0250", "  exposed_round_s    0.1750",
+                          "  hier_step_s        0.1425", "  hier_comm_share    0.2982", "  speedup_vs_sync    1.9298",
+                          "  speedup_vs_risgd   0.8246"]
+    over = _main_lines(capsys, *HIER, "--overlap", "--overlap-delay", "1")
+    assert over[9].endswith("node-synchronous (tau_intra 0), tau 10, overlap delay 1 steps")
+    assert "  exposed_round_s    0.0750" in over and "  hier_step_s        0.1325" in over
+    intra = _main_lines(capsys, *HIER, "--tau-intra", "3")
+    assert intra[9].endswith("tau_intra 3, tau 10, no overlap") and "  hier_step_s        0.1275" in intra
+    # overlap alone: one rank per node, the round is the flat ring, hidden behind tau = 10 steps
+    alone = _main_lines(capsys, "--nodes", "8", *HIER[4:14], "--overlap")
+    assert alone[9].startswith("hierarchical/overlapped: 8 nodes x 1 ranks, ")
+    assert alone[9].endswith(", tau 10, overlap delay 10 steps")
+    assert "  round_s            0.1750" in alone and "  hier_step_s        0.1000" in alone
+
+
+@pytest.mark.parametrize("bad,flag", [
+    (["--ranks-per-node", "0"], "--ranks-per-node"), (["--ranks-per-node", "two"], "argument --ranks-per-node:"),
+    (["--ranks-per-node", "2", "--tau-intra", "-1"], "--tau-intra"), (["--tau-intra", "2"], "--tau-intra"),
+    (["--intra-bandwidth-gbit", "0"], "--intra-bandwidth-gbit"), (["--intra-latency-us", "-1"], "--intra-latency-us"),
+    (["--overlap", "--overlap-delay", "0"], "--overlap-delay"),
+    (["--overlap", "--overlap-delay", "11"], "--overlap-delay"),  # FLAT's tau is 10
+    (["--overlap-delay", "3"], "--overlap-delay")])
+def test_cli_refuses_bad_hierarchy_values(capsys, bad, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main([*FLAT, *bad])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {flag} ") and captured.err.count("\n") == 1
+
+
+STATS = {"steps": 100, "world_size": 8, "comm_rounds": 10, "compute_seconds": 10.0, "bytes_allreduced": 1e9,
+         "comm_seconds": 1.75, "tau": 10}
+
+
+def test_advise_without_hierarchy_keys_is_unchanged():
+    keys = {"bandwidth_gbit", "bandwidth_source", "latency_us", "ranks", "tau", "compute_s_per_step",
+            "bytes_per_allreduce", "allreduce_s", "sync_step_s", "local_step_s", "risgd_step_s", "sync_comm_share",
+            "risgd_comm_share", "speedup_per_step", "recommended_tau"}
+    plain = advise(STATS, 8.0, 0.0, 0.1, 10)
+    assert set(plain) == keys
+    assert advise({**STATS, "node_size": 1, "tau_intra": 0, "overlap": False, "overlap_delay": 10}, 8.0, 0.0, 0.1,
+                  10) == plain
+    assert advise(STATS, 8.0, 0.0, 0.1, 10, intra_bandwidth_gbit=1.0) == plain
+
+
+def test_advise_hierarchy_and_overlap():
+    # 4 nodes of 2 ranks, 0.1 s compute per step, 1e8 bytes per all-reduce: the numbers worked out above
+    stats = {**STATS, "node_size": 2, "tau_intra": 0, "overlap": True, "overlap_delay": 1, "comm_wait_seconds": 0.75}
+    out = advise(stats, 8.0, 0.0, 0.1, 10, intra_bandwidth_gbit=32.0, intra_latency_s=0.0)
+    assert out["allreduce_s"] == pytest.approx(0.175)  # the flat prediction stays
+    config = (out["node_size"], out["nodes"], out["tau_intra"], out["overlap"], out["overlap_delay"])
+    assert config == (2, 4, 0, True, 1)
+    assert out["comm_wait_s_per_step"] == pytest.approx(0.0075)
+    assert out["round_s"] == pytest.approx(0.175) and out["exposed_round_s"] == pytest.approx(0.075)
+    assert out["hier_step_s"] == pytest.approx(0.1325)
+    # overlap alone, its delay not reported: tau steps, which hide the whole round here
+    alone = advise({**STATS, "overlap": True}, 8.0, 0.0, 0.1, 10)
+    assert alone["node_size"] == 1 and alone["overlap_delay"] == 10 and "comm_wait_s_per_step" not in alone
+    assert alone["round_s"] == pytest.approx(alone["allreduce_s"]) and alone["hier_step_s"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="not a multiple of node_size"):
+        advise({**STATS, "node_size": 3}, 8.0, 0.0, 0.1, 10)

@@ -211,3 +211,120 @@ def test_eval_slice_reads_and_verifies_only_its_shards(index, digits_dir, tmp_pa
     for rank, world in ((2, 2), (-1, 2), (0, 0)):
         with pytest.raises(DataError, match="not in a world"):
             make_eval_loader(digits_dir, 64, rank=rank, world_size=world)
+
+
+# Node-level workers: share=(l, k) of a worker whose manifest index is `rank`.
+
+
+def _noisy_digits_transform():
+    """Digits' own transform has no randomness: this one uses Python's and torch's generators, so
+    bitwise-equal batches mean the per-sample seeds (whole-batch positions) are the same."""
+    import random
+
+    return T.Compose([T.RandomCrop(8, padding=2), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Lambda(lambda x: x + torch.rand_like(x) + random.random())])
+
+
+def _by_chunk(seq, sizes):
+    out, i = [], 0
+    for b in sizes:
+        out.append(seq[i:i + b])
+        i += b
+    assert i == len(seq)
+    return out
+
+
+def _assert_shares_make_the_worker_batch(m, shard_dir, rank, base_batch, k, policy, steps, transform=None, seed=3):
+    kw = dict(policy=policy, seed=seed, num_workers=0, transform=transform)
+    whole = make_train_loader(m, shard_dir, rank, base_batch * k, **kw)
+    shares = [make_train_loader(m, shard_dir, rank, base_batch, share=(part, k), **kw) for part in range(k)]
+    assert all(s.steps_per_epoch == whole.steps_per_epoch == steps_per_epoch(m, base_batch * k) for s in shares)
+    assert [sum(col) for col in zip(*(s.sub_batch_sizes for s in shares))] == whole.sub_batch_sizes
+    assert all(s.batch_size == sum(s.sub_batch_sizes) > 0 for s in shares)
+    assert sum(s.batch_size for s in shares) == whole.batch_size
+    for step in steps:
+        ids = [s.sample_ids(step) for s in shares]
+        flat = [i for s in ids for i in s]
+        assert len(flat) == len(set(flat))  # the shares of a step are disjoint
+        batches = [s.batch_at(step) for s in shares]
+        wx, wy = whole.batch_at(step)
+        for s, (x, y), i in zip(shares, batches, ids):
+            assert x.shape[0] == y.shape[0] == len(i) == s.batch_size
+        # Chunk-major: for each chunk, share 0's slice, share 1's slice, ...
+        per = [(_by_chunk(i, s.sub_batch_sizes), _by_chunk(x, s.sub_batch_sizes), _by_chunk(y, s.sub_batch_sizes))
+               for s, (x, y), i in zip(shares, batches, ids)]
+        n_chunks = len(whole.sub_batch_sizes)
+        got_ids = [i for c in range(n_chunks) for p in per for i in p[0][c]]
+        got_x = torch.cat([p[1][c] for c in range(n_chunks) for p in per])
+        got_y = torch.cat([p[2][c] for c in range(n_chunks) for p in per])
+        assert got_ids == whole.sample_ids(step)
+        assert torch.equal(got_x, wx) and torch.equal(got_y, wy)  # bitwise, augmentation included
+
+
+@pytest.mark.parametrize("policy", ["per_chunk", "split"])
+@pytest.mark.parametrize("workers,mu", [(4, 0.25), (2, 0.5), (3, 0.4)])
+@pytest.mark.parametrize("k", [2, 3])
+def test_node_shares_concatenate_to_the_worker_batch(index, digits_dir, policy, workers, mu, k):
+    m = build_manifest(index, workers, mu, "label_sorted", seed=1)
+    tf = _noisy_digits_transform()
+    spe = steps_per_epoch(m, 5 * k)
+    for rank in sorted({0, workers - 1}):
+        _assert_shares_make_the_worker_batch(m, digits_dir, rank, 5, k, policy, (0, 1, spe - 1, spe + 2), tf)
+
+
+def test_node_shares_with_cifar_augmentation(cifar_dir):
+    m = build_manifest(load_index(cifar_dir), 3, 1 / 3)
+    for policy in ("per_chunk", "split"):
+        _assert_shares_make_the_worker_batch(m, cifar_dir, 1, 3, 2, policy, (0, 4, 13))
+
+
+def test_node_shares_with_corrupt_samples_and_the_fast_path(tmp_path):
+    """Substitution of an undecodable sample depends only on (seed, worker, step, position): the
+    shares substitute exactly as the whole-worker loader does (fast decode-into-batch path)."""
+    from risgd_data.transforms import FastTrainTransform, train_transform
+
+    _folder_with_corrupt(tmp_path / "src")
+    out = str(tmp_path / "s")
+    make_shards("imagefolder", out, src=str(tmp_path / "src"), shard_size=5, progress=False)
+    m = build_manifest(load_index(out), 1, 0.0)
+    tf = train_transform("imagefolder", image_size=16, fast=True)
+    assert isinstance(tf, FastTrainTransform)
+    whole = make_train_loader(m, out, 0, base_batch=6, transform=tf, num_workers=0)
+    shares = [make_train_loader(m, out, 0, base_batch=3, transform=tf, share=(p, 2), num_workers=0)
+              for p in range(2)]
+    for step in range(3 * whole.steps_per_epoch):
+        wx, wy = whole.batch_at(step)
+        xs, ys = zip(*(s.batch_at(step) for s in shares))  # one chunk: share 0's half, then share 1's
+        assert torch.equal(torch.cat(xs), wx) and torch.equal(torch.cat(ys), wy)
+    assert whole.samples_skipped > 0 and sum(s.samples_skipped for s in shares) == whole.samples_skipped
+
+
+def test_default_share_is_the_plain_loader(index, digits_dir):
+    m = build_manifest(index, 4, 0.25)
+    a = make_train_loader(m, digits_dir, 2, base_batch=7, num_workers=0)
+    b = make_train_loader(m, digits_dir, 2, base_batch=7, num_workers=0, share=(0, 1))
+    assert a.sub_batch_sizes == b.sub_batch_sizes and a.steps_per_epoch == b.steps_per_epoch
+    assert a.sample_ids(3) == b.sample_ids(3) and torch.equal(a.batch_at(3)[0], b.batch_at(3)[0])
+
+
+@pytest.mark.parametrize("share,words", [((2, 2), "0..1"), ((-1, 2), "0..1"), ((0, 0), ">= 1"), ((1, -3), ">= 1"),
+                                         ((0.0, 2), "integers"), ((True, 2), "integers"), ((0,), "(index, count)"),
+                                         (None, "(index, count)"), ((0, 1, 2), "(index, count)")])
+def test_bad_share_raises_one_line(index, digits_dir, share, words):
+    m = build_manifest(index, 2, 0.5)
+    with pytest.raises(DataError) as e:
+        make_train_loader(m, digits_dir, 0, base_batch=8, num_workers=0, share=share)
+    assert "\n" not in str(e.value) and "share" in str(e.value) and words in str(e.value)
+
+
+def test_share_with_no_samples_is_refused(index, digits_dir):
+    m = build_manifest(index, 4, 0.75)  # every worker holds all 4 chunks
+    whole = make_train_loader(m, digits_dir, 0, base_batch=3, policy="split", num_workers=0)
+    assert whole.sub_batch_sizes == [1, 1, 1]  # split: base_batch * k = 3 over 4 chunks, one is left out
+    for part in (0, 1):  # [l*1//3, (l+1)*1//3) is empty for l < 2: nothing from any chunk
+        with pytest.raises(DataError, match="too small for k=3 ranks") as e:
+            make_train_loader(m, digits_dir, 0, base_batch=1, policy="split", num_workers=0, share=(part, 3))
+        assert "\n" not in str(e.value) and "raise base_batch" in str(e.value)
+    # The last share of each 1-sample chunk does get it: that rank alone is fine.
+    ok = make_train_loader(m, digits_dir, 0, base_batch=1, policy="split", num_workers=0, share=(2, 3))
+    assert ok.batch_size == 3 and len(ok.sample_ids(0)) == 3

@@ -110,3 +110,34 @@ def test_gpu_check_refuses_without_a_gpu_in_one_line():
     proc = subprocess.run([sys.executable, script], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: no CUDA GPU on this machine") and proc.stderr.count("\n") == 1
+
+
+def test_node_level_and_overlap_keys():
+    cfg = parse_block({"tau": 8, "node_size": 4, "tau_intra": 2, "overlap": True, "overlap_delay": 3})
+    assert (cfg.node_size, cfg.tau_intra, cfg.overlap, cfg.delay, cfg.workers(16)) == (4, 2, True, 3, 4)
+    assert parse_block({"tau": 8, "overlap": True}).delay == 8  # 0: the next round
+    flat = parse_block({"tau": 8})
+    assert (flat.node_size, flat.tau_intra, flat.overlap, flat.hierarchical) == (1, 0, False, False)
+    assert [s for s in range(1, 17) if cfg.is_intra_average_step(s)] == [2, 4, 6, 10, 12, 14]
+    for block, message in (
+        ({"tau_intra": 2, "tau": 4}, "needs a node level"),
+        ({"node_size": 2, "tau_intra": 3, "tau": 4}, "tau=4 must be a multiple of risgd.tau_intra=3"),
+        ({"overlap_delay": 2, "tau": 4}, "only applies with risgd.overlap=true"),
+        ({"overlap": True, "overlap_delay": 5, "tau": 4}, "must be <= tau=4"),
+        ({"overlap": True, "average_optimizer_state": True}, "not supported with node_size > 1 or overlap"),
+        ({"node_size": 0}, "node_size must be an int >= 1"),
+        ({"overlap": "yes"}, "overlap must be true or false"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_block(block)
+
+
+def test_node_level_world_checks():
+    with pytest.raises(ConfigError, match="node_size=3 does not divide the 4 ranks"):
+        check_world(parse_block({"node_size": 3}), 4)
+    # with the node level, failures name workers (nodes): 2 of them in a world of 4 ranks
+    check_world(parse_block({"node_size": 2, "failures": [{"ranks": [1]}]}), 4)
+    with pytest.raises(ConfigError, match=r"ranks \[2\] do not exist in a world of 2 workers"):
+        check_world(parse_block({"node_size": 2, "failures": [{"ranks": [2]}]}), 4)
+    with pytest.raises(ConfigError, match=r"count=2 must be < the world size 2 \(workers"):
+        check_world(parse_block({"node_size": 2, "failures": [{"count": 2, "prob": 0.5}]}), 4)

@@ -18,7 +18,13 @@ import pytest
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest, load_manifest, write_manifest
 from risgd_data.replicate import node_ranks
-from risgd_hosts.netns_cluster import netns_available, tbf_args
+from risgd_hosts.netns_cluster import (
+    ClusterInputError,
+    check_inputs,
+    manifest_ranks_per_node,
+    netns_available,
+    tbf_args,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHY = netns_available()
@@ -67,6 +73,35 @@ def test_bad_input_exits_2_with_one_line_before_building(tmp_path, digits_dir, c
     assert not os.path.exists(tmp_path / "cluster")  # refused before anything was built
     if WHY is None:
         assert _namespaces(proc.pid) == []
+
+
+@pytest.mark.parametrize("workers,hosts,ranks,ok", [
+    (4, 2, 2, True),    # per-rank manifest: hosts x ranks-per-host workers
+    (2, 2, 2, True),    # node-level manifest: one worker per host
+    (3, 3, 1, True),    # both forms at once (one rank per host)
+    (2, 2, 3, True),
+    (3, 2, 2, False),
+    (8, 2, 2, False),
+    (1, 2, 2, False),
+])
+def test_check_inputs_accepts_per_rank_and_node_level_manifests(tmp_path, digits_dir, workers, hosts, ranks, ok):
+    manifest = str(tmp_path / "m.yaml")
+    write_manifest(build_manifest(load_index(digits_dir), workers, 0.0, partition="label_sorted", seed=0), manifest)
+    if ok:
+        check_inputs(hosts, ranks, None, manifest, digits_dir, None)
+        per_node = manifest_ranks_per_node(workers, hosts, ranks)
+        # What replicate_data passes as --ranks-per-node: every worker served, by exactly one host.
+        served = [node_ranks(load_manifest(manifest), k, per_node) for k in range(hosts)]
+        assert sum(served, []) == list(range(workers))
+        assert per_node == (1 if workers == hosts else ranks)
+    else:
+        with pytest.raises(ClusterInputError) as e:
+            check_inputs(hosts, ranks, None, manifest, digits_dir, None)
+        msg = str(e.value)
+        assert "\n" not in msg and f"is for {workers} workers" in msg
+        assert f"--workers {hosts * ranks} (one worker per rank)" in msg
+        assert f"--workers {hosts} (one worker per host)" in msg
+        assert manifest_ranks_per_node(workers, hosts, ranks) is None
 
 
 def test_tbf_parameters_fit_a_frame_at_every_rate():
@@ -130,6 +165,22 @@ def test_replication_runs_from_any_working_directory(tmp_path, digits_dir):
     for k in range(2):
         held = {n for n in os.listdir(os.path.join(work, f"host{k}", "data")) if n.startswith("train-")}
         assert held == {s for r in node_ranks(manifest, k, 2) for s in manifest["ranks"][r]["shards"]}
+    assert _namespaces(proc.pid) == []
+
+
+@needs_netns
+def test_node_level_manifest_replicates_one_worker_per_host(tmp_path, digits_dir):
+    manifest_path = str(tmp_path / "m.yaml")
+    write_manifest(build_manifest(load_index(digits_dir), 2, 0.5, partition="label_sorted", seed=0), manifest_path)
+    work = str(tmp_path / "cluster")
+    proc = _cluster(["--hosts", "2", "--ranks-per-host", "2", "--manifest", manifest_path, "--source", digits_dir,
+                     "--", "--no_python", "--no_local_rank", "true"], work)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    manifest = load_manifest(manifest_path)
+    for k in range(2):  # host k holds worker k's shards, which its two ranks split
+        held = {n for n in os.listdir(os.path.join(work, f"host{k}", "data")) if n.startswith("train-")}
+        assert held == set(manifest["ranks"][k]["shards"])
     assert _namespaces(proc.pid) == []
 
 
