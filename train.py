@@ -96,12 +96,13 @@ def load_data(run: Run, rank: int) -> tuple[dict, dict]:
 
     cfg, data = run.cfg, run.cfg["data"]
     index = load_index(data["shards"])
-    manifest = run.manifest or build_manifest(index, run.world_size, cfg["mu"], partition=data["partition"],
+    manifest = run.manifest or build_manifest(index, run.workers, cfg["mu"], partition=data["partition"],
                                               seed=cfg["seed"], hetero_std=data["hetero_std"],
                                               mode="coop" if cfg["algorithm"] == "coop" else "risgd")
     check_same_manifest(run.run_dir, manifest)
     full = data["verify"] == "full"  # else a replica's stamp spares re-hashing unchanged shards
-    verify_shards(index, data["shards"], manifest["ranks"][rank]["shards"], full=full)
+    worker, _ = run.worker_of(rank)  # with node_size > 1 a node's ranks share its worker's chunks
+    verify_shards(index, data["shards"], manifest["ranks"][worker]["shards"], full=full)
     # every rank evaluates a slice of the test set
     verify_shards(index, data["shards"], [s["name"] for s in index["splits"]["val"]["shards"]], split="val",
                   full=full)
@@ -187,7 +188,8 @@ def train(run: Run) -> None:
 
     agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
     index, manifest = agree(lambda: load_data(run, rank))
-    epoch_steps = steps_per_epoch(manifest, data["base_batch"])
+    worker, share = run.worker_of(rank)
+    epoch_steps = steps_per_epoch(manifest, run.worker_batch())
     total_steps = run.total_steps(epoch_steps)
 
     ckpt_dir = os.path.join(run.run_dir, "checkpoints")
@@ -215,9 +217,9 @@ def train(run: Run) -> None:
 
     cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
     transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
-    loader = make_train_loader(manifest, data["shards"], rank, data["base_batch"], policy=data["batch_policy"],
-                               transform=transform, seed=cfg["seed"],
-                               start_step=start, num_workers=data["num_workers"], pin_memory=cuda)
+    loader = make_train_loader(manifest, data["shards"], worker, data["base_batch"], policy=data["batch_policy"],
+                               transform=transform, seed=cfg["seed"], start_step=start,
+                               num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size))
     eval_loader = make_eval_loader(data["shards"], data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))
     fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
@@ -250,21 +252,21 @@ def train(run: Run) -> None:
         # after each eval_every multiple, and the last step (which the config made an average).
         due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
         if step == total_steps or (due and engine.risgd.is_average()):
-            stats = engine.risgd.consensus()
             running[2] = loader.samples_skipped - skipped_seen
             skipped_seen = loader.samples_skipped
-            dist.all_reduce(running)  # telemetry: one tiny collective per log interval
-            metrics = {"step": step, "epoch": step / epoch_steps, "lr": scheduler.get_last_lr()[0],
-                       "train_loss": float(running[0] / running[1]), **run_metrics(stats),
-                       "wall_seconds": time.perf_counter() - t0, "samples_skipped": int(running[2])}
+            with engine.risgd.averaged() as stats:  # every rank holds the averaged model inside
+                dist.all_reduce(running)  # telemetry: one tiny collective per log interval
+                metrics = {"step": step, "epoch": step / epoch_steps, "lr": scheduler.get_last_lr()[0],
+                           "train_loss": float(running[0] / running[1]), **run_metrics(stats),
+                           "wall_seconds": time.perf_counter() - t0, "samples_skipped": int(running[2])}
+                t_eval = time.perf_counter()
+                metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"],
+                                        cfg["model"]["channels_last"]))
+                metrics["eval_seconds"] = time.perf_counter() - t_eval
             running.zero_()
-            t_eval = time.perf_counter()
-            metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"],
-                                    cfg["model"]["channels_last"]))
-            metrics["eval_seconds"] = time.perf_counter() - t_eval
             best = max(best, metrics["test_acc"])
             if rank == 0:
-                live = frozenset(range(run.world_size)) - set(stats["down_ranks"])
+                live = frozenset(range(run.workers)) - set(stats["down_workers"])
                 if live not in coverage:
                     coverage[live] = live_coverage(manifest, index, live)
                 metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
@@ -279,8 +281,8 @@ def train(run: Run) -> None:
                 "last_eval": last_eval})
     bar.close()
 
-    # the last step evaluated above on an average (a resumed, finished run evaluated before its checkpoint)
-    stats = engine.risgd.stats() if last_eval == total_steps else engine.risgd.consensus()
+    # every rank takes the final average for good (with overlap: the last round, applied now)
+    stats = engine.risgd.consensus()
     digest = sha256_tensors(engine.module.state_dict().items())
     digests: list = [None] * run.world_size
     dist.all_gather_object(digests, digest)  # every rank's final model: equal after the last average
@@ -288,7 +290,8 @@ def train(run: Run) -> None:
                "mu": cfg["mu"], "world_size": run.world_size, "steps": total_steps, **run_metrics(stats),
                "wall_seconds": time.perf_counter() - t0, "final_test_acc": last.get("test_acc"),
                "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
-               "partition": data["partition"], "batch_policy": data["batch_policy"],
+               "partition": data["partition"], "batch_policy": data["batch_policy"], "node_size": run.node_size,
+               "workers": run.workers, "tau_intra": cfg["tau_intra"], "overlap": cfg["overlap"],
                "samples_skipped": loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
                "model_sha256": digest, "min_data_coverage": tracker.min_logged("data_coverage"),
                "rank_model_sha256": digests, "cost_model": cost_advice(cfg, stats)}

@@ -22,7 +22,7 @@ import yaml
 
 from risgd_data.errors import DataError
 from risgd_data.manifest import load_manifest, validate_manifest_params
-from risgd_ext.config import ConfigError, RISGDConfig, check_world, load_ds_config, split_config
+from risgd_ext.config import ConfigError, RISGDConfig, check_world, load_ds_config, parse_block, split_config
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
 PRECISIONS = (None, "fp32", "bf16")
@@ -44,6 +44,10 @@ SCHEMA: dict[str, Any] = {
     "mu": 0.0,                     # with data.manifest: the manifest's mu (it is the source)
     "warmup_sync_steps": _ENGINE.warmup_sync_steps,              # risgd.warmup_sync_steps
     "average_optimizer_state": _ENGINE.average_optimizer_state,  # risgd.average_optimizer_state
+    "node_size": _ENGINE.node_size,          # risgd.node_size: ranks per node; > 1: a worker is a node
+    "tau_intra": _ENGINE.tau_intra,          # risgd.tau_intra: 0 synchronous inside a node, k: average every k
+    "overlap": _ENGINE.overlap,              # risgd.overlap: rounds behind the next local steps
+    "overlap_delay": _ENGINE.overlap_delay,  # risgd.overlap_delay: steps until a round is applied (0: tau)
     "steps": 0,                    # optimizer steps; 0: use epochs. Must end on an average.
     "epochs": 0,                   # epochs of one chunk D_j (rounded up to the next average)
     "eval_every": 100,             # steps; evaluated at the first average at or after each multiple
@@ -82,6 +86,8 @@ SCHEMA: dict[str, Any] = {
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
                "data.verify")
+# The node level and overlap: written into the 'risgd' block only when set (a flat run's block is unchanged).
+NODE_KEYS = ("node_size", "tau_intra", "overlap", "overlap_delay")
 # What a manifest file decides (recipe key -> manifest key).
 FROM_MANIFEST = {"mu": "mu", "data.partition": "partition", "data.hetero_std": "hetero_std"}
 
@@ -149,6 +155,9 @@ def validate(cfg: dict) -> None:
     engine's validator in :func:`build_ds_config`, the redundancy keys by the data package's."""
     if cfg["algorithm"] not in ALGORITHMS:
         raise RecipeError(f"algorithm '{cfg['algorithm']}' is unknown: use one of {', '.join(ALGORITHMS)}")
+    if cfg["algorithm"] == "sync" and any(cfg[k] != getattr(_ENGINE, k) for k in NODE_KEYS):
+        raise RecipeError("algorithm sync all-reduces gradients over every rank every step: node_size, tau_intra, "
+                          "overlap and overlap_delay apply to local-SGD algorithms (prsgd, risgd, coop)")
     if cfg["algorithm"] in ("sync", "prsgd", "coop") and cfg["mu"] != 0:
         raise RecipeError(f"algorithm {cfg['algorithm']} uses no redundancy, but mu={cfg['mu']:g}: set mu=0 "
                           "or algorithm=risgd")
@@ -201,7 +210,10 @@ def run_name(cfg: dict) -> str:
     if cfg["run_name"]:
         return cfg["run_name"]
     tau = 1 if cfg["algorithm"] == "sync" else cfg["tau"]
-    return f"{cfg['name']}-{cfg['algorithm']}-tau{tau}-mu{cfg['mu']:g}-s{cfg['seed']}"
+    node = f"-node{cfg['node_size']}" if cfg["node_size"] > 1 else ""
+    node += f"-ti{cfg['tau_intra']}" if cfg["tau_intra"] else ""
+    node += ("-ov" + (str(cfg["overlap_delay"]) if cfg["overlap_delay"] else "")) if cfg["overlap"] else ""
+    return f"{cfg['name']}-{cfg['algorithm']}-tau{tau}{node}-mu{cfg['mu']:g}-s{cfg['seed']}"
 
 
 # -- the resolved run ------------------------------------------------------------------------------
@@ -221,6 +233,24 @@ class Run:
 
     def is_average_step(self, step: int) -> bool:
         return self.schedule is None or self.schedule.is_average_step(step)
+
+    @property
+    def node_size(self) -> int:
+        """Ranks per node: the ranks of one RI-SGD worker (1: every rank is a worker)."""
+        return self.schedule.node_size if self.schedule is not None else 1
+
+    @property
+    def workers(self) -> int:
+        """RI-SGD workers: the manifest's --workers."""
+        return self.world_size // self.node_size
+
+    def worker_of(self, rank: int) -> tuple[int, int]:
+        """(the worker a rank belongs to, its index among the worker's ranks)."""
+        return divmod(rank, self.node_size)
+
+    def worker_batch(self) -> int:
+        """The base batch one worker draws per chunk: its ranks' together."""
+        return self.cfg["data"]["base_batch"] * self.node_size
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """``steps``, or ``epochs`` of the manifest's chunk rounded up to the next average."""
@@ -271,10 +301,14 @@ def _apply_manifest(cfg: dict, raw: dict, manifest: dict, path: str) -> None:
                           "drop these keys or build a manifest with those values")
 
 
-def check_world_size(manifest: dict, world_size: int, path: str = "the manifest") -> None:
-    if manifest["workers"] != world_size:
-        raise RecipeError(f"{path} is for {manifest['workers']} workers but this run has {world_size} "
-                          "ranks: launch with that many ranks or rebuild the manifest with --workers")
+def check_world_size(manifest: dict, world_size: int, path: str = "the manifest", node_size: int = 1) -> None:
+    workers = world_size // node_size
+    if manifest["workers"] != workers:
+        what = (f"{world_size} ranks" if node_size == 1
+                else f"{workers} workers ({world_size} ranks, node_size={node_size})")
+        raise RecipeError(f"{path} is for {manifest['workers']} workers but this run has {what}: launch with that "
+                          f"many {'ranks' if node_size == 1 else 'nodes'} or rebuild the manifest with --workers "
+                          f"{workers}")
 
 
 def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | None]:
@@ -296,6 +330,7 @@ def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | Non
     if cfg["algorithm"] != "sync":
         block.update(tau=cfg["tau"], warmup_sync_steps=cfg["warmup_sync_steps"],
                      average_optimizer_state=cfg["average_optimizer_state"], failures=cfg["failures"])
+        block.update({k: cfg[k] for k in NODE_KEYS if cfg[k] != getattr(_ENGINE, k)})
         ds["risgd"] = block
     _, schedule = split_config(ds)
     if schedule is not None:
@@ -369,15 +404,21 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     raw = _read_raw(path, overrides)
     cfg = _merge(SCHEMA, raw)
     manifest = None
+    node_size = cfg["node_size"]
+    try:  # the workers (the manifest's) need the node level first: the engine's validator of it
+        check_world(parse_block({"node_size": node_size}), world_size)
+    except ConfigError as e:
+        raise RecipeError(str(e)) from None
+    workers = world_size // node_size
     try:
         if cfg["data"]["manifest"]:
             manifest = load_manifest(cfg["data"]["manifest"])
-            check_world_size(manifest, world_size, f"the manifest {cfg['data']['manifest']}")
+            check_world_size(manifest, world_size, f"the manifest {cfg['data']['manifest']}", node_size)
             _apply_manifest(cfg, raw, manifest, cfg["data"]["manifest"])
         validate(cfg)
         if manifest is None:
             mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
-            validate_manifest_params(world_size, cfg["mu"], cfg["data"]["partition"], cfg["data"]["hetero_std"],
+            validate_manifest_params(workers, cfg["mu"], cfg["data"]["partition"], cfg["data"]["hetero_std"],
                                      mode)
     except DataError as e:
         raise RecipeError(str(e)) from None

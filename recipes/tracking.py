@@ -90,7 +90,16 @@ def run_metrics(stats: dict[str, Any]) -> dict[str, Any]:
     return {"round": stats["rounds"], "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
             "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
             "divergence": stats["divergence"], "divergence_mean": stats["divergence_mean"],
-            "live_ranks": stats["live_ranks"]}
+            "live_ranks": stats["live_ranks"], **_node_and_overlap(stats)}
+
+
+def _node_and_overlap(stats: dict[str, Any]) -> dict[str, Any]:
+    """With the node level or overlap: the intra-node traffic and the time steps waited on a round."""
+    if stats.get("node_size", 1) == 1 and not stats.get("overlap"):
+        return {}
+    return {"intra_bytes": stats["intra_bytes"], "intra_comm_seconds": stats["intra_comm_seconds"],
+            "comm_wait_seconds": stats["comm_wait_seconds"], "inter_collectives": stats["inter_collectives"],
+            "workers": stats["workers"]}
 
 
 def read_offline_history(run_dir: str) -> list[dict[str, Any]]:
