@@ -2,6 +2,11 @@
 
     sudo .venv/bin/python benchmarks/bench_bandwidth.py          # the sweep, about 25 min on 2 cores
     sudo .venv/bin/python benchmarks/bench_bandwidth.py --bandwidths-mbit 1000 10 --full-mbit 1000 10
+    sudo .venv/bin/python benchmarks/bench_bandwidth.py --nodes  # 2 hosts x 2 ranks: node level, overlap
+
+With ``--nodes`` the sweep is the cluster-shaped one of ``benchmarks/bench_nodes.py`` (its docstring
+says what runs): flat vs node-level RI-SGD, each with and without overlapped averaging, on 2 hosts
+x 2 ranks at 100, 10 and 1 Mbit/s, 3 seeds. Without it, the sweep below.
 
 Every run is a real 4-host launch through ``hosts.netns_cluster`` (network namespaces, veth links
 shaped with tbf, per-host data replicated by ``risgd_data.replicate``, the stock deepspeed launcher with
@@ -323,7 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timed-steps", type=int, default=100, help="steps of a timed local-SGD run (default 100)")
     parser.add_argument("--timed-sync-steps", type=int, default=20, help="steps of a timed SyncSGD run (default 20)")
     parser.add_argument("--out", default="runs/bench_bandwidth", help="output directory (default runs/bench_bandwidth)")
+    nodes = parser.add_argument_group("--nodes: 2 hosts x 2 ranks, the node level and overlap (bench_nodes.py)")
+    nodes.add_argument("--nodes", action="store_true", help="run the cluster-shaped sweep instead (writes OUT/nodes/)")
+    nodes.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    nodes.add_argument("--sync-timed-steps", type=int, default=20,
+                       help="SyncSGD's timed steps below --full-sync-mbit (default 20)")
+    nodes.add_argument("--full-sync-mbit", type=float, default=10,
+                       help="bandwidths from this one up time SyncSGD's whole run (default 10)")
     args = parser.parse_args(argv)
+    if args.nodes:
+        if args.bandwidths_mbit == parser.get_default("bandwidths_mbit"):
+            args.bandwidths_mbit = [100, 10, 1]
+        why = netns_cluster.netns_available()
+        if why:
+            print(f"error: the sweep needs network namespaces: {why}", file=sys.stderr)
+            return 1
+        import bench_nodes
+
+        return bench_nodes.main(args)
     if not set(args.full_mbit) <= set(args.bandwidths_mbit) or len(args.full_mbit) < 1:
         parser.error("--full-mbit must be a non-empty subset of --bandwidths-mbit")
     why = netns_cluster.netns_available()

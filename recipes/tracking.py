@@ -98,7 +98,8 @@ def _node_and_overlap(stats: dict[str, Any]) -> dict[str, Any]:
     if stats.get("node_size", 1) == 1 and not stats.get("overlap"):
         return {}
     return {"intra_bytes": stats["intra_bytes"], "intra_comm_seconds": stats["intra_comm_seconds"],
-            "comm_wait_seconds": stats["comm_wait_seconds"], "inter_collectives": stats["inter_collectives"],
+            "comm_wait_seconds": stats["comm_wait_seconds"], "view_wait_seconds": stats["view_wait_seconds"],
+            "inter_collectives": stats["inter_collectives"],
             "workers": stats["workers"]}
 
 

@@ -30,7 +30,7 @@ _COUNTERS = (
 )
 # Added with the node level and overlap: a checkpoint written before them lacks these (0 then).
 _COUNTERS_2 = ("intra_bytes", "intra_comm_seconds", "intra_collectives", "inter_collectives",
-               "comm_wait_seconds")
+               "comm_wait_seconds", "view_wait_seconds")
 
 
 class RISGDController:
@@ -63,7 +63,10 @@ class RISGDController:
         self.down_ranks: frozenset[int] = frozenset()  # in the last round
         self.rounds_down = 0
         self.intra_bytes = self.intra_collectives = self.inter_collectives = 0
-        self.intra_comm_seconds = self.comm_wait_seconds = 0.0
+        # overlap: seconds steps waited for a round at its scheduled apply step (the network was slower
+        # than the steps behind it), and seconds waited to look at an average early (averaged(),
+        # consensus(), a checkpoint)
+        self.intra_comm_seconds = self.comm_wait_seconds = self.view_wait_seconds = 0.0
         self._consensus_step = -1  # the step at which consensus() last averaged BatchNorm statistics
         # compute_seconds: each step from its forward to the end of its optimizer step, minus the
         # communication inside it. On a device whose work is done when the host call returns (the
@@ -275,17 +278,22 @@ class RISGDController:
         self.divergence = divergence
         self.divergence_sum += divergence
 
-    def _wait_pending(self) -> None:
+    def _wait_pending(self, scheduled: bool = False) -> None:
         pending = self.averager.pending
         if pending is None or pending.complete:
             return
-        self.comm_wait_seconds += self.averager.wait()
+        waited = self.averager.wait()
+        scheduled = scheduled and pending.apply_step == self.steps
+        if scheduled:
+            self.comm_wait_seconds += waited
+        else:
+            self.view_wait_seconds += waited
         self.comm_seconds += pending.comm_seconds
         self._take_intra()
 
     def _apply_pending(self) -> None:
         t0 = time.perf_counter()
-        self._wait_pending()
+        self._wait_pending(scheduled=True)
         self._round_result(self.averager.apply().divergence)
         self.average_seconds += time.perf_counter() - t0
 
