@@ -130,6 +130,7 @@ class BucketAverager:
         self._flat_buckets = [s for f in self.flats for s in _slices(f.buffer, bucket_bytes)]
         self._packed: torch.Tensor | None = None
         self.pending: Pending | None = None
+        self._spare: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # overlap's buffers, reused
         self.intra_bytes = 0        # payload of intra-node collectives, since the last call of take_intra()
         self.intra_seconds = 0.0
         self.intra_collectives = 0
@@ -332,8 +333,12 @@ class BucketAverager:
         if self.pending is not None:
             raise RuntimeError("a round is still pending: apply it before starting the next")
         p = Pending(apply_step=apply_step, num_live=num_live)
-        p.sent = [f.buffer.clone() for f in self.flats]       # x at the send, buffers included
-        p.sums = [torch.empty_like(f.buffer) for f in self.flats]
+        spare, self._spare = self._spare, None  # the last round's two buffers, reused
+        if spare is None:
+            spare = ([torch.empty_like(f.buffer) for f in self.flats], [torch.empty_like(f.buffer) for f in self.flats])
+        p.sent, p.sums = spare
+        for sent, f in zip(p.sent, self.flats):
+            sent.copy_(f.buffer)  # x at the send, buffers included
         if not live:
             for s in p.sums:
                 s.zero_()
@@ -410,6 +415,7 @@ class BucketAverager:
             torch.add(s, sent, out=f.buffer)      # x̄ + progress
         self._slot.zero_()
         self.pending = None
+        self._spare = (p.sent, p.sums)
         return RoundResult(p.nbytes, p.comm_seconds, divergence)
 
     def pending_state(self) -> dict | None:
