@@ -125,6 +125,16 @@ def scenario_resume(rank: int, ckpt_dir: str, block: dict, total: int = 16, save
     return out
 
 
+def scenario_overlap_failure(rank: int, tau: int = 2) -> dict:
+    """Overlap, flat: rank 1 is down in round 1; its zero contribution is left out of the average."""
+    engine = build(ds_config({"tau": tau, "overlap": True,
+                              "failures": [{"ranks": [1], "start_round": 1, "end_round": 2}]}))
+    seen = snapshot_rounds(engine.risgd)
+    run_steps(engine, rank, range(3 * tau), record=False)
+    engine.risgd.consensus()
+    return {"rounds": seen, "final": state(engine), "stats": engine.risgd.stats()}
+
+
 def scenario_overlap(rank: int, node_size: int, tau: int = 4, delay: int = 0, rounds: int = 3) -> dict:
     """Overlapped rounds: collectives per step, each round's models around its send and its apply,
     and the model inside averaged() at each round; then consensus() at the end."""
@@ -167,6 +177,7 @@ def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
         "overlap_flat": scenario_overlap(rank, 1),
         "overlap_flat_delay": scenario_overlap(rank, 1, delay=1, rounds=2),
         "overlap_node": scenario_overlap(rank, NODE, rounds=2),
+        "overlap_failure": scenario_overlap_failure(rank),
         "resume_node": scenario_resume(rank, os.path.join(ckpt_dir, "node"), {"tau": 4, "node_size": NODE}),
         "resume_overlap": scenario_resume(rank, os.path.join(ckpt_dir, "overlap"),
                                           {"tau": 4, "overlap": True, "node_size": NODE, "tau_intra": 2}),

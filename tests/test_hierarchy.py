@@ -144,6 +144,19 @@ def test_overlap_delayed_update_against_a_single_process_reference(results, name
     assert results[0][name]["pending_step"] == rounds[0]["sent_steps"][-1] + delay
 
 
+def test_overlap_with_a_failed_rank(results):
+    rounds = [r["overlap_failure"]["rounds"] for r in results]
+    for i, live in enumerate(([0, 1, 2, 3], [0, 2, 3], [0, 1, 2, 3])):
+        sent = [rd["before"][i][0].double()[:-1] for rd in rounds]
+        mean = sum(sent[j] for j in live) / len(live)
+        for rd, x_sent in zip(rounds, sent):  # the failed rank too takes the live average
+            before = rd["applied_before"][i][0].double()[:-1]
+            after = rd["applied_after"][i][0].double()[:-1]
+            torch.testing.assert_close(after, mean + (before - x_sent), rtol=1e-6, atol=1e-6)
+    assert all(same(results[0]["overlap_failure"]["final"], r["overlap_failure"]["final"]) for r in results[1:])
+    assert [r["overlap_failure"]["stats"]["rounds_down"] for r in results] == [0, 1, 0, 0]
+
+
 @pytest.mark.parametrize("name", ["overlap_flat", "overlap_flat_delay", "overlap_node"])
 def test_overlap_averaged_view_changes_nothing_and_consensus_ends_identical(results, name):
     runs = [r[name] for r in results]
