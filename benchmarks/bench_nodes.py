@@ -1,7 +1,7 @@
 """Cluster-shaped RI-SGD on 2 test hosts x 2 ranks: flat vs node-level hierarchy, each with and
 without overlapped averaging, on shaped links; next to the cost model.
 
-    sudo .venv/bin/python benchmarks/bench_bandwidth.py --nodes          # about 35 min on 2 cores
+    sudo .venv/bin/python benchmarks/bench_bandwidth.py --nodes          # about 27 min on 2 cores
     sudo .venv/bin/python benchmarks/bench_bandwidth.py --nodes --seeds 0 --bandwidths-mbit 10
 
 Every launch is real: ``hosts.netns_cluster`` builds 2 network namespaces joined by veth links
