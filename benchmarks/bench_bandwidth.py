@@ -45,9 +45,8 @@ import os
 import sys
 import time
 
-from risgd_data.index import load_index
-from risgd_data.make_shards import make_shards
-from risgd_data.manifest import build_manifest, write_manifest
+from sweep_data import digits_shards, label_sorted_manifest, mbytes_s
+
 from risgd_ext.cost_model import predict_run_seconds, ring_seconds
 from risgd_hosts import netns_cluster
 
@@ -69,25 +68,13 @@ def slug(label: str) -> str:
     return label.lower().replace(" ", "-").replace("=", "")
 
 
-def mbytes_s(mbit: float) -> float:
-    return mbit * 1e6 / 8
-
-
 # -- running ---------------------------------------------------------------------------------------
 
 def prepare_data(out: str) -> tuple[str, dict[float, str]]:
     """Digits shards and one redundancy manifest per mu (label-sorted, 4 workers)."""
-    shards = os.path.join(out, "shards")
-    if not os.path.exists(os.path.join(shards, "index.json")):
-        make_shards("digits", shards, seed=0, progress=False)
-    index = load_index(shards)
-    manifests = {}
-    for mu in sorted({mu for _, _, mu, _ in ALGORITHMS}):
-        path = os.path.join(out, f"manifest-mu{mu:g}.yaml")
-        if not os.path.exists(path):
-            write_manifest(build_manifest(index, HOSTS, mu, partition="label_sorted", seed=0), path)
-        manifests[mu] = path
-    return shards, manifests
+    shards, index = digits_shards(out)
+    return shards, {mu: label_sorted_manifest(index, os.path.join(out, f"manifest-mu{mu:g}.yaml"), HOSTS, mu)
+                    for mu in sorted({mu for _, _, mu, _ in ALGORITHMS})}
 
 
 def run_one(out: str, label: str, mbit: float, steps: int, tau: int, shards: str, manifests: dict) -> str:

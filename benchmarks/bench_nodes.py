@@ -45,10 +45,8 @@ import statistics
 import time
 
 import yaml
+from sweep_data import digits_shards, label_sorted_manifest, mbytes_s
 
-from risgd_data.index import load_index
-from risgd_data.make_shards import make_shards
-from risgd_data.manifest import build_manifest, write_manifest
 from risgd_ext.cost_model import predict_hierarchical_run_seconds
 from risgd_hosts import netns_cluster
 
@@ -75,23 +73,11 @@ def slug(label: str) -> str:
     return label.replace(" ", "-").replace("=", "").replace("+", "")
 
 
-def mbytes_s(mbit: float) -> float:
-    return mbit * 1e6 / 8
-
-
 def prepare_data(out: str) -> tuple[str, dict[int, str]]:
     """Digits shards and the label-sorted mu=0.25 manifests: per rank (4 workers) and per node (2)."""
-    shards = os.path.join(out, "shards")
-    if not os.path.exists(os.path.join(shards, "index.json")):
-        make_shards("digits", shards, seed=0, progress=False)
-    index = load_index(shards)
-    manifests = {}
-    for workers in (HOSTS * PER_HOST, HOSTS):
-        path = os.path.join(out, f"manifest-{workers}workers-mu0.25.yaml")
-        if not os.path.exists(path):
-            write_manifest(build_manifest(index, workers, 0.25, partition="label_sorted", seed=0), path)
-        manifests[workers] = path
-    return shards, manifests
+    shards, index = digits_shards(out)
+    return shards, {w: label_sorted_manifest(index, os.path.join(out, f"manifest-{w}workers-mu0.25.yaml"), w, 0.25)
+                    for w in (HOSTS * PER_HOST, HOSTS)}
 
 
 def run_name(label: str, seed: int, mbit: float, kind: str) -> str:

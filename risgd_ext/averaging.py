@@ -176,6 +176,14 @@ class BucketAverager:
         for s in segments:
             s.div_(topo.node_size)
 
+    def _within_node(self, bufs: list[torch.Tensor], node_sum: bool) -> None:
+        """A hierarchical round's first phase: sum everything inside the node (its ranks differ), or
+        only bring the BatchNorm statistics to the node's mean (a synchronous node)."""
+        if node_sum:
+            self._node_sum(bufs)
+        else:
+            self._node_mean_buffers(bufs)
+
     def _cross(self, bufs: list[torch.Tensor], async_op: bool) -> list:
         """All-reduce ``bufs`` between nodes (flat: between ranks); returns the works if ``async_op``."""
         topo = self.topology
@@ -219,10 +227,7 @@ class BucketAverager:
             self.inter_collectives += len(buckets)
             self._synchronize()
             return time.perf_counter() - t0
-        if node_sum:
-            self._node_sum(bufs)
-        else:
-            self._node_mean_buffers(bufs)
+        self._within_node(bufs, node_sum)
         t0 = time.perf_counter()
         self._cross(bufs, async_op=False)
         self._synchronize()
@@ -353,10 +358,7 @@ class BucketAverager:
                 p.sums[0][-1:].zero_()
         p.nbytes = self.round_bytes(p.sums)
         if self.topology is not None:  # the fast link, blocking: only the slow part is overlapped
-            if node_sum:
-                self._node_sum(p.sums)
-            else:
-                self._node_mean_buffers(p.sums)
+            self._within_node(p.sums, node_sum)
         self._synchronize()
         p.started = time.perf_counter()
         p.works = self._cross(p.sums, async_op=True)

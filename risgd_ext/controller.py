@@ -131,7 +131,7 @@ class RISGDController:
             raise RuntimeError(f"consensus() at step {self.steps}, inside a round: the ranks hold different "
                                "models; call it where is_average() is true")
         if self.averager is not None and self.averager.pending is not None:
-            self._apply_pending()
+            self._apply_pending(scheduled=False)
         # synchronous steps (plain DeepSpeed, warm-up) average gradients, never buffers
         sync_phase = self.cfg is None or not self.cfg.average_buffers or self.steps <= self.cfg.warmup_sync_steps
         if sync_phase and self._consensus_step != self.steps:
@@ -224,7 +224,7 @@ class RISGDController:
             self.steps_in_round += 1
             pending = self.averager.pending
             if pending is not None and pending.apply_step == self.steps:
-                self._apply_pending()
+                self._apply_pending(scheduled=True)
             if self.cfg.is_average_step(self.steps):
                 self.average()
             elif self.cfg.is_intra_average_step(self.steps):
@@ -279,11 +279,12 @@ class RISGDController:
         self.divergence_sum += divergence
 
     def _wait_pending(self, scheduled: bool = False) -> None:
+        """Wait for the round in flight; ``scheduled``: at its apply step (a wait the schedule
+        makes the steps pay), else to look at its average early."""
         pending = self.averager.pending
         if pending is None or pending.complete:
             return
         waited = self.averager.wait()
-        scheduled = scheduled and pending.apply_step == self.steps
         if scheduled:
             self.comm_wait_seconds += waited
         else:
@@ -291,9 +292,9 @@ class RISGDController:
         self.comm_seconds += pending.comm_seconds
         self._take_intra()
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self, scheduled: bool) -> None:
         t0 = time.perf_counter()
-        self._wait_pending(scheduled=True)
+        self._wait_pending(scheduled)
         self._round_result(self.averager.apply().divergence)
         self.average_seconds += time.perf_counter() - t0
 

@@ -25,24 +25,36 @@ COLLECTIVES = (
 
 
 @contextlib.contextmanager
-def count_collectives():
-    """Count calls of every torch.distributed collective (DeepSpeed's comm layer calls these too)."""
-    counts: dict[str, int] = {}
-    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+def observe_collectives(names, on_call):
+    """Call ``on_call(name, args, kwargs)`` before every call of the named torch.distributed
+    functions (DeepSpeed's comm layer calls these too), inside the block."""
+    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
     def wrap(name, fn):
-        def counted(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
+        def observed(*args, **kwargs):
+            on_call(name, args, kwargs)
             return fn(*args, **kwargs)
-        return counted
+        return observed
 
     for name, fn in originals.items():
         setattr(dist, name, wrap(name, fn))
     try:
-        yield counts
+        yield
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+
+
+@contextlib.contextmanager
+def count_collectives():
+    """Count calls of every torch.distributed collective."""
+    counts: dict[str, int] = {}
+
+    def count(name, args, kwargs):
+        counts[name] = counts.get(name, 0) + 1
+
+    with observe_collectives(COLLECTIVES, count):
+        yield counts
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from tests.engine_workers import build, ds_config, state, train_step
+from tests.engine_workers import build, ds_config, observe_collectives, state, train_step
 
 NODE = 2  # ranks per node
 
@@ -19,24 +19,15 @@ def record_collectives():
     """Record every all_reduce / broadcast / all_gather / barrier with the global ranks of its group
     and its async_op flag (False: the call blocks until the collective is done)."""
     calls: list[tuple[str, tuple[int, ...], bool]] = []
-    originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast", "all_gather", "barrier")}
 
-    def wrap(name, fn):
-        def recorded(*args, **kwargs):
-            group = kwargs.get("group")
-            ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(
-                range(dist.get_world_size()))
-            calls.append((name, ranks, bool(kwargs.get("async_op", False))))
-            return fn(*args, **kwargs)
-        return recorded
+    def record(name, args, kwargs):
+        group = kwargs.get("group")
+        ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(
+            range(dist.get_world_size()))
+        calls.append((name, ranks, bool(kwargs.get("async_op", False))))
 
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
+    with observe_collectives(("all_reduce", "broadcast", "all_gather", "barrier"), record):
         yield calls
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def level(ranks: tuple[int, ...]) -> str:
@@ -67,9 +58,9 @@ def snapshot_rounds(ctl) -> dict:
         average()
         seen["after"].append(snap())
 
-    def wrapped_apply():
+    def wrapped_apply(scheduled: bool):
         seen["applied_before"].append(snap())
-        apply()
+        apply(scheduled)
         seen["applied_after"].append(snap())
 
     ctl.average, ctl._apply_pending = wrapped_average, wrapped_apply
