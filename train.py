@@ -70,13 +70,13 @@ def load_plan(path: str | None) -> list[list[str]]:
 # -- set-up ----------------------------------------------------------------------------------------
 
 def check_model(name: str) -> None:
-    import timm
+    """The recipe's model name, checked by the model registry's own check (one line on failure)."""
+    import risgd_models  # registers the CIFAR ResNets in timm
 
-    import risgd_models  # noqa: F401  (registers the CIFAR ResNets in timm)
-
-    if not timm.is_model(name):
-        raise RecipeError(f"unknown model '{name}': use resnet8_digits, resnet20_cifar, resnet44_cifar, "
-                          "resnet56_cifar or a timm model name (timm.list_models())")
+    try:
+        risgd_models.check_model(name)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 def make_shards_if_missing(cfg: dict) -> None:
@@ -203,7 +203,7 @@ def train(run: Run) -> None:
             model = model.to(memory_format=torch.channels_last)
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=run.ds_config)
+                                                       config=run.ds_config, risgd=run.schedule)
         client = {}
         if os.path.exists(os.path.join(ckpt_dir, "latest")):
             _, client = engine.load_checkpoint(ckpt_dir)

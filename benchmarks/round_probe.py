@@ -3,7 +3,7 @@
     deepspeed --num_gpus 4 benchmarks/round_probe.py --out probe.json     # or under hosts.netns_cluster
 
 Builds the model train.py builds for the digits recipe and averages it with the engine's own
-``BucketAverager`` (the code path of an RI-SGD round: parameters and BatchNorm buffers in one flat
+``risgd_ext.round.Averaging`` (the code path of an RI-SGD round: parameters and BatchNorm buffers in one flat
 buffer, one in-place all_reduce per bucket, divergence measured). A barrier precedes every timed
 collective, so the time is the collective's own and not the wait for a rank still computing, which
 a round inside training also contains. The latency L of the alpha-beta model is a one-float
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     import risgd_models as models
-    from risgd_ext.averaging import BucketAverager
+    from risgd_common.layout import Layout
+    from risgd_ext.round import Averaging, Live
 
     dist.init_process_group("gloo")
     n = dist.get_world_size()
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(1 + dist.get_rank())  # then ranks drift apart, as they do before a round
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [b for b in model.buffers() if b.is_floating_point()]
-    averager = BucketAverager(params, buffers, int(args.bucket_mb * 2**20))
+    averaging = Averaging.build(params, buffers, int(args.bucket_mb * 2**20), Layout(n), dist.get_rank())
+    everyone = Live.without(frozenset(), n)
 
     tiny = torch.zeros(1)
     pings = []
@@ -54,16 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         pings.append(time.perf_counter() - t0)
     # Rounds and plain all_reduces of the same bytes alternate, so both see the same conditions;
     # what a round adds on top of the plain collective is the engine's own work.
-    flat = torch.cat([f.buffer for f in averager.flats])
+    flat = torch.cat(averaging.model.buffers)
     rounds, raw, nbytes = [], [], 0
     for _ in range(args.rounds + 1):  # the first of each is a warm-up
         for p in params:
             p.data.add_(torch.randn_like(p), alpha=1e-3)  # a fresh local step's worth of drift
         dist.barrier()
         t0 = time.perf_counter()
-        result = averager.average(True, n)
+        r = averaging.round(everyone)
+        sent, _, _ = r.start(), r.wait(), r.apply()
         rounds.append(time.perf_counter() - t0)
-        nbytes = result.bytes_reduced
+        nbytes = sent.bytes_sent
         dist.barrier()
         t0 = time.perf_counter()
         dist.all_reduce(flat)

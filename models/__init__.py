@@ -7,6 +7,6 @@ floating-point buffers), the number the cost model takes (``--model-bytes``).
 """
 
 from . import cifar_resnet  # noqa: F401  (registers the models)
-from .factory import create_model, model_bytes
+from .factory import check_model, create_model, model_bytes
 
-__all__ = ["create_model", "model_bytes"]
+__all__ = ["check_model", "create_model", "model_bytes"]

@@ -6,7 +6,8 @@ import timm
 import torch
 
 
-def _check_name(name: str) -> None:
+def check_model(name: str) -> None:
+    """Refuse a model name neither timm nor risgd_models registered (one line, ValueError)."""
     if not timm.is_model(name):
         raise ValueError(f"unknown model '{name}': use resnet8_digits, resnet20_cifar, resnet44_cifar, "
                          "resnet56_cifar or any timm model name (timm.list_models())")
@@ -14,7 +15,7 @@ def _check_name(name: str) -> None:
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> torch.nn.Module:
     """``timm.create_model`` with a one-line error for an unknown name."""
-    _check_name(name)
+    check_model(name)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
@@ -25,7 +26,7 @@ def model_bytes(name: str) -> int:
     The number ``python -m risgd_ext.cost_model --model-bytes N`` takes for a model timm alone does
     not know (the CIFAR ResNets registered here).
     """
-    _check_name(name)
+    check_model(name)
     model = timm.create_model(name, pretrained=False)
     tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
     return 4 * sum(t.numel() for t in tensors)

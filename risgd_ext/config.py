@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from risgd_common.layout import Layout, LayoutError
 
 BLOCK = "risgd"
 
@@ -38,19 +40,75 @@ class RandomFailure:
     start_round: int = 0
 
 
+# -- validators: (key, value) -> the parsed value, or ConfigError with one line ----------------------
+_FIX = "fix it in the ds_config (or the recipe key of that name)"
+
+
+def _int(minimum: int, where: str = BLOCK):
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{where}.{key} must be an int >= {minimum}, got {value!r}: {_FIX}")
+        return value
+    return check
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{BLOCK}.{key} must be true or false, got {value!r}: {_FIX}")
+    return value
+
+
+def _positive_number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{BLOCK}.{key} must be a number > 0, got {value!r}: fix it in the ds_config")
+    return float(value)
+
+
+def _failures(key: str, value: Any) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{BLOCK}.{key} must be a list, got {value!r}")
+    return tuple(f if isinstance(f, (StaticFailure, RandomFailure)) else _parse_failure(f, i)
+                 for i, f in enumerate(value))
+
+
+def key(default: Any, check, help: str, recipe: str | None = None, **kw: Any):
+    """One engine key: its default, its validator and one line of help, declared once.
+
+    ``recipe``: whether the recipe has a key of this name, and how the ds_config writer puts it in
+    the ``risgd`` block: ``"always"``, ``"when_set"`` (only when it differs from the default, so a
+    flat run's block stays as it was before the key existed), or None (not a recipe key)."""
+    meta = {"check": check, "help": help, "recipe": recipe}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
 @dataclass(frozen=True)
 class RISGDConfig:
-    tau: int = 1
-    warmup_sync_steps: int = 0
-    average_buffers: bool = True
-    average_optimizer_state: bool = False
-    bucket_mb: float = 25.0
-    measure_divergence: bool = True
-    failures: tuple[StaticFailure | RandomFailure, ...] = field(default_factory=tuple)
-    node_size: int = 1        # ranks per node; > 1: a node is one RI-SGD worker (the hierarchy)
-    tau_intra: int = 0        # 0: a node's ranks all-reduce gradients every step; k: average every k steps
-    overlap: bool = False     # a round's all-reduce runs behind the next local steps
-    overlap_delay: int = 0    # steps after a round at which its average is applied; 0: tau (the next round)
+    """The validated ``"risgd"`` block. Each field is one key of the block (see :func:`key`)."""
+
+    tau: int = key(1, _int(1), "int >= 1: optimizer steps between parameter averages", "always")
+    warmup_sync_steps: int = key(0, _int(0), "int >= 0: fully synchronous steps before local steps start",
+                                 "always")
+    average_buffers: bool = key(True, _bool, "bool: also average BatchNorm running statistics (default true)")
+    average_optimizer_state: bool = key(False, _bool, "bool: also average optimizer state such as momentum "
+                                        "(default false)", "always")
+    bucket_mb: float = key(25.0, _positive_number, "number > 0: size of one averaging all_reduce bucket in MiB "
+                           "(default 25)")
+    measure_divergence: bool = key(True, _bool, "bool: measure the model divergence before each average "
+                                   "(default true)")
+    failures: tuple[StaticFailure | RandomFailure, ...] = key(
+        (), _failures, "list of {ranks, start_round, end_round} or {count, prob, seed, start_round} (with "
+        "node_size > 1 the entries name workers, i.e. nodes)", "always")
+    node_size: int = key(1, _int(1), "int >= 1: ranks per node; > 1 makes each node one worker, averaged across "
+                         "nodes every tau", "when_set")
+    tau_intra: int = key(0, _int(0), "int >= 0: 0 keeps a node's ranks synchronous (gradient all-reduce in the "
+                         "node every step); k >= 1 averages parameters inside the node every k steps (tau must "
+                         "be a multiple)", "when_set")
+    overlap: bool = key(False, _bool, "bool: run each round's all-reduce behind the next local steps "
+                        "(one-round-delayed averaging)", "when_set")
+    overlap_delay: int = key(0, _int(0), "int >= 0: with overlap, steps after a round at which its average is "
+                             "applied (0: tau)", "when_set")
 
     @property
     def bucket_bytes(self) -> int:
@@ -67,8 +125,8 @@ class RISGDConfig:
         return self.overlap_delay or self.tau
 
     def workers(self, world_size: int) -> int:
-        """RI-SGD workers: ranks, or nodes with the hierarchy."""
-        return world_size // self.node_size
+        """RI-SGD workers of ``world_size`` ranks (the :class:`~risgd_common.layout.Layout`'s)."""
+        return Layout(world_size, self.node_size).workers
 
     def is_intra_average_step(self, step: int) -> bool:
         """Whether step ``step`` ends with an average inside each node only (``tau_intra`` > 0)."""
@@ -88,42 +146,43 @@ class RISGDConfig:
         return below, below + self.tau
 
 
-_KEYS = {
-    "tau": "int >= 1: optimizer steps between parameter averages",
-    "warmup_sync_steps": "int >= 0: fully synchronous steps before local steps start",
-    "average_buffers": "bool: also average BatchNorm running statistics (default true)",
-    "average_optimizer_state": "bool: also average optimizer state such as momentum (default false)",
-    "bucket_mb": "number > 0: size of one averaging all_reduce bucket in MiB (default 25)",
-    "measure_divergence": "bool: measure the model divergence before each average (default true)",
-    "failures": "list of {ranks, start_round, end_round} or {count, prob, seed, start_round} (with node_size > 1 "
-                "the entries name workers, i.e. nodes)",
-    "node_size": "int >= 1: ranks per node; > 1 makes each node one worker, averaged across nodes every tau",
-    "tau_intra": "int >= 0: 0 keeps a node's ranks synchronous (gradient all-reduce in the node every step); "
-                 "k >= 1 averages parameters inside the node every k steps (tau must be a multiple)",
-    "overlap": "bool: run each round's all-reduce behind the next local steps (one-round-delayed averaging)",
-    "overlap_delay": "int >= 0: with overlap, steps after a round at which its average is applied (0: tau)",
-}
-_STATIC_KEYS = {"ranks", "start_round", "end_round"}
-_RANDOM_KEYS = {"count", "prob", "seed", "start_round"}
-
-
+KEYS = {f.name: f for f in fields(RISGDConfig)}
 _DEFAULTS = RISGDConfig()
 
 
-def _int(block: dict, key: str, default: int, minimum: int, where: str = BLOCK) -> int:
-    value = block.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}.{key} must be an int >= {minimum}, got {value!r}: fix it in the ds_config "
-                          "(or the recipe key of that name)")
-    return value
+def engine_keys_help() -> dict[str, str]:
+    """Key -> its one line of help, in declaration order."""
+    return {name: f.metadata["help"] for name, f in KEYS.items()}
 
 
-def _bool(block: dict, key: str, default: bool) -> bool:
-    value = block.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{BLOCK}.{key} must be true or false, got {value!r}: fix it in the ds_config "
-                          "(or the recipe key of that name)")
-    return value
+def recipe_keys() -> dict[str, Any]:
+    """The engine keys a recipe has, with their defaults (lists for tuples: YAML's type)."""
+    return {name: list(getattr(_DEFAULTS, name)) if isinstance(getattr(_DEFAULTS, name), tuple)
+            else getattr(_DEFAULTS, name) for name, f in KEYS.items() if f.metadata["recipe"]}
+
+
+def block_from_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """The ``risgd`` block entries a recipe's engine keys write (see :func:`key`'s ``recipe``)."""
+    out = {}
+    for name, f in KEYS.items():
+        rule = f.metadata["recipe"]
+        if rule == "always" or (rule == "when_set" and values[name] != getattr(_DEFAULTS, name)):
+            out[name] = values[name]
+    return out
+
+
+def keys_table() -> str:
+    """The README's table of the ``risgd`` block, made from the declarations."""
+    rows = ["| key | default | recipe key | what |", "|---|---|---|---|"]
+    for name, f in KEYS.items():
+        default = getattr(_DEFAULTS, name)
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        rows.append(f"| `{name}` | `{shown}` | {'yes' if f.metadata['recipe'] else 'no'} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+_STATIC_KEYS = {"ranks", "start_round", "end_round"}
+_RANDOM_KEYS = {"count", "prob", "seed", "start_round"}
 
 
 def _parse_failure(entry: Any, i: int) -> StaticFailure | RandomFailure:
@@ -139,52 +198,36 @@ def _parse_failure(entry: Any, i: int) -> StaticFailure | RandomFailure:
             isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks
         ):
             raise ConfigError(f"{where}.ranks must be a non-empty list of rank numbers, got {ranks!r}")
-        start = _int(entry, "start_round", 0, 0, where)
+        start = _int(0, where)("start_round", entry.get("start_round", 0))
         end = entry.get("end_round")
         if end is not None:
-            end = _int(entry, "end_round", 0, start + 1, where)
+            end = _int(start + 1, where)("end_round", end)
         return StaticFailure(tuple(sorted(set(ranks))), start, end)
     if "count" in entry:
         unknown = set(entry) - _RANDOM_KEYS
         if unknown:
             raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}: allowed {sorted(_RANDOM_KEYS)}")
-        count = _int(entry, "count", 1, 1, where)
+        count = _int(1, where)("count", entry.get("count", 1))
         prob = entry.get("prob")
         if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
             raise ConfigError(f"{where}.prob must be a probability in [0, 1], got {prob!r}")
-        seed = _int(entry, "seed", 0, 0, where)
-        return RandomFailure(count, float(prob), seed, _int(entry, "start_round", 0, 0, where))
+        seed = _int(0, where)("seed", entry.get("seed", 0))
+        return RandomFailure(count, float(prob), seed, _int(0, where)("start_round", entry.get("start_round", 0)))
     raise ConfigError(f"{where} needs either 'ranks' (fixed failures) or 'count' and 'prob' (random failures)")
 
 
 def parse_block(block: Any) -> RISGDConfig:
-    """Validate a ``"risgd"`` block; raise :class:`ConfigError` with a one-line message."""
+    """Validate a ``"risgd"`` block; raise :class:`ConfigError` with a one-line message. An already
+    validated :class:`RISGDConfig` is returned as it is."""
+    if isinstance(block, RISGDConfig):
+        return block
     if not isinstance(block, dict):
         raise ConfigError(f"the '{BLOCK}' block must be a JSON object, got {type(block).__name__}")
-    unknown = sorted(set(block) - set(_KEYS))
+    unknown = sorted(set(block) - set(KEYS))
     if unknown:
-        allowed = ", ".join(sorted(_KEYS))
+        allowed = ", ".join(sorted(KEYS))
         raise ConfigError(f"unknown key(s) {unknown} in the '{BLOCK}' block: allowed keys are {allowed}")
-    bucket_mb = block.get("bucket_mb", _DEFAULTS.bucket_mb)
-    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or bucket_mb <= 0:
-        raise ConfigError(f"{BLOCK}.bucket_mb must be a number > 0, got {bucket_mb!r}: fix it in the ds_config")
-    failures = block.get("failures", [])
-    if not isinstance(failures, list):
-        raise ConfigError(f"{BLOCK}.failures must be a list, got {failures!r}")
-    d = _DEFAULTS
-    cfg = RISGDConfig(
-        tau=_int(block, "tau", d.tau, 1),
-        warmup_sync_steps=_int(block, "warmup_sync_steps", d.warmup_sync_steps, 0),
-        average_buffers=_bool(block, "average_buffers", d.average_buffers),
-        average_optimizer_state=_bool(block, "average_optimizer_state", d.average_optimizer_state),
-        bucket_mb=float(bucket_mb),
-        measure_divergence=_bool(block, "measure_divergence", d.measure_divergence),
-        failures=tuple(_parse_failure(f, i) for i, f in enumerate(failures)),
-        node_size=_int(block, "node_size", d.node_size, 1),
-        tau_intra=_int(block, "tau_intra", d.tau_intra, 0),
-        overlap=_bool(block, "overlap", d.overlap),
-        overlap_delay=_int(block, "overlap_delay", d.overlap_delay, 0),
-    )
+    cfg = RISGDConfig(**{name: f.metadata["check"](name, block[name]) for name, f in KEYS.items() if name in block})
     _check_combinations(cfg)
     return cfg
 
@@ -228,14 +271,21 @@ def check_deepspeed_config(ds_config: dict) -> None:
         raise ConfigError("pipeline parallelism is not supported with the 'risgd' block: remove one of them")
 
 
+def check_layout(node_size: int, world_size: int) -> Layout:
+    """The run's :class:`~risgd_common.layout.Layout`, or one line saying why there is none."""
+    try:
+        return Layout(world_size, node_size)
+    except LayoutError:
+        raise ConfigError(f"{BLOCK}.node_size={node_size} does not divide the {world_size} ranks: set it to the "
+                          "ranks per node (the launcher's --num_gpus / slots)") from None
+
+
 def check_world(cfg: RISGDConfig, world_size: int) -> None:
     """Checks that need the world size (known only once the process group exists)."""
-    if world_size % cfg.node_size:
-        raise ConfigError(f"{BLOCK}.node_size={cfg.node_size} does not divide the {world_size} ranks: set it to the "
-                          "ranks per node (the launcher's --num_gpus / slots)")
+    layout = check_layout(cfg.node_size, world_size)
     unit = "ranks"
     if cfg.hierarchical:  # failures name workers (nodes), checked against their number
-        world_size, unit = cfg.workers(world_size), "workers (nodes)"
+        world_size, unit = layout.workers, "workers (nodes)"
     for i, failure in enumerate(cfg.failures):
         where = f"{BLOCK}.failures[{i}]"
         if isinstance(failure, StaticFailure):
@@ -264,12 +314,13 @@ def load_ds_config(config: str | os.PathLike | dict | None) -> dict | None:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON ({e}): fix the file") from None
 
 
-def split_config(ds_config: dict) -> tuple[dict, RISGDConfig | None]:
-    """Return (the config DeepSpeed sees, the validated risgd block or None)."""
+def split_config(ds_config: dict, validated: RISGDConfig | None = None) -> tuple[dict, RISGDConfig | None]:
+    """Return (the config DeepSpeed sees, the validated risgd block or None). ``validated``: the
+    block as already validated (by the recipe config), taken instead of parsing it again."""
     ds_config = dict(ds_config)
     block = ds_config.pop(BLOCK, None)
-    if block is None:
+    if block is None and validated is None:
         return ds_config, None
-    cfg = parse_block(block)
+    cfg = validated if validated is not None else parse_block(block)
     check_deepspeed_config(ds_config)
     return ds_config, cfg

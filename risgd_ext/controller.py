@@ -1,8 +1,24 @@
 """The RI-SGD / local-SGD schedule on top of a DeepSpeed engine, and its accounting.
 
 The controller decides, after each optimizer step, whether the next step all-reduces gradients
-(warm-up), runs locally, or closes a round with a parameter average. It keeps the counters that
-train.py logs and that a checkpoint must carry.
+(warm-up), runs locally, closes a round, or averages inside each node only. It keeps the counters
+that train.py logs and that a checkpoint must carry. What a round does is the round's business
+(:mod:`risgd_ext.round`); the controller says when, over which live workers, and adds up the
+reports the round's phases return.
+
+One step with ``overlap`` (tau=4, delay 4), from ``engine.step()`` to the applied average:
+
+1. ``engine.step()`` takes the optimizer step and calls :meth:`RISGDController.after_optimizer_step`.
+2. Step 8 closes round 1 (``cfg.is_average_step``): :meth:`average` asks the failure schedule for
+   the live workers, makes ``averaging.round(live, apply_step=8 + 4)``, and ``start()`` copies
+   ``x``, fills ``x - a`` and launches the cross-node all-reduces; training goes on.
+3. Steps 9-11 are local; the sum travels behind them.
+4. At step 12 the round in flight is due (``in_flight.apply_step == 12``): ``wait()`` (the
+   seconds it blocks are ``comm_wait_seconds``), then ``apply()``: ``x <- x̄ + (x - x_sent)``
+   and ``a <- x̄``; then round 2 starts at the same step.
+
+``averaged()`` at step 8 would ``wait()`` early and show ``x̄`` through ``viewed()``, putting the
+local model back afterwards.
 """
 
 from __future__ import annotations
@@ -17,10 +33,14 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from .averaging import BucketAverager, GradientAverager
+from risgd_common.layout import Layout
+
 from .config import RISGDConfig, check_world
-from .failures import failed_ranks
-from .topology import Topology, build_topology
+from .failures import failed_workers
+from .flat import FlatModel
+from .reduce import GradientAverager, Traffic
+from .round import Averaging, Live, Round, RoundReport
+from .topology import NodeGroups, build_node_groups
 
 # Counters carried by checkpoints, in the order stats() reports them.
 _COUNTERS = (
@@ -45,16 +65,17 @@ class RISGDController:
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         if cfg is not None:
             check_world(cfg, self.world_size)
-        self.node_size = cfg.node_size if cfg is not None else 1
-        self.workers = self.world_size // self.node_size
-        self.worker = self.rank // self.node_size  # with the hierarchy, a worker is a node
-        self.topology: Topology | None = None
+        self.layout = Layout(self.world_size, cfg.node_size if cfg is not None else 1)
+        self.node_size = self.layout.node_size
+        self.worker = self.layout.worker_of(self.rank)  # with the node level, a worker is a node
+        self.nodes: NodeGroups | None = None
         if cfg is not None and cfg.hierarchical:
             if self.world_size != dist.get_world_size():
                 raise ValueError("node_size > 1 needs the data-parallel group to be the whole world")
-            self.topology = build_topology(cfg.node_size)
+            self.nodes = build_node_groups(self.layout, self.rank)
         self._accelerator = get_accelerator()
-        self.averager: BucketAverager | None = None
+        self.averaging: Averaging | None = None
+        self.in_flight: Round | None = None  # an overlapped round between its start and its apply
         self.steps = self.sync_steps = self.local_steps = 0
         self.rounds = self.steps_in_round = self.bytes_allreduced = 0
         self.comm_seconds = self.average_seconds = self.compute_seconds = 0.0
@@ -77,17 +98,25 @@ class RISGDController:
         self._event_cls = None if self._accelerator.is_synchronized_device() else self._accelerator.Event
         self._step_started: Any = None  # perf_counter() or an event
         self._comm_in_step = 0.0
-        self._pending: deque = deque()  # (start event, end event, communication seconds inside)
+        self._pending: deque = deque()  # step timing events: (start event, end event, communication seconds inside)
         self._free_events: list = []
         engine.enable_backward_allreduce = self.next_step_is_sync()
         if cfg is not None:
             buffers = [b for b in engine.module.buffers() if b.is_floating_point()] if cfg.average_buffers else []
-            self.averager = BucketAverager(self.params(), buffers, cfg.bucket_bytes, self.group,
-                                           self.synchronize, cfg.measure_divergence, self.topology)
+            # a node's ranks differ at a round when they average among themselves every tau_intra steps
+            self.averaging = Averaging.build(self.params(), buffers, cfg.bucket_bytes, self.layout, self.rank,
+                                             self.group, self.nodes, self.synchronize,
+                                             node_sum=cfg.hierarchical and cfg.tau_intra > 0,
+                                             measure_divergence=cfg.measure_divergence)
         self.grad_averager: GradientAverager | None = None
-        if self.topology is not None and cfg.tau_intra == 0:
-            self.grad_averager = GradientAverager(self.params(), self.topology.node_group, cfg.node_size,
+        if self.nodes is not None and cfg.tau_intra == 0:
+            self.grad_averager = GradientAverager(self.params(), self.nodes.node_group, cfg.node_size,
                                                   cfg.bucket_bytes, self.synchronize)
+
+    @property
+    def model(self) -> FlatModel | None:
+        """The flat model the rounds average (None: plain DeepSpeed)."""
+        return self.averaging.model if self.averaging is not None else None
 
     # -- what is averaged ---------------------------------------------------------------------
     def params(self) -> list[torch.Tensor]:
@@ -130,7 +159,7 @@ class RISGDController:
         if not self.is_average():
             raise RuntimeError(f"consensus() at step {self.steps}, inside a round: the ranks hold different "
                                "models; call it where is_average() is true")
-        if self.averager is not None and self.averager.pending is not None:
+        if self.in_flight is not None:
             self._apply_pending(scheduled=False)
         # synchronous steps (plain DeepSpeed, warm-up) average gradients, never buffers
         sync_phase = self.cfg is None or not self.cfg.average_buffers or self.steps <= self.cfg.warmup_sync_steps
@@ -145,24 +174,15 @@ class RISGDController:
         evaluate it), and training goes on afterwards exactly as if nothing had been looked at.
 
         Without overlap this is :meth:`consensus`. With overlap the round that closed at this step
-        is waited for (the only wait it adds) and its average is swapped into the model, then the
-        local model is put back: its average is applied at the step the schedule says.
+        is waited for (the only wait it adds) and shown through its ``viewed()``; the local model
+        is put back after, and the average is applied at the step the schedule says.
         """
-        pending = self.averager.pending if self.averager is not None else None
-        if pending is None or not self.is_average():
+        if self.in_flight is None or not self.is_average():
             yield self.consensus()
             return
         self._wait_pending()
-        view = self.averager.average_view()
-        flats = [f.buffer for f in self.averager.flats]
-        stash = [f.clone() for f in flats]
-        for f, v in zip(flats, view):
-            f.copy_(v)
-        try:
+        with self.in_flight.viewed():
             yield self.stats()
-        finally:
-            for f, saved in zip(flats, stash):
-                f.copy_(saved)
 
     def synchronize(self) -> None:
         # Host timers only measure device work after a synchronize (a no-op on the CPU).
@@ -222,90 +242,78 @@ class RISGDController:
         else:
             self.local_steps += 1
             self.steps_in_round += 1
-            pending = self.averager.pending
-            if pending is not None and pending.apply_step == self.steps:
+            if self.in_flight is not None and self.in_flight.apply_step == self.steps:
                 self._apply_pending(scheduled=True)
             if self.cfg.is_average_step(self.steps):
                 self.average()
             elif self.cfg.is_intra_average_step(self.steps):
-                self.averager.average_within_node()
-                self._take_intra()
+                traffic = Traffic()
+                self.averaging.reducer.node_mean(traffic)
+                self._account(RoundReport(traffic=traffic))
         if self.cfg is not None:
             if self.steps == self.cfg.warmup_sync_steps:
                 # Post-local SGD: ranks are identical after synchronous steps; measure from here.
-                self.averager.set_anchor()
+                self.model.set_anchor()
             sync = self.steps < self.cfg.warmup_sync_steps
             if sync != was_sync:  # the engine is an nn.Module: set the flag only when it changes
                 engine.enable_backward_allreduce = sync
 
-    def _down_workers(self, round_index: int) -> frozenset[int]:
-        return failed_ranks(self.cfg, round_index, self.workers)
-
-    def _ranks_of(self, workers: frozenset[int]) -> list[int]:
-        k = self.node_size
-        return sorted(r for w in workers for r in range(w * k, (w + 1) * k))
+    def live_of_round(self, round_index: int) -> Live:
+        """The workers taking part in round ``round_index``: the failure schedule's complement."""
+        return Live.without(failed_workers(self.cfg, round_index, self.layout.workers), self.layout.workers)
 
     def average(self) -> None:
-        """One averaging round over the live workers (across nodes with the hierarchy): blocking,
+        """One averaging round over the live workers (across nodes with the node level): blocking,
         or with ``overlap`` started in the background and applied ``delay`` steps later."""
         cfg = self.cfg
-        down = self._down_workers(self.rounds)
-        live = self.worker not in down
-        live_workers = self.workers - len(down)
-        # The sum holds one contribution per live rank, or per live node when a node's ranks are
-        # identical (synchronous inside) and only the cross groups reduce.
-        node_sum = cfg.hierarchical and cfg.tau_intra > 0
-        num_live = live_workers * self.node_size if (node_sum or not cfg.hierarchical) else live_workers
+        live = self.live_of_round(self.rounds)
         t0 = time.perf_counter()
         if cfg.overlap:
-            self.averager.send(live, num_live, node_sum, self.steps + cfg.delay)
-            self.bytes_allreduced += self.averager.pending.nbytes
+            if self.in_flight is not None:
+                raise RuntimeError("a round is still in flight: apply it before starting the next")
+            self.in_flight = self.averaging.round(live, apply_step=self.steps + cfg.delay)
+            self._account(self.in_flight.start())
         else:
-            result = self.averager.average(live, num_live, self.optimizer_state(), node_sum)
-            self.comm_seconds += result.comm_seconds
-            self.bytes_allreduced += result.bytes_reduced
-            self._round_result(result.divergence)
+            r = self.averaging.round(live)
+            for report in (r.start(self.optimizer_state()), r.wait(), r.apply()):
+                self._account(report)
         self.average_seconds += time.perf_counter() - t0
-        self._take_intra()
-        self.live_ranks = live_workers * self.node_size
-        self.down_ranks = frozenset(self._ranks_of(down))
-        self.rounds_down += 0 if live else 1
+        self.live_ranks = len(live.workers) * self.node_size
+        self.down_ranks = frozenset(self.layout.ranks_of_workers(live.down))
+        self.rounds_down += 0 if self.worker in live.workers else 1
         self.rounds += 1
         self.steps_in_round = 0
         self._collect_events(wait=False)  # the round waited for the device: read the steps' events
 
-    def _round_result(self, divergence: float) -> None:
-        self.divergence = divergence
-        self.divergence_sum += divergence
+    def _account(self, report: RoundReport, scheduled: bool = False) -> None:
+        """Add what one phase of a round (or an intra-node average) reported to the counters."""
+        self.bytes_allreduced += report.bytes_sent
+        self.comm_seconds += report.comm_seconds
+        if scheduled:
+            self.comm_wait_seconds += report.waited
+        else:
+            self.view_wait_seconds += report.waited
+        t = report.traffic
+        self.intra_bytes += t.intra_bytes
+        self.intra_comm_seconds += t.intra_seconds
+        self.intra_collectives += t.intra_collectives
+        self.inter_collectives += t.inter_collectives
+        if report.divergence is not None:
+            self.divergence = report.divergence
+            self.divergence_sum += report.divergence
 
     def _wait_pending(self, scheduled: bool = False) -> None:
         """Wait for the round in flight; ``scheduled``: at its apply step (a wait the schedule
         makes the steps pay), else to look at its average early."""
-        pending = self.averager.pending
-        if pending is None or pending.complete:
-            return
-        waited = self.averager.wait()
-        if scheduled:
-            self.comm_wait_seconds += waited
-        else:
-            self.view_wait_seconds += waited
-        self.comm_seconds += pending.comm_seconds
-        self._take_intra()
+        if self.in_flight is not None and not self.in_flight.complete:
+            self._account(self.in_flight.wait(), scheduled)
 
     def _apply_pending(self, scheduled: bool) -> None:
         t0 = time.perf_counter()
         self._wait_pending(scheduled)
-        self._round_result(self.averager.apply().divergence)
+        self._account(self.in_flight.apply())
+        self.in_flight = None
         self.average_seconds += time.perf_counter() - t0
-
-    def _take_intra(self) -> None:
-        a = self.averager
-        self.intra_bytes += a.intra_bytes
-        self.intra_comm_seconds += a.intra_seconds
-        self.intra_collectives += a.intra_collectives
-        self.inter_collectives += a.inter_collectives
-        a.intra_bytes = a.intra_collectives = a.inter_collectives = 0
-        a.intra_seconds = 0.0
 
     def node_gradients_due(self) -> bool:
         """Whether this optimizer step all-reduces gradients inside the node (a local step with a
@@ -358,25 +366,24 @@ class RISGDController:
         out["world_size"] = self.world_size
         out["tau"] = self.cfg.tau if self.cfg else 1
         out["node_size"] = self.node_size
-        out["workers"] = self.workers
+        out["workers"] = self.layout.workers
         out["tau_intra"] = self.cfg.tau_intra if self.cfg else 0
         out["overlap"] = bool(self.cfg and self.cfg.overlap)
         out["overlap_delay"] = self.cfg.delay if self.cfg and self.cfg.overlap else 0
         # who was down in the last round: a pure function of the schedule, so it survives a resume
         last = self.rounds - 1
-        down = self._down_workers(last) if self.cfg and last >= 0 else frozenset()
+        down = self.live_of_round(last).down if self.cfg and last >= 0 else frozenset()
         out["down_workers"] = sorted(down)
-        out["down_ranks"] = self._ranks_of(down)
+        out["down_ranks"] = self.layout.ranks_of_workers(down)
         return out
 
     def state_dict(self) -> dict[str, Any]:
         self._collect_events(wait=True)
-        if self.averager is not None:
-            self._wait_pending()  # a round in flight is saved complete: its sums, not a promise
+        self._wait_pending()  # a round in flight is saved complete: its sums, not a promise
         state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS + _COUNTERS_2}
         state["consensus_step"] = self._consensus_step
-        state["anchors"] = [a.detach().cpu() for a in self.averager.anchors] if self.averager else []
-        state["pending"] = self.averager.pending_state() if self.averager else None
+        state["anchors"] = [a.detach().cpu() for a in self.model.anchors] if self.model else []
+        state["pending"] = self.in_flight.state_dict() if self.in_flight is not None else None
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -385,11 +392,13 @@ class RISGDController:
         for k in _COUNTERS_2:
             setattr(self, k, state.get(k, 0))
         self._consensus_step = state.get("consensus_step", -1)
-        if self.averager is not None:
-            self.averager.load_pending_state(state.get("pending"))
+        saved_round = state.get("pending")
+        self.in_flight = None
+        if self.averaging is not None and saved_round is not None:
+            self.in_flight = Round.from_state(self.averaging, saved_round)
         self._pending.clear()
         self._step_started, self._comm_in_step = None, 0.0
-        if self.averager is not None:
-            for mine, saved in zip(self.averager.anchors, state["anchors"]):
+        if self.model is not None:
+            for mine, saved in zip(self.model.anchors, state["anchors"]):
                 mine.copy_(saved)
         self.engine.enable_backward_allreduce = self.next_step_is_sync()

@@ -1,7 +1,8 @@
 """Communication cost model: when do local steps pay off, and which tau to pick.
 
 The alpha-beta model of a ring all-reduce: S bytes over N ranks at link bandwidth B (bytes/s) with
-per-message latency L take ``2(N-1) L + 2(N-1)/N * S / B`` seconds (the survey in shared/papers).
+per-message latency L take ``2(N-1) L + 2(N-1)/N * S / B`` seconds (the ring model of Liu and
+Zhang's survey of distributed learning).
 A synchronous step costs compute + one all-reduce of the gradients; a local step costs compute
 alone; RI-SGD adds one all-reduce of the parameters (and BatchNorm buffers) every tau steps.
 Compute per step depends on the batch policy: ``split`` keeps the base batch (compute as SyncSGD),
@@ -42,6 +43,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
+
+from risgd_common.layout import Layout, LayoutError
 
 
 def ring_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float,
@@ -328,20 +331,22 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
         out.update(asdict(predict(compute_s, nbytes, ranks, bandwidth_gbit, latency_s, tau, target_share)))
     node_size = stats.get("node_size", 1) or 1
     if node_size > 1 or stats.get("overlap"):
-        if ranks % node_size:
-            raise ValueError(f"world_size {ranks} is not a multiple of node_size {node_size}")
+        try:
+            nodes = Layout(ranks, node_size).workers
+        except LayoutError:
+            raise ValueError(f"world_size {ranks} is not a multiple of node_size {node_size}") from None
         overlap = bool(stats.get("overlap"))
         delay = stats.get("overlap_delay")
         delay = tau if delay is None else delay
         tau_intra = stats.get("tau_intra", 0) or 0
-        out.update(node_size=node_size, nodes=ranks // node_size, tau_intra=tau_intra, overlap=overlap,
+        out.update(node_size=node_size, nodes=nodes, tau_intra=tau_intra, overlap=overlap,
                    overlap_delay=delay if overlap else None, intra_bandwidth_gbit=intra_bandwidth_gbit,
                    intra_latency_us=intra_latency_s * 1e6)
         if "comm_wait_seconds" in stats:
             out["comm_wait_s_per_step"] = stats["comm_wait_seconds"] / steps if steps else 0.0
         if "allreduce_s" in out:
             out.update(asdict(predict_hierarchical(
-                compute_s, nbytes, ranks // node_size, node_size, bandwidth_gbit, latency_s, tau, tau_intra=tau_intra,
+                compute_s, nbytes, nodes, node_size, bandwidth_gbit, latency_s, tau, tau_intra=tau_intra,
                 intra_bandwidth_gbit=intra_bandwidth_gbit, intra_latency_s=intra_latency_s, overlap=overlap,
                 overlap_delay=delay)))
     return out

@@ -21,7 +21,7 @@ from deepspeed.runtime.torch_autocast import autocast_if_enabled
 
 from risgd_common.atomic import atomic_write, write_text_atomic
 
-from .config import ConfigError, load_ds_config, split_config
+from .config import ConfigError, RISGDConfig, load_ds_config, split_config
 from .controller import RISGDController
 
 RANK_STATE = "risgd_rank{rank:05d}.pt"
@@ -280,11 +280,13 @@ def _lean_local_steps(engine: Any) -> bool:
 
 
 def initialize(args: argparse.Namespace | None = None, model: torch.nn.Module | None = None,
-               config: str | os.PathLike | dict | None = None, **kwargs: Any):
+               config: str | os.PathLike | dict | None = None, risgd: RISGDConfig | None = None, **kwargs: Any):
     """Drop-in for ``deepspeed.initialize``: same arguments, same return values.
 
     The DeepSpeed config (``config=`` or ``args.deepspeed_config``) may hold a ``"risgd"`` block;
     without one the engine is plain DeepSpeed (fully synchronous SGD) with the same accounting.
+    ``risgd=``: the block already validated (``parse_block``'s result, e.g. the recipe config's),
+    used instead of parsing the config's block again on every rank.
     """
     if config is None and args is not None and getattr(args, "deepspeed_config", None):
         config = args.deepspeed_config
@@ -293,7 +295,7 @@ def initialize(args: argparse.Namespace | None = None, model: torch.nn.Module | 
     ds_config = load_ds_config(config)
     cfg = None
     if ds_config is not None:
-        ds_config, cfg = split_config(ds_config)
+        ds_config, cfg = split_config(ds_config, risgd)
     # DeepSpeed's initial broadcast views every parameter as bytes, which needs stride 1 in the last
     # dimension: channels_last parameters (a 1x1 convolution's weight too, although it counts as
     # contiguous) go through deepspeed.initialize with standard strides and get theirs back before

@@ -1,8 +1,7 @@
-"""The node level: which ranks share a node, and the process groups of each level.
+"""The process groups of the node level, built from a :class:`~risgd_common.layout.Layout`.
 
-Ranks are numbered node by node, as the deepspeed launcher does (rank = node_rank * ranks_per_node
-+ local_rank), so node n holds ranks ``n*k .. n*k + k-1``. Two kinds of subgroups are made, each by
-every rank in the same order (``torch.distributed.new_group`` is collective):
+Two kinds of subgroups are made, each by every rank in the same order
+(``torch.distributed.new_group`` is collective):
 
 - the node group: the k ranks of one node, on the fast intra-node link;
 - the cross group of local index l: rank l of every node. A round across nodes all-reduces slice l
@@ -17,31 +16,24 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from risgd_common.layout import Layout
+
 
 @dataclass(frozen=True)
-class Topology:
-    node_size: int                 # k ranks per node
-    nodes: int                     # M nodes (= RI-SGD workers)
-    node: int                      # this rank's node
+class NodeGroups:
+    layout: Layout
     local: int                     # this rank's index in its node
-    node_ranks: tuple[int, ...]    # global ranks of this node, by local index
+    node_ranks: tuple[int, ...]    # global ranks of this rank's node, by local index
     node_group: dist.ProcessGroup
     cross_group: dist.ProcessGroup
 
-    @property
-    def leader(self) -> bool:
-        return self.local == 0
 
-
-def build_topology(node_size: int) -> Topology:
-    """Make the node and cross groups of a world of ``world_size`` ranks (collective: every rank calls)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    nodes = world // node_size
-    node_groups = [dist.new_group(list(range(n * node_size, (n + 1) * node_size))) for n in range(nodes)]
-    cross_groups = [dist.new_group([n * node_size + local for n in range(nodes)]) for local in range(node_size)]
-    node, local = divmod(rank, node_size)
-    return Topology(node_size, nodes, node, local, tuple(range(node * node_size, (node + 1) * node_size)),
-                    node_groups[node], cross_groups[local])
+def build_node_groups(layout: Layout, rank: int) -> NodeGroups:
+    """Make every node group and cross group (collective: every rank calls, in the same order)."""
+    node_groups = [dist.new_group(list(layout.ranks_of(w))) for w in range(layout.workers)]
+    cross_groups = [dist.new_group(layout.cross_ranks(local)) for local in range(layout.node_size)]
+    worker, local = layout.worker_of(rank), layout.local_of(rank)
+    return NodeGroups(layout, local, tuple(layout.ranks_of(worker)), node_groups[worker], cross_groups[local])
 
 
 def part(buf: torch.Tensor, index: int, count: int) -> torch.Tensor:

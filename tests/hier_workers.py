@@ -50,7 +50,7 @@ def snapshot_rounds(ctl) -> dict:
     average, apply = ctl.average, ctl._apply_pending
 
     def snap() -> list[torch.Tensor]:
-        return [f.buffer.detach().clone() for f in ctl.averager.flats]
+        return [f.buffer.detach().clone() for f in ctl.model.flats]
 
     def wrapped_average():
         seen["before"].append(snap())
@@ -101,7 +101,7 @@ def scenario_resume(rank: int, ckpt_dir: str, block: dict, total: int = 16, save
         train_step(straight, rank, s)
         if s + 1 == save_at:
             straight.save_checkpoint(ckpt_dir, tag="mid")
-    pending_saved = straight.risgd.averager.pending is not None
+    pending_saved = straight.risgd.in_flight is not None
     resumed = build(cfg)
     torch.manual_seed(12345)
     resumed.load_checkpoint(ckpt_dir)
@@ -148,7 +148,7 @@ def scenario_overlap(rank: int, node_size: int, tau: int = 4, delay: int = 0, ro
                                            torch.cat([v.flatten() for v in state(engine).values()
                                                       if v.is_floating_point()])))
         states.append(state(engine))
-    pending_step = ctl.averager.pending.apply_step if ctl.averager.pending else None
+    pending_step = ctl.in_flight.apply_step if ctl.in_flight else None
     stats = ctl.consensus()
     # the same run without looking at the averages: the views changed nothing
     blind = build(ds_config(block, momentum=0.9))

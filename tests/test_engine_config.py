@@ -8,7 +8,7 @@ import pytest
 
 import risgd_ext
 from risgd_ext.config import ConfigError, RandomFailure, StaticFailure, check_world, parse_block, split_config
-from risgd_ext.failures import failed_ranks
+from risgd_ext.failures import failed_workers
 
 
 @pytest.mark.parametrize("block, words", [
@@ -83,13 +83,13 @@ def test_failure_schedule():
     cfg = parse_block({"failures": [{"ranks": [2], "start_round": 3, "end_round": 5},
                                     {"count": 1, "prob": 0.5, "seed": 7, "start_round": 10}]})
     assert isinstance(cfg.failures[0], StaticFailure) and isinstance(cfg.failures[1], RandomFailure)
-    assert [failed_ranks(cfg, r, 4) for r in range(6)] == [frozenset()] * 3 + [frozenset({2})] * 2 + [frozenset()]
-    random_rounds = [failed_ranks(cfg, r, 4) for r in range(10, 210)]
+    assert [failed_workers(cfg, r, 4) for r in range(6)] == [frozenset()] * 3 + [frozenset({2})] * 2 + [frozenset()]
+    random_rounds = [failed_workers(cfg, r, 4) for r in range(10, 210)]
     hit = sum(1 for d in random_rounds if d)
     assert 60 < hit < 140  # about half the rounds, one rank each
     assert all(len(d) <= 1 for d in random_rounds)
     # a pure function of the round: a resumed run draws the same failures
-    assert random_rounds == [failed_ranks(cfg, r, 4) for r in range(10, 210)]
+    assert random_rounds == [failed_workers(cfg, r, 4) for r in range(10, 210)]
 
 
 def test_gpu_check_refuses_without_a_gpu_in_one_line():

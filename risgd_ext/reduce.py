@@ -1,0 +1,204 @@
+"""The collectives of a round: how buffers laid out as the flat model are summed over the ranks.
+
+Flat (no node level): one ``all_reduce`` per bucket-sized slice, in place, over the data-parallel
+group. With the node level a sum is hierarchical: optionally the node's ranks sum their buffers on
+the intra-node link (``node_sum``: needed when they differ; a synchronous node only brings its
+BatchNorm statistics to the node's mean), then rank l of every node all-reduces slice l in its
+cross group (the only traffic between nodes), then each slice is broadcast inside the node from
+the rank that reduced it. Every call records what it did in the :class:`Traffic` it is given.
+
+Also here: :class:`GradientAverager`, a node's per-step gradient all-reduce (``tau_intra: 0``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .flat import FlatModel
+from .topology import NodeGroups, part
+
+
+@dataclass
+class Traffic:
+    """What the collectives of one round (or one intra-node average) did on this rank."""
+
+    intra_bytes: int = 0          # payload of intra-node collectives
+    intra_seconds: float = 0.0
+    intra_collectives: int = 0
+    inter_collectives: int = 0    # collectives between nodes (flat: between ranks)
+
+
+def slices(buf: torch.Tensor, bucket_bytes: int) -> list[torch.Tensor]:
+    step = max(1, bucket_bytes // buf.element_size())
+    return [buf[i:i + step] for i in range(0, buf.numel(), step)]
+
+
+def payload_bytes(bufs: list[torch.Tensor]) -> int:
+    """Payload of one sum between nodes, per node (flat: per rank)."""
+    return sum(b.numel() * b.element_size() for b in bufs)
+
+
+class Reducer:
+    """Sums of buffers laid out as ``model``'s flat buffers (plus, flat only, extra buffers)."""
+
+    def __init__(self, model: FlatModel, bucket_bytes: int, group: dist.ProcessGroup | None = None,
+                 nodes: NodeGroups | None = None, synchronize=None):
+        self.model, self.bucket_bytes, self.group, self.nodes = model, bucket_bytes, group, nodes
+        self.synchronize = synchronize or (lambda: None)
+
+    # -- inside a node ---------------------------------------------------------------------------
+    def _node_sum(self, bufs: list[torch.Tensor], traffic: Traffic) -> None:
+        """Sum ``bufs`` over the node's ranks (intra-node link), blocking."""
+        t0 = time.perf_counter()
+        for buf in bufs:
+            for bucket in slices(buf, self.bucket_bytes):
+                dist.all_reduce(bucket, group=self.nodes.node_group)
+                traffic.intra_collectives += 1
+        self.synchronize()
+        traffic.intra_seconds += time.perf_counter() - t0
+        traffic.intra_bytes += payload_bytes(bufs)
+
+    def _node_mean_buffers(self, bufs: list[torch.Tensor], traffic: Traffic) -> None:
+        """Synchronous node: its ranks hold the same parameters but each its own BatchNorm
+        statistics; make those the node's mean (the fast link) before one rank per slice crosses."""
+        segments = [b[f.num_param_elems: f.buffer.numel() - (1 if i == 0 else 0)]
+                    for i, (b, f) in enumerate(zip(bufs, self.model.flats))]
+        segments = [s for s in segments if s.numel()]
+        if not segments:
+            return
+        self._node_sum(segments, traffic)
+        for s in segments:
+            s.div_(self.nodes.layout.node_size)
+
+    def _within_node(self, bufs: list[torch.Tensor], node_sum: bool, traffic: Traffic) -> None:
+        """A hierarchical sum's first phase: sum everything inside the node (its ranks differ), or
+        only bring the BatchNorm statistics to the node's mean (a synchronous node)."""
+        if node_sum:
+            self._node_sum(bufs, traffic)
+        else:
+            self._node_mean_buffers(bufs, traffic)
+
+    def node_mean(self, traffic: Traffic) -> None:
+        """Average the model's own buffers over the node's ranks only (the intra-node link)."""
+        bufs = self.model.buffers
+        self.synchronize()
+        self._node_sum(bufs, traffic)
+        for b in bufs:
+            b.div_(self.nodes.layout.node_size)
+
+    # -- across nodes ----------------------------------------------------------------------------
+    def _cross(self, bufs: list[torch.Tensor], async_op: bool, traffic: Traffic) -> list:
+        """All-reduce ``bufs`` between nodes (flat: between ranks); returns the works if ``async_op``."""
+        nodes = self.nodes
+        if nodes is None:
+            group, pieces = self.group, bufs
+        else:
+            k = nodes.layout.node_size
+            group, pieces = nodes.cross_group, [part(b, nodes.local, k) for b in bufs]
+        works = []
+        for piece in pieces:
+            for bucket in slices(piece, self.bucket_bytes) if piece.numel() else ():
+                works.append(dist.all_reduce(bucket, group=group, async_op=async_op))
+                traffic.inter_collectives += 1
+        return works
+
+    def spread(self, bufs: list[torch.Tensor], traffic: Traffic) -> None:
+        """Hierarchical: every rank broadcasts the slice it reduced to the rest of its node, blocking."""
+        nodes = self.nodes
+        if nodes is None or nodes.layout.node_size == 1:
+            return
+        k = nodes.layout.node_size
+        t0 = time.perf_counter()
+        for buf in bufs:
+            for j, src in enumerate(nodes.node_ranks):
+                piece = part(buf, j, k)
+                if piece.numel():
+                    dist.broadcast(piece, src=src, group=nodes.node_group)
+                    traffic.intra_collectives += 1
+                    if j != nodes.local:
+                        traffic.intra_bytes += piece.numel() * piece.element_size()
+        self.synchronize()
+        traffic.intra_seconds += time.perf_counter() - t0
+
+    # -- a whole sum -----------------------------------------------------------------------------
+    def sum(self, bufs: list[torch.Tensor], node_sum: bool, traffic: Traffic) -> float:
+        """The sum over all ranks of ``bufs``, in place, blocking; returns the seconds of the
+        collectives between nodes. Device work queued so far is the round's own, not
+        communication: it is waited for first, and the collectives are timed as a whole (one
+        synchronize before and one after, not per bucket)."""
+        self.synchronize()
+        if self.nodes is None:  # flat: one all_reduce per bucket
+            buckets = [s for b in bufs for s in slices(b, self.bucket_bytes)]
+            t0 = time.perf_counter()
+            for bucket in buckets:
+                dist.all_reduce(bucket, group=self.group)
+            traffic.inter_collectives += len(buckets)
+            self.synchronize()
+            return time.perf_counter() - t0
+        self._within_node(bufs, node_sum, traffic)
+        t0 = time.perf_counter()
+        self._cross(bufs, async_op=False, traffic=traffic)
+        self.synchronize()
+        comm = time.perf_counter() - t0
+        self.spread(bufs, traffic)
+        return comm
+
+    def start(self, bufs: list[torch.Tensor], node_sum: bool, traffic: Traffic) -> tuple[float, list]:
+        """Start the sum in the background: the intra-node phase blocks (the fast link: only the
+        slow part is overlapped), the cross-node all-reduces are launched. Returns the clock at
+        their launch and their works; :meth:`wait` for them, then :meth:`spread`."""
+        if self.nodes is not None:
+            self._within_node(bufs, node_sum, traffic)
+        self.synchronize()
+        started = time.perf_counter()
+        return started, self._cross(bufs, async_op=True, traffic=traffic)
+
+    def wait(self, works: list) -> None:
+        """Block until :meth:`start`'s works are done on this rank (and the device with them)."""
+        for work in works:
+            work.wait()
+        self.synchronize()
+
+
+class GradientAverager:
+    """All-reduce (mean) of the gradients over a group: a node's ranks, every local step.
+
+    The gradients are packed into one persistent flat buffer, reduced bucket by bucket and copied
+    back: every rank of the group then holds the same bits and takes the same optimizer step.
+    """
+
+    def __init__(self, params: list[torch.Tensor], group: dist.ProcessGroup, size: int, bucket_bytes: int,
+                 synchronize=None):
+        self.params, self.group, self.size = params, group, size
+        self._synchronize = synchronize or (lambda: None)
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.buckets = slices(self.flat, bucket_bytes)
+
+    @torch.no_grad()
+    def reduce(self) -> tuple[int, int]:
+        """Average the gradients in place; returns (payload bytes, collectives)."""
+        offset = 0
+        for p in self.params:
+            view = self.flat[offset:offset + p.numel()]
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad.reshape(-1))
+            offset += p.numel()
+        self._synchronize()
+        for bucket in self.buckets:
+            dist.all_reduce(bucket, group=self.group)
+        self.flat.div_(self.size)
+        offset = 0
+        for p in self.params:
+            view = self.flat[offset:offset + p.numel()].view(p.shape)
+            if p.grad is None:
+                p.grad = view.clone(memory_format=torch.preserve_format)
+            else:
+                p.grad.copy_(view)
+            offset += p.numel()
+        return self.flat.numel() * self.flat.element_size(), len(self.buckets)

@@ -1,0 +1,302 @@
+"""One averaging round, its whole life in one place: send, wait, apply, view, state.
+
+A round is made by :meth:`Averaging.round` with the set of live workers (:class:`Live`: from the
+failure schedule today; from a rendezvous once membership is elastic) and, for an overlapped
+round, the optimizer step at which its average is applied:
+
+- :meth:`Round.start` fills what the round sends (seam 1, :class:`Displacement`: the fp32
+  displacement ``x - a`` from the anchor, plus the float buffers and ``||x - a||²``; a rank of a
+  down worker sends zeros) and, overlapped, launches its collectives in the background;
+- :meth:`Round.wait` completes the sum (blocking: runs it whole);
+- :meth:`Round.apply` turns the sum into the new model (seam 2: :data:`REPLACE`, the average
+  replaces the model; overlapped, :data:`KEEP_PROGRESS`, ``x <- x̄ + (x - x_sent)``) and moves the
+  anchor;
+- :meth:`Round.viewed` shows the averaged model without changing anything (``averaged()``);
+- :meth:`Round.state_dict` / :meth:`Round.from_state`: a round in flight in a checkpoint.
+
+Every phase returns a :class:`RoundReport` of what it did (bytes, seconds, collectives, the
+divergence); the controller adds them up. Nothing is read out of the round afterwards.
+
+A blocking round reduces the model's own flat buffers in place (no copy); an overlapped round
+reduces a pair of scratch buffers while the model trains on, and is applied at a step the schedule
+fixes, never when the network finished, so the trajectory does not depend on the link.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from risgd_common.layout import Layout
+
+from .flat import FlatModel
+from .reduce import Reducer, Traffic, payload_bytes
+
+
+@dataclass(frozen=True)
+class Live:
+    """The workers that take part in a round, out of ``total``."""
+
+    workers: frozenset[int]
+    total: int
+
+    @classmethod
+    def without(cls, down: frozenset[int], total: int) -> Live:
+        return cls(frozenset(range(total)) - down, total)
+
+    @property
+    def down(self) -> frozenset[int]:
+        return frozenset(range(self.total)) - self.workers
+
+
+@dataclass
+class RoundReport:
+    """What one phase of a round did on this rank."""
+
+    bytes_sent: int = 0          # payload between nodes (flat: between ranks)
+    comm_seconds: float = 0.0    # the collectives between nodes
+    waited: float = 0.0          # seconds this rank blocked for an overlapped round's sum
+    divergence: float | None = None  # set by apply: mean_j ||x_j - x̄||² / ||x̄||² (nan: not measured)
+    traffic: Traffic = field(default_factory=Traffic)
+
+
+# -- seam 1: what a round sends ------------------------------------------------------------------
+class Displacement:
+    """The fp32 displacement from the anchor, ``d = x - a``, with the float buffers as they are and
+    ``||d||²`` in the slot (when the divergence is measured). A rank of a down worker sends zeros
+    (weight 0). Blocking and unmeasured, the model itself is sent in place (its mean equals
+    ``a + mean_j d_j`` in exact arithmetic and saves the anchor's passes)."""
+
+    def fill_in_place(self, model: FlatModel, live_here: bool, measure: bool) -> None:
+        """The payload written over the model's own buffers (a blocking round)."""
+        if not live_here:
+            for b in model.buffers:
+                b.zero_()  # a failed rank contributes weight 0 and takes the average
+        elif measure:
+            model.displace()
+        else:
+            model.slot.zero_()
+
+    def fill(self, model: FlatModel, out: list[torch.Tensor], live_here: bool, measure: bool) -> None:
+        """The payload written into ``out`` (laid out as the model's buffers); the model is kept."""
+        if not live_here:
+            for s in out:
+                s.zero_()
+            return
+        for s, f in zip(out, model.flats):
+            s[f.num_param_elems:].copy_(f.buffer[f.num_param_elems:])  # buffers (and slot) as they are
+        if measure:
+            model.displace(out=out)
+        else:
+            for s, f, a in zip(out, model.flats, model.anchors):
+                torch.sub(f.params, a, out=s[: f.num_param_elems])
+            out[0][-1:].zero_()
+
+
+# -- seam 2: how a round's result is applied -----------------------------------------------------
+class Replace:
+    """The average replaces the model (it was computed in the model's own buffers)."""
+
+    def apply(self, model: FlatModel, mean: list[torch.Tensor], sent: list[torch.Tensor]) -> None:
+        for b, m in zip(model.buffers, mean):
+            if b is not m:
+                b.copy_(m)
+
+
+class KeepProgress:
+    """``x <- x̄ + (x - x_sent)``: the average plus this rank's progress since the send. With no
+    step taken since, ``x - x_sent`` is exactly 0 and every rank ends bit-identical at ``x̄``."""
+
+    def apply(self, model: FlatModel, mean: list[torch.Tensor], sent: list[torch.Tensor]) -> None:
+        for m, s, b in zip(mean, sent, model.buffers):
+            torch.sub(b, s, out=s)   # this rank's progress since the send
+            torch.add(m, s, out=b)   # x̄ + progress
+        model.slot.zero_()
+
+
+DISPLACEMENT, REPLACE, KEEP_PROGRESS = Displacement(), Replace(), KeepProgress()
+
+
+class Averaging:
+    """What every round of a run shares: the flat model, its reducer, the layout, this rank's worker,
+    whether a node's ranks differ at a round (``node_sum``), and whether divergence is measured."""
+
+    def __init__(self, model: FlatModel, reducer: Reducer, layout: Layout, rank: int, node_sum: bool = False,
+                 measure_divergence: bool = True):
+        self.model, self.reducer, self.layout = model, reducer, layout
+        self.worker = layout.worker_of(rank)
+        self.node_sum, self.measure = node_sum, measure_divergence
+        self.sends = DISPLACEMENT
+        self._packed: torch.Tensor | None = None  # extras (optimizer state) of blocking rounds, reused
+
+    @classmethod
+    def build(cls, params: list[torch.Tensor], buffers: list[torch.Tensor], bucket_bytes: int, layout: Layout,
+              rank: int, group=None, nodes=None, synchronize=None, node_sum: bool = False,
+              measure_divergence: bool = True) -> Averaging:
+        """The flat model of ``params`` and ``buffers`` (identical on every rank: the first anchor)
+        and its reducer over ``group`` (flat) or ``nodes`` (the node level's groups)."""
+        model = FlatModel(params, buffers)
+        return cls(model, Reducer(model, bucket_bytes, group, nodes, synchronize), layout, rank, node_sum,
+                   measure_divergence)
+
+    def contributions(self, live: Live) -> int:
+        """How many contributions a round's sum holds: one per live rank, or, at the node level
+        with synchronous nodes, one per live node (its ranks are identical and only the cross
+        groups reduce)."""
+        if self.node_sum or not self.layout.hierarchical:
+            return len(live.workers) * self.layout.node_size
+        return len(live.workers)
+
+    def round(self, live: Live, apply_step: int | None = None) -> Round:
+        """A round over ``live``: blocking (``apply_step`` None) or overlapped, applied at that step."""
+        return Round(self, live, apply_step)
+
+    def pack(self, extras: list[torch.Tensor], live_here: bool) -> torch.Tensor:
+        total = sum(t.numel() for t in extras)
+        if self._packed is None or self._packed.numel() != total:
+            self._packed = torch.empty(total, dtype=extras[0].dtype, device=extras[0].device)
+        if live_here:
+            torch.cat([t.detach().flatten() for t in extras], out=self._packed)
+        else:
+            self._packed.zero_()
+        return self._packed
+
+
+class Round:
+    """One round; see the module docstring for its life."""
+
+    def __init__(self, avg: Averaging, live: Live, apply_step: int | None):
+        self.avg, self.live, self.apply_step = avg, live, apply_step
+        self.live_here = avg.worker in live.workers
+        self.num_live = avg.contributions(live)
+        self.overlapped = apply_step is not None
+        self.applies = KEEP_PROGRESS if self.overlapped else REPLACE
+        self.sent: list[torch.Tensor] = []   # overlapped: the model at the send
+        self.sums: list[torch.Tensor] = []   # what is reduced, then the sum
+        self.extras: list[torch.Tensor] = []
+        self.complete = False
+        self.nbytes, self.comm_seconds = 0, 0.0
+        self._started, self._works, self._done_at = 0.0, [], []
+
+    # -- send --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, extras: list[torch.Tensor] | None = None) -> RoundReport:
+        """Fill the payload; overlapped, launch the sum in the background. ``extras`` (blocking
+        only): more tensors averaged with the model, such as optimizer state."""
+        avg, model = self.avg, self.avg.model
+        report = RoundReport()
+        if not self.overlapped:
+            self.sums = model.buffers
+            if extras:
+                self.extras = extras
+                self.sums = self.sums + [avg.pack(extras, self.live_here)]
+            avg.sends.fill_in_place(model, self.live_here, avg.measure)
+            self.nbytes = report.bytes_sent = payload_bytes(self.sums)
+            return report
+        if extras:
+            raise ValueError("an overlapped round averages no extra tensors")
+        self.sent, self.sums = model.scratch()
+        for s, b in zip(self.sent, model.buffers):
+            s.copy_(b)  # x at the send, buffers included
+        avg.sends.fill(model, self.sums, self.live_here, avg.measure)
+        self.nbytes = report.bytes_sent = payload_bytes(self.sums)
+        self._started, self._works = avg.reducer.start(self.sums, avg.node_sum, report.traffic)
+        for work in self._works:
+            work.get_future().then(self._bucket_done)
+        return report
+
+    def _bucket_done(self, fut):
+        self._done_at.append(time.perf_counter())  # on the communication thread, when a bucket is done
+        return None
+
+    # -- wait --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def wait(self) -> RoundReport:
+        """Complete the sum on this rank (blocking: run it; overlapped: wait for it)."""
+        report = RoundReport()
+        if self.complete:
+            return report
+        reducer = self.avg.reducer
+        if not self.overlapped:
+            self.comm_seconds = report.comm_seconds = reducer.sum(self.sums, self.avg.node_sum, report.traffic)
+        else:
+            t0 = time.perf_counter()
+            reducer.wait(self._works)
+            report.waited = time.perf_counter() - t0
+            done = max(self._done_at) if self._done_at else time.perf_counter()
+            self.comm_seconds = report.comm_seconds = max(done - self._started, 0.0)
+            self._works = []
+            reducer.spread(self.sums, report.traffic)
+        self.complete = True
+        return report
+
+    # -- apply -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self) -> RoundReport:
+        """The sum becomes the new model and the anchor (:meth:`wait` first)."""
+        if not self.complete:
+            raise RuntimeError("apply() before wait()")
+        avg, model, n = self.avg, self.avg.model, self.num_live
+        report = RoundReport()
+        if self.extras:
+            packed, offset = self.sums[-1], 0
+            packed.div_(n)
+            for t in self.extras:
+                t.copy_(packed[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        sums = self.sums[: len(model.flats)]
+        if avg.measure:
+            report.divergence = model.finish(sums, n)
+        elif self.overlapped:
+            model.finish_unmeasured(sums, n)
+            report.divergence = float("nan")
+        else:  # the model itself was summed in place: its mean, the anchor left as it is
+            for s in sums:
+                s.div_(n)
+            report.divergence = float("nan")
+        self.applies.apply(model, sums, self.sent)
+        return report
+
+    # -- view --------------------------------------------------------------------------------------
+    @contextmanager
+    def viewed(self) -> Iterator[None]:
+        """Inside, the model holds the average :meth:`apply` will compute (:meth:`wait` first);
+        afterwards it is exactly as before. For an overlapped round: a blocking round applies at
+        once and has nothing to show."""
+        model = self.avg.model
+        view = model.mean_of(self.sums, self.num_live)
+        stash = [b.clone() for b in model.buffers]
+        for b, v in zip(model.buffers, view):
+            b.copy_(v)
+        try:
+            yield
+        finally:
+            for b, saved in zip(model.buffers, stash):
+                b.copy_(saved)
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The round, complete (:meth:`wait` first), for a checkpoint."""
+        if not self.complete:
+            raise RuntimeError("state_dict() of a round in flight: wait() first")
+        return {"apply_step": self.apply_step, "num_live": self.num_live, "nbytes": self.nbytes,
+                "comm_seconds": self.comm_seconds, "sent": [t.detach().cpu() for t in self.sent],
+                "sums": [t.detach().cpu() for t in self.sums],
+                "live_workers": sorted(self.live.workers), "workers": self.live.total}
+
+    @classmethod
+    def from_state(cls, avg: Averaging, state: dict) -> Round:
+        """A saved, complete overlapped round, in ``avg.model``'s scratch buffers."""
+        total = state.get("workers", avg.layout.workers)
+        live = Live(frozenset(state.get("live_workers", range(total))), total)
+        r = cls(avg, live, state["apply_step"])
+        r.num_live = state["num_live"]  # as saved (a checkpoint written before the live set was)
+        r.nbytes, r.comm_seconds, r.complete = state["nbytes"], state["comm_seconds"], True
+        r.sent, r.sums = avg.model.scratch()
+        for mine, saved in zip(r.sent + r.sums, list(state["sent"]) + list(state["sums"])):
+            mine.copy_(saved)
+        return r
