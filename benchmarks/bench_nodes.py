@@ -47,6 +47,7 @@ import time
 import yaml
 from sweep_data import digits_shards, label_sorted_manifest, mbytes_s
 
+from risgd_common.layout import Layout
 from risgd_ext.cost_model import predict_hierarchical_run_seconds
 from risgd_hosts import netns_cluster
 
@@ -94,7 +95,7 @@ def launch(out: str, mbit: float, seed: int, kind: str, sync_steps: int, shards:
         steps = sync_steps if label == SYNC else STEPS
         run = [*overrides, f"run_name={name}", f"steps={steps}", f"seed={seed}"]
         if label != SYNC:
-            run.append(f"data.manifest={manifests[HOSTS * PER_HOST // node_size]}")
+            run.append(f"data.manifest={manifests[Layout(HOSTS * PER_HOST, node_size).workers]}")
         plan.append(run)
     if all(os.path.exists(os.path.join(d, "summary.json")) for d in dirs.values()):
         return dirs
@@ -154,7 +155,7 @@ def time_at(clk: dict, label: str, step: int) -> float:
 
 def predicted_wall(label: str, clk: dict, compute_per_step: float, mbit: float) -> float:
     _, node_size, tau, overlap = CONFIGS[label]
-    nodes = HOSTS * PER_HOST // node_size
+    nodes = Layout(HOSTS * PER_HOST, node_size).workers
     return predict_hierarchical_run_seconds(compute_per_step, clk["steps"], clk["bytes_per_round"], clk["rounds"],
                                             nodes, node_size, mbytes_s(mbit), 0.0, overlap=bool(overlap),
                                             delay_steps=_delay(overlap, tau) if overlap else None)
@@ -244,7 +245,7 @@ def analyse(traj: dict, timed: dict, seeds: list[int], bandwidths: list[float]) 
 def _inter_bytes(label: str, clk: dict) -> float:
     """Bytes each host sends over the inter-host link in a full run (ring traffic)."""
     _, node_size, tau, _ = CONFIGS[label]
-    n = HOSTS * PER_HOST // node_size  # ranks (flat) or nodes in the ring across hosts
+    n = Layout(HOSTS * PER_HOST, node_size).workers  # ranks (flat) or nodes in the ring across hosts
     per_round = clk["bytes_per_round"] * 2 * (n - 1) / n * (1 if node_size > 1 else PER_HOST / 2)
     rounds = STEPS if label == SYNC else STEPS // tau
     return per_round * rounds

@@ -3,6 +3,9 @@
 Modules (one job each):
   errors      DataError and shard-name / sha256 helpers shared by everything else
   tario       deterministic tar writing with per-member byte offsets, random-access reads
+  index       reading index.json: validation, per-split label / offset arrays, shard verification
+  stamps      verification stamps: a replicated, unchanged shard is accepted without re-hashing
+  synthetic   small synthetic sources in the real on-disk formats (CIFAR tarball, ILSVRC tree)
   sources     dataset readers (digits, CIFAR tarballs, ImageFolder, ImageNet layout)
   make_shards CLI: source -> train/val tar shards + index.json
   partition   split the training set into p chunks (iid, label_sorted, dirichlet:ALPHA)

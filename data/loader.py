@@ -208,10 +208,6 @@ class RankLoader:
         self.samples_skipped = 0
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
 
-    @property
-    def epoch(self) -> int:
-        return self.step // self.steps_per_epoch
-
     def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of any step, computed in this process (no state change except skip count)."""
         images, labels, skipped = self._steps[step]

@@ -9,7 +9,6 @@ sample with one pread instead of streaming the tar.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from risgd_common.atomic import atomic_write
+from risgd_common.hashing import sha256_file
 
 from .errors import DataError
 
@@ -122,11 +122,7 @@ def scan_shard(path: str, num_classes: int) -> ShardRecord:
 
 
 def _finish(rec: ShardRecord, path: str) -> ShardRecord:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    rec.sha256 = h.hexdigest()
+    rec.sha256 = sha256_file(path)
     rec.bytes = os.path.getsize(path)
     rec.samples = len(rec.keys)
     return rec

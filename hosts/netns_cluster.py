@@ -51,6 +51,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from risgd_common.layout import Layout
+
 SUBNET = "10.93.0"  # private, and only ever assigned inside namespaces this tool creates
 MASTER_PORT = 29500
 MAX_HOSTS = 200  # addresses .1 to .200 of the /24
@@ -216,10 +218,10 @@ def manifest_ranks_per_node(workers: int, hosts: int, ranks_per_host: int) -> in
     """Manifest workers each host serves (replicate's --ranks-per-node): ranks_per_host for a
     per-rank manifest (workers = hosts x ranks_per_host), 1 for a node-level one (workers = hosts),
     None for any other number of workers. When both fit (ranks_per_host 1) they agree."""
-    if workers == hosts * ranks_per_host:
-        return ranks_per_host
-    if workers == hosts:
-        return 1
+    world = hosts * ranks_per_host
+    for node_size in (1, ranks_per_host):  # a worker per rank, or a worker per host (the node level)
+        if Layout(world, node_size).workers == workers:
+            return ranks_per_host // node_size
     return None
 
 

@@ -9,16 +9,17 @@ reports the round's phases return.
 One step with ``overlap`` (tau=4, delay 4), from ``engine.step()`` to the applied average:
 
 1. ``engine.step()`` takes the optimizer step and calls :meth:`RISGDController.after_optimizer_step`.
-2. Step 8 closes round 1 (``cfg.is_average_step``): :meth:`average` asks the failure schedule for
-   the live workers, makes ``averaging.round(live, apply_step=8 + 4)``, and ``start()`` copies
-   ``x``, fills ``x - a`` and launches the cross-node all-reduces; training goes on.
-3. Steps 9-11 are local; the sum travels behind them.
-4. At step 12 the round in flight is due (``in_flight.apply_step == 12``): ``wait()`` (the
-   seconds it blocks are ``comm_wait_seconds``), then ``apply()``: ``x <- x̄ + (x - x_sent)``
-   and ``a <- x̄``; then round 2 starts at the same step.
+2. At step 8 the round started at step 4 is due (``in_flight.apply_step == 8``): ``wait()`` (the
+   seconds it blocks are ``comm_wait_seconds``), then ``apply()``: ``x <- x̄ + (x - x_sent)`` and
+   ``a <- x̄`` (:meth:`_apply_pending`).
+3. Step 8 also closes a round (``cfg.is_average_step``): :meth:`average` asks the failure schedule
+   for the live workers (:meth:`live_of_round`), makes ``averaging.round(live, apply_step=8 + 4)``,
+   and its ``start()`` copies ``x``, fills ``x - a`` and launches the cross-node all-reduces.
+4. Steps 9-11 are local; the sum travels behind them. At step 12, back to 2.
 
-``averaged()`` at step 8 would ``wait()`` early and show ``x̄`` through ``viewed()``, putting the
-local model back afterwards.
+Every phase returns a ``RoundReport``, added to the counters by :meth:`_account`. ``averaged()``
+at step 8 would ``wait()`` early (``view_wait_seconds``) and show ``x̄`` through ``viewed()``,
+putting the local model back afterwards.
 """
 
 from __future__ import annotations

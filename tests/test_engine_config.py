@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -141,3 +142,27 @@ def test_node_level_world_checks():
         check_world(parse_block({"node_size": 2, "failures": [{"ranks": [2]}]}), 4)
     with pytest.raises(ConfigError, match=r"count=2 must be < the world size 2 \(workers"):
         check_world(parse_block({"node_size": 2, "failures": [{"count": 2, "prob": 0.5}]}), 4)
+
+
+def test_readme_table_of_engine_keys_is_made_from_the_declarations():
+    from risgd_ext.config import keys_table
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = readme.split("<!-- keys_table -->\n", 1)[1].split("\n<!-- /keys_table -->", 1)[0]
+    assert table == keys_table()
+
+
+def test_recipe_engine_keys_and_block_writer_come_from_the_declarations():
+    from dataclasses import fields
+
+    from risgd_ext.config import KEYS, RISGDConfig, block_from_recipe, recipe_keys
+    from risgd_recipes.config import SCHEMA
+
+    assert [f.name for f in fields(RISGDConfig)] == list(KEYS)
+    assert all(SCHEMA[k] == v for k, v in recipe_keys().items())  # the recipe's defaults are the engine's
+    values = dict(recipe_keys(), tau=50)
+    assert block_from_recipe(values) == {"tau": 50, "warmup_sync_steps": 0, "average_optimizer_state": False,
+                                         "failures": []}  # a flat run's block: node keys only when set
+    assert block_from_recipe(dict(values, node_size=2))["node_size"] == 2
+    with pytest.raises(ConfigError, match="risgd.overlap must be true or false"):
+        parse_block({"overlap": "yes"})
