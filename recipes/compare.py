@@ -16,6 +16,8 @@ import statistics
 import sys
 from collections import defaultdict
 
+from . import naming
+
 X_AXES = (("step", "iterations", "vs_iterations.png"), ("comm_rounds", "communication rounds", "vs_rounds.png"),
           ("wall_seconds", "wall-clock seconds", "vs_wall.png"))
 
@@ -33,15 +35,9 @@ def load_run(run_dir: str) -> dict:
 
 
 def label(summary: dict) -> str:
-    algo = {"sync": "SyncSGD", "prsgd": "PR-SGD", "risgd": "RI-SGD", "coop": "Coop-SGD"}[summary["algorithm"]]
-    if summary["algorithm"] == "sync":
-        return algo
-    text = f"{algo} tau={summary['tau']}"
-    if summary["algorithm"] == "risgd":
-        text += f" mu={summary['mu']:g}"
-        if summary.get("batch_policy", "per_chunk") != "per_chunk":
-            text += f" ({summary['batch_policy']})"
-    return text
+    """A finished run's label (:func:`recipes.naming.label`) from its summary.json."""
+    return naming.label(summary["algorithm"], summary.get("tau"), summary.get("mu", 0.0),
+                        summary.get("batch_policy", "per_chunk"))
 
 
 def _fmt(value, spec: str) -> str:

@@ -20,9 +20,22 @@ from typing import Any
 
 import yaml
 
+from risgd_common.layout import Layout
 from risgd_data.errors import DataError
 from risgd_data.manifest import load_manifest, validate_manifest_params
-from risgd_ext.config import ConfigError, RISGDConfig, check_world, load_ds_config, parse_block, split_config
+from risgd_ext.config import (
+    KEYS,
+    ConfigError,
+    RISGDConfig,
+    block_from_recipe,
+    check_layout,
+    check_world,
+    load_ds_config,
+    recipe_keys,
+    split_config,
+)
+
+from .naming import run_name  # the recipe's default run name (recipes.config.run_name, as before)
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
 PRECISIONS = (None, "fp32", "bf16")
@@ -40,14 +53,10 @@ SCHEMA: dict[str, Any] = {
     "run_name": None,              # default: NAME-ALGORITHM-tauT-muM-sSEED
     "runs_dir": "runs",
     "algorithm": "risgd",          # sync | prsgd | risgd | coop
-    "tau": _ENGINE.tau,            # risgd.tau
+    # the engine's recipe keys (tau, warmup_sync_steps, average_optimizer_state, failures, node_size,
+    # tau_intra, overlap, overlap_delay), with their defaults, from their one declaration in RISGDConfig
+    **recipe_keys(),
     "mu": 0.0,                     # with data.manifest: the manifest's mu (it is the source)
-    "warmup_sync_steps": _ENGINE.warmup_sync_steps,              # risgd.warmup_sync_steps
-    "average_optimizer_state": _ENGINE.average_optimizer_state,  # risgd.average_optimizer_state
-    "node_size": _ENGINE.node_size,          # risgd.node_size: ranks per node; > 1: a worker is a node
-    "tau_intra": _ENGINE.tau_intra,          # risgd.tau_intra: 0 synchronous inside a node, k: average every k
-    "overlap": _ENGINE.overlap,              # risgd.overlap: rounds behind the next local steps
-    "overlap_delay": _ENGINE.overlap_delay,  # risgd.overlap_delay: steps until a round is applied (0: tau)
     "steps": 0,                    # optimizer steps; 0: use epochs. Must end on an average.
     "epochs": 0,                   # epochs of one chunk D_j (rounded up to the next average)
     "eval_every": 100,             # steps; evaluated at the first average at or after each multiple
@@ -55,7 +64,6 @@ SCHEMA: dict[str, Any] = {
     "seed": 0,
     "dist_timeout_s": 600,         # a collective waiting longer than this fails the job (a dead rank)
     "ds_config": "ds_configs/digits.json",
-    "failures": [],                # risgd.failures entries (see risgd_ext)
     "precision": None,             # fp32 | bf16 (torch autocast, fp32 weights); null: as the ds_config says
     "model": {"name": "resnet8_digits", "drop_rate": 0.0, "channels_last": False},
     "data": {
@@ -87,7 +95,7 @@ OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
                "data.verify")
 # The node level and overlap: written into the 'risgd' block only when set (a flat run's block is unchanged).
-NODE_KEYS = ("node_size", "tau_intra", "overlap", "overlap_delay")
+NODE_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["recipe"] == "when_set")
 # What a manifest file decides (recipe key -> manifest key).
 FROM_MANIFEST = {"mu": "mu", "data.partition": "partition", "data.hetero_std": "hetero_std"}
 
@@ -206,16 +214,6 @@ def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     return cfg
 
 
-def run_name(cfg: dict) -> str:
-    if cfg["run_name"]:
-        return cfg["run_name"]
-    tau = 1 if cfg["algorithm"] == "sync" else cfg["tau"]
-    node = f"-node{cfg['node_size']}" if cfg["node_size"] > 1 else ""
-    node += f"-ti{cfg['tau_intra']}" if cfg["tau_intra"] else ""
-    node += ("-ov" + (str(cfg["overlap_delay"]) if cfg["overlap_delay"] else "")) if cfg["overlap"] else ""
-    return f"{cfg['name']}-{cfg['algorithm']}-tau{tau}{node}-mu{cfg['mu']:g}-s{cfg['seed']}"
-
-
 # -- the resolved run ------------------------------------------------------------------------------
 
 @dataclass
@@ -235,18 +233,23 @@ class Run:
         return self.schedule is None or self.schedule.is_average_step(step)
 
     @property
+    def layout(self) -> Layout:
+        """Which ranks make up which worker (a flat run: one-rank workers)."""
+        return Layout(self.world_size, self.schedule.node_size if self.schedule is not None else 1)
+
+    @property
     def node_size(self) -> int:
         """Ranks per node: the ranks of one RI-SGD worker (1: every rank is a worker)."""
-        return self.schedule.node_size if self.schedule is not None else 1
+        return self.layout.node_size
 
     @property
     def workers(self) -> int:
         """RI-SGD workers: the manifest's --workers."""
-        return self.world_size // self.node_size
+        return self.layout.workers
 
     def worker_of(self, rank: int) -> tuple[int, int]:
         """(the worker a rank belongs to, its index among the worker's ranks)."""
-        return divmod(rank, self.node_size)
+        return self.layout.worker_of(rank), self.layout.local_of(rank)
 
     def worker_batch(self) -> int:
         """The base batch one worker draws per chunk: its ranks' together."""
@@ -302,7 +305,7 @@ def _apply_manifest(cfg: dict, raw: dict, manifest: dict, path: str) -> None:
 
 
 def check_world_size(manifest: dict, world_size: int, path: str = "the manifest", node_size: int = 1) -> None:
-    workers = world_size // node_size
+    workers = Layout(world_size, node_size).workers
     if manifest["workers"] != workers:
         what = (f"{world_size} ranks" if node_size == 1
                 else f"{workers} workers ({world_size} ranks, node_size={node_size})")
@@ -328,9 +331,7 @@ def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | Non
         ds.pop("torch_autocast", None)
     block = ds.pop("risgd", {})
     if cfg["algorithm"] != "sync":
-        block.update(tau=cfg["tau"], warmup_sync_steps=cfg["warmup_sync_steps"],
-                     average_optimizer_state=cfg["average_optimizer_state"], failures=cfg["failures"])
-        block.update({k: cfg[k] for k in NODE_KEYS if cfg[k] != getattr(_ENGINE, k)})
+        block.update(block_from_recipe(cfg))
         ds["risgd"] = block
     _, schedule = split_config(ds)
     if schedule is not None:
@@ -406,10 +407,9 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     manifest = None
     node_size = cfg["node_size"]
     try:  # the workers (the manifest's) need the node level first: the engine's validator of it
-        check_world(parse_block({"node_size": node_size}), world_size)
+        workers = check_layout(KEYS["node_size"].metadata["check"]("node_size", node_size), world_size).workers
     except ConfigError as e:
         raise RecipeError(str(e)) from None
-    workers = world_size // node_size
     try:
         if cfg["data"]["manifest"]:
             manifest = load_manifest(cfg["data"]["manifest"])

@@ -17,7 +17,9 @@ import sys
 import time
 
 from . import compare
-from .launch import launch
+from .config import RecipeError, load_recipe
+from .launch import ROOT, launch
+from .naming import demo_run_name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every run")
     args = parser.parse_args(argv)
 
+    try:  # the runs are named after the recipe's name (train.py reads the recipe from ROOT)
+        recipe_name = load_recipe(os.path.join(ROOT, args.recipe), args.overrides)["name"]
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     grid = [("sync", 0.0), ("prsgd", 0.0)] + [("risgd", mu) for mu in args.mus]
     run_dirs, plan = [], []
     started = time.perf_counter()
     for seed in args.seeds:
         for algorithm, mu in grid:
-            name = f"digits-{algorithm}" + (f"-mu{mu:g}" if algorithm == "risgd" else "") + f"-s{seed}"
+            name = demo_run_name(recipe_name, algorithm, mu, seed)
             run_dirs.append(os.path.join(args.runs_dir, name))
             if os.path.exists(os.path.join(args.runs_dir, name, "summary.json")):
                 print(f"[demo] {name}: done already, kept")

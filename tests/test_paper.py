@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from risgd_data.synthetic import write_cifar_tarball
-from risgd_recipes import compare, paper, paper_report
-from risgd_recipes import paper_verdict as V
+from risgd_recipes import compare, paper
 from risgd_recipes.config import load_recipe
-from risgd_recipes.paper_grid import make_grid
+from risgd_recipes.paper import report as paper_report
+from risgd_recipes.paper import verdict as V
+from risgd_recipes.paper.grid import make_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["fig2", "tau", "diversity", "saturation", "failures", "theory"]

@@ -30,10 +30,10 @@ import time
 
 from risgd_data.errors import DataError
 
-from . import compare
-from .config import RecipeError, load_recipe, resolve_run
-from .launch import ROOT, launch
-from .paper_grid import GRID_KEYS, GRIDS, Grid, GridError, Setting, make_grid
+from .. import compare
+from ..config import RecipeError, load_recipe, resolve_run
+from ..launch import ROOT, launch
+from .grid import GRID_KEYS, GRIDS, Grid, GridError, Setting, make_grid
 
 DEFAULT_RECIPE = "recipes/digits.yaml"
 # Seconds on this 2-core machine for digits (ResNet-8) with 4 CPU ranks, measured on the demo's runs;
@@ -51,7 +51,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # `python -m recipes.paper` runs the package's __main__.py: the usage line keeps the command's name
+    prog = "paper.py" if os.path.basename(sys.argv[0]) == "__main__.py" else None
+    p = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe (default {DEFAULT_RECIPE})")
     p.add_argument("--grid", choices=GRIDS, default=None,
                    help="full: the paper's grid at the recipe's iterations (default); quick: 1 seed, shorter runs, "
@@ -124,7 +126,7 @@ def print_plan(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[st
     uses: dict[str, list[str]] = {}
     for exp in grid.experiments():
         for s in exp.settings:
-            for seed in grid.seeds_of(exp, s):
+            for seed in exp.seeds_of(s):
                 uses.setdefault(s.run_name(seed), []).append(exp.key)
     waiting = {s.run_name(seed) for s, seed in pending}
     print(f"{'run':<48} {'batch/rank':>10} {'steps':>6} {'status':<8} experiments")
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[paper] all {len(planned)} runs are finished: no launch; rebuilding the report", flush=True)
 
-    from . import paper_report
+    from . import report
 
     try:
         runs = {s.run_name(seed): compare.load_run(os.path.join(runs_dir, s.run_name(seed))) for s, seed in planned}
@@ -230,12 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                   "seconds": time.perf_counter() - started,
                   "run_seconds": sum(r["summary"]["wall_seconds"] for r in runs.values())}
         command = "python -m recipes.paper " + " ".join(shlex.quote(a) for a in argv)
-        analyses = paper_report.write(grid, cfg, runs, out, command.strip(), index, timing)
+        analyses = report.write(grid, cfg, runs, out, command.strip(), index, timing)
     except (OSError, KeyError, ValueError) as e:  # a run record that cannot be read or analysed
         print(f"error: the report failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print()
-    print(paper_report.verdict_table(analyses))
+    print(report.verdict_table(analyses))
     print(f"\nwrote {os.path.join(out, 'paper.md')}, {os.path.join(out, 'paper.json')} and "
           f"{len([a for a in analyses if a.plot])} plots ({time.perf_counter() - started:.0f} s)")
     return 0
@@ -259,6 +261,3 @@ def _index(run: dict) -> dict | None:
     except (OSError, KeyError, TypeError, ValueError):
         return None
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Run names and run labels, built in one place.
+
+Every run name has one shape, ``HEAD-ALGORITHM[-TAG...]-sSEED``; what differs is the head and the
+tags, in three forms that name runs already on disk (so each stays as it was):
+
+- :func:`run_name`: a recipe's default (train.py): ``NAME-ALGORITHM-tauT[-nodeN][-tiK][-ov[D]]-muM-sSEED``;
+- :func:`setting_run_name`: a paper-grid setting's: ``PART-ALGORITHM[-tT][-muM[-hH]]-bB[-POLICY][-downR..rF]-sSEED``;
+- :func:`demo_run_name`: the demo's short form: ``NAME-ALGORITHM[-muM]-sSEED``.
+
+A label is what a table or a plot calls a run: ``SyncSGD``, ``PR-SGD tau=50``, ``RI-SGD tau=50 mu=0.25``
+(:func:`label`).
+
+This module imports nothing of the recipes (recipes.config imports it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+ALGORITHM_NAMES = {"sync": "SyncSGD", "prsgd": "PR-SGD", "risgd": "RI-SGD", "coop": "Coop-SGD"}
+PARTITION_TAGS = {"label_sorted": "ls", "iid": "iid"}
+
+
+def _name(head: str, algorithm: str, tags: Iterable[str], seed: int) -> str:
+    """The one shape of a run name: HEAD-ALGORITHM[-TAG...]-sSEED."""
+    return "-".join([head, algorithm, *tags, f"s{seed}"])
+
+
+def _mu(mu: float) -> str:
+    return f"mu{mu:g}"
+
+
+def run_name(cfg: dict) -> str:
+    """A resolved recipe's run name: its ``run_name`` key, else NAME-ALGORITHM-tauT...-muM-sSEED (tau 1
+    for SyncSGD; the node level and overlap tagged only when set)."""
+    if cfg["run_name"]:
+        return cfg["run_name"]
+    tags = [f"tau{1 if cfg['algorithm'] == 'sync' else cfg['tau']}"]
+    if cfg["node_size"] > 1:
+        tags.append(f"node{cfg['node_size']}")
+    if cfg["tau_intra"]:
+        tags.append(f"ti{cfg['tau_intra']}")
+    if cfg["overlap"]:
+        tags.append("ov" + (str(cfg["overlap_delay"]) if cfg["overlap_delay"] else ""))
+    tags.append(_mu(cfg["mu"]))
+    return _name(cfg["name"], cfg["algorithm"], tags, cfg["seed"])
+
+
+def setting_run_name(setting: Any, seed: int) -> str:
+    """A paper-grid setting's run name (``setting``: a :class:`recipes.paper.grid.Setting`): a pure
+    function of the setting and the seed, so experiments that share a setting share its runs."""
+    s = setting
+    tags = [] if s.algorithm == "sync" else [f"t{s.tau}"]
+    if s.algorithm == "risgd":
+        tags.append(_mu(s.mu))
+        if s.hetero_std:
+            tags.append(f"h{s.hetero_std:g}")
+    tags.append(f"b{s.base_batch}")
+    if s.batch_policy != "per_chunk":
+        tags.append(s.batch_policy)
+    if s.down:
+        tags.append(f"down{'-'.join(map(str, s.down))}r{s.fail_round}")
+    head = PARTITION_TAGS.get(s.partition, s.partition.replace(":", ""))
+    return _name(head, s.algorithm, tags, seed)
+
+
+def demo_run_name(name: str, algorithm: str, mu: float, seed: int) -> str:
+    """The demo's short form: the recipe's ``name``, the algorithm, mu for RI-SGD only, the seed."""
+    return _name(name, algorithm, [_mu(mu)] if algorithm == "risgd" else [], seed)
+
+
+def label(algorithm: str, tau: int | None = None, mu: float = 0.0, batch_policy: str = "per_chunk",
+          mu_first: bool = False) -> str:
+    """``SyncSGD``, ``PR-SGD tau=T``, ``Coop-SGD tau=T``, ``RI-SGD tau=T mu=M`` (and `` (split)`` for a
+    batch policy other than per_chunk). ``tau=None`` leaves tau out (``RI-SGD mu=M``); ``mu_first`` puts
+    mu before tau, as the paper report's settings do (``RI-SGD mu=M tau=T``)."""
+    text = ALGORITHM_NAMES[algorithm]
+    if algorithm == "sync":
+        return text
+    parts = [] if tau is None else [f"tau={tau}"]
+    if algorithm == "risgd":
+        parts.insert(0 if mu_first else len(parts), f"mu={mu:g}")
+    text = " ".join([text, *parts])
+    if algorithm == "risgd" and batch_policy != "per_chunk":
+        text += f" ({batch_policy})"
+    return text
