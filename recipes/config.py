@@ -7,8 +7,9 @@ the recipe (defaults < YAML < ``key=value`` overrides), the redundancy parameter
 manifest file when the recipe names one: it is their only source), the ds_config with its
 ``risgd`` block (read once, validated by the engine's own validator), that the run ends on an
 average, and that an existing run directory holds this same experiment. Every error is one line
-naming the key and the fix. Each key has one default: the engine's keys (tau, warmup_sync_steps,
-average_optimizer_state, failures) take theirs from :class:`risgd_ext.config.RISGDConfig`.
+naming the key and the fix. Each key has one default: the engine's recipe keys, their defaults and
+how they are written into the ``risgd`` block come from their one declaration in
+:class:`risgd_ext.config.RISGDConfig` (``recipe_keys``, ``block_from_recipe``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ SCHEMA: dict[str, Any] = {
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
                "data.verify")
-# The node level and overlap: written into the 'risgd' block only when set (a flat run's block is unchanged).
+# The node level, overlap, the outer step and compression: written into the 'risgd' block only when set (a
+# flat run's block is unchanged by keys added after it).
 NODE_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["recipe"] == "when_set")
 # What a manifest file decides (recipe key -> manifest key).
 FROM_MANIFEST = {"mu": "mu", "data.partition": "partition", "data.hetero_std": "hetero_std"}
@@ -163,9 +165,10 @@ def validate(cfg: dict) -> None:
     engine's validator in :func:`build_ds_config`, the redundancy keys by the data package's."""
     if cfg["algorithm"] not in ALGORITHMS:
         raise RecipeError(f"algorithm '{cfg['algorithm']}' is unknown: use one of {', '.join(ALGORITHMS)}")
-    if cfg["algorithm"] == "sync" and any(cfg[k] != getattr(_ENGINE, k) for k in NODE_KEYS):
-        raise RecipeError("algorithm sync all-reduces gradients over every rank every step: node_size, tau_intra, "
-                          "overlap and overlap_delay apply to local-SGD algorithms (prsgd, risgd, coop)")
+    set_keys = [k for k in NODE_KEYS if cfg[k] != getattr(_ENGINE, k)]
+    if cfg["algorithm"] == "sync" and set_keys:
+        raise RecipeError(f"algorithm sync all-reduces gradients over every rank every step: {', '.join(set_keys)} "
+                          "apply to rounds of local-SGD algorithms (prsgd, risgd, coop): leave them out")
     if cfg["algorithm"] in ("sync", "prsgd", "coop") and cfg["mu"] != 0:
         raise RecipeError(f"algorithm {cfg['algorithm']} uses no redundancy, but mu={cfg['mu']:g}: set mu=0 "
                           "or algorithm=risgd")

@@ -3,7 +3,8 @@
 Every run name has one shape, ``HEAD-ALGORITHM[-TAG...]-sSEED``; what differs is the head and the
 tags, in three forms that name runs already on disk (so each stays as it was):
 
-- :func:`run_name`: a recipe's default (train.py): ``NAME-ALGORITHM-tauT[-nodeN][-tiK][-ov[D]]-muM-sSEED``;
+- :func:`run_name`: a recipe's default (train.py):
+  ``NAME-ALGORITHM-tauT[-nodeN][-tiK][-ov[D]][-olrLmM[n]][-int8|-bf16[-noef]]-muM-sSEED``;
 - :func:`setting_run_name`: a paper-grid setting's: ``PART-ALGORITHM[-tT][-muM[-hH]]-bB[-POLICY][-downR..rF]-sSEED``;
 - :func:`demo_run_name`: the demo's short form: ``NAME-ALGORITHM[-muM]-sSEED``.
 
@@ -43,6 +44,10 @@ def run_name(cfg: dict) -> str:
         tags.append(f"ti{cfg['tau_intra']}")
     if cfg["overlap"]:
         tags.append("ov" + (str(cfg["overlap_delay"]) if cfg["overlap_delay"] else ""))
+    if cfg.get("outer_lr", 1.0) != 1.0 or cfg.get("outer_momentum", 0.0) != 0.0:
+        tags.append(f"olr{cfg['outer_lr']:g}m{cfg['outer_momentum']:g}" + ("n" if cfg.get("outer_nesterov") else ""))
+    if cfg.get("compress", "none") != "none":
+        tags.append(cfg["compress"] + ("" if cfg.get("error_feedback", True) else "-noef"))
     tags.append(_mu(cfg["mu"]))
     return _name(cfg["name"], cfg["algorithm"], tags, cfg["seed"])
 

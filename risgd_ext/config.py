@@ -64,6 +64,24 @@ def _positive_number(key: str, value: Any) -> float:
     return float(value)
 
 
+def _fraction(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"{BLOCK}.{key} must be a number in [0, 1), got {value!r}: {_FIX}")
+    return float(value)
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"{BLOCK}.{key} must be one of {', '.join(choices)}, got {value!r}: {_FIX}")
+        return value
+    return check
+
+
+COMPRESSORS = ("none", "bf16", "int8")
+INT8_BLOCK = 256  # values per fp32 scale of the int8 codec
+
+
 def _failures(key: str, value: Any) -> tuple:
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{BLOCK}.{key} must be a list, got {value!r}")
@@ -109,6 +127,17 @@ class RISGDConfig:
                         "(one-round-delayed averaging)", "when_set")
     overlap_delay: int = key(0, _int(0), "int >= 0: with overlap, steps after a round at which its average is "
                              "applied (0: tau)", "when_set")
+    outer_lr: float = key(1.0, _positive_number, "number > 0: the outer SGD step's learning rate on the round's "
+                          "pseudo-gradient a - mean_j x_j (1 with momentum 0: plain averaging, bitwise)", "when_set")
+    outer_momentum: float = key(0.0, _fraction, "number in [0, 1): the outer SGD step's momentum (its buffer is "
+                                "in the checkpoint)", "when_set")
+    outer_nesterov: bool = key(False, _bool, "bool: Nesterov momentum for the outer step (needs outer_momentum "
+                               "> 0)", "when_set")
+    compress: str = key("none", _one_of(COMPRESSORS), "none | bf16 | int8: how a round's parameter displacement "
+                        "crosses between nodes (int8: one fp32 scale per 256 values; all-gathered, summed "
+                        "locally in rank order)", "when_set")
+    error_feedback: bool = key(True, _bool, "bool: with compress, each rank adds what compression dropped to "
+                               "its next payload (the residual is in the checkpoint)", "when_set")
 
     @property
     def bucket_bytes(self) -> int:
@@ -117,6 +146,11 @@ class RISGDConfig:
     @property
     def hierarchical(self) -> bool:
         return self.node_size > 1
+
+    @property
+    def outer(self) -> bool:
+        """Whether a round ends with an outer optimizer step (else: plain averaging, bitwise as before)."""
+        return self.outer_lr != 1.0 or self.outer_momentum != 0.0
 
     @property
     def delay(self) -> int:
@@ -245,6 +279,16 @@ def _check_combinations(cfg: RISGDConfig) -> None:
     if cfg.overlap_delay > cfg.tau:
         raise ConfigError(f"{BLOCK}.overlap_delay={cfg.overlap_delay} must be <= tau={cfg.tau}: a round's average "
                           "is applied before the next round starts")
+    if cfg.outer_nesterov and cfg.outer_momentum == 0:
+        raise ConfigError(f"{BLOCK}.outer_nesterov=true needs {BLOCK}.outer_momentum > 0 (Nesterov momentum "
+                          "without momentum is plain SGD): set outer_momentum, e.g. 0.9, or leave outer_nesterov out")
+    if cfg.compress == "int8" and cfg.bucket_bytes < 4 * INT8_BLOCK:
+        raise ConfigError(f"{BLOCK}.bucket_mb={cfg.bucket_mb:g} is too small for compress=int8: a bucket must hold "
+                          f"at least one block of {INT8_BLOCK} values with its scale ({4 * INT8_BLOCK} bytes); raise "
+                          "bucket_mb")
+    if cfg.average_optimizer_state and cfg.compress != "none":
+        raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with compress={cfg.compress}: leave "
+                          "one of them out")
     if cfg.average_optimizer_state and (cfg.overlap or cfg.hierarchical):
         raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with node_size > 1 or overlap: "
                           "leave one of them out")

@@ -36,6 +36,7 @@ from deepspeed.accelerator import get_accelerator
 
 from risgd_common.layout import Layout
 
+from .codec import make_codec
 from .config import RISGDConfig, check_world
 from .failures import failed_workers
 from .flat import FlatModel
@@ -108,7 +109,10 @@ class RISGDController:
             self.averaging = Averaging.build(self.params(), buffers, cfg.bucket_bytes, self.layout, self.rank,
                                              self.group, self.nodes, self.synchronize,
                                              node_sum=cfg.hierarchical and cfg.tau_intra > 0,
-                                             measure_divergence=cfg.measure_divergence)
+                                             measure_divergence=cfg.measure_divergence,
+                                             outer=(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov)
+                                             if cfg.outer else None,
+                                             codec=make_codec(cfg.compress), error_feedback=cfg.error_feedback)
         self.grad_averager: GradientAverager | None = None
         if self.nodes is not None and cfg.tau_intra == 0:
             self.grad_averager = GradientAverager(self.params(), self.nodes.node_group, cfg.node_size,
@@ -371,6 +375,11 @@ class RISGDController:
         out["tau_intra"] = self.cfg.tau_intra if self.cfg else 0
         out["overlap"] = bool(self.cfg and self.cfg.overlap)
         out["overlap_delay"] = self.cfg.delay if self.cfg and self.cfg.overlap else 0
+        out["compress"] = self.cfg.compress if self.cfg else "none"
+        out["error_feedback"] = bool(self.cfg and self.cfg.compress != "none" and self.cfg.error_feedback)
+        out["outer_lr"] = self.cfg.outer_lr if self.cfg else 1.0
+        out["outer_momentum"] = self.cfg.outer_momentum if self.cfg else 0.0
+        out["outer_nesterov"] = bool(self.cfg and self.cfg.outer_nesterov)
         # who was down in the last round: a pure function of the schedule, so it survives a resume
         last = self.rounds - 1
         down = self.live_of_round(last).down if self.cfg and last >= 0 else frozenset()
@@ -385,6 +394,11 @@ class RISGDController:
         state["consensus_step"] = self._consensus_step
         state["anchors"] = [a.detach().cpu() for a in self.model.anchors] if self.model else []
         state["pending"] = self.in_flight.state_dict() if self.in_flight is not None else None
+        model, reducer = self.model, self.averaging.reducer if self.averaging else None
+        if model is not None and model.outer is not None:  # the outer step's momentum buffers
+            state["outer"] = model.outer.state_dict()
+        if reducer is not None and reducer.residual is not None:  # error feedback's residuals
+            state["residual"] = [r.detach().cpu() for r in reducer.residual]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -402,4 +416,11 @@ class RISGDController:
         if self.model is not None:
             for mine, saved in zip(self.model.anchors, state["anchors"]):
                 mine.copy_(saved)
+            if self.model.outer is not None and "outer" in state:
+                self.model.outer.load_state_dict(state["outer"])
+            reducer = self.averaging.reducer
+            reducer.residual = None
+            if reducer.codec is not None and "residual" in state:
+                reducer.residual = [saved.to(f.buffer.device).clone() for saved, f in
+                                    zip(state["residual"], self.model.flats)]
         self.engine.enable_backward_allreduce = self.next_step_is_sync()

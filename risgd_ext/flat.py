@@ -25,6 +25,7 @@ are small, also loses less precision than summing the parameters.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,7 @@ class FlatModel:
             self.flats.append(Flat(_flatten_into(ps + bs, slot), sum(p.numel() for p in ps)))
         self.anchors = [f.params.clone() for f in self.flats]
         self.slot = self.flats[0].buffer[-1:]
+        self.outer: torch.optim.SGD | None = None  # the outer step on the anchors (None: a <- x̄)
         self._scratch: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
@@ -106,6 +108,29 @@ class FlatModel:
         if self._scratch is None:
             self._scratch = ([torch.empty_like(b) for b in self.buffers], [torch.empty_like(b) for b in self.buffers])
         return self._scratch
+
+    def set_outer(self, lr: float, momentum: float, nesterov: bool) -> None:
+        """End every round with ``torch.optim.SGD(lr, momentum, nesterov)`` on the anchors, whose
+        gradient is the round's pseudo-gradient ``a - x̄`` (DiLoCo's and SlowMo's outer step);
+        the model then starts the next round from the new anchor. BatchNorm buffers keep their mean."""
+        self.outer = torch.optim.SGD(self.anchors, lr=lr, momentum=momentum, nesterov=nesterov)
+
+    def _move_anchors(self, means: list[torch.Tensor], outer: torch.optim.SGD | None = None,
+                      anchors: list[torch.Tensor] | None = None) -> None:
+        """The anchor update once ``means[i]`` (views of the parameter prefixes) hold ``x̄``:
+        ``a <- x̄``, or the outer step, after which ``means`` hold the new anchor."""
+        anchors = self.anchors if anchors is None else anchors
+        outer = self.outer if outer is None and anchors is self.anchors else outer
+        if outer is None:
+            for a, m in zip(anchors, means):
+                a.copy_(m)
+            return
+        for a, m in zip(anchors, means):
+            a.grad = torch.sub(a, m)  # the pseudo-gradient a - x̄
+        outer.step()
+        for a, m in zip(anchors, means):
+            a.grad = None
+            m.copy_(a)
 
     def set_anchor(self) -> None:
         """Take the current (rank-identical) parameters as the anchor."""
@@ -135,7 +160,7 @@ class FlatModel:
         """From the reduced sums (``S = sum_j d_j`` over the parameters, sums of buffers, the slot):
         the mean, in place (``x̄ = a + S/n``; buffers: their mean), the anchor update, and the
         divergence. ``sums[i]`` is laid out as ``flats[i].buffer``."""
-        drift, norms = [], []
+        drift, norms, means = [], [], []
         for buf, f, a in zip(sums, self.flats, self.anchors):
             buf.div_(num_live)  # params: S/n = x̄ - a; buffers and the slot: the mean
             if not f.num_param_elems:
@@ -144,7 +169,8 @@ class FlatModel:
             drift.append(sq_norm(mean_d))  # ||x̄ - a||²
             mean_d.add_(a)  # x̄ = a + S/n: the same correctly rounded operations on every rank
             norms.append(sq_norm(mean_d))
-            a.copy_(mean_d)
+            means.append(mean_d)
+        self._move_anchors(means)
         scalars = [sums[0][-1], *drift, *norms]
         dev = scalars[0].device
         values = torch.stack([s.to(device=dev, dtype=torch.float64) for s in scalars]).tolist()  # one readback
@@ -160,7 +186,7 @@ class FlatModel:
         for s, f, a in zip(sums, self.flats, self.anchors):
             s.div_(num_live)
             s[: f.num_param_elems].add_(a)
-            a.copy_(s[: f.num_param_elems])
+        self._move_anchors([s[: f.num_param_elems] for s, f in zip(sums, self.flats)])
 
     @torch.no_grad()
     def mean_of(self, sums: list[torch.Tensor], num_live: int) -> list[torch.Tensor]:
@@ -172,4 +198,9 @@ class FlatModel:
             if f.num_param_elems:
                 v[: f.num_param_elems].add_(a)
             out.append(v)
+        if self.outer is not None:  # the outer step on copies: the new anchor, the optimizer untouched
+            anchors = [a.clone() for a in self.anchors]
+            outer = torch.optim.SGD(anchors, **{k: self.outer.defaults[k] for k in ("lr", "momentum", "nesterov")})
+            outer.load_state_dict(copy.deepcopy(self.outer.state_dict()))
+            self._move_anchors([v[: f.num_param_elems] for v, f in zip(out, self.flats)], outer, anchors)
         return out

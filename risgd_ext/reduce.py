@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .codec import Codec
 from .flat import FlatModel
 from .topology import NodeGroups, part
 
@@ -46,9 +47,39 @@ class Reducer:
     """Sums of buffers laid out as ``model``'s flat buffers (plus, flat only, extra buffers)."""
 
     def __init__(self, model: FlatModel, bucket_bytes: int, group: dist.ProcessGroup | None = None,
-                 nodes: NodeGroups | None = None, synchronize=None):
+                 nodes: NodeGroups | None = None, synchronize=None, codec: Codec | None = None,
+                 error_feedback: bool = False):
         self.model, self.bucket_bytes, self.group, self.nodes = model, bucket_bytes, group, nodes
         self.synchronize = synchronize or (lambda: None)
+        self.codec, self.error_feedback = codec, error_feedback and codec is not None
+        self.residual: list[torch.Tensor] | None = None  # error feedback: what compression dropped, per rank
+
+    def payload_bytes(self, bufs: list[torch.Tensor]) -> int:
+        """Bytes one sum sends between nodes, per node (flat: per rank): fp32, or the compressed
+        parameter displacement (scales included) plus the fp32 buffers and slot."""
+        if self.codec is None:
+            return payload_bytes(bufs)
+        total = 0
+        for local in range(self.nodes.layout.node_size if self.nodes is not None else 1):
+            for i, buf in enumerate(bufs):
+                head, tail, _ = self._split(buf, i, local)
+                total += sum(self.codec.nbytes(b.numel()) for b in slices(head, self.bucket_bytes))
+                total += tail.numel() * tail.element_size()
+        return total
+
+    def _split(self, buf: torch.Tensor, i: int, local: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's cross-node piece of ``buf`` as (the parameter part, the rest, its offset)."""
+        k = self.nodes.layout.node_size if self.nodes is not None else 1
+        piece = part(buf, local, k)
+        offset = buf.numel() * local // k
+        params = self.model.flats[i].num_param_elems if i < len(self.model.flats) else 0
+        cut = min(max(params - offset, 0), piece.numel())
+        return piece[:cut], piece[cut:], offset
+
+    def _residual(self, i: int, start: int, n: int) -> torch.Tensor:
+        if self.residual is None:
+            self.residual = [torch.zeros_like(f.buffer) for f in self.model.flats]
+        return self.residual[i][start:start + n]
 
     # -- inside a node ---------------------------------------------------------------------------
     def _node_sum(self, bufs: list[torch.Tensor], traffic: Traffic) -> None:
@@ -91,9 +122,11 @@ class Reducer:
             b.div_(self.nodes.layout.node_size)
 
     # -- across nodes ----------------------------------------------------------------------------
-    def _cross(self, bufs: list[torch.Tensor], async_op: bool, traffic: Traffic) -> list:
+    def _cross(self, bufs: list[torch.Tensor], async_op: bool, traffic: Traffic, live_here: bool = True) -> list:
         """All-reduce ``bufs`` between nodes (flat: between ranks); returns the works if ``async_op``."""
         nodes = self.nodes
+        if self.codec is not None:
+            return self._cross_compressed(bufs, async_op, traffic, live_here)
         if nodes is None:
             group, pieces = self.group, bufs
         else:
@@ -102,6 +135,37 @@ class Reducer:
         works = []
         for piece in pieces:
             for bucket in slices(piece, self.bucket_bytes) if piece.numel() else ():
+                works.append(dist.all_reduce(bucket, group=group, async_op=async_op))
+                traffic.inter_collectives += 1
+        return works
+
+    def _cross_compressed(self, bufs: list[torch.Tensor], async_op: bool, traffic: Traffic, live_here: bool) -> list:
+        """The parameter displacement encoded bucket by bucket (with error feedback: plus the
+        residual, which keeps what the encoding dropped) and all-gathered; the fp32 rest (buffers,
+        slot) all-reduced. Returns works whose ``wait()`` also decodes and sums, in rank order."""
+        group = self.nodes.cross_group if self.nodes is not None else self.group
+        size = dist.get_world_size(group)
+        local = self.nodes.local if self.nodes is not None else 0
+        step = max(1, self.bucket_bytes // 4)
+        works = []
+        for i, buf in enumerate(bufs):
+            head, tail, offset = self._split(buf, i, local)
+            for j, bucket in enumerate(slices(head, self.bucket_bytes)):
+                x = bucket
+                if self.error_feedback and live_here:
+                    residual = self._residual(i, offset + j * step, bucket.numel())
+                    x = bucket + residual
+                payload = self.codec.encode(x)
+                if self.error_feedback and live_here:
+                    torch.sub(x, self.codec.decode(payload, x.numel()), out=residual)
+                gathered = [torch.empty_like(payload) for _ in range(size)]
+                work = _Gathered(dist.all_gather(gathered, payload, group=group, async_op=async_op), gathered,
+                                 bucket, self.codec)
+                if not async_op:
+                    work.wait()
+                works.append(work)
+                traffic.inter_collectives += 1
+            for bucket in slices(tail, self.bucket_bytes) if tail.numel() else ():
                 works.append(dist.all_reduce(bucket, group=group, async_op=async_op))
                 traffic.inter_collectives += 1
         return works
@@ -125,13 +189,13 @@ class Reducer:
         traffic.intra_seconds += time.perf_counter() - t0
 
     # -- a whole sum -----------------------------------------------------------------------------
-    def sum(self, bufs: list[torch.Tensor], node_sum: bool, traffic: Traffic) -> float:
+    def sum(self, bufs: list[torch.Tensor], node_sum: bool, traffic: Traffic, live_here: bool = True) -> float:
         """The sum over all ranks of ``bufs``, in place, blocking; returns the seconds of the
         collectives between nodes. Device work queued so far is the round's own, not
         communication: it is waited for first, and the collectives are timed as a whole (one
         synchronize before and one after, not per bucket)."""
         self.synchronize()
-        if self.nodes is None:  # flat: one all_reduce per bucket
+        if self.nodes is None and self.codec is None:  # flat: one all_reduce per bucket
             buckets = [s for b in bufs for s in slices(b, self.bucket_bytes)]
             t0 = time.perf_counter()
             for bucket in buckets:
@@ -139,15 +203,17 @@ class Reducer:
             traffic.inter_collectives += len(buckets)
             self.synchronize()
             return time.perf_counter() - t0
-        self._within_node(bufs, node_sum, traffic)
+        if self.nodes is not None:
+            self._within_node(bufs, node_sum, traffic)
         t0 = time.perf_counter()
-        self._cross(bufs, async_op=False, traffic=traffic)
+        self._cross(bufs, async_op=False, traffic=traffic, live_here=live_here)
         self.synchronize()
         comm = time.perf_counter() - t0
         self.spread(bufs, traffic)
         return comm
 
-    def start(self, bufs: list[torch.Tensor], node_sum: bool, traffic: Traffic) -> tuple[float, list]:
+    def start(self, bufs: list[torch.Tensor], node_sum: bool, traffic: Traffic,
+              live_here: bool = True) -> tuple[float, list]:
         """Start the sum in the background: the intra-node phase blocks (the fast link: only the
         slow part is overlapped), the cross-node all-reduces are launched. Returns the clock at
         their launch and their works; :meth:`wait` for them, then :meth:`spread`."""
@@ -155,13 +221,36 @@ class Reducer:
             self._within_node(bufs, node_sum, traffic)
         self.synchronize()
         started = time.perf_counter()
-        return started, self._cross(bufs, async_op=True, traffic=traffic)
+        return started, self._cross(bufs, async_op=True, traffic=traffic, live_here=live_here)
 
     def wait(self, works: list) -> None:
         """Block until :meth:`start`'s works are done on this rank (and the device with them)."""
         for work in works:
             work.wait()
         self.synchronize()
+
+
+class _Gathered:
+    """An all_gather of encoded payloads; ``wait()`` completes it and writes the decoded sum, in
+    rank order (the same fp32 additions on every rank), into the bucket."""
+
+    def __init__(self, work, gathered: list[torch.Tensor], bucket: torch.Tensor, codec: Codec):
+        self.work, self.gathered, self.bucket, self.codec = work, gathered, bucket, codec
+        self.done = False
+
+    def get_future(self):
+        return self.work.get_future()
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        if self.work is not None:
+            self.work.wait()
+        n = self.bucket.numel()
+        self.bucket.copy_(self.codec.decode(self.gathered[0], n))
+        for payload in self.gathered[1:]:
+            self.bucket.add_(self.codec.decode(payload, n))
+        self.gathered, self.done = [], True
 
 
 class GradientAverager:

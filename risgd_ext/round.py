@@ -6,11 +6,13 @@ round, the optimizer step at which its average is applied:
 
 - :meth:`Round.start` fills what the round sends (seam 1, :class:`Displacement`: the fp32
   displacement ``x - a`` from the anchor, plus the float buffers and ``||x - a||²``; a rank of a
-  down worker sends zeros) and, overlapped, launches its collectives in the background;
+  down worker sends zeros) and, overlapped, launches its collectives in the background; with a
+  ``compress`` codec the reducer encodes the displacement's cross-node part (``risgd_ext.codec``);
 - :meth:`Round.wait` completes the sum (blocking: runs it whole);
 - :meth:`Round.apply` turns the sum into the new model (seam 2: :data:`REPLACE`, the average
   replaces the model; overlapped, :data:`KEEP_PROGRESS`, ``x <- x̄ + (x - x_sent)``) and moves the
-  anchor;
+  anchor: ``a <- x̄``, or with an outer optimizer ``torch.optim.SGD`` on ``a`` with gradient
+  ``a - x̄``, the model then taking the new anchor in place of ``x̄`` (overlapped: ``a' + (x - x_sent)``);
 - :meth:`Round.viewed` shows the averaged model without changing anything (``averaged()``);
 - :meth:`Round.state_dict` / :meth:`Round.from_state`: a round in flight in a checkpoint.
 
@@ -33,8 +35,9 @@ import torch
 
 from risgd_common.layout import Layout
 
+from .codec import Codec
 from .flat import FlatModel
-from .reduce import Reducer, Traffic, payload_bytes
+from .reduce import Reducer, Traffic
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,18 @@ class Displacement:
     (weight 0). Blocking and unmeasured, the model itself is sent in place (its mean equals
     ``a + mean_j d_j`` in exact arithmetic and saves the anchor's passes)."""
 
-    def fill_in_place(self, model: FlatModel, live_here: bool, measure: bool) -> None:
-        """The payload written over the model's own buffers (a blocking round)."""
+    def fill_in_place(self, model: FlatModel, live_here: bool, measure: bool, displace: bool = False) -> None:
+        """The payload written over the model's own buffers (a blocking round). ``displace``: send
+        ``x - a`` even unmeasured (an outer step needs the anchor, a codec small values)."""
         if not live_here:
             for b in model.buffers:
                 b.zero_()  # a failed rank contributes weight 0 and takes the average
         elif measure:
             model.displace()
         else:
+            if displace:
+                for f, a in zip(model.flats, model.anchors):
+                    f.params.sub_(a)
             model.slot.zero_()
 
     def fill(self, model: FlatModel, out: list[torch.Tensor], live_here: bool, measure: bool) -> None:
@@ -131,17 +138,23 @@ class Averaging:
         self.worker = layout.worker_of(rank)
         self.node_sum, self.measure = node_sum, measure_divergence
         self.sends = DISPLACEMENT
+        # unmeasured blocking rounds send the model itself unless the anchor must move with them
+        self.displace_always = model.outer is not None or reducer is not None and reducer.codec is not None
         self._packed: torch.Tensor | None = None  # extras (optimizer state) of blocking rounds, reused
 
     @classmethod
     def build(cls, params: list[torch.Tensor], buffers: list[torch.Tensor], bucket_bytes: int, layout: Layout,
               rank: int, group=None, nodes=None, synchronize=None, node_sum: bool = False,
-              measure_divergence: bool = True) -> Averaging:
+              measure_divergence: bool = True, outer: tuple[float, float, bool] | None = None,
+              codec: Codec | None = None, error_feedback: bool = False) -> Averaging:
         """The flat model of ``params`` and ``buffers`` (identical on every rank: the first anchor)
-        and its reducer over ``group`` (flat) or ``nodes`` (the node level's groups)."""
+        and its reducer over ``group`` (flat) or ``nodes`` (the node level's groups). ``outer``:
+        (lr, momentum, nesterov) of an outer step; ``codec``: how the cross-node part is compressed."""
         model = FlatModel(params, buffers)
-        return cls(model, Reducer(model, bucket_bytes, group, nodes, synchronize), layout, rank, node_sum,
-                   measure_divergence)
+        if outer is not None:
+            model.set_outer(*outer)
+        reducer = Reducer(model, bucket_bytes, group, nodes, synchronize, codec, error_feedback)
+        return cls(model, reducer, layout, rank, node_sum, measure_divergence)
 
     def contributions(self, live: Live) -> int:
         """How many contributions a round's sum holds: one per live rank, or, at the node level
@@ -194,8 +207,8 @@ class Round:
             if extras:
                 self.extras = extras
                 self.sums = self.sums + [avg.pack(extras, self.live_here)]
-            avg.sends.fill_in_place(model, self.live_here, avg.measure)
-            self.nbytes = report.bytes_sent = payload_bytes(self.sums)
+            avg.sends.fill_in_place(model, self.live_here, avg.measure, avg.displace_always)
+            self.nbytes = report.bytes_sent = avg.reducer.payload_bytes(self.sums)
             return report
         if extras:
             raise ValueError("an overlapped round averages no extra tensors")
@@ -203,8 +216,8 @@ class Round:
         for s, b in zip(self.sent, model.buffers):
             s.copy_(b)  # x at the send, buffers included
         avg.sends.fill(model, self.sums, self.live_here, avg.measure)
-        self.nbytes = report.bytes_sent = payload_bytes(self.sums)
-        self._started, self._works = avg.reducer.start(self.sums, avg.node_sum, report.traffic)
+        self.nbytes = report.bytes_sent = avg.reducer.payload_bytes(self.sums)
+        self._started, self._works = avg.reducer.start(self.sums, avg.node_sum, report.traffic, self.live_here)
         for work in self._works:
             work.get_future().then(self._bucket_done)
         return report
@@ -222,7 +235,8 @@ class Round:
             return report
         reducer = self.avg.reducer
         if not self.overlapped:
-            self.comm_seconds = report.comm_seconds = reducer.sum(self.sums, self.avg.node_sum, report.traffic)
+            self.comm_seconds = report.comm_seconds = reducer.sum(self.sums, self.avg.node_sum, report.traffic,
+                                                                  self.live_here)
         else:
             t0 = time.perf_counter()
             reducer.wait(self._works)
@@ -251,7 +265,7 @@ class Round:
         sums = self.sums[: len(model.flats)]
         if avg.measure:
             report.divergence = model.finish(sums, n)
-        elif self.overlapped:
+        elif self.overlapped or avg.displace_always:
             model.finish_unmeasured(sums, n)
             report.divergence = float("nan")
         else:  # the model itself was summed in place: its mean, the anchor left as it is

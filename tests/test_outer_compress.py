@@ -1,0 +1,154 @@
+"""The outer optimizer and compressed rounds: against float64 references on a real 4-rank gloo
+group, the codecs' bounds, error feedback's bookkeeping, bitwise resume, and refused values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from risgd_common.layout import Layout
+from risgd_ext.codec import BF16, Int8
+from risgd_ext.config import ConfigError, parse_block
+from risgd_ext.round import Averaging, Live
+from risgd_hosts.local import run_ranks
+from tests import outer_workers as W
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_ranks(W.run_all, 4, str(tmp_path_factory.mktemp("ckpt")), timeout=600)
+
+
+def _outer_reference(anchor0, befores, live_sets, lr=0.7, momentum=0.9, nesterov=True):
+    """torch.optim.SGD's update written out in float64: g = a - mean_j x_j, b = m b + g,
+    d = g + m b (Nesterov), a <- a - lr d."""
+    a, buf, out = anchor0.double(), None, []
+    for xs, live in zip(befores, live_sets):
+        mean = torch.stack([xs[j].double() for j in live]).mean(0)
+        g = a - mean
+        buf = g.clone() if buf is None else momentum * buf + g
+        a = a - lr * (g + momentum * buf if nesterov else buf)
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("name, live_sets", [
+    ("outer_flat", [range(4)] * 3),
+    ("outer_flat_failure", [range(4), (0, 2, 3), range(4)]),
+    ("outer_node", [range(4)] * 3),
+])
+def test_outer_step_against_float64_reference(results, name, live_sets):
+    rounds = len(results[0][name]["before"])
+    befores = [[results[r][name]["before"][k] for r in range(4)] for k in range(rounds)]
+    expected = _outer_reference(results[0][name]["anchor0"], befores, live_sets)
+    for k in range(rounds):
+        got = [results[r][name]["after"][k] for r in range(4)]
+        assert all(torch.equal(got[0], g) for g in got)  # every rank the same bits
+        assert torch.allclose(got[0].double(), expected[k], atol=2e-6, rtol=1e-5), (name, k)
+    plain_mean = torch.stack([b.double() for b in befores[0]]).mean(0)
+    assert not torch.allclose(results[0][name]["after"][0].double(), plain_mean, atol=1e-4)  # it is not averaging
+
+
+def test_outer_defaults_are_plain_averaging(results):
+    # lr 1, momentum 0: no outer step at all, the average replaces the model (bitwise as before)
+    assert parse_block({"tau": 2}).outer is False and parse_block({"tau": 2, "outer_lr": 0.7}).outer
+    plain = results[0]["plain"]
+    mean = torch.stack([results[r]["plain"]["before"][0].double() for r in range(4)]).mean(0)
+    assert torch.allclose(plain["after"][0].double(), mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["int8", "int8_node", "bf16_no_ef"])
+def test_compressed_rounds_agree_and_stay_near_the_mean(results, name):
+    for k in range(len(results[0][name]["after"])):
+        got = [results[r][name]["after"][k] for r in range(4)]
+        assert all(torch.equal(got[0], g) for g in got)  # decoded and summed in rank order everywhere
+    before = torch.stack([results[r][name]["before"][0] for r in range(4)])
+    anchor = results[0][name]["anchor0"]
+    mean = before.double().mean(0)
+    # the first round has no residual yet: each payload is off by at most half a step of its codec
+    step = (before - anchor).abs().max().item() / 127 if "int8" in name else (before - anchor).abs().max().item() / 128
+    assert (results[0][name]["after"][0].double() - mean).abs().max().item() <= step
+    assert not torch.equal(results[0][name]["after"][0], results[0]["plain"]["after"][0])  # it did compress
+
+
+def test_bytes_are_counted_with_scales(results):
+    plain, int8, bf16 = (results[0][n]["stats"] for n in ("plain", "int8", "bf16_no_ef"))
+    f = 435  # parameters of tests.engine_workers.make_model; then 48 BatchNorm floats and the slot
+    rounds = plain["rounds"]
+    assert plain["bytes_allreduced"] == rounds * 4 * (f + 48 + 1)
+    assert int8["bytes_allreduced"] == rounds * (f + 4 * -(-f // 256) + 4 * (48 + 1))
+    assert bf16["bytes_allreduced"] == rounds * (2 * f + 4 * (48 + 1))
+    assert int8["compress"] == "int8" and int8["error_feedback"] and not bf16["error_feedback"]
+
+
+@pytest.mark.parametrize("name", list(W.RESUMES))
+def test_resume_is_bitwise_with_momentum_and_residuals(results, name):
+    for r in results:
+        out = r["resume_" + name]
+        assert out["start"] == 6
+        for key, value in out["straight"].items():
+            assert torch.equal(value, out["resumed"][key]), (name, key)
+
+
+def test_codec_round_trips_and_bounds():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * torch.logspace(-5, 0, 1000)
+    int8 = Int8()
+    p = int8.encode(x)
+    assert p.dtype == torch.uint8 and p.numel() == int8.nbytes(1000) == 1000 + 4 * 4
+    y = int8.decode(p, 1000)
+    for b in range(4):  # per block of 256: off by at most half a step of that block's own scale
+        block = slice(256 * b, 256 * (b + 1))
+        assert (x[block] - y[block]).abs().max() <= x[block].abs().max() / 127 / 2 * (1 + 1e-6)
+    assert torch.equal(int8.decode(int8.encode(torch.zeros(7)), 7), torch.zeros(7))
+    bf = BF16()
+    z = bf.decode(bf.encode(x), 1000)
+    assert bf.nbytes(1000) == 2000 and ((x - z).abs() <= x.abs() * 2 ** -8).all()
+
+
+@pytest.fixture
+def one_rank():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_error_feedback_keeps_what_compression_dropped(one_rank):
+    """After k rounds, what was sent plus the residual is what would have been sent uncompressed."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 30)
+    avg = Averaging.build(list(lin.parameters()), [], 1 << 20, Layout(1), 0, codec=Int8(), error_feedback=True,
+                          measure_divergence=False)
+    everyone = Live.without(frozenset(), 1)
+    sent_total = torch.zeros(avg.model.flats[0].num_param_elems, dtype=torch.float64)
+    uncompressed_total = torch.zeros_like(sent_total)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in lin.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 1e-2)
+        a = avg.model.anchors[0].clone()
+        uncompressed_total += (avg.model.flats[0].params - a).double()
+        r = avg.round(everyone)
+        r.start(), r.wait(), r.apply()
+        sent_total += (avg.model.anchors[0] - a).double()  # one worker: the new anchor is a + what was sent
+    residual = avg.reducer.residual[0][: avg.model.flats[0].num_param_elems].double()
+    assert residual.abs().max() > 0
+    assert torch.allclose(sent_total + residual, uncompressed_total, atol=1e-6)
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"outer_lr": -0.1}, "risgd.outer_lr must be a number > 0"),
+    ({"outer_momentum": 1.0}, r"risgd.outer_momentum must be a number in \[0, 1\)"),
+    ({"outer_nesterov": True}, "outer_nesterov=true needs risgd.outer_momentum > 0"),
+    ({"compress": "int4"}, "risgd.compress must be one of none, bf16, int8"),
+    ({"compress": "int8", "bucket_mb": 0.0001}, "too small for compress=int8"),
+    ({"error_feedback": "yes"}, "risgd.error_feedback must be true or false"),
+])
+def test_bad_values_are_refused_with_one_line(block, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_block(block)
+    assert "\n" not in str(e.value)
