@@ -85,11 +85,13 @@ def run_name(label: str, seed: int, mbit: float, kind: str) -> str:
     return f"{slug(label)}-s{seed}-{mbit:g}mbit-{kind}"
 
 
-def launch(out: str, mbit: float, seed: int, kind: str, sync_steps: int, shards: str, manifests: dict) -> dict:
-    """One launch: every configuration for (bandwidth, seed, kind) as a plan; returns run dirs."""
+def launch(out: str, mbit: float, seed: int, kind: str, sync_steps: int, shards: str, manifests: dict,
+           configs: dict | None = None) -> dict:
+    """One launch: every configuration (of ``configs``, default CONFIGS) for (bandwidth, seed, kind)
+    as a plan; returns run dirs."""
     runs_dir = os.path.join(out, "runs")
     plan, dirs = [], {}
-    for label, (overrides, node_size, _, _) in CONFIGS.items():
+    for label, (overrides, node_size, _, _) in (configs or CONFIGS).items():
         name = run_name(label, seed, mbit, kind)
         dirs[label] = os.path.join(runs_dir, name)
         steps = sync_steps if label == SYNC else STEPS
@@ -125,11 +127,11 @@ def load(run_dir: str) -> dict:
 
 # -- the clock and the model ----------------------------------------------------------------------
 
-def clock(run: dict, label: str) -> dict:
+def clock(run: dict, label: str, configs: dict | None = None) -> dict:
     """The timed run's clock, before the final evaluation: compute per step, and communication per
     round (exposed: blocking rounds; scheduled waits and the wait to see the last average with overlap)."""
     last = run["metrics"][-1]  # logged after the wait for the last average, before evaluating it
-    _, _, tau, overlap = CONFIGS[label]
+    _, _, tau, overlap = (configs or CONFIGS)[label]
     steps, rounds = last["step"], last["comm_rounds"]
     wall = last["wall_seconds"]
     if overlap:
@@ -144,9 +146,9 @@ def clock(run: dict, label: str) -> dict:
             "bytes_per_round": last["comm_bytes"] / rounds if rounds else 0.0}
 
 
-def time_at(clk: dict, label: str, step: int) -> float:
+def time_at(clk: dict, label: str, step: int, configs: dict | None = None) -> float:
     """Seconds to reach optimizer step ``step`` (an average) and hold its average."""
-    _, _, tau, overlap = CONFIGS[label]
+    _, _, tau, overlap = (configs or CONFIGS)[label]
     rounds = step // tau
     if overlap:
         return step * clk["compute_per_step"] + (rounds - 1) * clk["per_round"] + clk["final_wait"]

@@ -375,6 +375,7 @@ class RISGDController:
         out["tau_intra"] = self.cfg.tau_intra if self.cfg else 0
         out["overlap"] = bool(self.cfg and self.cfg.overlap)
         out["overlap_delay"] = self.cfg.delay if self.cfg and self.cfg.overlap else 0
+        out["model_bytes"] = sum(b.numel() * b.element_size() for b in self.model.buffers) if self.model else 0
         out["compress"] = self.cfg.compress if self.cfg else "none"
         out["error_feedback"] = bool(self.cfg and self.cfg.compress != "none" and self.cfg.error_feedback)
         out["outer_lr"] = self.cfg.outer_lr if self.cfg else 1.0

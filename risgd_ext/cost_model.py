@@ -292,6 +292,55 @@ def predict_hierarchical(compute_s: float, model_bytes: float, nodes: int, ranks
                                   flat.risgd_step_s / step)
 
 
+# -- compressed rounds ------------------------------------------------------------------------------
+INT8_BLOCK = 256  # as risgd_ext.config.INT8_BLOCK (this module imports nothing of the engine)
+
+
+def payload_bytes(model_bytes: float, compress: str) -> float:
+    """Bytes one rank contributes to a round: fp32, bf16 (half), or int8 with one fp32 scale per
+    256 values (4 + 256 bytes per 1,024 fp32 bytes)."""
+    values = model_bytes / 4
+    return {"none": model_bytes, "bf16": 2 * values,
+            "int8": values + 4 * math.ceil(values / INT8_BLOCK)}[compress]
+
+
+def allgather_seconds(payload: float, ranks: int, bandwidth_bytes_s: float, latency_s: float) -> float:
+    """A ring all_gather of ``payload`` bytes from each of ``ranks``: ``(N-1) L + (N-1) s / B``."""
+    if ranks <= 1:
+        return 0.0
+    return (ranks - 1) * latency_s + (ranks - 1) * payload / bandwidth_bytes_s
+
+
+def round_seconds(model_bytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float,
+                  compress: str = "none") -> float:
+    """One round's cross-node collective: the fp32 ring all_reduce, or (compressed) the all_gather of
+    every rank's encoded payload, which the engine decodes and sums locally. The all_gather moves
+    (N-1) payloads per rank against the all_reduce's 2(N-1)/N models: int8 saves 8/N x (2x at
+    N=4, 4x at N=2, nothing from N=8 on), bf16 4/N x."""
+    if compress == "none":
+        return ring_allreduce_seconds(model_bytes, ranks, bandwidth_bytes_s, latency_s)
+    return allgather_seconds(payload_bytes(model_bytes, compress), ranks, bandwidth_bytes_s, latency_s)
+
+
+@dataclass
+class RoundOption:
+    compress: str
+    payload_bytes: float        # what one rank contributes per round, scales included
+    round_s: float              # the cross-node collective (round_seconds)
+    tau: int                    # smallest tau whose communication share is <= the target
+
+
+def recommend_rounds(compute_s: float, model_bytes: float, ranks: int, bandwidth_gbit: float, latency_s: float,
+                     target_share: float = 0.1) -> tuple[list[RoundOption], RoundOption]:
+    """Every codec's round on this link and the tau it needs; the pick is the smallest tau (a
+    larger tau costs accuracy), then the fewest bytes. Compression is picked only where its
+    all_gather is faster than the fp32 all_reduce (see :func:`round_seconds`)."""
+    bw = bandwidth_gbit * 1e9 / 8
+    options = [RoundOption(c, payload_bytes(model_bytes, c), r, recommend_tau(compute_s, r, target_share))
+               for c in ("none", "bf16", "int8") for r in (round_seconds(model_bytes, ranks, bw, latency_s, c),)]
+    return options, min(options, key=lambda o: (o.tau, o.round_s, o.payload_bytes))
+
+
 def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: float, tau: int, *,
            intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6) -> dict:
     """The prediction for a run, from its engine accounting (``engine.risgd.stats()``).
@@ -349,7 +398,19 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
                 compute_s, nbytes, nodes, node_size, bandwidth_gbit, latency_s, tau, tau_intra=tau_intra,
                 intra_bandwidth_gbit=intra_bandwidth_gbit, intra_latency_s=intra_latency_s, overlap=overlap,
                 overlap_delay=delay)))
+    if "compress" in stats and "allreduce_s" in out:
+        # what to run on this link: (tau, compress) from the model's fp32 bytes, and the outer step
+        fp32 = stats.get("model_bytes") or nbytes
+        groups = Layout(ranks, node_size).workers
+        _, pick = recommend_rounds(compute_s, fp32, groups, bandwidth_gbit, latency_s, target_share)
+        out["recommend"] = {"tau": pick.tau, "compress": pick.compress, "round_s": pick.round_s,
+                            "payload_bytes": pick.payload_bytes, "outer": OUTER_ADVICE}
     return out
+
+
+# What the sweep on the namespace hosts measured for the outer step (README, "Rounds for wide-area
+# links"); the cost model has no accuracy term, so this is advice from that measurement, not a model.
+OUTER_ADVICE = "outer_lr 0.7, outer_momentum 0.9, outer_nesterov true (DiLoCo); see the README's sweep"
 
 
 def format_prediction(p: Prediction) -> str:
@@ -396,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-node per-message latency in us (default 5)")
     parser.add_argument("--overlap", action="store_true",
                         help="a round's all-reduce runs behind the next local steps' compute")
+    parser.add_argument("--compress", choices=("none", "bf16", "int8"), default=None,
+                        help="also list every codec's round across the nodes (none: fp32 all_reduce; bf16/int8: "
+                             "all_gather of the encoded payloads) with the tau each needs, and recommend one")
     parser.add_argument("--overlap-delay", type=int, default=None,
                         help="steps after which an overlapped round's result is applied (default: --tau; "
                              "1..tau, needs --overlap)")
@@ -438,6 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{label}: {nbytes / 2**20:.1f} MiB per all-reduce; {ranks} ranks at {args.bandwidth_gbit:g} "
           f"Gbit/s, {args.latency_us:g} us latency, {args.compute_ms:g} ms compute per step")
     print(format_prediction(p))
+    local_s = args.compute_ms / 1e3 if risgd_compute_s is None else risgd_compute_s
+    options, pick = ([], None) if args.compress is None else recommend_rounds(local_s, nbytes,
+                                     args.nodes, args.bandwidth_gbit, args.latency_us / 1e6, args.target_share)
+    if options:
+        print(f"rounds across the {args.nodes} nodes, by payload (smallest tau for a communication share <= "
+              f"{args.target_share:g}):")
+    for o in options:
+        mark = " <- recommended" if o is pick else (" <- --compress" if o.compress == args.compress else "")
+        print(f"  {o.compress:<5} payload {o.payload_bytes / 2**20:8.2f} MiB  round {o.round_s:8.3f} s  "
+              f"tau {o.tau}{mark}")
     if args.ranks_per_node > 1 or args.overlap:
         h = predict_hierarchical(args.compute_ms / 1e3, nbytes, args.nodes, args.ranks_per_node, args.bandwidth_gbit,
                                  args.latency_us / 1e6, args.tau, tau_intra=args.tau_intra,

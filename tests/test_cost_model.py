@@ -372,3 +372,20 @@ def test_advise_hierarchy_and_overlap():
     assert alone["round_s"] == pytest.approx(alone["allreduce_s"]) and alone["hier_step_s"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="not a multiple of node_size"):
         advise({**STATS, "node_size": 3}, 8.0, 0.0, 0.1, 10)
+
+
+def test_compressed_payloads_and_their_collective():
+    from risgd_ext.cost_model import payload_bytes, recommend_rounds, ring_allreduce_seconds, round_seconds
+
+    s = 4 * 1024 * 256  # 262,144 values
+    assert payload_bytes(s, "none") == s and payload_bytes(s, "bf16") == s / 2
+    assert payload_bytes(s, "int8") == 262144 + 4 * 1024  # values + one fp32 scale per 256
+    assert s / payload_bytes(s, "int8") >= 3.9
+    bw = 1e6
+    assert round_seconds(s, 4, bw, 0.0) == ring_allreduce_seconds(s, 4, bw, 0.0)
+    for n in (2, 4, 8):  # all_gather of (N-1) payloads against 2(N-1)/N models: int8 saves ~8/N x
+        ratio = round_seconds(s, n, bw, 0.0) / round_seconds(s, n, bw, 0.0, "int8")
+        assert ratio == pytest.approx(8 / n * s / 4 / payload_bytes(s, "int8") * 4 / 4, rel=1e-9)
+    _, two = recommend_rounds(0.1, 98 * 2**20, 2, 0.1, 50e-6)
+    _, eight = recommend_rounds(0.1, 98 * 2**20, 8, 0.1, 50e-6)
+    assert two.compress == "int8" and eight.compress == "none"  # compression only where its collective wins
