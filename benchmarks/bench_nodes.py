@@ -96,7 +96,7 @@ def launch(out: str, mbit: float, seed: int, kind: str, sync_steps: int, shards:
         dirs[label] = os.path.join(runs_dir, name)
         steps = sync_steps if label == SYNC else STEPS
         run = [*overrides, f"run_name={name}", f"steps={steps}", f"seed={seed}"]
-        if label != SYNC:
+        if label != SYNC and "mu=0" not in overrides:  # mu=0 (PR-SGD) builds its own, from the recipe's keys
             run.append(f"data.manifest={manifests[Layout(HOSTS * PER_HOST, node_size).workers]}")
         plan.append(run)
     if all(os.path.exists(os.path.join(d, "summary.json")) for d in dirs.values()):
