@@ -259,11 +259,25 @@ class Run:
         return self.cfg["data"]["base_batch"] * self.node_size
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        """``steps``, or ``epochs`` of the manifest's chunk rounded up to the next average."""
+        """``steps``, or ``epochs`` of the manifest's chunk rounded up to the next average; refused
+        when the warm-up covers them all (see :func:`check_local_steps`)."""
         if self.cfg["steps"]:
-            return self.cfg["steps"]
-        steps = self.cfg["epochs"] * steps_per_epoch
-        return steps if self.schedule is None else self.schedule.average_steps_near(steps)[1]
+            steps = self.cfg["steps"]
+        else:
+            steps = self.cfg["epochs"] * steps_per_epoch
+            steps = steps if self.schedule is None else self.schedule.average_steps_near(steps)[1]
+        check_local_steps(self.cfg, self.schedule, steps)
+        return steps
+
+
+def check_local_steps(cfg: dict, schedule: RISGDConfig | None, steps: int) -> None:
+    """A local-SGD run whose synchronous warm-up covers every step would train SyncSGD under the
+    name and label of another algorithm: refused."""
+    if schedule is not None and schedule.warmup_sync_steps >= steps:
+        raise RecipeError(f"warmup_sync_steps={schedule.warmup_sync_steps} covers all {steps} steps of this run, so "
+                          f"it would never take a local step although it is named {cfg['algorithm']}: lower "
+                          f"warmup_sync_steps below the run's steps (e.g. warmup_sync_steps=0 for a short trial) or "
+                          "use algorithm=sync")
 
 
 def _get(cfg: dict, dotted: str) -> Any:
@@ -433,6 +447,8 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     run = Run(cfg, ds_config, schedule, manifest, world_size, run_name(cfg),
               os.path.join(cfg["runs_dir"], run_name(cfg)), finished=False)
     steps = cfg["steps"]
+    if steps:
+        check_local_steps(cfg, schedule, steps)
     if steps and not run.is_average_step(steps):
         below, above = schedule.average_steps_near(steps)
         raise RecipeError(f"steps={steps} ends inside a round (warmup_sync_steps={schedule.warmup_sync_steps}, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 from typing import Any
 
 import yaml
@@ -21,6 +22,8 @@ class RunTracker:
         self.run_dir, self.active = run_dir, active
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb_run = None
+        self._previous: dict = {}
+        self._finishing = False
         if not active:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -50,6 +53,39 @@ class RunTracker:
         self.wandb_run = wandb.init(project=cfg["wandb"]["project"], group=cfg["wandb"]["group"],
                                     name=os.path.basename(self.run_dir), id=run_id, resume="allow",
                                     config=cfg, dir=self.run_dir, mode=mode)
+        if mode == "offline":
+            # A resumed run writes a new offline directory: it gets the whole history from
+            # metrics.jsonl (the record of truth), so the newest directory alone is complete even
+            # when an interrupted part lost its last rows (wandb's service gets the same Ctrl-C).
+            for row in self.history():
+                self.wandb_run.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        """Ctrl-C, or the launcher's SIGTERM: mark the wandb run preempted and finish it (best
+        effort: its service may be stopped by the same signal), then end as the signal would have.
+        A second signal while finishing waits for the finish."""
+        if self._finishing:
+            return
+        self._finishing = True
+        run, self.wandb_run = self.wandb_run, None
+        try:
+            if run is not None:
+                run.summary["preempted"] = True
+                run.mark_preempting()
+                run.finish(exit_code=128 + signum)
+        except Exception:  # the run's service may be going down with us
+            pass
+        finally:
+            previous = self._previous.get(signum, signal.SIG_DFL)
+            for other, handler in self._previous.items():
+                signal.signal(other, handler)
+            self._previous.clear()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signum)
 
     def history(self) -> list[dict[str, Any]]:
         """The lines logged so far (rank 0; empty elsewhere)."""
@@ -79,6 +115,9 @@ class RunTracker:
         if not self.active:
             return
         write_text_atomic(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+        for signum, handler in self._previous.items():  # the next run of a plan installs its own
+            signal.signal(signum, handler)
+        self._previous.clear()
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
@@ -103,8 +142,9 @@ def _node_and_overlap(stats: dict[str, Any]) -> dict[str, Any]:
             "workers": stats["workers"]}
 
 
-def read_offline_history(run_dir: str) -> list[dict[str, Any]]:
-    """The metrics logged to the run's offline wandb files (``wandb/offline-run-*/run-*.wandb``).
+def read_offline_history(run_dir: str, newest: bool = False) -> list[dict[str, Any]]:
+    """The metrics logged to the run's offline wandb files (``wandb/offline-run-*/run-*.wandb``;
+    ``newest``: only the newest directory's, which a resumed run fills with the whole history).
 
     The file is a LevelDB-style log of protobuf records (32 KiB blocks, 7-byte record headers)
     after a 7-byte ``:W&B`` header; recent wandb versions read it only from their Go core, so this
@@ -116,7 +156,8 @@ def read_offline_history(run_dir: str) -> list[dict[str, Any]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     rows: list[dict[str, Any]] = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))):
+    paths = sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")))
+    for path in paths[-1:] if newest else paths:
         with open(path, "rb") as f:
             data = f.read()
         if data[:4] != b":W&B":

@@ -24,7 +24,10 @@ putting the local model back afterwards.
 
 from __future__ import annotations
 
+import atexit
 import time
+import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +58,30 @@ _COUNTERS_2 = ("intra_bytes", "intra_comm_seconds", "intra_collectives", "inter_
                "comm_wait_seconds", "view_wait_seconds")
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # controllers of this process, for the end-of-run check
+
+
+def _check_all(when: str) -> None:
+    for ctl in list(_LIVE):
+        ctl.warn_unfinished(when)
+
+
+def _watch_process_group() -> None:
+    """Once per process: warn when the process group is destroyed, or the process exits, while a
+    controller's ranks hold different models (a forgotten ``consensus()``)."""
+    if getattr(dist.destroy_process_group, "_risgd_watched", False):
+        return
+    original = dist.destroy_process_group
+
+    def destroy_process_group(*args, **kwargs):
+        _check_all("the process group is destroyed")
+        return original(*args, **kwargs)
+
+    destroy_process_group._risgd_watched = True
+    dist.destroy_process_group = destroy_process_group
+    atexit.register(_check_all, "the process exits")
+
+
 class RISGDController:
     """Local steps and periodic averaging for one rank. ``cfg=None`` means plain DeepSpeed: the
     controller then only accounts for DeepSpeed's own per-step gradient all-reduce."""
@@ -62,6 +89,7 @@ class RISGDController:
     def __init__(self, engine: Any, cfg: RISGDConfig | None):
         self.engine = engine
         self.cfg = cfg
+        self._warned = False
         self.group = getattr(engine, "data_parallel_group", None)
         self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
@@ -117,6 +145,29 @@ class RISGDController:
         if self.nodes is not None and cfg.tau_intra == 0:
             self.grad_averager = GradientAverager(self.params(), self.nodes.node_group, cfg.node_size,
                                                   cfg.bucket_bytes, self.synchronize)
+        if cfg is not None:
+            _LIVE.add(self)
+            _watch_process_group()
+
+    def unfinished(self) -> str | None:
+        """Why the ranks may hold different models now (None: they hold the same average)."""
+        if self.cfg is None or self.steps == 0:
+            return None
+        if self.in_flight is not None:
+            return f"a round is in flight at step {self.steps} (overlap)"
+        if not self.is_average():
+            return f"step {self.steps} is inside a round"
+        return None
+
+    def warn_unfinished(self, when: str) -> None:
+        """Warn once if ``when`` happens while the ranks hold different models."""
+        reason = self.unfinished()
+        if reason is None or self._warned:
+            return
+        self._warned = True
+        warnings.warn(f"risgd_ext: {when} while {reason}: rank {self.rank} holds its local model, not the "
+                      "average; call engine.risgd.consensus() on every rank at an averaging step "
+                      "(engine.risgd.is_average()) before saving or ending", RuntimeWarning, stacklevel=3)
 
     @property
     def model(self) -> FlatModel | None:

@@ -147,6 +147,12 @@ class RISGDEngineMixin:
         # gradients are already identical, so the local norm is the global one.
         torch.nn.utils.clip_grad_norm_(self._risgd_params, max_norm=self.gradient_clipping())
 
+    def destroy(self):
+        risgd = self.__dict__.get("risgd")  # absent on a partially built engine
+        if risgd is not None:
+            risgd.warn_unfinished("the engine is destroyed")
+        return super().destroy()
+
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         tag = str(tag if tag is not None else f"global_step{self.global_steps}")
         # Ranks differ between rounds (and in momentum), but DeepSpeed writes rank 0's model and

@@ -132,3 +132,18 @@ def test_experiment_diff_ignores_operational_keys_only():
     a = load_recipe(RECIPE)
     b = load_recipe(RECIPE, ["runs_dir=/elsewhere", "data.shards=/local", "checkpoint_every=100", "seed=1"])
     assert experiment_diff(a, b) == ["seed: 0 -> 1"]
+
+
+def test_a_warm_up_covering_the_whole_run_is_refused(tmp_path):
+    from risgd_recipes.config import check_local_steps
+
+    with pytest.raises(RecipeError, match="warmup_sync_steps=25000 covers all 8 steps"):
+        resolve_run("recipes/imagenet_resnet50.yaml", ["steps=8", "epochs=0", "data.manifest=null", f"runs_dir={tmp_path}"], 8)
+    run = resolve_run("recipes/imagenet_resnet50.yaml", ["steps=25050", "epochs=0", "data.manifest=null",
+                                                                   f"runs_dir={tmp_path}"], 8)
+    assert run.schedule.warmup_sync_steps == 25000  # a local step after the warm-up: accepted
+    epochs = resolve_run("recipes/digits.yaml", ["warmup_sync_steps=500", "steps=0", "epochs=2",
+                                                 f"runs_dir={tmp_path}"], 4)
+    with pytest.raises(RecipeError, match="covers all 100 steps"):
+        epochs.total_steps(50)  # epochs: known once the manifest gives the steps per epoch
+    check_local_steps({"algorithm": "sync"}, None, 8)  # SyncSGD has no warm-up to speak of
