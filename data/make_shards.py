@@ -29,6 +29,7 @@ from risgd_common.atomic import write_text_atomic
 from .errors import EXIT_OK, DataError, cli_error
 from .index import INDEX_VERSION
 from .sources import Sample, Source, open_source
+from .stamps import Stamps
 from .tario import ShardRecord, scan_shard, write_shard
 
 DEFAULT_SHARD_SIZE = {"digits": 250, "cifar10": 2500, "cifar100": 2500, "imagefolder": 1000, "imagenet": 5000}
@@ -140,6 +141,13 @@ def make_shards(
                 start += rec["samples"]
         index["splits"][split] = {"samples": start, "shards": shards}
     write_index(index, out)
+    # make_shards has just hashed every shard it wrote: stamp them (data/stamps.py), so that a
+    # start on this directory does not hash them again
+    stamps = Stamps(out, create=True)
+    for (_, path, _), (rec, written, *_) in zip(jobs, results):
+        if written:
+            stamps.add_written(os.path.basename(path), rec["sha256"])
+    stamps.save()
     if report is not None:
         done = [r for r in results if r[1]]
         report.update({

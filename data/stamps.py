@@ -140,6 +140,14 @@ class Stamps:
                 written.st_ino, written.st_dev, written.st_size, written.st_mtime_ns):
             self.fresh[name] = (sha256, identity(st))
 
+    def add_written(self, name: str, sha256: str) -> None:
+        """Record a shard this process has just written and hashed (make_shards), with its identity
+        now: the writer's own hash vouches for it, so the first start need not hash it again."""
+        try:
+            self.fresh[name] = (sha256, identity(os.stat(os.path.join(self.shard_dir, name))))
+        except OSError:
+            pass
+
     def report(self) -> dict:
         return {"shards": self.by_cache + self.by_stamp + self.hashed, "by_stamp": self.by_stamp,
                 "by_cache": self.by_cache, "hashed": self.hashed, "hashed_bytes": self.hashed_bytes}

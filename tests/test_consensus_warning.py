@@ -43,7 +43,8 @@ def _scenarios(rank: int, world: int) -> dict:
 
 def test_forgotten_consensus_warns_once_on_every_rank():
     for out in run_ranks(_scenarios, 2, timeout=300):
-        assert len(out["in_flight"]) == 1 and "the engine is destroyed while a round is in flight" in out["in_flight"][0]
+        assert len(out["in_flight"]) == 1
+        assert "the engine is destroyed while a round is in flight" in out["in_flight"][0]
         assert "consensus()" in out["in_flight"][0]
         assert len(out["mid_round"]) == 1 and "step 3 is inside a round" in out["mid_round"][0]
         assert out["again"] == [] and out["after_consensus"] == []

@@ -187,9 +187,11 @@ def test_a_corrupt_or_foreign_stamp_file_counts_as_none(replica):
 
 
 def test_only_a_stamped_directory_is_written(digits_dir, tmp_path, cold_cache):
-    # make_shards' output (no stamp file): verified in full as before, and left exactly as it was.
+    # A directory without a stamp file (make_shards' output from before it stamped, with the
+    # stamps taken away): verified in full as before, and left exactly as it was.
     d = tmp_path / "made"
     shutil.copytree(digits_dir, d)
+    os.remove(d / STAMP_NAME)
     assert STAMP_NAME not in os.listdir(d)
     index = load_index(str(d))
     before = sorted(os.listdir(d))
@@ -266,3 +268,24 @@ def test_ranks_starting_at_once_never_corrupt_the_stamp_file(replica):
     out = fresh_verify(dest, names)  # entries lost to a race are hashed again, and kept
     assert "error" not in out and out["calls"] == len(names) - len(doc["shards"]), out
     assert fresh_verify(dest, names)["calls"] == 0
+
+
+def test_make_shards_stamps_what_it_wrote(tmp_path):
+    """A start on shards make_shards has just written hashes none of them: it stamped its own hashes."""
+    from risgd_data.index import load_index
+    from risgd_data.make_shards import make_shards
+    from risgd_data.stamps import STAMP_NAME, Stamps
+
+    out = str(tmp_path / "digits")
+    make_shards("digits", out, shard_size=400, seed=0, progress=False)
+    assert os.path.exists(os.path.join(out, STAMP_NAME))
+    index = load_index(out)
+    shards = [s for split in index["splits"].values() for s in split["shards"]]
+    stamps = Stamps(out)
+    for s in shards:
+        assert stamps.digest(s["name"], s["sha256"]) == s["sha256"]
+    assert stamps.report()["hashed"] == 0 and stamps.report()["by_stamp"] + stamps.report()["by_cache"] == len(shards)
+    with open(os.path.join(out, shards[0]["name"]), "r+b") as f:  # a changed shard is hashed, and caught
+        f.seek(600)
+        f.write(b"X")
+    assert Stamps(out).digest(shards[0]["name"], shards[0]["sha256"]) != shards[0]["sha256"]

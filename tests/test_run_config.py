@@ -138,7 +138,8 @@ def test_a_warm_up_covering_the_whole_run_is_refused(tmp_path):
     from risgd_recipes.config import check_local_steps
 
     with pytest.raises(RecipeError, match="warmup_sync_steps=25000 covers all 8 steps"):
-        resolve_run("recipes/imagenet_resnet50.yaml", ["steps=8", "epochs=0", "data.manifest=null", f"runs_dir={tmp_path}"], 8)
+        resolve_run("recipes/imagenet_resnet50.yaml", ["steps=8", "epochs=0", "data.manifest=null",
+                                                       f"runs_dir={tmp_path}"], 8)
     run = resolve_run("recipes/imagenet_resnet50.yaml", ["steps=25050", "epochs=0", "data.manifest=null",
                                                                    f"runs_dir={tmp_path}"], 8)
     assert run.schedule.warmup_sync_steps == 25000  # a local step after the warm-up: accepted
