@@ -173,7 +173,10 @@ def validate(cfg: dict) -> None:
         raise RecipeError(f"algorithm {cfg['algorithm']} uses no redundancy, but mu={cfg['mu']:g}: set mu=0 "
                           "or algorithm=risgd")
     if (cfg["steps"] > 0) == (cfg["epochs"] > 0):
-        raise RecipeError("set exactly one of 'steps' and 'epochs' to a positive number")
+        given = ", ".join(f"{k}={cfg[k]}" for k in ("steps", "epochs") if cfg[k] > 0) or "neither"
+        raise RecipeError(f"set exactly one of 'steps' and 'epochs' to a positive number (this run has {given}; "
+                          "a recipe's value is cleared with the override steps=0 or epochs=0, e.g. "
+                          "'steps=8 epochs=0')")
     for key in ("eval_every", "checkpoint_every"):
         if cfg[key] < 0:
             raise RecipeError(f"{key}={cfg[key]} must be >= 0 (0: only at the end of the run)")
@@ -326,9 +329,13 @@ def check_world_size(manifest: dict, world_size: int, path: str = "the manifest"
     if manifest["workers"] != workers:
         what = (f"{world_size} ranks" if node_size == 1
                 else f"{workers} workers ({world_size} ranks, node_size={node_size})")
+        hint = ""
+        k = world_size // manifest["workers"] if manifest["workers"] else 0
+        if k > 1 and world_size % manifest["workers"] == 0 and k != node_size:
+            hint = f", or run it node-level with node_size={k} (each worker a node of {k} ranks)"
         raise RecipeError(f"{path} is for {manifest['workers']} workers but this run has {what}: launch with that "
-                          f"many {'ranks' if node_size == 1 else 'nodes'} or rebuild the manifest with --workers "
-                          f"{workers}")
+                          f"many {'ranks' if node_size == 1 else 'nodes'}{hint}, or rebuild the manifest with "
+                          f"--workers {workers}")
 
 
 def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | None]:

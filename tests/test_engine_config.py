@@ -166,3 +166,13 @@ def test_recipe_engine_keys_and_block_writer_come_from_the_declarations():
     assert block_from_recipe(dict(values, node_size=2))["node_size"] == 2
     with pytest.raises(ConfigError, match="risgd.overlap must be true or false"):
         parse_block({"overlap": "yes"})
+
+
+def test_readme_risgd_block_is_valid_json_the_engine_accepts():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    start = readme.index('```json\n{\n  "risgd"') + len("```json\n")
+    block = json.loads(readme[start:readme.index("```", start)])["risgd"]
+    from risgd_ext.config import KEYS
+
+    assert set(block) == set(KEYS)  # every key shown, each accepted
+    assert parse_block(block).tau == 50

@@ -148,3 +148,13 @@ def test_a_warm_up_covering_the_whole_run_is_refused(tmp_path):
     with pytest.raises(RecipeError, match="covers all 100 steps"):
         epochs.total_steps(50)  # epochs: known once the manifest gives the steps per epoch
     check_local_steps({"algorithm": "sync"}, None, 8)  # SyncSGD has no warm-up to speak of
+
+
+def test_messages_name_the_way_out(tmp_path, digits_dir):
+    with pytest.raises(RecipeError, match=r"this run has steps=8, epochs=90; .*'steps=8 epochs=0'"):
+        resolve_run("recipes/imagenet_resnet50.yaml", ["steps=8", "data.manifest=null", f"runs_dir={tmp_path}"], 8)
+    index = load_index(digits_dir)
+    m = str(tmp_path / "two.yaml")
+    write_manifest(build_manifest(index, 2, 0.5), m)
+    with pytest.raises(RecipeError, match="or run it node-level with node_size=2"):
+        resolve_run("recipes/digits.yaml", [f"data.manifest={m}", f"runs_dir={tmp_path}"], 4)
