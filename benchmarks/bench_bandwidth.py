@@ -23,7 +23,7 @@ Two kinds of rows:
   sha256), so only the clock changes. Full runs at low bandwidth would take hours of SyncSGD.
 
 At every bandwidth ``benchmarks/round_probe.py`` also times one averaging round in isolation (the
-engine's BucketAverager after a barrier) and a one-float all_reduce, whose time / 2(N-1) is the
+engine's own round (risgd_ext.round) after a barrier) and a one-float all_reduce, whose time / 2(N-1) is the
 per-message latency L of the alpha-beta model.
 
 The cost model (risgd_ext.cost_model) is calibrated once, at the fastest full bandwidth: L from

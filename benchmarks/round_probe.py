@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="timed averaging rounds (default 10)")
     parser.add_argument("--pings", type=int, default=20, help="timed one-float all_reduces (default 20)")
     parser.add_argument("--bucket-mb", type=float, default=25.0)
+    parser.add_argument("--compress", choices=("none", "bf16", "int8"), default="none",
+                        help="the round's codec (default none); the plain all_reduce it alternates with stays fp32, "
+                             "so the two times are the compressed round against one fp32 all_reduce of the model")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     args = parser.parse_args(argv)
 
@@ -44,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(1 + dist.get_rank())  # then ranks drift apart, as they do before a round
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = [b for b in model.buffers() if b.is_floating_point()]
-    averaging = Averaging.build(params, buffers, int(args.bucket_mb * 2**20), Layout(n), dist.get_rank())
+    from risgd_ext.codec import make_codec
+
+    averaging = Averaging.build(params, buffers, int(args.bucket_mb * 2**20), Layout(n), dist.get_rank(),
+                                codec=make_codec(args.compress), error_feedback=args.compress != "none")
     everyone = Live.without(frozenset(), n)
 
     tiny = torch.zeros(1)
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.all_reduce(flat)
         raw.append(time.perf_counter() - t0)
     if dist.get_rank() == 0:
-        out = {"ranks": n, "round_bytes": nbytes, "round_seconds": rounds[1:],
+        out = {"ranks": n, "compress": args.compress, "round_bytes": nbytes, "round_seconds": rounds[1:],
                "round_seconds_min": min(rounds[1:]), "round_seconds_median": statistics.median(rounds[1:]),
                "allreduce_seconds_median": statistics.median(raw[1:]),
                "ping_seconds_median": statistics.median(pings[1:]),
