@@ -23,6 +23,7 @@ import yaml
 
 from risgd_common.layout import Layout
 from risgd_data.errors import DataError
+from risgd_data.index import load_index
 from risgd_data.manifest import load_manifest, validate_manifest_params
 from risgd_ext.config import (
     KEYS,
@@ -81,6 +82,7 @@ SCHEMA: dict[str, Any] = {
         "image_size": None,
         "verify": "stamp",          # stamp: skip re-hashing replicated, unchanged shards; full: hash all
         "fast_decode": True,        # JPEG training data: timm's transform fused with a faster decode
+        "max_side": None,           # the shards' make_shards --max-side (checked against index.json); null: any
     },
     "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
     "schedule": {"kind": "cosine", "warmup_steps": 0, "milestones": [], "gamma": 0.1, "min_lr": 0.0},
@@ -190,6 +192,10 @@ def validate(cfg: dict) -> None:
                           "network.target_comm_share in (0, 1)")
     if cfg["data"]["base_batch"] < 1:
         raise RecipeError("data.base_batch must be >= 1")
+    max_side = cfg["data"]["max_side"]
+    if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < 1):
+        raise RecipeError(f"data.max_side must be null (any shards) or the positive --max-side the shards were made "
+                          f"with (e.g. 320), got {max_side!r}")
     if cfg["data"]["verify"] not in ("stamp", "full"):
         raise RecipeError(f"data.verify must be stamp or full, got {cfg['data']['verify']!r}")
     if cfg["precision"] not in PRECISIONS:
@@ -424,6 +430,30 @@ def check_same_manifest(run_dir: str, manifest: dict) -> None:
                           "run's: other shards or another manifest file); pick a new run_name= or runs_dir=")
 
 
+def check_max_side(data: dict) -> None:
+    """``data.max_side`` (not null) must be what the shards' index.json records (make_shards
+    --max-side); read before any process group or data work, like the manifest."""
+    want = data["max_side"]
+    if want is None:
+        return
+    path = os.path.join(data["shards"], "index.json")
+    remake = (f"python -m data.make_shards --dataset {data['dataset']} --src SRC --out {data['shards']} "
+              f"--max-side {want}")
+    if not os.path.exists(path):
+        raise RecipeError(f"data.max_side={want} but {path} does not exist (shards made at start are full size): "
+                          f"make them first with {remake}, or set data.max_side=null")
+    try:
+        index = load_index(data["shards"])
+    except DataError as e:
+        raise RecipeError(str(e)) from None
+    have = index.get("max_side")
+    if have != want:
+        what = "full-size images (made without --max-side)" if have is None else f"max_side {have}"
+        raise RecipeError(f"data.max_side={want} but {path} records {what}: set data.max_side="
+                          f"{'null' if have is None else have} to train on these shards, or remake them with "
+                          f"{remake}")
+
+
 def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: int) -> Run:
     """The whole launch, resolved and checked (see the module docstring)."""
     raw = _read_raw(path, overrides)
@@ -440,6 +470,7 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
             check_world_size(manifest, world_size, f"the manifest {cfg['data']['manifest']}", node_size)
             _apply_manifest(cfg, raw, manifest, cfg["data"]["manifest"])
         validate(cfg)
+        check_max_side(cfg["data"])
         if manifest is None:
             mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
             validate_manifest_params(workers, cfg["mu"], cfg["data"]["partition"], cfg["data"]["hetero_std"],

@@ -158,3 +158,41 @@ def test_messages_name_the_way_out(tmp_path, digits_dir):
     write_manifest(build_manifest(index, 2, 0.5), m)
     with pytest.raises(RecipeError, match="or run it node-level with node_size=2"):
         resolve_run("recipes/digits.yaml", [f"data.manifest={m}", f"runs_dir={tmp_path}"], 4)
+
+
+def test_data_max_side_must_match_the_shards_record(tmp_path, digits_dir, monkeypatch, capsys):
+    """data.max_side (null: any) is checked against index.json's max_side before any process group or
+    data work: one line naming the file and both ways out; train exits 2."""
+    from risgd_data.make_shards import make_shards
+    from risgd_data.synthetic import write_imagenet_tree
+
+    src, sized = str(tmp_path / "src"), str(tmp_path / "sized")
+    write_imagenet_tree(src, 4, 2, classes=2, seed=0)
+    make_shards("imagenet", sized, src=src, progress=False, max_side=128)
+    assert resolve(tmp_path, f"data.shards={sized}").cfg["data"]["max_side"] is None  # null: any shards
+    assert resolve(tmp_path, f"data.shards={sized}", "data.max_side=128").cfg["data"]["max_side"] == 128
+    index = os.path.join(sized, "index.json")
+    cases = [
+        ([f"data.shards={sized}", "data.max_side=256"],
+         f"data.max_side=256 but {index} records max_side 128: set data.max_side=128 to train on these shards, "
+         f"or remake them with python -m data.make_shards --dataset digits --src SRC --out {sized} --max-side 256"),
+        ([f"data.shards={digits_dir}", "data.max_side=320"],
+         f"data.max_side=320 but {os.path.join(digits_dir, 'index.json')} records full-size images (made without "
+         "--max-side): set data.max_side=null"),
+        ([f"data.shards={tmp_path}/none", "data.max_side=320"],
+         f"data.max_side=320 but {tmp_path}/none/index.json does not exist"),
+        (["data.max_side=0"], "data.max_side must be null (any shards) or the positive --max-side"),
+        (["data.max_side=big"], "data.max_side must be null (any shards) or the positive --max-side"),
+    ]
+    for overrides, words in cases:
+        with pytest.raises(RecipeError) as e:
+            resolve(tmp_path, *overrides)
+        assert str(e.value).startswith(words) and "\n" not in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "none")
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert train.main(["--recipe", RECIPE, f"data.shards={sized}", "data.max_side=256", f"runs_dir={tmp_path}"]) == 2
+    assert "records max_side 128: set data.max_side=128" in capsys.readouterr().err
+    assert not dist.is_initialized()
