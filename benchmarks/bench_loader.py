@@ -24,7 +24,13 @@ no download; risgd_data.synthetic.write_imagenet_tree) in the ILSVRC-2012 layout
      train transform (the peer), this loader with that transform (as is), this loader's fast path
      (FastTrainTransform) with the PIL decoder and with simplejpeg, and the fast loader with 1 and 2
      DataLoader workers; the ratios to the peer per round;
-  3. prints how many loader cores one GPU training ResNet-50 needs at the measured rate.
+     Side by side with them in the same rounds: this loader's fast path on pre-sized shards
+     (make_shards --max-side N, N=--max-side, default 320: shorter side <= N, re-encoded at
+     --quality), against the same peer on the original JPEGs (goal: >= 3x per process at N=320);
+     the conversion rate of make_shards --max-side (img/s, --repeats runs, source evicted);
+  3. a per-image breakdown of the fast path (simplejpeg) on the full-size and the pre-sized shards:
+     decode alone, crop + resize alone, the rest (header, draws, flip, ColorJitter, normalize);
+  4. prints how many loader cores one GPU training ResNet-50 needs at the measured rate.
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ import argparse
 import io
 import itertools
 import os
+import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -47,6 +55,7 @@ from risgd_data.loader import make_train_loader
 from risgd_data.make_shards import IMAGENET_IMAGES, make_shards
 from risgd_data.manifest import build_manifest, write_manifest
 from risgd_data.replicate import replicate
+from risgd_data.stamps import STAMP_NAME
 from risgd_data.synthetic import write_cifar_tarball, write_imagenet_tree
 from risgd_data.transforms import FastTrainTransform, image_mode, train_transform
 
@@ -157,8 +166,9 @@ def _evict(root: str) -> None:
 
 
 def _same_tree(a: str, b: str) -> bool:
-    names = sorted(os.listdir(a))
-    if names != sorted(os.listdir(b)):
+    """Every shard and index.json byte-identical (not the verification stamps: they hold inodes, mtimes)."""
+    names = sorted(n for n in os.listdir(a) if n != STAMP_NAME)
+    if names != sorted(n for n in os.listdir(b) if n != STAMP_NAME):
         return False
     for name in names:
         with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
@@ -210,6 +220,110 @@ def bench_conversion(args: argparse.Namespace, tree: str, work: str) -> str:
     return os.path.join(work, "shards-w1")
 
 
+def bench_presize_conversion(args: argparse.Namespace, tree: str, work: str) -> str:
+    """make_shards --max-side N with 1 worker process, --repeats times: img/s, what it wrote, determinism."""
+    total, per, resized, outs = [], [], [], []
+    for r in range(min(args.repeats, 2) if args.quick_presize else args.repeats):
+        out = os.path.join(work, f"shards-max{args.max_side}-{r % 2}")
+        shutil.rmtree(out, ignore_errors=True)
+        if not args.warm_source:
+            _evict(tree)
+        report: dict = {}
+        make_shards("imagenet", out, src=tree, shard_size=args.shard_size, progress=False, workers=1, report=report,
+                    max_side=args.max_side, quality=args.quality)
+        total.append(report["written"] / report["convert_seconds"])
+        per.append(report["written"] / report["busy_seconds"])
+        resized.append(report["resized"])
+        outs.append(out)
+    full, sized = _train_bytes(os.path.join(work, "shards-w1")), _train_bytes(outs[0])
+    dims = [Image.open(io.BytesIO(b)).size for b in sized]
+    same = len(outs) < 2 or _same_tree(outs[0], outs[1])
+    where = "from the page cache" if args.warm_source else "evicted from the page cache before each run"
+    print(f"\nconversion with pre-sizing: make_shards --dataset imagenet --max-side {args.max_side} --quality "
+          f"{args.quality} --workers 1, {len(total)} repeats (source {where}); median (min..max):")
+    print(f"  {_spread(total)} img/s total, {_spread(per)} img/s per process; full ImageNet-1k: "
+          f"{_spread([IMAGENET_IMAGES / t / 60 for t in total], '.1f')} min at one process")
+    print(f"  re-encoded {resized[0]} of {len(sized)} training images (the rest already <= {args.max_side} px on the "
+          f"shorter side); train shards {sum(map(len, sized)) / 1e6:.1f} MB against {sum(map(len, full)) / 1e6:.1f} MB "
+          f"full size; mean {statistics.mean(w for w, _ in dims):.0f} x {statistics.mean(h for _, h in dims):.0f} px, "
+          f"{statistics.mean(map(len, sized)) / 1e3:.1f} KB; two runs byte-identical: {'yes' if same else 'NO'}")
+    return outs[0]
+
+
+def _train_bytes(shard_dir: str, limit: int | None = None) -> list[bytes]:
+    """The encoded training images of a shard directory, in shard order."""
+    a = split_arrays(load_index(shard_dir))
+    out = []
+    for k, name in enumerate(a.names):
+        with open(os.path.join(shard_dir, name), "rb") as f:
+            raw = f.read()
+        out += [raw[a.offsets[i]:a.offsets[i] + a.sizes[i]] for i in range(int(a.starts[k]), int(a.starts[k + 1]))]
+    return out[:limit]
+
+
+def breakdown(blobs: list[bytes], tf: FastTrainTransform, repeats: int) -> dict[str, list[float]]:
+    """Per-image ms of the fast path (simplejpeg), medians over `repeats` passes: the whole transform,
+    the JPEG decode alone (at the reduction the crop allows), the crop + resize alone (on the decoded
+    images), and the rest (total - decode - resize: header, draws, flip, ColorJitter, normalize)."""
+    sj = tf._sj
+    out = torch.empty((3, *tf.size))
+
+    def params(i: int, raw: bytes):
+        random.seed(i)
+        torch.manual_seed(i)
+        height, width = sj.decode_jpeg_header(raw)[:2]
+        p = tf.sample_params(width, height)
+        r = tf.reduction(p)
+        return p, r, -(-height // r), -(-width // r)
+
+    plan = [params(i, raw) for i, raw in enumerate(blobs)]
+    decoded = [sj.decode_jpeg(raw, colorspace="RGB", min_factor=r, min_height=dh, min_width=dw)
+               for raw, (_, r, dh, dw) in zip(blobs, plan)]
+    times: dict[str, list[float]] = {"total": [], "decode": [], "resize": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i, raw in enumerate(blobs):
+            random.seed(i)
+            torch.manual_seed(i)
+            tf.decode_bytes(raw, out)
+        t1 = time.perf_counter()
+        for raw, (_, r, dh, dw) in zip(blobs, plan):
+            sj.decode_jpeg(raw, colorspace="RGB", min_factor=r, min_height=dh, min_width=dw)
+        t2 = time.perf_counter()
+        for arr, (p, r, _, _) in zip(decoded, plan):  # what FastTrainTransform._finish does first
+            if r == 1:
+                crop = np.ascontiguousarray(arr[p.top:p.top + p.height, p.left:p.left + p.width])
+                torch.nn.functional.interpolate(torch.from_numpy(crop).permute(2, 0, 1)[None], size=tf.size,
+                                                mode="bilinear", antialias=True, align_corners=False)
+            else:
+                box = (p.left / r, p.top / r, (p.left + p.width) / r, (p.top + p.height) / r)
+                Image.fromarray(arr).resize(tf.size[::-1], Image.BILINEAR, box=box)
+        t3 = time.perf_counter()
+        n = len(blobs) / 1e3
+        times["total"].append((t1 - t0) / n)
+        times["decode"].append((t2 - t1) / n)
+        times["resize"].append((t3 - t2) / n)
+    times["rest"] = [t - d - z for t, d, z in zip(times["total"], times["decode"], times["resize"])]
+    return times
+
+
+def bench_breakdown(args: argparse.Namespace, shard_dirs: dict[str, str]) -> None:
+    tf = train_transform("imagenet")
+    if getattr(tf, "decoder", None) != "simplejpeg":
+        print("\nper-image breakdown skipped: simplejpeg is not installed (pip install simplejpeg)")
+        return
+    print(f"\nper image, fast path (simplejpeg), {args.breakdown_images} training images, {args.repeats} passes; "
+          "ms median (min..max) and share of the total:")
+    for what, d in shard_dirs.items():
+        t = breakdown(_train_bytes(d, args.breakdown_images), tf, args.repeats)
+        total = statistics.median(t["total"])
+        parts = ", ".join(f"{k} {_spread(t[k], '.3f')} ({100 * statistics.median(t[k]) / total:.0f}%)"
+                          for k in ("decode", "resize", "rest"))
+        print(f"  {what:24s} total {_spread(t['total'], '.3f')}: {parts}")
+    print("  (decode: simplejpeg at the reduction the crop allows; resize: slice + antialiased bilinear to 224; "
+          "rest: header, draws, flip, ColorJitter, normalize into the batch)")
+
+
 class _Peer:
     """torchvision ImageFolder + the same timm transform, shuffled, endless (epoch after epoch)."""
 
@@ -226,7 +340,7 @@ class _Peer:
         return next(self.it)[0].shape[0]
 
 
-def bench_imagenet_loaders(args: argparse.Namespace, tree: str, shard_dir: str) -> None:
+def bench_imagenet_loaders(args: argparse.Namespace, tree: str, shard_dir: str, sized_dir: str) -> None:
     load_start = os.getloadavg()[0]
     torch.set_num_threads(1)  # per process = one core; DataLoader workers run one thread each too
     index = load_index(shard_dir)
@@ -235,8 +349,12 @@ def bench_imagenet_loaders(args: argparse.Namespace, tree: str, shard_dir: str) 
     fast_pil = FastTrainTransform(slow, decoder="pil")
     fast_default = train_transform("imagenet")  # what training uses: simplejpeg if installed
 
-    def rank_loader(tf, workers: int):
-        return make_train_loader(manifest, shard_dir, 0, args.batch, transform=tf, seed=0, num_workers=workers)
+    def rank_loader(tf, workers: int, shards: str = shard_dir):
+        return make_train_loader(manifest if shards == shard_dir else sized_manifest, shards, 0, args.batch,
+                                 transform=tf, seed=0, num_workers=workers)
+
+    sized_manifest = build_manifest(load_index(sized_dir), 1, 0.0, "iid", seed=0)
+    sized_name = f"loader, pre-sized shards (N={args.max_side}), fast path"
 
     peer = _Peer(os.path.join(tree, "train"), slow, args.batch)
     in_process = {
@@ -244,6 +362,7 @@ def bench_imagenet_loaders(args: argparse.Namespace, tree: str, shard_dir: str) 
         "loader, timm transform (as is)": _next_of(rank_loader(slow, 0)),
         "loader, fast path, PIL decoder": _next_of(rank_loader(fast_pil, 0)),
         f"loader, fast path, {fast_default.decoder} decoder (default)": _next_of(rank_loader(fast_default, 0)),
+        sized_name: _next_of(rank_loader(train_transform("imagenet"), 0, sized_dir)),
     }
     worker_loaders = {k: rank_loader(fast_default, k) for k in args.worker_counts}
     for fn in in_process.values():  # warm-up: first permutations, allocator, file descriptors
@@ -282,10 +401,12 @@ def bench_imagenet_loaders(args: argparse.Namespace, tree: str, shard_dir: str) 
         print(f"  {f'loader, fast path, {k} DataLoader worker(s)':56s} {_spread(per)} per process, "
               f"{_spread(v)} in total")
     print("ratio to the peer, per round (same round), median (min..max):")
-    goals = {names[1]: "goal >= 1.0", names[3]: "goal >= 2"}
+    goals = {names[1]: "goal >= 1.0", names[3]: "goal >= 2", sized_name: "goal >= 3 at N=320"}
     for name in names[1:]:
         ratio = [a / b for a, b in zip(rates[name], peer_rates)]
         print(f"  {name:56s} {_spread(ratio, '.2f')}  {goals.get(name, '')}")
+    sized = [a / b for a, b in zip(rates[sized_name], rates[names[3]])]
+    print(f"  {'pre-sized over full-size shards (both fast path)':56s} {_spread(sized, '.2f')}")
     for k, v in wrates.items():
         ratio = [a / k / b for a, b in zip(v, peer_rates)]
         print(f"  {f'loader, fast path, {k} DataLoader worker(s), per process':56s} {_spread(ratio, '.2f')}")
@@ -321,7 +442,9 @@ def main_imagenet(args: argparse.Namespace) -> int:
               f"classes under {tree} ({time.perf_counter() - t0:.0f} s; existing files are kept); train "
               f"{_tree_stats(tree)}; {info['mean_kb']:.1f} KB mean over both splits")
         shard_dir = bench_conversion(args, tree, work)
-        bench_imagenet_loaders(args, tree, shard_dir)
+        sized_dir = bench_presize_conversion(args, tree, work)
+        bench_imagenet_loaders(args, tree, shard_dir, sized_dir)
+        bench_breakdown(args, {"full-size shards": shard_dir, f"pre-sized (N={args.max_side})": sized_dir})
     return 0
 
 
@@ -354,6 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     im.add_argument("--repeats", type=int, default=5, help="rounds per measurement (median, min..max; default 5)")
     im.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2],
                     help="DataLoader worker counts for the fast loader (default 1 2)")
+    im.add_argument("--max-side", type=int, default=320,
+                    help="pre-sized shards: make_shards --max-side N (default 320)")
+    im.add_argument("--quality", type=int, default=90, help="JPEG quality of the pre-sized shards (default 90)")
+    im.add_argument("--quick-presize", action="store_true",
+                    help="convert with --max-side twice only (the determinism check), not --repeats times")
+    im.add_argument("--breakdown-images", type=int, default=200,
+                    help="training images in the per-image breakdown (default 200)")
     im.add_argument("--warm-source", action="store_true",
                     help="convert from the page cache (default: evict the source files before each run)")
     im.add_argument("--gpu-rates", type=float, nargs="+", default=[2500.0, 3000.0, 5000.0],
@@ -369,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch is None:
             args.batch = 32
         bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("images", "classes", "shard_size", "repeats",
-                                                                         "steps", "batch") if getattr(args, k) < 1]
+                                                                         "steps", "batch", "max_side",
+                                                                         "breakdown_images") if getattr(args, k) < 1]
+        bad += [f"--quality {args.quality}"] if not 1 <= args.quality <= 95 else []
         bad += [f"--val-images {args.val_images}"] if args.val_images < 0 else []
         bad += [f"--worker-counts {k}" for k in args.worker_counts if k < 1]
         bad += [f"--gpu-rates {r:g}" for r in args.gpu_rates if not r > 0]
