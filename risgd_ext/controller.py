@@ -75,6 +75,8 @@ def _watch_process_group() -> None:
 
     def destroy_process_group(*args, **kwargs):
         _check_all("the process group is destroyed")
+        for ctl in list(_LIVE):  # no collective may outlive its group (gloo aborts the process at exit)
+            ctl.settle()
         return original(*args, **kwargs)
 
     destroy_process_group._risgd_watched = True
@@ -158,6 +160,17 @@ class RISGDController:
         if not self.is_average():
             return f"step {self.steps} is inside a round"
         return None
+
+    def settle(self) -> None:
+        """Complete the round in flight, if any, without applying it (the process group is going
+        away: its collective must finish first). Every rank launched it; a rank that cannot finish
+        it fails after the group's timeout, as any collective would."""
+        if self.in_flight is not None and not self.in_flight.complete:
+            try:
+                self.in_flight.wait()
+            except RuntimeError as e:  # a peer already gone: nothing left to settle
+                warnings.warn(f"risgd_ext: the round in flight could not complete ({e})", RuntimeWarning,
+                              stacklevel=2)
 
     def warn_unfinished(self, when: str) -> None:
         """Warn once if ``when`` happens while the ranks hold different models."""
