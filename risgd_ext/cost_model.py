@@ -410,7 +410,8 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
 
 # What the sweep on the namespace hosts measured for the outer step (README, "Rounds for wide-area
 # links"); the cost model has no accuracy term, so this is advice from that measurement, not a model.
-OUTER_ADVICE = "outer_lr 0.7, outer_momentum 0.9, outer_nesterov true (DiLoCo); see the README's sweep"
+OUTER_ADVICE = ("none (outer_lr 1.0, outer_momentum 0): in the sweep the outer Nesterov step (0.7, 0.9) lost "
+                "3-6 points at 20-30 rounds; see the README's sweep")
 
 
 def format_prediction(p: Prediction) -> str:
