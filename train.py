@@ -219,7 +219,8 @@ def train(run: Run) -> None:
     transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
     loader = make_train_loader(manifest, data["shards"], worker, data["base_batch"], policy=data["batch_policy"],
                                transform=transform, seed=cfg["seed"], start_step=start,
-                               num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size))
+                               num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
+                               decode=data["decode"], device=device)  # gpu: batches come decoded on the device
     eval_loader = make_eval_loader(data["shards"], data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))
     fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format

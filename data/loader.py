@@ -33,10 +33,11 @@ import torch
 from PIL import Image
 
 from .errors import DataError
+from .gpu_decode import DeviceDecode, EncodedSlots, check_decode, encode_sample
 from .index import load_index, split_arrays, verify_shards
 from .manifest import load_manifest, rank_chunk_ids, steps_per_epoch
 from .tario import ShardFiles
-from .transforms import decode_jpeg_rgb, eval_transform, image_mode, train_transform
+from .transforms import FastTrainTransform, decode_jpeg_rgb, eval_transform, image_mode, train_transform
 
 POLICIES = ("per_chunk", "split")
 _MASK = (1 << 64) - 1
@@ -99,6 +100,26 @@ class _Decoder:
         else:
             out = torch.empty(shape)
         return torch.stack(images, out=out) if images else out
+
+    def finish(self, images):
+        """A step's batch as the fast path filled it, as the worker hands it on."""
+        return images
+
+
+class _GpuDecoder(_Decoder):
+    """decode="gpu": the step's samples leave the worker encoded, with their draws (gpu_decode)."""
+
+    def batch(self, n: int, images: list[torch.Tensor] | None = None):
+        return EncodedSlots(n, self.fast.size) if images is None else super().batch(n, images)
+
+    def decode(self, gid: int, out=None):
+        if out is None:
+            return super().decode(gid)
+        raw = self.files.read(int(self.shard_of[gid]), int(self.offsets[gid]), int(self.sizes[gid]))
+        return True if encode_sample(self.fast, raw, out) else None
+
+    def finish(self, images: EncodedSlots):
+        return images.finish()
 
 
 class _TrainSteps(torch.utils.data.Dataset):
@@ -175,7 +196,7 @@ class _TrainSteps(torch.utils.data.Dataset):
         finally:
             random.setstate(py_state)
             gen.set_state(torch_state)
-        batch = images if fast else self.decoder.batch(len(images), images)
+        batch = self.decoder.finish(images) if fast else self.decoder.batch(len(images), images)
         return batch, torch.tensor(labels, dtype=torch.long), skipped
 
     def __len__(self) -> int:  # only for tools that ask; the loader itself never ends
@@ -196,11 +217,14 @@ class RankLoader:
     """Infinite iterator of (images [B,C,H,W], labels [B]) for one rank; B = sum(sub_batch_sizes).
 
     With a share (l, k) of a node-level worker, `sub_batch_sizes` (one entry per chunk of the worker,
-    0 where this share takes nothing from a chunk) and `batch_size` are this rank's own share."""
+    0 where this share takes nothing from a chunk) and `batch_size` are this rank's own share.
+    With `device_decode` (decode="gpu") the workers' batches are encoded and it decodes them: the
+    images it yields are already on its device."""
 
     def __init__(self, steps: _TrainSteps, steps_per_epoch: int, start_step: int, num_workers: int,
-                 pin_memory: bool = False, prefetch_factor: int = 4):
+                 pin_memory: bool = False, prefetch_factor: int = 4, device_decode: DeviceDecode | None = None):
         self._steps = steps
+        self.device_decode = device_decode
         self.steps_per_epoch = steps_per_epoch
         self.sub_batch_sizes = list(steps.share_sizes)
         self.batch_size = sum(self.sub_batch_sizes)
@@ -212,7 +236,7 @@ class RankLoader:
         """The batch of any step, computed in this process (no state change except skip count)."""
         images, labels, skipped = self._steps[step]
         self.samples_skipped += skipped
-        return images, labels
+        return (self.device_decode(images) if self.device_decode else images), labels
 
     def sample_ids(self, step: int) -> list[int]:
         """Global train ids planned for `step` for this share, batch order (before any corrupt-sample
@@ -229,7 +253,7 @@ class RankLoader:
             # Counted here, in the main process, because workers cannot update our attributes.
             self.samples_skipped += int(skipped)
             self.step += 1
-            yield images, labels
+            yield (self.device_decode(images) if self.device_decode else images), labels
 
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_skipped": self.samples_skipped}
@@ -262,7 +286,8 @@ def sub_batch_sizes(fractions: list[float], sizes: list[int], base_batch: int, p
 def make_train_loader(
     manifest: dict | str, shard_dir: str, rank: int, base_batch: int, policy: str = "per_chunk",
     transform: Callable | None = None, seed: int = 0, start_step: int = 0, num_workers: int = 1,
-    verify: bool = True, pin_memory: bool = False, share: tuple[int, int] = (0, 1),
+    verify: bool = True, pin_memory: bool = False, share: tuple[int, int] = (0, 1), decode: str = "cpu",
+    device: torch.device | str | None = None,
 ) -> RankLoader:
     """The rank's infinite train loader. Raises DataError (one line) on a missing/mismatched shard.
 
@@ -277,8 +302,18 @@ def make_train_loader(
 
     `transform` defaults to train_transform(dataset): for ImageNet-format data the fast path
     (transforms.FastTrainTransform, decoding into the batch), unless RISGD_FAST_DECODE=0; pass
-    train_transform(dataset, fast=False) for timm's transform itself."""
+    train_transform(dataset, fast=False) for timm's transform itself.
+
+    `decode="gpu"` (recipe key data.decode): the workers draw the crops and flips and leave the JPEG
+    decode to `device` (default cuda; DataError in one line without CUDA), see gpu_decode: the
+    batches come out on the device. device="cpu" runs that path's code on the CPU (tests, benchmarks)."""
     part, k = _check_share(share)
+    device_decode = None
+    if decode == "gpu":
+        device = torch.device(device or "cuda")
+        check_decode(decode, cuda_available=None if device.type == "cuda" else True)
+    else:
+        check_decode(decode)
     if isinstance(manifest, str):
         manifest = load_manifest(manifest)
     index = load_index(shard_dir)
@@ -304,9 +339,17 @@ def make_train_loader(
                         f"sample of the worker's per-chunk sub-batches {kept}; raise base_batch or use fewer "
                         "ranks per node")
     transform = transform or train_transform(index["dataset"])
-    decoder = _Decoder(shard_dir, index, "train", transform, simplejpeg=True)
+    if decode == "gpu":
+        if not isinstance(transform, FastTrainTransform):
+            raise DataError(f"data.decode=gpu decodes JPEG training data (imagenet, imagefolder) with the fast "
+                            f"ImageNet transform (data.fast_decode=true); {index['dataset']} with {transform!r} "
+                            "cannot: set data.decode=cpu")
+        decoder = _GpuDecoder(shard_dir, index, "train", transform, simplejpeg=True)
+        device_decode = DeviceDecode(transform, device)
+    else:
+        decoder = _Decoder(shard_dir, index, "train", transform, simplejpeg=True)
     steps = _TrainSteps(decoder, [chunk_ids[i] for i in keep], kept, seed, rank, (part, k))
-    return RankLoader(steps, epoch_steps, start_step, num_workers, pin_memory)
+    return RankLoader(steps, epoch_steps, start_step, num_workers, pin_memory, device_decode=device_decode)
 
 
 def _check_share(share) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import yaml
 
 from risgd_common.layout import Layout
 from risgd_data.errors import DataError
+from risgd_data.gpu_decode import DECODES, check_decode
 from risgd_data.index import load_index
 from risgd_data.manifest import load_manifest, validate_manifest_params
 from risgd_ext.config import (
@@ -83,6 +84,7 @@ SCHEMA: dict[str, Any] = {
         "verify": "stamp",          # stamp: skip re-hashing replicated, unchanged shards; full: hash all
         "fast_decode": True,        # JPEG training data: timm's transform fused with a faster decode
         "max_side": None,           # the shards' make_shards --max-side (checked against index.json); null: any
+        "decode": "cpu",            # cpu: the loader's workers decode JPEGs; gpu: the device does (nvJPEG)
     },
     "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
     "schedule": {"kind": "cosine", "warmup_steps": 0, "milestones": [], "gamma": 0.1, "min_lr": 0.0},
@@ -196,6 +198,14 @@ def validate(cfg: dict) -> None:
     if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < 1):
         raise RecipeError(f"data.max_side must be null (any shards) or the positive --max-side the shards were made "
                           f"with (e.g. 320), got {max_side!r}")
+    decode = cfg["data"]["decode"]
+    if decode not in DECODES:
+        raise RecipeError(f"data.decode must be cpu or gpu, got {decode!r}")
+    data = cfg["data"]
+    if decode == "gpu" and (data["dataset"] not in ("imagenet", "imagefolder") or not data["fast_decode"]):
+        raise RecipeError(f"data.decode=gpu decodes JPEG training data with the fast ImageNet path (datasets imagenet, "
+                          f"imagefolder with data.fast_decode=true); dataset {data['dataset']} with "
+                          f"fast_decode={data['fast_decode']}: set data.decode=cpu")
     if cfg["data"]["verify"] not in ("stamp", "full"):
         raise RecipeError(f"data.verify must be stamp or full, got {cfg['data']['verify']!r}")
     if cfg["precision"] not in PRECISIONS:
@@ -471,6 +481,7 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
             _apply_manifest(cfg, raw, manifest, cfg["data"]["manifest"])
         validate(cfg)
         check_max_side(cfg["data"])
+        check_decode(cfg["data"]["decode"])  # gpu without CUDA: one line, before any process group
         if manifest is None:
             mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
             validate_manifest_params(workers, cfg["mu"], cfg["data"]["partition"], cfg["data"]["hetero_std"],
