@@ -4,13 +4,16 @@ Exit codes of every data command (make_shards, manifest build/check, replicate):
   0  success
   1  the work itself failed (an OS error while reading or writing, a bug): `error: ...` on stderr
   2  bad input: a DataError (missing or malformed file, out-of-range argument, sha256 mismatch of an
-     input, problems found by `manifest check`) or an argparse usage error
+     input, problems found by `manifest check`), an argparse usage error, or a missing optional
+     dependency (risgd_common.install.MissingExtra: the line names the extra to install)
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from risgd_common.install import MissingExtra
 
 from .stamps import Stamps
 
@@ -29,9 +32,10 @@ EXIT_BAD_INPUT = 2  # DataError, argparse usage errors, problems found by `manif
 
 
 def cli_error(e: BaseException) -> int:
-    """Print `error: ...` (one line) on stderr; return 2 for a DataError, 1 for anything else."""
+    """Print `error: ...` (one line) on stderr; return 2 for a DataError or a missing optional
+    dependency, 1 for anything else."""
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return EXIT_BAD_INPUT if isinstance(e, DataError) else EXIT_FAILED
+    return EXIT_BAD_INPUT if isinstance(e, (DataError, MissingExtra)) else EXIT_FAILED
 
 
 def safe_name(name: str) -> str:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from risgd_common.install import command
+
 from .errors import DataError, safe_name, verify_shard
 from .stamps import Stamps
 
@@ -22,13 +24,13 @@ def load_index(path: str) -> dict:
         with open(path) as f:
             index = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"index {path} missing: run python -m data.make_shards --out DIR first") from None
+        raise DataError(f"index {path} missing: run {command('data.make_shards')} --out DIR first") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"index {path} is not valid JSON ({e}): re-run python -m data.make_shards") from None
+        raise DataError(f"index {path} is not valid JSON ({e}): re-run {command('data.make_shards')}") from None
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
         version = index.get("version") if isinstance(index, dict) else None
         raise DataError(f"index {path} has version {version!r}, expected {INDEX_VERSION}: "
-                        "re-run python -m data.make_shards")
+                        f"re-run {command('data.make_shards')}")
     try:
         if "train" not in index["splits"]:
             raise KeyError("splits.train")
@@ -37,7 +39,7 @@ def load_index(path: str) -> dict:
                 safe_name(shard["name"])
     except (KeyError, TypeError, AttributeError) as e:
         raise DataError(f"index {path} is malformed ({type(e).__name__}: {e}): "
-                        "re-run python -m data.make_shards") from None
+                        f"re-run {command('data.make_shards')}") from None
     return index
 
 
@@ -59,7 +61,7 @@ class SplitArrays:
 
 def split_arrays(index: dict, split: str = "train") -> SplitArrays:
     if split not in index["splits"]:
-        raise DataError(f"split {split!r} not in the index: re-run python -m data.make_shards")
+        raise DataError(f"split {split!r} not in the index: re-run {command('data.make_shards')}")
     shards = index["splits"][split]["shards"]
     counts = [s["samples"] for s in shards]
     return SplitArrays(
@@ -86,8 +88,8 @@ def verify_shards(index: dict, shard_dir: str, names: list[str], split: str = "t
     "by_cache", "hashed", "hashed_bytes"} (cumulative over a shared `stamps`).
     """
     by_name = shard_map(index, split)
-    fix = fix or (f"copy it with python -m data.replicate --dest {shard_dir} ... "
-                  f"or rebuild with python -m data.make_shards --out {shard_dir}")
+    fix = fix or (f"copy it with {command('data.replicate')} --dest {shard_dir} ... "
+                  f"or rebuild with {command('data.make_shards')} --out {shard_dir}")
     own = stamps is None
     if own:
         stamps = Stamps(shard_dir)

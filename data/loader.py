@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from risgd_common.install import command
+
 from .errors import DataError
 from .gpu_decode import DeviceDecode, EncodedSlots, check_decode, encode_sample
 from .index import load_index, split_arrays, verify_shards
@@ -326,8 +328,8 @@ def make_train_loader(
                             "rebuild the manifest for this index or replicate the matching shards")
     r = manifest["ranks"][rank]
     if verify:  # hash once here (per process), not per read
-        verify_shards(index, shard_dir, r["shards"], fix=f"run python -m data.replicate --dest {shard_dir} "
-                      f"(for this node) or python -m data.make_shards --out {shard_dir}")
+        verify_shards(index, shard_dir, r["shards"], fix=f"run {command('data.replicate')} --dest {shard_dir} "
+                      f"(for this node) or {command('data.make_shards')} --out {shard_dir}")
     chunk_ids = rank_chunk_ids(manifest, index, rank)
     sizes = sub_batch_sizes([c["fraction"] for c in r["chunks"]], [len(i) for i in chunk_ids], base_batch * k,
                             policy)

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from risgd_common.atomic import write_text_atomic
+from risgd_common.install import MissingExtra, command
 
 from .errors import EXIT_OK, DataError, cli_error
 from .index import INDEX_VERSION
@@ -236,7 +237,7 @@ def write_index(index: dict, out: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m data.make_shards",
+        prog=command("data.make_shards"),
         description="Write WebDataset tar shards (KEY.png|jpg + KEY.cls) for the train and val splits, "
         "plus index.json (per shard: samples, bytes, sha256, label histogram, member offsets). "
         "Exit status: 0 done, 2 bad input (missing or malformed source, bad argument; one 'error:' "
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         index = make_shards(args.dataset, args.out, args.src, args.shard_size, args.seed,
                             progress=not args.no_progress, workers=args.workers, report=report,
                             max_side=args.max_side, quality=args.quality)
-    except (DataError, OSError, BrokenProcessPool) as e:  # a worker killed: exit 1, one line
+    except (DataError, MissingExtra, OSError, BrokenProcessPool) as e:  # a worker killed: exit 1, one line
         return cli_error(e)
     for split, info in index["splits"].items():
         print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards")

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from risgd_common.atomic import write_text_atomic
+from risgd_common.install import command
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, DataError, cli_error, safe_name
 from .index import load_index, split_arrays, verify_shards
@@ -257,7 +258,7 @@ def load_manifest(path: str) -> dict:
             manifest = yaml.safe_load(f)
     except FileNotFoundError:
         raise DataError(
-            f"manifest {path} missing: run python -m data.manifest build ... --out {path}"
+            f"manifest {path} missing: run {command('data.manifest')} build ... --out {path}"
         ) from None
     except yaml.YAMLError as e:
         raise DataError(f"manifest {path} is not valid YAML ({e}): rebuild it") from None
@@ -407,7 +408,7 @@ def _print_summary(m: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data.manifest", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=command("data.manifest"), description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write a manifest for an index",
                        description="Write the per-rank redundancy manifest (YAML) for a shard index. "

@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from risgd_common.atomic import atomic_write, write_bytes_atomic
+from risgd_common.install import command
 
 from .errors import EXIT_OK, DataError, cli_error, safe_name
 from .manifest import load_manifest
@@ -163,7 +164,7 @@ def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_
         index_train = [(s["name"], s["sha256"]) for s in json.loads(index_bytes)["splits"]["train"]["shards"]]
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"index.json at {source} is malformed ({type(e).__name__}: {e}): "
-                        "re-run python -m data.make_shards there") from None
+                        f"re-run {command('data.make_shards')} there") from None
     train = {s["name"]: s for s in manifest["index"]["shards"]["train"]}
     for name, sha256 in index_train:
         if name not in train or train[name]["sha256"] != sha256:
@@ -226,10 +227,10 @@ def format_report(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m data.replicate", description=__doc__,
+        prog=command("data.replicate"), description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--manifest", required=True, help="manifest YAML from python -m data.manifest build")
+    ap.add_argument("--manifest", required=True, help=f"manifest YAML from {command('data.manifest')} build")
     ap.add_argument("--source", required=True, help="local dir, fsspec URL, or pipe:CMD with {name}")
     ap.add_argument("--dest", required=True, help="node-local shard directory")
     ap.add_argument("--node-rank", type=int, required=True, help="this node's index K (0-based)")

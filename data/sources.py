@@ -17,6 +17,8 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
+from risgd_common.install import need
+
 from .errors import DataError
 
 VAL_FRACTION = 0.2  # digits / split-less ImageFolder: seeded stratified 20% validation split
@@ -48,7 +50,7 @@ def _png(array: np.ndarray) -> tuple[bytes, str]:
 
 def stratified_split(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTION):
     """Seeded stratified split -> (train_idx, val_idx), each sorted in source order."""
-    from sklearn.model_selection import train_test_split
+    train_test_split = need("sklearn.model_selection", "a stratified validation split").train_test_split
 
     idx = np.arange(len(labels))
     train, val = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
@@ -57,9 +59,7 @@ def stratified_split(labels: np.ndarray, seed: int, fraction: float = VAL_FRACTI
 
 def digits_source(seed: int) -> Source:
     """scikit-learn's embedded digits (1797 8x8 grayscale images, no download)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = need("sklearn.datasets", "the digits dataset").load_digits()
     # 0..16 intensities -> 0..255 uint8 so the PNG is an ordinary grayscale image.
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
     labels = d.target.astype(int)

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import transforms as T
+
+from risgd_common.install import need
+
+T = need("torchvision.transforms", "transforming images for training (risgd_data.transforms)")
 
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3760,)  # load_digits pixels / 16
 CIFAR_STATS = {

@@ -38,6 +38,7 @@ from risgd_ext.config import (
     split_config,
 )
 
+from .bundled import ds_config_candidates, ds_config_names
 from .naming import run_name  # the recipe's default run name (recipes.config.run_name, as before)
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
@@ -354,12 +355,23 @@ def check_world_size(manifest: dict, world_size: int, path: str = "the manifest"
                           f"--workers {workers}")
 
 
-def build_ds_config(cfg: dict, world_size: int) -> tuple[dict, RISGDConfig | None]:
-    """The recipe's ds_config file (read once) with the batch sizes and, except for SyncSGD, the
+def find_ds_config(path: str, recipe: str | None) -> str:
+    """The file a recipe's ``ds_config`` names: as given (relative to the working directory), else
+    relative to the recipe's directory or the one above it, else a bundled one (see
+    :func:`risgd_recipes.bundled.ds_config_candidates`). The recipe keeps the value as written."""
+    tried = ds_config_candidates(path, recipe)
+    found = next((p for p in tried if os.path.isfile(p)), None)
+    if found is None:
+        raise RecipeError(f"ds_config {path} not found (looked for {', '.join(tried)}): set ds_config= to a JSON "
+                          f"file, e.g. a bundled one: {', '.join(ds_config_names()) or 'none is installed'}")
+    return found
+
+
+def build_ds_config(cfg: dict, world_size: int, recipe: str | None = None) -> tuple[dict, RISGDConfig | None]:
+    """The recipe's ds_config file (read once; found by :func:`find_ds_config` from ``recipe``, the
+    recipe file, by default ``cfg['recipe']``) with the batch sizes and, except for SyncSGD, the
     ``risgd`` block filled from the recipe; validated by the engine's validator."""
-    path = cfg["ds_config"]
-    if not os.path.isfile(path):
-        raise RecipeError(f"ds_config {path} not found: set ds_config= to a file under ds_configs/")
+    path = find_ds_config(cfg["ds_config"], recipe or cfg.get("recipe"))
     ds = load_ds_config(path)  # the engine's reader: ConfigError (one line) on invalid JSON
     gas = ds.get("gradient_accumulation_steps", 1)
     # DeepSpeed's batch bookkeeping; the real per-rank batch is the loader's (it grows with q).
@@ -392,18 +404,19 @@ def _flatten(cfg: dict, prefix: str = "") -> dict:
 _NESTED = {k for k, v in SCHEMA.items() if isinstance(v, dict)}
 
 
-def experiment_diff(old: dict, new: dict) -> list[str]:
+def experiment_keys(cfg: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """A resolved config's experiment-defining keys, flattened (``data.partition``), with the schema's
+    defaults for keys it lacks (a config saved before a key existed): every key but the OPERATIONAL
+    ones and those in ``ignore`` (e.g. ``("seed",)``: the keys that make runs seeds of one experiment)."""
+    flat = dict(_flatten(SCHEMA), **_flatten(cfg))
+    skip = OPERATIONAL + tuple(ignore)
+    return {k: v for k, v in sorted(flat.items()) if not any(k == o or k.startswith(o + ".") for o in skip)}
+
+
+def experiment_diff(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The experiment-defining keys in which two resolved configs differ (``key: old -> new``)."""
-    defaults = _flatten(SCHEMA)
-    a, b = _flatten(old), _flatten(new)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == k or key.startswith(k + ".") for k in OPERATIONAL):
-            continue
-        va, vb = a.get(key, defaults.get(key)), b.get(key, defaults.get(key))
-        if va != vb:
-            out.append(f"{key}: {va!r} -> {vb!r}")
-    return out
+    a, b = experiment_keys(old, ignore), experiment_keys(new, ignore)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def check_same_experiment(run_dir: str, cfg: dict) -> bool:
@@ -489,7 +502,7 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     except DataError as e:
         raise RecipeError(str(e)) from None
     try:
-        ds_config, schedule = build_ds_config(cfg, world_size)
+        ds_config, schedule = build_ds_config(cfg, world_size, recipe=path)
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     cfg["recipe"] = os.path.relpath(path)

@@ -2,6 +2,7 @@
 
     python -m recipes.demo                 # what `make demo` runs: one seed, 4 CPU ranks
     python -m recipes.demo --seeds 0 1 2   # the acceptance comparison, averaged over seeds
+    risgd-demo --runs-dir demo-out         # installed: from any directory (shards/ and demo-out/ go there)
 
 The runs are one real ``deepspeed --num_gpus N train.py --plan ...`` launch (N CPU ranks with gloo
 on a machine without GPUs): one process group trains them one after another. Finished runs (with
@@ -16,15 +17,20 @@ import os
 import sys
 import time
 
+from risgd_common.install import MissingExtra, command, need
+
 from . import compare
 from .config import RecipeError, load_recipe
-from .launch import ROOT, launch
+from .launch import launch
 from .naming import demo_run_name
+from .train import check_extras, locate_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="recipes/digits.yaml", help="recipe (default recipes/digits.yaml)")
+    parser = argparse.ArgumentParser(prog=command("recipes.demo"), description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/digits.yaml",
+                        help="recipe file or bundled recipe's name (default recipes/digits.yaml: the bundled digits)")
     parser.add_argument("--ranks", type=int, default=4, help="ranks per run (default 4)")
     parser.add_argument("--tau", type=int, default=None, help="local steps per round (default: the recipe's tau)")
     parser.add_argument("--mus", type=float, nargs="+", default=[0.25, 0.5], help="RI-SGD redundancies")
@@ -33,19 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value recipe overrides for every run")
     args = parser.parse_args(argv)
 
-    try:  # the runs are named after the recipe's name (train.py reads the recipe from ROOT)
-        recipe_name = load_recipe(os.path.join(ROOT, args.recipe), args.overrides)["name"]
-    except RecipeError as e:
+    runs_dir = os.path.abspath(args.runs_dir)  # the trainer may run elsewhere (a checkout's root)
+    try:  # the runs are named after the recipe's name
+        recipe = os.path.abspath(locate_recipe(args.recipe))
+        cfg = load_recipe(recipe, args.overrides)
+        check_extras(cfg)  # before a launch: what the runs and the plots need is installed
+        need("matplotlib", "plotting the demo's runs")
+    except (RecipeError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    recipe_name = cfg["name"]
     grid = [("sync", 0.0), ("prsgd", 0.0)] + [("risgd", mu) for mu in args.mus]
     run_dirs, plan = [], []
     started = time.perf_counter()
     for seed in args.seeds:
         for algorithm, mu in grid:
             name = demo_run_name(recipe_name, algorithm, mu, seed)
-            run_dirs.append(os.path.join(args.runs_dir, name))
-            if os.path.exists(os.path.join(args.runs_dir, name, "summary.json")):
+            run_dirs.append(os.path.join(runs_dir, name))
+            if os.path.exists(os.path.join(runs_dir, name, "summary.json")):
                 print(f"[demo] {name}: done already, kept")
                 continue
             tau = [] if args.tau is None else [f"tau={args.tau}"]
@@ -53,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             plan.append([f"algorithm={algorithm}", f"mu={mu}", *tau, f"seed={seed}", f"run_name={name}",
                          *args.overrides])
     if plan:  # one launch, one process group for all the runs (a launch costs ~30 s of start-up)
-        os.makedirs(args.runs_dir, exist_ok=True)
+        os.makedirs(runs_dir, exist_ok=True)
         print(f"[demo] {len(plan)} runs, {args.ranks} ranks each, in one launch ...", flush=True)
-        launch(args.recipe, args.ranks, [f"runs_dir={args.runs_dir}", "wandb.group=digits-demo"],
+        launch(recipe, args.ranks, [f"runs_dir={runs_dir}", "wandb.group=digits-demo"],
                os.path.join(args.runs_dir, "demo.log"), plan=plan)
     print(f"[demo] all runs in {time.perf_counter() - started:.0f} s\n")
     return compare.main(run_dirs + ["--out", args.runs_dir])

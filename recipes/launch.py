@@ -1,39 +1,65 @@
-"""One real ``deepspeed`` launch of train.py from Python (the demo and the paper report use it).
+"""One real ``deepspeed`` launch of the trainer from Python (the demo and the paper report use it).
 
 A launch costs ~15-30 s of start-up on a small machine, so a list of runs goes into one launch as a
 plan (``train.py --plan``): every run is checked first, then they train one after another in the
 same process group, with real collectives.
+
+The ranks run the installed trainer module (``deepspeed --module risgd_recipes.train``: the same in a
+checkout and in an installed wheel) in :data:`ROOT`: the checkout's root when the package runs from
+one (where the recipes' relative paths such as ``shards/digits`` always pointed), else the directory
+the command was started in.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import yaml
 
 from risgd_common.atomic import write_text_atomic
+from risgd_common.install import CHECKOUT
 from risgd_hosts.local import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = CHECKOUT or os.getcwd()  # where the trainer runs (its working directory)
+TRAINER = "risgd_recipes.train"  # the module the ranks run (train.py in a checkout is a shim of it)
+_ERROR = re.compile(r"^(?:\S+: )?error: (.+)")  # the trainer's one line on bad input (or argparse's)
+
+
+def refusal(log_path: str) -> str | None:
+    """What the last one-line ``error: ...`` the trainer wrote to the log says, or None."""
+    try:
+        with open(log_path, errors="replace") as f:
+            found = [m.group(1) for m in (_ERROR.match(line.strip()) for line in f) if m]
+    except OSError:
+        return None
+    return found[-1] if found else None
 
 
 def launch(recipe: str, ranks: int, overrides: list[str], log_path: str,
            plan: list[list[str]] | None = None) -> None:
-    """``deepspeed --num_gpus RANKS train.py --recipe RECIPE [--plan P] OVERRIDES``, output to ``log_path``.
+    """``deepspeed --num_gpus RANKS --module risgd_recipes.train --recipe RECIPE [--plan P] OVERRIDES``
+    in :data:`ROOT`, output to ``log_path``.
 
-    Raises SystemExit(2) when train.py refused its input (one line in the log), SystemExit(1) when
-    the run failed; the message names the log.
+    Raises SystemExit(2) when the trainer refused its input (its ``error:`` line is repeated, with the
+    log), SystemExit(1) when the run failed in any other way; the message names the log.
     """
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), os.path.join(ROOT, "train.py"), "--recipe", recipe]
+           str(free_port()), "--module", TRAINER, "--recipe", recipe]
     if plan is not None:
         plan_path = f"{log_path}.plan.yaml"
         write_text_atomic(plan_path, yaml.safe_dump(plan, default_flow_style=None, width=1000))
         cmd += ["--plan", os.path.abspath(plan_path)]
     with open(log_path, "w") as log:
         proc = subprocess.run([*cmd, *overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode:  # 2: the run refused its input (one line in the log); 1: it failed
-        print(f"error: run failed (exit {proc.returncode}): see {log_path}", file=sys.stderr)
-        raise SystemExit(2 if proc.returncode == 2 else 1)
+    if not proc.returncode:
+        return
+    message = refusal(log_path) if proc.returncode == 2 else None
+    if message is not None:  # the trainer's own exit 2: bad input, in one line
+        print(f"error: {message} (log: {log_path})", file=sys.stderr)
+        raise SystemExit(2)
+    # anything else failed, a Python that could not start the trainer included (it exits 2 too)
+    print(f"error: run failed (exit {proc.returncode}): see {log_path}", file=sys.stderr)
+    raise SystemExit(1)

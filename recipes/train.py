@@ -1,0 +1,395 @@
+"""Train an image model with SyncSGD, PR-SGD, RI-SGD or cooperative SGD under DeepSpeed.
+
+    deepspeed --num_gpus 4 train.py --recipe recipes/digits.yaml algorithm=risgd mu=0.5 tau=50   # a checkout
+    deepspeed --num_gpus 4 --module risgd_recipes.train --recipe digits algorithm=risgd mu=0.5    # installed
+    risgd-train --recipe digits algorithm=sync mu=0 steps=100     # one process, no launcher
+
+One process per rank (the ``deepspeed`` launcher starts them; on a CPU machine ``--num_gpus N``
+starts N CPU ranks with gloo); started without a launcher it is a one-rank run. The recipe is a YAML
+file or the name of a bundled one (digits, cifar10_resnet44, cifar100_resnet44, imagenet_resnet50;
+``recipes/NAME.yaml`` finds it too), and its ``ds_config`` is found as given, next to the recipe or
+among the bundled ones. The recipe names model, data, algorithm and schedule; ``key=value``
+arguments override it (dotted keys for nested ones, e.g. ``data.partition=iid``). Results go to
+``runs/RUN_NAME/`` (config.yaml, ds_config.json, manifest.yaml, metrics.jsonl, summary.json,
+checkpoints/, wandb/). Re-running the same command resumes from the run's latest checkpoint (a
+finished run is left as it is); a run directory is never continued under a configuration that
+changes the experiment. Exit status: 0 done, 2 bad input (one line on stderr), 1 a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import risgd_ext
+from risgd_common.atomic import write_text_atomic
+from risgd_common.hashing import sha256_tensors
+from risgd_common.install import MissingExtra, need
+from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
+from risgd_recipes.bundled import bundled_recipe, recipe_names
+from risgd_recipes.config import RecipeError, Run, check_same_manifest, resolve_run
+from risgd_recipes.evaluation import evaluate
+from risgd_recipes.schedule import lr_factor
+from risgd_recipes.tracking import RunTracker, run_metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True,
+                        help="recipe YAML, or a bundled recipe's name: e.g. recipes/digits.yaml or digits")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher (the LOCAL_RANK variable is used)")
+    parser.add_argument("--plan", default=None,
+                        help="YAML list of runs, each a list of key=value overrides applied after the command "
+                             "line's: all are checked first, then trained one after another in this one process "
+                             "group (a launch costs ~30 s of start-up); finished runs are skipped")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys (dotted for nested)")
+    return parser.parse_args(argv)
+
+
+def load_plan(path: str | None) -> list[list[str]]:
+    """The plan's runs (``[[]]``: one run, the command line's)."""
+    import yaml
+
+    if path is None:
+        return [[]]
+    try:
+        with open(path) as f:
+            plan = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise RecipeError(f"plan {path} cannot be read ({' '.join(str(e).split())}): pass a YAML list of "
+                          "override lists") from None
+    if not isinstance(plan, list) or not plan or not all(
+            isinstance(run, list) and all(isinstance(o, str) for o in run) for run in plan):
+        raise RecipeError(f"plan {path} must be a non-empty YAML list of lists of key=value strings, "
+                          "e.g. [[algorithm=sync, mu=0], [algorithm=risgd, mu=0.5]]")
+    return plan
+
+
+# -- set-up ----------------------------------------------------------------------------------------
+
+def locate_recipe(path: str) -> str:
+    """The recipe file ``path`` names: the file itself when it exists, else the bundled recipe of that
+    name (``digits``, ``digits.yaml``, ``recipes/digits.yaml``: from anywhere, checkout or install)."""
+    if os.path.isfile(path):
+        return path
+    found = bundled_recipe(path)
+    if found is None:
+        raise RecipeError(f"recipe {path} not found: pass a recipe YAML file or the name of a bundled one "
+                          f"({', '.join(recipe_names()) or 'none is installed'})")
+    return found
+
+
+def check_extras(cfg: dict) -> None:
+    """The optional packages (the 'train' extra) a run of ``cfg`` needs, checked before any work:
+    MissingExtra (one line naming the install) for the first that is missing."""
+    need("torchvision", "training (the image transforms of risgd_data)")
+    if cfg["wandb"]["enabled"]:
+        need("wandb", "logging to wandb (wandb.enabled=false turns it off)")
+    if cfg["data"]["dataset"] == "digits" and not os.path.exists(os.path.join(cfg["data"]["shards"], "index.json")):
+        need("sklearn", "making the digits shards")
+
+
+def one_rank_environment() -> None:
+    """Started without a launcher (``risgd-train ...``, ``python train.py ...``): the environment of a
+    one-rank process group on this machine (DeepSpeed would otherwise look for MPI)."""
+    launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+    if any(k in os.environ for k in launched):
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
+def check_model(name: str) -> None:
+    """The recipe's model name, checked by the model registry's own check (one line on failure)."""
+    import risgd_models  # registers the CIFAR ResNets in timm
+
+    try:
+        risgd_models.check_model(name)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+
+
+def make_shards_if_missing(cfg: dict) -> None:
+    """Rank 0 writes the shards when the directory has none (the embedded digits, or from data.src)."""
+    from risgd_data.errors import DataError
+    from risgd_data.make_shards import make_shards
+
+    data = cfg["data"]
+    if not os.path.exists(os.path.join(data["shards"], "index.json")):
+        try:
+            make_shards(data["dataset"], data["shards"], src=data["src"], seed=0, progress=False)
+        except MissingExtra as e:  # agreed by every rank like any bad input
+            raise DataError(str(e)) from None
+
+
+def load_data(run: Run, rank: int) -> tuple[dict, dict]:
+    """The shard index and the manifest (the recipe's file, or built from its parameters, the same on
+    every rank); the shards this rank reads are verified here, before any engine work."""
+    from risgd_data.index import load_index, verify_shards
+    from risgd_data.manifest import build_manifest
+
+    cfg, data = run.cfg, run.cfg["data"]
+    index = load_index(data["shards"])
+    manifest = run.manifest or build_manifest(index, run.workers, cfg["mu"], partition=data["partition"],
+                                              seed=cfg["seed"], hetero_std=data["hetero_std"],
+                                              mode="coop" if cfg["algorithm"] == "coop" else "risgd")
+    check_same_manifest(run.run_dir, manifest)
+    full = data["verify"] == "full"  # else a replica's stamp spares re-hashing unchanged shards
+    worker, _ = run.worker_of(rank)  # with node_size > 1 a node's ranks share its worker's chunks
+    verify_shards(index, data["shards"], manifest["ranks"][worker]["shards"], full=full)
+    # every rank evaluates a slice of the test set
+    verify_shards(index, data["shards"], [s["name"] for s in index["splits"]["val"]["shards"]], split="val",
+                  full=full)
+    return index, manifest
+
+
+def build_optimizer(cfg: dict, model: torch.nn.Module, total_steps: int):
+    opt = cfg["optimizer"]
+    # No weight decay on BatchNorm and biases (the usual ResNet recipe).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": opt["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=opt["lr"], momentum=opt["momentum"], nesterov=opt["nesterov"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg["schedule"], opt["lr"], total_steps))
+    return optimizer, scheduler
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+def cost_advice(cfg: dict, stats: dict) -> dict:
+    """The cost model's prediction for this run's measured compute and bytes on the recipe's network."""
+    from risgd_ext.cost_model import advise
+
+    net = cfg["network"]
+    return advise(stats, net["bandwidth_gbit"], net["latency_us"] / 1e6, net["target_comm_share"], cfg["tau"])
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+_INTERRUPTED: list[int] = []  # the signal that stopped this process (Ctrl-C, the launcher's SIGTERM)
+
+
+def _on_interrupt(signum, frame) -> None:
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def interrupted_line(runs: list[Run]) -> str:
+    """Rank 0's one line when a run is interrupted: where the same command resumes it."""
+    for run in runs:
+        if os.path.exists(os.path.join(run.run_dir, "summary.json")):
+            continue
+        latest = os.path.join(run.run_dir, "checkpoints", "latest")
+        tag = open(latest).read().strip() if os.path.exists(latest) else None
+        where = f"its checkpoint {tag} ({latest})" if tag else "the start (no checkpoint yet)"
+        return f"interrupted: {run.run_dir} stops here; the same command resumes it from {where}"
+    return "interrupted"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    first = os.environ.get("RANK", "0") == "0"  # before the process group: every rank finds the same error
+    runs: list[Run] = []
+    # Ctrl-C reaches every rank: rank 0 says in one line where the run resumes, the others stay quiet
+    # (a rank blocked in a collective sees its peers leave as a gloo error: the signal explains it).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _on_interrupt)
+    try:
+        # every run checked before any work
+        recipe = locate_recipe(args.recipe)
+        runs = [resolve_run(recipe, [*args.overrides, *extra], world_size) for extra in load_plan(args.plan)]
+        dirs = [run.run_dir for run in runs]
+        if len(set(dirs)) < len(dirs):
+            raise RecipeError(f"the plan names run directory {next(d for d in dirs if dirs.count(d) > 1)} twice: "
+                              "give each run its own run_name=")
+        for run in runs:
+            check_model(run.cfg["model"]["name"])
+            check_extras(run.cfg)
+            if run.finished and first:
+                print(f"{run.run_dir} is finished (summary.json): nothing to do; pick a new run_name= to train "
+                      "again", file=sys.stderr)
+        pending = [run for run in runs if not run.finished]
+        if pending:
+            # A rank that dies makes the others fail their next collective after this timeout instead of
+            # hanging (the deepspeed launcher also kills the node's other ranks when one exits).
+            timeout = max(run.cfg["dist_timeout_s"] for run in pending)
+            one_rank_environment()
+            risgd_ext.init_distributed(timeout=datetime.timedelta(seconds=timeout))
+        for run in pending:
+            train(run)
+        return 0
+    except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
+        if dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (*USER_ERRORS, MissingExtra) as e:  # one line naming the problem and the fix
+        if first or dist.is_initialized():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) and not _INTERRUPTED:  # another handler turned the signal into it
+            _INTERRUPTED.append(signal.SIGINT)
+        if not _INTERRUPTED:
+            raise
+        if first:
+            print(interrupted_line(runs), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # no teardown: the peers are gone, and destroying the group would wait for them or fail loudly
+        os._exit(128 + _INTERRUPTED[0])
+    finally:
+        if dist.is_initialized() and not _INTERRUPTED:
+            dist.destroy_process_group()
+
+
+def train(run: Run) -> None:
+    """One run, in the process group that main() started."""
+    from deepspeed.accelerator import get_accelerator
+
+    import risgd_models
+    from risgd_data.loader import make_eval_loader, make_train_loader
+    from risgd_data.manifest import live_coverage, steps_per_epoch
+    from risgd_data.transforms import eval_transform, train_transform
+
+    cfg, data = run.cfg, run.cfg["data"]
+    if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    rank = dist.get_rank()
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+    agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
+    index, manifest = agree(lambda: load_data(run, rank))
+    worker, share = run.worker_of(rank)
+    epoch_steps = steps_per_epoch(manifest, run.worker_batch())
+    total_steps = run.total_steps(epoch_steps)
+
+    ckpt_dir = os.path.join(run.run_dir, "checkpoints")
+
+    def build_engine():
+        torch.manual_seed(cfg["seed"])  # identical initial model on every rank
+        model = risgd_models.create_model(cfg["model"]["name"], num_classes=index["num_classes"],
+                                          in_chans=index["image_shape"][0] if index.get("image_shape") else 3,
+                                          drop_rate=cfg["model"]["drop_rate"])
+        if cfg["model"]["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+        engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                       config=run.ds_config, risgd=run.schedule)
+        client = {}
+        if os.path.exists(os.path.join(ckpt_dir, "latest")):
+            _, client = engine.load_checkpoint(ckpt_dir)
+        return engine, scheduler, client
+
+    engine, scheduler, client = agree(build_engine)
+    start, best = client.get("step", 0), client.get("best_test_acc", 0.0)
+    last_eval = client.get("last_eval", start)
+    if start == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
+        torch.manual_seed(cfg["seed"] * 100003 + rank * 7919)
+    elif rank == 0:
+        print(f"{run.name}: resuming from step {start} of {total_steps} ({ckpt_dir})", file=sys.stderr, flush=True)
+
+    cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
+    transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
+    loader = make_train_loader(manifest, data["shards"], worker, data["base_batch"], policy=data["batch_policy"],
+                               transform=transform, seed=cfg["seed"], start_step=start,
+                               num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
+                               decode=data["decode"], device=device)  # gpu: batches come decoded on the device
+    eval_loader = make_eval_loader(data["shards"], data["eval_batch"], rank=rank, world_size=run.world_size,
+                                   transform=eval_transform(index["dataset"], data["image_size"]))
+    fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
+    tracker = RunTracker(run.run_dir, cfg, active=rank == 0, resume_step=start)
+    if rank == 0:
+        write_text_atomic(os.path.join(run.run_dir, "ds_config.json"), json.dumps(run.ds_config, indent=2))
+        if not os.path.exists(os.path.join(run.run_dir, "manifest.yaml")):
+            from risgd_data.manifest import write_manifest
+            write_manifest(manifest, os.path.join(run.run_dir, "manifest.yaml"))
+
+    t0 = time.perf_counter() - client.get("wall_seconds", 0.0)
+    # loss sum, steps, samples skipped since the last log; on the device, so NCCL can reduce it and
+    # adding the loss does not wait for the GPU every step
+    running = torch.zeros(3, dtype=torch.float64, device=device)
+    last = tracker.last_logged() or {"train_loss": float("nan")}
+    coverage: dict[frozenset, float] = {}
+    skipped_seen = loader.samples_skipped
+    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
+    batches = iter(loader)
+    for step in range(start + 1, total_steps + 1):
+        images, labels = next(batches)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
+        loss = F.cross_entropy(engine(images), labels.to(device, non_blocking=True))
+        engine.backward(loss)
+        engine.step()
+        running[0] += loss.detach()
+        running[1] += 1
+        bar.update(1)
+        # Log and evaluate only where every rank holds the averaged model: the first average at or
+        # after each eval_every multiple, and the last step (which the config made an average).
+        due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
+        if step == total_steps or (due and engine.risgd.is_average()):
+            running[2] = loader.samples_skipped - skipped_seen
+            skipped_seen = loader.samples_skipped
+            with engine.risgd.averaged() as stats:  # every rank holds the averaged model inside
+                dist.all_reduce(running)  # telemetry: one tiny collective per log interval
+                metrics = {"step": step, "epoch": step / epoch_steps, "lr": scheduler.get_last_lr()[0],
+                           "train_loss": float(running[0] / running[1]), **run_metrics(stats),
+                           "wall_seconds": time.perf_counter() - t0, "samples_skipped": int(running[2])}
+                t_eval = time.perf_counter()
+                metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"],
+                                        cfg["model"]["channels_last"]))
+                metrics["eval_seconds"] = time.perf_counter() - t_eval
+            running.zero_()
+            best = max(best, metrics["test_acc"])
+            if rank == 0:
+                live = frozenset(range(run.workers)) - set(stats["down_workers"])
+                if live not in coverage:
+                    coverage[live] = live_coverage(manifest, index, live)
+                metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
+                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
+                if last_eval == 0:  # the first measurement is enough to advise on tau
+                    tqdm.write(f"cost model: {json.dumps(cost_advice(cfg, stats))}")
+            tracker.log(metrics)
+            last, last_eval = metrics, step
+        if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == total_steps:
+            engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={
+                "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best,
+                "last_eval": last_eval})
+    bar.close()
+
+    # every rank takes the final average for good (with overlap: the last round, applied now)
+    stats = engine.risgd.consensus()
+    digest = sha256_tensors(engine.module.state_dict().items())
+    digests: list = [None] * run.world_size
+    dist.all_gather_object(digests, digest)  # every rank's final model: equal after the last average
+    summary = {"algorithm": cfg["algorithm"], "tau": 1 if run.schedule is None else run.schedule.tau,
+               "mu": cfg["mu"], "world_size": run.world_size, "steps": total_steps, **run_metrics(stats),
+               "wall_seconds": time.perf_counter() - t0, "final_test_acc": last.get("test_acc"),
+               "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
+               "partition": data["partition"], "batch_policy": data["batch_policy"], "node_size": run.node_size,
+               "workers": run.workers, "tau_intra": cfg["tau_intra"], "overlap": cfg["overlap"],
+               "samples_skipped": loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
+               "model_sha256": digest, "min_data_coverage": tracker.min_logged("data_coverage"),
+               "rank_model_sha256": digests, "cost_model": cost_advice(cfg, stats)}
+    if rank == 0:
+        print(f"cost model: {json.dumps(summary['cost_model'])}", flush=True)
+    tracker.finish(summary)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
