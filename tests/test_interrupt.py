@@ -1,5 +1,6 @@
-"""Ctrl-C in the middle of a run, then the same command again: the run resumes, and its wandb
-record holds every step of metrics.jsonl (read back from the offline files)."""
+"""Ctrl-C in the middle of a run, then the same command again: the run resumes (and says from which
+step), its wandb record holds every step of metrics.jsonl (read back from the offline files), and the
+interruption is one line on rank 0, no rank's traceback."""
 
 from __future__ import annotations
 
@@ -16,20 +17,20 @@ from risgd_recipes.tracking import read_offline_history
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(tmp_path, digits_dir):
+def _launch(tmp_path, digits_dir, log):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "train.py"), "--recipe", "recipes/digits.yaml", "steps=300", "eval_every=25",
            "checkpoint_every=50", f"data.shards={digits_dir}", f"runs_dir={tmp_path}", "run_name=r",
            "wandb.mode=offline", "dist_timeout_s=60"]
     env = dict(os.environ, WANDB_SILENT="true")
     env.pop("WANDB_API_KEY", None)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def test_ctrl_c_then_resume_keeps_the_wandb_history(tmp_path, digits_dir):
     metrics = tmp_path / "r" / "metrics.jsonl"
-    proc = _launch(tmp_path, digits_dir)
+    first_log, second_log = open(tmp_path / "first.log", "w+"), open(tmp_path / "second.log", "w+")
+    proc = _launch(tmp_path, digits_dir, first_log)
     deadline = time.monotonic() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be interrupted"
@@ -37,9 +38,17 @@ def test_ctrl_c_then_resume_keeps_the_wandb_history(tmp_path, digits_dir):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole process group
     assert proc.wait(timeout=120) != 0
     assert not (tmp_path / "r" / "summary.json").exists()
-    assert (tmp_path / "r" / "checkpoints" / "latest").exists()
-    proc = _launch(tmp_path, digits_dir)  # the same command: resumes from the checkpoint
+    tag = (tmp_path / "r" / "checkpoints" / "latest").read_text().strip()
+    first = (tmp_path / "first.log").read_text()
+    said = [line for line in first.splitlines() if "interrupted:" in line]
+    assert len(said) == 1 and f"resumes it from its checkpoint {tag}" in said[0], first[-3000:]
+    # no rank prints a traceback; DeepSpeed's launcher (runner.py, waiting on its child) prints its own
+    blocks = first.split("Traceback (most recent call last):")[1:]
+    assert all("deepspeed/launcher/runner.py" in b and "\nKeyboardInterrupt" in b for b in blocks), first[-3000:]
+    assert "gloo" not in first.lower() and "Connection" not in first, first[-3000:]
+    proc = _launch(tmp_path, digits_dir, second_log)  # the same command: resumes from the checkpoint
     assert proc.wait(timeout=300) == 0
+    assert f"r: resuming from step {tag[4:]} of 300" in (tmp_path / "second.log").read_text()
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     history = read_offline_history(str(tmp_path / "r"), newest=True)
     assert len(os.listdir(tmp_path / "r" / "wandb")) >= 2  # the resumed part wrote its own offline directory
