@@ -20,7 +20,11 @@ For each dataset (CIFAR-10 format and ImageNet format, both synthetic: nothing i
 4. times a bare PyTorch loop on one GPU: the same model (timm), batch, precision, memory format and
    optimizer (SGD, momentum, weight decay groups), on a batch already in GPU memory;
 5. prints train.py throughput / bare loop (goal >= 0.95: the engine and the loader cost under 5%)
-   and whether the step was loader-bound (the GPU idle more than 5% of a step).
+   and whether the step was loader-bound (the GPU idle more than 5% of a step);
+6. ImageNet format, both JPEG decode paths (recipe key ``data.decode``): train.py once more with
+   ``data.decode=gpu`` (row ``imagenet/gpu``: nvJPEG on the device, the workers only read and draw
+   the crops), and the train loader alone, img/s of one rank's batches for decode=cpu and decode=gpu
+   with the same workers (``--decode cpu`` leaves the GPU path out).
 
 Exit status: 0 done (the goals are reported, not enforced), 2 bad input or no GPU (one line), 1 a
 launch or the work failed. ``--cpu-smoke`` runs the same plumbing on 2 CPU ranks with gloo and tiny
@@ -41,6 +45,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"cifar10": "recipes/cifar10_resnet44.yaml", "imagenet": "recipes/imagenet_resnet50.yaml"}
+GPU_ROW = "imagenet/gpu"  # the ImageNet run again with data.decode=gpu
 GOAL = 0.95
 IDLE_LIMIT = 0.05
 
@@ -116,19 +121,58 @@ def train_overrides(args: argparse.Namespace, dataset: str, shards: str, ranks: 
     return over + args.override
 
 
-def run_train(args: argparse.Namespace, dataset: str, shards: str, ranks: int) -> str:
-    run_dir = os.path.join(args.work, "runs", f"gpu-check-{dataset}")
+def run_train(args: argparse.Namespace, dataset: str, shards: str, ranks: int, decode: str = "cpu") -> str:
+    name = dataset if decode == "cpu" else f"{dataset}-gpu-decode"
+    run_dir = os.path.join(args.work, "runs", f"gpu-check-{name}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run every time (a finished run would be skipped)
+    over = train_overrides(args, dataset, shards, ranks)
+    if decode != "cpu":
+        over = [o.replace(f"run_name=gpu-check-{dataset}", f"run_name=gpu-check-{name}") for o in over]
     cmd = [_deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(_free_port()), "train.py",
-           "--recipe", RECIPES[dataset], *train_overrides(args, dataset, shards, ranks)]
+           "--recipe", RECIPES[dataset], *over, f"data.decode={decode}"]
     env = dict(os.environ)
     if args.cpu_smoke:
         env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    _run(cmd, os.path.join(args.work, f"train_{dataset}.log"), env)
-    print(f"  {dataset}: train.py on {ranks} {'CPU ranks' if args.cpu_smoke else 'GPUs'} took "
-          f"{time.perf_counter() - t0:.0f} s (log: {os.path.join(args.work, f'train_{dataset}.log')})", flush=True)
+    _run(cmd, os.path.join(args.work, f"train_{name}.log"), env)
+    print(f"  {name}: train.py on {ranks} {'CPU ranks' if args.cpu_smoke else 'GPUs'} took "
+          f"{time.perf_counter() - t0:.0f} s (log: {os.path.join(args.work, f'train_{name}.log')})", flush=True)
     return run_dir
+
+
+def loader_rates(shards: str, device: str, batch: int, workers: int, steps: int, decodes: list[str]) -> dict:
+    """img/s of one rank's train loader (its batches on `device`, synchronized) per decode path,
+    after a warm-up of `workers` + 2 batches; median of 3 timed blocks of `steps` batches each."""
+    import torch
+
+    from risgd_data.index import load_index
+    from risgd_data.loader import make_train_loader
+    from risgd_data.manifest import build_manifest
+
+    manifest = build_manifest(load_index(shards), 1, 0.0)
+    cuda = torch.device(device).type == "cuda"
+    rates = {}
+    for decode in decodes:
+        ld = make_train_loader(manifest, shards, 0, batch, num_workers=workers, pin_memory=cuda, decode=decode,
+                               device=device)
+        it = iter(ld)
+
+        def take(n, it=it):
+            for _ in range(n):
+                x, _ = next(it)
+                x = x.to(device, non_blocking=True)
+            if cuda:
+                torch.cuda.synchronize(device)
+
+        take(workers + 2)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            take(steps)
+            times.append(time.perf_counter() - t0)
+        rates[decode] = batch * steps / statistics.median(times)
+        it.close()  # the loader's workers end here
+    return rates
 
 
 def step_times(run_dir: str) -> dict:
@@ -231,6 +275,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="loader worker processes per rank (default: CPU cores / ranks, at most 8)")
     ap.add_argument("--work", default=os.path.join(ROOT, "runs", "gpu_check"),
                     help="synthetic data, shards, runs and logs (default runs/gpu_check)")
+    ap.add_argument("--decode", choices=["cpu", "both"], default="both",
+                    help="ImageNet: both decode paths (data.decode cpu and gpu, default) or the CPU one only")
+    ap.add_argument("--loader-steps", type=int, default=20,
+                    help="batches per timed block of the loader img/s measurement (default 20)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: the same plumbing on 2 CPU ranks (gloo) with tiny sizes; the ratio means nothing")
@@ -295,20 +343,27 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"gpu_check: {ranks} x {torch.cuda.get_device_name(0)}, {args.precision}, "
               f"channels_last={args.channels_last}, loader workers/rank {args.num_workers}", flush=True)
-    results = {}
+    results, rates = {}, {}
+    gpu_decode = args.decode == "both" and not args.cpu_smoke  # no CUDA: train.py would refuse data.decode=gpu
     try:
         for dataset in args.datasets:
             shards = make_data(dataset, args.work, args.cpu_smoke)
-            run_dir = run_train(args, dataset, shards, ranks)
-            train = step_times(run_dir)
-            bare = bare_step_time(run_dir, shards, device, args.bare_steps)
-            if not args.cpu_smoke:
-                import torch
+            for decode in ("cpu", "gpu") if dataset == "imagenet" and gpu_decode else ("cpu",):
+                run_dir = run_train(args, dataset, shards, ranks, decode)
+                train = step_times(run_dir)
+                bare = bare_step_time(run_dir, shards, device, args.bare_steps)
+                if not args.cpu_smoke:
+                    import torch
 
-                torch.cuda.empty_cache()  # the next dataset's train.py gets the memory back
-            results[dataset] = {**train, "bare_step_s": bare, "ratio": bare / train["step_s"],
-                                "loader_bound": train["idle_share"] > IDLE_LIMIT, "batch": args.batch[dataset],
-                                "ranks": ranks, "run_dir": run_dir}
+                    torch.cuda.empty_cache()  # the next dataset's train.py gets the memory back
+                results[GPU_ROW if decode == "gpu" else dataset] = {
+                    **train, "bare_step_s": bare, "ratio": bare / train["step_s"],
+                    "loader_bound": train["idle_share"] > IDLE_LIMIT, "batch": args.batch[dataset], "ranks": ranks,
+                    "run_dir": run_dir}
+            if dataset == "imagenet":  # the GPU path's code runs on the CPU in --cpu-smoke
+                decodes = ["cpu", "gpu"] if args.decode == "both" else ["cpu"]
+                rates = loader_rates(shards, device, args.batch[dataset], args.num_workers, args.loader_steps,
+                                     decodes)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -325,11 +380,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{GOAL}); steps {next(iter(results.values()))['from_step']}..{next(iter(results.values()))['to_step']} "
           f"of train.py; GPU idle = the part of a step without compute or communication on the GPU "
           f"(loader-bound above {IDLE_LIMIT:.0%})")
+    if rates:
+        print(f"\nImageNet train loader alone, one rank, batch {args.batch['imagenet']}, {args.num_workers} workers, "
+              f"batches on {device} (median of 3 blocks of {args.loader_steps} batches):")
+        for decode, rate in rates.items():
+            print(f"  data.decode={decode}: {rate:8.0f} img/s")
     if args.cpu_smoke:
-        print("(--cpu-smoke: CPU ranks and tiny sizes; the plumbing works, the figures mean nothing)")
+        print("(--cpu-smoke: CPU ranks and tiny sizes; the plumbing works, the figures mean nothing; data.decode=gpu "
+              "ran its code on the CPU in the loader measurement only)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "batch"}, "results": results}, f, indent=2)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "batch"}, "results": results,
+                       "loader_img_s": rates}, f, indent=2)
     return 0
 
 
