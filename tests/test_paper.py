@@ -180,43 +180,86 @@ def test_cifar_format_data_runs_the_same_grid(tmp_path):
 
 # -- the verdict rules on constructed numbers ---------------------------------------------------------
 
-def test_judge_has_four_quadrants():
-    assert V.judge([1.0, 2.0], 0.5) == V.CONFIRMED             # an effect on every seed
-    assert V.judge([3.0, -1.0], 0.5) == V.MIXED                # an effect, but one seed disagrees
-    assert V.judge([0.2, 0.3], 0.5) == V.MIXED                 # every seed agrees, but too small
-    assert V.judge([0.2, -0.1], 0.5) == V.NOT_CONFIRMED
-    assert V.judge([-2.0, -1.0], 0.5) == V.NOT_CONFIRMED
-    assert V.judge([0.0], 0.0) == V.NOT_CONFIRMED              # no difference is no support
+def test_judge_is_the_95_percent_interval_against_the_margin():
+    assert V.t975(1) == 12.7062 and V.t975(2) == 4.3027 and abs(V.t975(200) - 1.972) < 2e-3
+    assert V.interval([1.0]) is None
+    low, high = V.interval([1.0, 2.0, 3.0])  # mean 2, sd 1: 2 -+ 4.3027 / sqrt(3)
+    assert low == pytest.approx(2 - 4.3027 / 3 ** 0.5) and high == pytest.approx(2 + 4.3027 / 3 ** 0.5)
+    assert V.judge([2.0, 2.1, 1.9], 0.5) == V.CONFIRMED          # the interval lies above the margin
+    assert V.judge([-1.0, -1.1, -0.9], 0.5) == V.NOT_CONFIRMED   # it lies below
+    assert V.judge([0.5, 0.5, 0.5], 0.5) == V.NOT_CONFIRMED      # at the margin is no effect
+    assert V.judge([3.0, -1.0, 1.0], 0.5) == V.INCONCLUSIVE      # it spans the margin
+    assert V.judge([0.4, 0.6, 0.5, 0.55], 0.5) == V.INCONCLUSIVE
+    assert V.judge([5.0, 5.0], 0.5) == V.INCONCLUSIVE            # fewer than MIN_SEEDS seeds decide nothing
+    assert V.MIN_SEEDS == 3
     with pytest.raises(ValueError):
         V.judge([], 0.5)
 
 
 def test_paired_orients_by_what_is_better_and_pairs_seeds():
-    c = V.paired("fewer rounds", {0: 2, 1: 4}, {0: 10, 1: 12, 2: 1}, 0.0, lower_is_better=True)
-    assert c.diffs == [8, 8] and c.verdict == V.CONFIRMED  # seed 2 has no partner: left out
-    c = V.paired("higher accuracy", {0: 90.0, 1: 91.0}, {0: 90.2, 1: 90.9}, 0.5)
-    assert c.diffs == pytest.approx([-0.2, 0.1]) and c.verdict == V.NOT_CONFIRMED
+    c = V.paired("fewer rounds", {0: 2, 1: 4, 2: 3}, {0: 10, 1: 12, 2: 11, 3: 1}, 0.0, lower_is_better=True)
+    assert c.diffs == [8, 8, 8] and c.verdict == V.CONFIRMED  # seed 3 has no partner: left out
+    assert c.as_dict()["ci95"] == [8.0, 8.0] and c.as_dict()["seeds"] == 3
+    c = V.paired("higher accuracy", {0: 90.0, 1: 91.0, 2: 90.0}, {0: 90.2, 1: 90.9, 2: 90.1}, 0.5)
+    assert c.diffs == pytest.approx([-0.2, 0.1, -0.1]) and c.verdict == V.NOT_CONFIRMED
     with pytest.raises(ValueError):
         V.paired("no seeds in common", {0: 1.0}, {1: 1.0}, 0.0)
 
 
-def test_fewer_rounds_never_lets_a_run_that_never_gets_there_win():
-    c = V.fewer_rounds("x", {0: (4, True), 1: (21, False)}, {0: (20, True), 1: (1001, False)})
-    assert c.diffs == [16, 0.0] and c.verdict == V.MIXED  # seed 1: both never reached it: no saving
-    c = V.fewer_rounds("x", {0: (2, True)}, {0: (21, False)})  # the baseline never: total + 1 rounds
-    assert c.diffs == [19] and c.verdict == V.CONFIRMED
+def test_a_run_that_never_reaches_the_target_never_wins():
+    c = V.fewer_rounds("x", {0: (4, True), 1: (21, False), 2: (4, True)}, {0: (20, True), 1: (1001, False),
+                                                                           2: (20, True)})
+    assert c.diffs == [16, 0.0, 16] and c.verdict == V.INCONCLUSIVE  # seed 1: never reached it: no saving
+    c = V.fewer_rounds("x", {s: (2, True) for s in range(3)}, {s: (21, False) for s in range(3)})
+    assert c.diffs == [19] * 3 and c.verdict == V.CONFIRMED  # the baseline never: its whole run counts
+    c = V.sooner("x", {s: (1.0, True) for s in range(3)}, {s: (4.0, True) for s in range(3)}, V.WAY_SOONER)
+    assert c.diffs == pytest.approx([0.60206] * 3, abs=1e-5) and c.verdict == V.CONFIRMED  # 4x sooner
+    c = V.sooner("x", {s: (1.0, True) for s in range(3)}, {s: (1.5, True) for s in range(3)}, V.WAY_SOONER)
+    assert c.verdict == V.NOT_CONFIRMED  # 1.5x is sooner, but not way sooner
+    c = V.sooner("x", {s: (0.5, False) for s in range(3)}, {s: (4.0, True) for s in range(3)}, V.WAY_SOONER)
+    assert c.diffs == [0.0] * 3 and c.verdict == V.NOT_CONFIRMED  # fast, but never there
 
 
-def test_combine_rounds_to_and_knee():
+def test_the_old_fewer_rounds_than_syncsgd_check_could_not_fail():
+    """Fig. 2's old check: RI-SGD's rounds to the target against SyncSGD's, evaluated every 50 steps.
+    SyncSGD's earliest is one evaluation (50 rounds), RI-SGD's whole run 20 rounds: whenever RI-SGD
+    gets there at all, the check confirms, even for a RI-SGD that takes 10x longer in time. The check
+    that replaced it (time at a stated network) fails on the same runs."""
+    eval_every, risgd_rounds = 50, 20
+    sync_earliest = {s: (float(eval_every), True) for s in range(3)}  # the best SyncSGD can do
+    risgd_last = {s: (float(risgd_rounds), True) for s in range(3)}   # the worst RI-SGD that gets there
+    assert V.fewer_rounds("old", risgd_last, sync_earliest).verdict == V.CONFIRMED  # always: it cannot fail
+    slow = {s: (10.0, True) for s in range(3)}   # RI-SGD's model seconds to the target, 10x SyncSGD's
+    fast = {s: (1.0, True) for s in range(3)}
+    assert V.sooner("new", slow, fast, V.WAY_SOONER).verdict == V.NOT_CONFIRMED
+    assert V.sooner("new", fast, slow, V.WAY_SOONER).verdict == V.CONFIRMED
+
+
+def test_votes_combine_knee_near_and_the_fitted_fall():
+    assert V.vote("k", {0: True, 1: True, 2: True}).verdict == V.CONFIRMED
+    assert V.vote("k", {0: False, 1: False, 2: False}).verdict == V.NOT_CONFIRMED
+    assert V.vote("k", {0: True, 1: False, 2: True}).verdict == V.INCONCLUSIVE
+    assert V.vote("k", {0: True, 1: True}).verdict == V.INCONCLUSIVE  # too few seeds
     assert V.combine([V.CONFIRMED, V.CONFIRMED]) == V.CONFIRMED
     assert V.combine([V.NOT_CONFIRMED, V.NOT_CONFIRMED]) == V.NOT_CONFIRMED
     assert V.combine([V.CONFIRMED, V.NOT_CONFIRMED]) == V.MIXED
-    assert V.combine([V.MIXED]) == V.MIXED
+    assert V.combine([V.CONFIRMED, V.INCONCLUSIVE]) == V.MIXED
+    assert V.combine([V.NOT_CONFIRMED, V.INCONCLUSIVE]) == V.INCONCLUSIVE
+    assert V.combine([V.INCONCLUSIVE]) == V.INCONCLUSIVE
     points = [(2, 50.0), (4, 96.0), (6, 97.5), (8, 97.0)]
     assert V.rounds_to(points, 97.0, 8) == 6
     assert V.rounds_to(points, 99.0, 8) == 9  # never: its total rounds + 1
+    assert V.first_reach(points, 99.0, 8) == (8.0, False)
     assert V.knee({1: 98.0, 10: 97.5, 50: 97.2, 200: 90.0}) == 50
     assert V.knee({1: 98.0, 10: 95.0, 50: 97.5}) == 50  # the largest tau within 1 point of the best
+    assert V.near(50, 50) and not V.near(25, 50) and not V.near(100, 50) and V.near(60, 50)
+    assert V.fitted_fall({1: 98.0, 10: 96.0, 100: 94.0}) == pytest.approx(4.0)  # a line in log tau
+    assert V.fitted_fall({1: 94.0, 10: 96.0, 100: 98.0}) == pytest.approx(-4.0)
+    # the old check compared the two ends only: a sweep that rises everywhere but at the last tau passed it
+    rises = {1: 95.0, 10: 97.0, 25: 98.0, 50: 98.5, 200: 94.0}
+    assert rises[1] - rises[200] > V.ACC_MARGIN and V.fitted_fall(rises) < V.ACC_MARGIN
+    with pytest.raises(ValueError):
+        V.fitted_fall({1: 90.0})
 
 
 def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[str, dict]:
@@ -231,7 +274,7 @@ def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[s
         elif s.algorithm == "coop":
             final, div = 90.0 - sign * 2.0, 1e-5
         else:
-            final = 80.0 + sign * 20.0 * s.mu
+            final = 90.0 + sign * (3.0 + 4.0 * s.mu) if s.algorithm == "risgd" else 80.0  # RI-SGD beats SyncSGD
             if s.mu == grid.full_mu and not s.hetero_std:  # full redundancy against coop
                 final = 90.0 + sign * 2.0 + (4.0 * (1 - 2 * seed) if noisy_diversity else 0.0)
             if s.base_batch > grid.base_batch:  # the 4x batch: PR-SGD saturates
@@ -242,12 +285,16 @@ def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[s
             div = 1e-3 * (1.0 - 1.8 * s.mu) ** (1 if holds else -1) * (s.tau / grid.tau) ** sign
         rounds = s.steps if s.algorithm == "sync" else s.steps // s.tau
         n = 4
+        round_bytes = 1e6  # every round moves the model: SyncSGD's tau-fold rounds cost it time at 1 Gbit/s
+        loss = 0.25 if s.algorithm == "sync" else 0.25 * 10 ** (-sign * 0.2)
         metrics = [{"step": s.steps * (k + 1) // n, "comm_rounds": rounds * (k + 1) // n,
-                    "round": rounds * (k + 1) // n, "wall_seconds": 1.0 + k, "train_loss": 1.0 / (k + 1),
+                    "comm_bytes": round_bytes * (rounds * (k + 1) // n),
+                    "round": rounds * (k + 1) // n, "wall_seconds": 1.0 + k, "train_loss": loss * 4 / (k + 1),
                     "test_acc": final - 30.0 * (n - 1 - k) / n + jitter, "divergence": div} for k in range(n)]
         summary = {"algorithm": s.algorithm, "tau": s.tau, "mu": s.mu, "world_size": grid.ranks, "steps": s.steps,
-                   "comm_rounds": rounds, "comm_bytes": 1e6, "comm_seconds": 0.1, "wall_seconds": 4.0,
-                   "final_test_acc": final + jitter, "best_test_acc": final + jitter, "final_train_loss": 0.25,
+                   "comm_rounds": rounds, "comm_bytes": round_bytes * rounds, "comm_seconds": 0.1,
+                   "compute_seconds": 1e-4 * s.steps, "wall_seconds": 4.0,
+                   "final_test_acc": final + jitter, "best_test_acc": final + jitter, "final_train_loss": loss,
                    "divergence_mean": div, "min_data_coverage": 1.0 - 0.5 * len(s.down) * (s.mu == 0),
                    "batch_policy": s.batch_policy, "seed": seed}
         runs[s.run_name(seed)] = {"dir": f"/constructed/{s.run_name(seed)}", "summary": summary, "metrics": metrics,
@@ -256,7 +303,7 @@ def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[s
 
 
 def test_verdicts_follow_constructed_numbers(tmp_path):
-    grid = make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=2, seeds=(0, 1))
+    grid = make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=2, seeds=(0, 1, 2))
     held = {a.exp.key: a for a in paper_report.analyse(grid, constructed_runs(grid, holds=True), str(tmp_path))}
     assert {k: a.verdict for k, a in held.items()} == dict.fromkeys(KEYS, V.CONFIRMED), {
         k: [(c.name, c.verdict) for c in a.checks] for k, a in held.items() if a.verdict != V.CONFIRMED}
@@ -269,4 +316,8 @@ def test_verdicts_follow_constructed_numbers(tmp_path):
     assert failed["tau"].checks[-1].verdict == V.NOT_CONFIRMED  # no averaging: redundancy does not help
     noisy = paper_report.analyse(grid, constructed_runs(grid, holds=True, noisy_diversity=True), str(tmp_path))
     diversity = next(a for a in noisy if a.exp.key == "diversity")
-    assert diversity.verdict == V.MIXED and diversity.checks[0].diffs == pytest.approx([8.0, 0.0])
+    assert diversity.verdict == V.INCONCLUSIVE and diversity.checks[0].diffs == pytest.approx([8.0, 0.0, -8.0])
+    # one seed each: an effect many margins large decides nothing
+    one = make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=2, seeds=(0,))
+    single = paper_report.analyse(one, constructed_runs(one, holds=True), str(tmp_path))
+    assert all(c.verdict == V.INCONCLUSIVE for a in single for c in a.checks if c.diffs)

@@ -93,6 +93,48 @@ def points(run: dict, key: str = "comm_rounds") -> list[tuple[float, float]]:
     return [(m[key], m["test_acc"]) for m in run["metrics"] if m.get("test_acc") is not None]
 
 
+def compute_per_step(run: dict) -> float:
+    """The run's measured compute per step (the engine's ``compute_seconds`` / steps; for a record
+    without it, wall-clock minus communication)."""
+    s = run["summary"]
+    if s.get("compute_seconds") is not None:
+        return s["compute_seconds"] / s["steps"]
+    return max(s["wall_seconds"] - (s.get("comm_seconds") or 0.0), 0.0) / s["steps"]
+
+
+def model_seconds(run: dict, step: float, comm_bytes: float, collectives: float,
+                  bandwidth_gbit: float = V.BANDWIDTH_GBIT, latency_us: float = V.LATENCY_US) -> float:
+    """The cost model's time for the run's first ``step`` steps at a stated network: the run's measured
+    compute per step times ``step``, plus ring all-reduces of ``comm_bytes`` in ``collectives``
+    collectives over its ranks (``risgd_ext.cost_model.ring_seconds``). A prediction, not a measurement."""
+    from risgd_ext.cost_model import ring_seconds
+
+    return step * compute_per_step(run) + ring_seconds(comm_bytes, run["summary"]["world_size"],
+                                                       bandwidth_gbit * 1e9 / 8, latency_us / 1e6,
+                                                       collectives=int(collectives))
+
+
+def time_points(run: dict, bandwidth_gbit: float = V.BANDWIDTH_GBIT,
+                latency_us: float = V.LATENCY_US) -> list[tuple[float, float]]:
+    """(model seconds, test accuracy) at each evaluation (see :func:`model_seconds`)."""
+    return [(model_seconds(run, m["step"], m["comm_bytes"], m["comm_rounds"], bandwidth_gbit, latency_us),
+             m["test_acc"]) for m in run["metrics"] if m.get("test_acc") is not None]
+
+
+def time_to(run: dict, target: float, bandwidth_gbit: float = V.BANDWIDTH_GBIT,
+            latency_us: float = V.LATENCY_US) -> tuple[float, bool]:
+    """(model seconds to the first evaluation at or above ``target``, True), or (the whole run's model
+    seconds, False) if it never gets there."""
+    s = run["summary"]
+    total = model_seconds(run, s["steps"], s["comm_bytes"], s["comm_rounds"], bandwidth_gbit, latency_us)
+    return V.first_reach(time_points(run, bandwidth_gbit, latency_us), target, total)
+
+
+def network_text() -> str:
+    """The stated network of every model time, for labels."""
+    return f"{V.BANDWIDTH_GBIT:g} Gbit/s, {V.LATENCY_US:g} us"
+
+
 def by_seed(ctx: Context, settings: list[Setting], seeds, fn) -> list[list[float]]:
     """[[fn(run of settings[0], seed), fn(run of settings[1], seed), ...] for each seed]."""
     return [[fn(ctx.runs[s.run_name(seed)]) for s in settings] for seed in seeds]

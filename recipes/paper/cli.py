@@ -4,6 +4,7 @@
     python -m recipes.paper --quick              # 1 seed, 200-step runs (~10 min)
     python -m recipes.paper --plan-only          # the planned runs and an estimate of the time
     python -m recipes.paper --report-only        # rebuild the report from the finished runs
+    python -m recipes.paper --retrain-stale      # re-train the runs another engine trained
     python -m recipes.paper --recipe recipes/cifar10_resnet44.yaml   # the paper's own setup (GPUs, the data)
 
 Experiments: Fig. 2 (mu against SyncSGD, label-sorted and iid), Appendix A (the tau sweep and no
@@ -12,6 +13,11 @@ section 4.4 (failed workers) and Theorem 4.2's residual error (divergence before
 of the grid go into one ``deepspeed`` launch (``train.py --plan``: one process group trains them one
 after another). A run that has finished is never trained again, so re-running the command resumes
 and rebuilds the report. Writes ``OUT/paper.md``, ``OUT/paper.json`` and the PNGs next to them.
+
+Each run it launches gets the stamp of the engine that trains it (``RUN/paper_engine.json``:
+:mod:`recipes.paper.stamp`). A finished run whose stamp names another engine, or that has none, is
+*stale*: the report marks it, and ``--retrain-stale`` moves it aside (``RUN.stale-TIME``) and trains
+it again.
 
 Extra ``key=value`` arguments are recipe overrides for every run (e.g. ``data.shards=DIR``); the keys
 the grid sets (algorithm, mu, tau, steps, seed, data.partition, ...) are refused. Exit status: 0 done,
@@ -31,8 +37,10 @@ import time
 from risgd_data.errors import DataError
 
 from .. import compare
+from ..bundled import bundled_recipe
 from ..config import RecipeError, load_recipe, resolve_run
 from ..launch import ROOT, launch
+from . import stamp
 from .grid import GRID_KEYS, GRIDS, Grid, GridError, Setting, make_grid
 
 DEFAULT_RECIPE = "recipes/digits.yaml"
@@ -60,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "fewer taus; test: 2 ranks, 20-step runs (the test suite's)")
     p.add_argument("--quick", action="store_true", help="the same as --grid quick")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="seeds for every experiment (default: the grid's; full: 3 for Fig. 2, 2 elsewhere)")
+                   help="seeds for every experiment (default: the grid's; full: 3, the fewest a verdict is decided "
+                        "on; quick and test: 1, so every measured check is inconclusive)")
     p.add_argument("--ranks", type=int, default=None, help="ranks per run (default 4; 2 for --grid test)")
     p.add_argument("--steps", type=int, default=None,
                    help="iterations per run (default: the recipe's for full, a fifth for quick, 20 for test); "
@@ -73,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                              "nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from the finished runs; train "
                                                                "nothing")
+    p.add_argument("--retrain-stale", action="store_true",
+                   help="move aside (RUN.stale-TIME) and train again every finished run that another engine trained "
+                        "or that carries no engine stamp (default: keep them and mark them stale in the report)")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides for every run (not the grid's keys)")
     args = p.parse_args(argv)
     if args.quick:
@@ -82,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.grid = args.grid or "full"
     if args.plan_only and args.report_only:
         raise BadInput("--plan-only and --report-only exclude each other: give one")
+    if args.report_only and args.retrain_stale:
+        raise BadInput("--report-only trains nothing, --retrain-stale trains the stale runs: give one")
     for item in args.overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:
@@ -122,7 +136,9 @@ def estimate(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[str,
     return (total + (LAUNCH_S if pending else 0.0)), how
 
 
-def print_plan(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[str, dict], dataset: str) -> None:
+def print_plan(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[str, dict], dataset: str,
+               stale: dict[str, str] | None = None, retrain: bool = False) -> None:
+    stale = stale or {}
     uses: dict[str, list[str]] = {}
     for exp in grid.experiments():
         for s in exp.settings:
@@ -132,12 +148,17 @@ def print_plan(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[st
     print(f"{'run':<48} {'batch/rank':>10} {'steps':>6} {'status':<8} experiments")
     for s, seed in grid.runs():
         name = s.run_name(seed)
+        status = "pending" if name in waiting else ("stale" if name in stale else "done")
         print(f"{name:<48} {s.per_rank_batch(grid.ranks):>10g} {s.steps:>6} "
-              f"{'pending' if name in waiting else 'done':<8} {', '.join(dict.fromkeys(uses[name]))}")
+              f"{status:<8} {', '.join(dict.fromkeys(uses[name]))}")
     seconds, how = estimate(grid, pending, finished, dataset)
     est = "unknown" if seconds is None else f"{seconds / 60:.1f} min"
     print(f"\n{len(grid.runs())} runs ({len(pending)} pending) on {grid.ranks} ranks in one launch; "
           f"estimated {est} ({how})")
+    if stale:
+        print(f"{len(stale)} finished run(s) trained by another engine or without an engine stamp (stale): "
+              + ("re-trained by --retrain-stale (counted as pending)" if retrain
+                 else "kept and marked in the report; --retrain-stale trains them again"))
 
 
 class Progress(threading.Thread):
@@ -165,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         recipe = args.recipe
-        if not os.path.exists(recipe) and not os.path.isabs(recipe) and os.path.exists(os.path.join(ROOT, recipe)):
-            recipe = os.path.join(ROOT, recipe)  # recipes/NAME.yaml from anywhere, as in a checkout
+        if not os.path.exists(recipe):  # a bundled recipe by name or as recipes/NAME.yaml, from anywhere
+            recipe = bundled_recipe(recipe) or recipe
         recipe = os.path.abspath(recipe)
         cfg = load_recipe(recipe, args.overrides)
         ranks = args.ranks or (2 if args.grid == "test" else 4)
@@ -177,10 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         common = [f"runs_dir={runs_dir}", f"eval_every={grid.eval_every}", "wandb.enabled=false",
                   f"wandb.group=paper-{cfg['name']}", *args.overrides]  # the user's overrides win
         planned = grid.runs()
-        finished, pending = {}, []
+        try:
+            engine = stamp.current()
+        except OSError as e:
+            raise BadInput(f"cannot stamp the engine: {e}") from None
+        finished, pending, stale, dirs = {}, [], {}, {}
         for setting, seed in planned:  # every run checked (and its directory compared) before any launch
             run = resolve_run(recipe, [*common, *setting.overrides(seed)], ranks)
+            dirs[setting.run_name(seed)] = run.run_dir
             if run.finished:
+                reason = stamp.stale_reason(stamp.read(run.run_dir), engine)
+                if reason:
+                    stale[setting.run_name(seed)] = reason
+                if reason and args.retrain_stale:
+                    pending.append((setting, seed))
+                    continue
                 with open(os.path.join(run.run_dir, "summary.json")) as f:
                     finished[setting.run_name(seed)] = json.load(f)
                 if finished[setting.run_name(seed)].get("world_size") != ranks:
@@ -193,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if args.plan_only:
-        print_plan(grid, pending, finished, cfg["data"]["dataset"])
+        print_plan(grid, pending, finished, cfg["data"]["dataset"], stale, args.retrain_stale)
         return 0
     if args.report_only and pending:
         print(f"error: {len(pending)} of {len(planned)} runs are not finished (e.g. "
@@ -204,6 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     launches = 0
     if pending:
         os.makedirs(runs_dir, exist_ok=True)
+        moved = {}
+        for s, seed in pending:
+            name = s.run_name(seed)
+            if name in stale:  # --retrain-stale: kept, out of the way
+                moved[name] = f"{dirs[name]}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.rename(dirs[name], moved[name])
+            stamp.append(dirs[name], engine)  # before the launch: a run cut short keeps its engine's stamp
+        if moved:
+            first = _shown(next(iter(moved.values())))
+            print(f"[paper] {len(moved)} stale run(s) moved aside to re-train them (e.g. {first})", flush=True)
         log = os.path.join(runs_dir, "paper.log")
         seconds, how = estimate(grid, pending, finished, cfg["data"]["dataset"])
         est = "" if seconds is None else f", estimated {seconds / 60:.0f} min ({how})"
@@ -219,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             progress.stop.set()
             progress.join()
+            try:  # the engine changed while the launch ran: its runs say so too
+                after = stamp.current()
+                if not stamp.same(after, engine):
+                    for s, seed in pending:
+                        stamp.append(dirs[s.run_name(seed)], after)
+            except OSError:
+                pass
         launches = 1
     else:
         print(f"[paper] all {len(planned)} runs are finished: no launch; rebuilding the report", flush=True)
@@ -227,17 +276,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         runs = {s.run_name(seed): compare.load_run(os.path.join(runs_dir, s.run_name(seed))) for s, seed in planned}
+        for run in runs.values():
+            run["engine"] = stamp.read(run["dir"])
         index = _index(runs[planned[0][0].run_name(planned[0][1])])
         timing = {"runs_dir": _shown(runs_dir), "trained": len(pending), "launches": launches,
                   "seconds": time.perf_counter() - started,
                   "run_seconds": sum(r["summary"]["wall_seconds"] for r in runs.values())}
         command = "python -m recipes.paper " + " ".join(shlex.quote(a) for a in argv)
-        analyses = report.write(grid, cfg, runs, out, command.strip(), index, timing)
+        analyses = report.write(grid, cfg, runs, out, command.strip(), index, timing, engine)
     except (OSError, KeyError, ValueError) as e:  # a run record that cannot be read or analysed
         print(f"error: the report failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print()
     print(report.verdict_table(analyses))
+    stale_now = report.stale_runs(runs, engine)
+    if stale_now:
+        print(f"\n{len(stale_now)} of {len(runs)} runs are stale (trained by another engine or without an engine "
+              "stamp; listed in the report): --retrain-stale trains them again")
     print(f"\nwrote {os.path.join(out, 'paper.md')}, {os.path.join(out, 'paper.json')} and "
           f"{len([a for a in analyses if a.plot])} plots ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -150,7 +150,8 @@ def make_grid(name: str, recipe_cfg: dict, ranks: int, steps: int | None = None,
     recipe_steps = recipe_cfg["steps"]
     if name == "full":
         grid_steps, tau, taus = recipe_steps, 50, (1, 10, 25, 50, 100, 200)
-        mus, main, other = (0.0, 0.1, 0.25, 0.5), (0, 1, 2), (0, 1)
+        # 3 seeds everywhere: a verdict needs a t interval over 3 seeds at least (verdict.MIN_SEEDS)
+        mus, main, other = (0.0, 0.1, 0.25, 0.5), (0, 1, 2), (0, 1, 2)
         fail_counts, fail_round = (0, 1, 2), 2
     elif name == "quick":
         grid_steps, tau, taus = max(200, recipe_steps // 5 // 200 * 200), 50, (1, 10, 50, 200)

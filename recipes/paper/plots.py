@@ -32,7 +32,8 @@ def _band(ax, xs, ys_by_seed: list[list[float]], label: str, colour, marker: str
 def curves(ctx: Context, name: str, title: str, series: list[tuple[str, Setting, tuple]],
            axes=compare.X_AXES) -> str:
     """Test accuracy (top) and training loss (bottom) against each x of ``axes``, one line per
-    setting; the metrics lines of a setting's seeds are aligned by evaluation."""
+    setting; the metrics lines of a setting's seeds are aligned by evaluation. An x of ``axes`` is a
+    metrics key or a function (run, metrics line) -> x (e.g. the cost model's time)."""
     plt = _plt()
     fig, grid = plt.subplots(2, len(axes), figsize=(4.2 * len(axes), 6.4), squeeze=False)
     colours = plt.get_cmap("tab10")
@@ -40,7 +41,8 @@ def curves(ctx: Context, name: str, title: str, series: list[tuple[str, Setting,
         runs = list(ctx.of(setting, seeds).values())
         n = min(len(r["metrics"]) for r in runs)
         for col, (key, xlabel, _) in enumerate(axes):
-            xs = [statistics.fmean(r["metrics"][k][key] for r in runs) for k in range(n)]
+            xs = [statistics.fmean(key(r, r["metrics"][k]) if callable(key) else r["metrics"][k][key]
+                                   for r in runs) for k in range(n)]
             for row, (metric, ylabel) in enumerate((("test_acc", "test accuracy (%)"),
                                                    ("train_loss", "training loss"))):
                 ys = [[r["metrics"][k][metric] for k in range(n)] for r in runs]

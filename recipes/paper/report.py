@@ -8,35 +8,105 @@ Runs are read with :func:`recipes.compare.load_run`; the per-run table at the en
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import math
 import os
+import statistics
 
 from risgd_common.atomic import write_text_atomic
 
 from .. import compare
+from . import stamp
 from . import verdict as V
 from .analysis import Analysis, Context, md_table
 from .grid import Experiment, Grid
 
-RULES = f"""Fixed before any run was looked at (`recipes/paper/verdict.py`); the grid, the split, the schedule
-and the seeds were not changed after. Each claim is split into checks. A check compares two settings
-seed by seed: `diff` is the advantage of the setting the paper says is better (positive supports the
-claim), `margin` the smallest advantage that counts as an effect:
+VERDICT_FILE = "recipes/paper/verdict.py"
 
-| mean diff over seeds | every seed's diff > 0 | some seed's diff <= 0 |
-|---|---|---|
-| > margin | confirmed | mixed |
-| <= margin | mixed | not confirmed |
 
-Margins: test accuracy {V.ACC_MARGIN} points; rounds to a target 0 (a baseline that never reaches it
-counts as its total rounds + 1, a lower bound; a seed on which the claimed setting never reaches it
-counts as a saving of at most 0); divergence compared as log10 ratios, margin log10(1.1) (at least
-10%).
-"Close to SyncSGD" means within {V.TARGET_GAP} point of SyncSGD's final accuracy (seed mean); the target
-for "rounds to SyncSGD" is SyncSGD's final accuracy (seed mean) minus {V.TARGET_GAP} point. The knee of
-the tau sweep is the largest tau whose seed-mean accuracy is within {V.KNEE_GAP} point of the best tau's;
-checks on a knee are yes/no (confirmed / not confirmed). An experiment is confirmed when all its
-checks are, not confirmed when none is, mixed otherwise."""
+def rules_sha256() -> str:
+    """sha256 of the rules' file as it is now (the one this process imported)."""
+    with open(V.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def noise_floor(index: dict | None, runs: list[dict]) -> dict:
+    """The test split's size and the binomial standard deviation of one accuracy measured on it."""
+    n = (index or {}).get("splits", {}).get("val", {}).get("samples") if index else None
+    accs = [r["summary"]["final_test_acc"] for r in runs if r["summary"].get("final_test_acc") is not None]
+    mean = statistics.fmean(accs) if accs else None
+    if not n:
+        return {"test_samples": None, "mean_final_test_acc": mean}
+
+    def sd(p: float) -> float:
+        return 100 * math.sqrt(p * (1 - p) / n)
+
+    return {"test_samples": n, "one_image_points": 100 / n, "mean_final_test_acc": mean,
+            "binomial_sd_points_at_mean": None if mean is None else sd(mean / 100),
+            "binomial_sd_points_at_98": sd(0.98)}
+
+
+def rules_text(noise: dict) -> str:
+    t = "t(0.975, n - 1)"
+    text = f"""The rules are the code of `{VERDICT_FILE}`: sha256 `{rules_sha256()}` for the file that decided this
+report (`git log -p {VERDICT_FILE}` shows when it changed; whether that was before or after any run was
+looked at cannot be verified from the files, and is not claimed). Each claim is split into checks. A
+*measured* check takes per seed `diff`, the advantage of the setting the paper says is better
+(positive supports the claim; a paired check compares two settings trained with the same seed), and
+`margin`, the smallest advantage that counts as an effect. With n >= {V.MIN_SEEDS} seeds the 95% t
+interval of the mean diff, mean +- {t} * sd / sqrt(n), decides:
+
+| the 95% interval of the mean diff | verdict |
+|---|---|
+| lies above the margin | confirmed |
+| lies at or below the margin | not confirmed |
+| spans the margin | inconclusive |
+| (fewer than {V.MIN_SEEDS} seeds) | inconclusive; the interval is shown from 2 seeds |
+
+A *vote* (where the knee of the tau sweep lies, per seed) is confirmed when it holds on every seed,
+not confirmed when it holds on none, inconclusive otherwise or on fewer than {V.MIN_SEEDS} seeds. An
+experiment is confirmed when all its checks are, not confirmed when all its checks are not, mixed
+when some but not all are confirmed, and inconclusive when none is confirmed and some are
+inconclusive.
+
+Margins: test accuracy {V.ACC_MARGIN:g} points; training loss and divergence compared as log10 ratios,
+margin log10(1.1) (at least 10%); rounds to a target 0; time to a target as a log10 ratio, "way
+sooner" log10(2) (at least 2x), "sooner" log10(1.1). A baseline that never reaches a target counts with
+its whole run (a lower bound, which favours the baseline); a seed on which the claimed setting never
+reaches it counts as a saving of at most 0. "Almost the same accuracy level" is within {V.TARGET_GAP:g} point
+of SyncSGD's final accuracy (seed mean); the target of "sooner" is that accuracy minus {V.TARGET_GAP:g} point.
+Times are the cost model's at {V.BANDWIDTH_GBIT:g} Gbit/s and {V.LATENCY_US:g} us latency from each run's
+measured compute per step and the bytes it moved: predictions for that network, not measurements. The
+knee of a tau sweep is the largest tau whose accuracy is within {V.KNEE_GAP:g} point of the best tau's;
+"around T" is within a factor {V.KNEE_FACTOR:g} of T.
+
+"""
+    if noise.get("test_samples"):
+        n = noise["test_samples"]
+        at_mean = noise["binomial_sd_points_at_mean"]
+        mean = "" if at_mean is None else (f", {at_mean:.2f} points at the runs' mean final accuracy "
+                                           f"({noise['mean_final_test_acc']:.1f}%)")
+        text += (f"**Noise floor.** The test split has {n:,} images: one image is {noise['one_image_points']:.2f} "
+                 f"points, and the binomial standard deviation of one accuracy measured on it is "
+                 f"{noise['binomial_sd_points_at_98']:.2f} points at 98%{mean}; the accuracy margin is "
+                 f"{V.ACC_MARGIN:g} points. One seed cannot tell a difference of that size from noise: the interval "
+                 "over seeds decides. It measures how a paired difference varies between training seeds on these "
+                 "images; it does not include the sampling error of the test split itself (the standard deviation "
+                 "above, for one accuracy).")
+    else:
+        text += ("**Noise floor.** The test split's size is not known here (the shard index was not found), so its "
+                 "binomial noise floor is not stated; the interval over seeds decides.")
+    return text
+
+
+def stale_runs(runs: dict[str, dict], engine: dict | None) -> dict[str, str]:
+    """Run name -> why it is stale (:func:`recipes.paper.stamp.stale_reason`), for the runs another engine
+    trained or that carry no stamp; empty without a current ``engine`` stamp."""
+    if engine is None:
+        return {}
+    return {name: reason for name, run in runs.items()
+            if (reason := stamp.stale_reason(run.get("engine"), engine))}
 
 
 def scale_table(grid: Grid, cfg: dict, index: dict | None) -> str:
@@ -70,10 +140,12 @@ def scale_table(grid: Grid, cfg: dict, index: dict | None) -> str:
         ["tau sweep", "Appendix A", f"tau in {{{', '.join(str(t) for t in grid.taus if t != grid.steps)}}} and "
                                     f"tau={grid.steps} "
                                     "(no averaging until the end)"],
-        ["Fig. 3 / Fig. 4 batch", "512 (128 per worker)", f"{p * b * grid.batch_factor} ({b * grid.batch_factor} "
-                                                           "per rank)"],
-        ["failures", "theory only (section 4.4)", f"s in {{{', '.join(map(str, grid.fail_counts))}}} ranks down "
-                                                  f"from round {grid.fail_round}"],
+        ["Fig. 3 batch", "512 (128 per worker: full redundancy, 4 chunks x 32; Coop-SGD the same)",
+         f"{p * p * b} ({p * b} per rank: {p} chunks x {b}; Coop-SGD the same)"],
+        ["Fig. 4 batch", "512 (128 per worker)", f"{p * b * grid.batch_factor} ({b * grid.batch_factor} per rank, "
+                                                 f"{grid.batch_factor}x the base batch)"],
+        ["failures", "section 4.4 (the analysis); the authors' slides report CIFAR-10 runs with failed workers",
+         f"s in {{{', '.join(map(str, grid.fail_counts))}}} ranks down from round {grid.fail_round}"],
         ["seeds", "not stated (one curve per setting)", f"Fig. 2: {len(grid.seeds_main)} "
                                                         f"({', '.join(map(str, grid.seeds_main))}); elsewhere: "
                                                         f"{len(grid.seeds_other)} "
@@ -98,10 +170,10 @@ def analyse(grid: Grid, runs: dict[str, dict], out_dir: str) -> list[Analysis]:
 
 def verdict_table(analyses: list[Analysis]) -> str:
     """The fixed-width table the command prints."""
-    head = f"{'experiment':<62} {'verdict':<14} checks (confirmed / mixed / not confirmed)"
+    head = f"{'experiment':<62} {'verdict':<14} checks (confirmed / not confirmed / inconclusive)"
     lines = [head, "-" * len(head)]
     for a in analyses:
-        counts = [sum(c.verdict == v for c in a.checks) for v in (V.CONFIRMED, V.MIXED, V.NOT_CONFIRMED)]
+        counts = [sum(c.verdict == v for c in a.checks) for v in V.CHECK_VERDICTS]
         lines.append(f"{a.exp.title:<62} {a.verdict:<14} {counts[0]} / {counts[1]} / {counts[2]}")
         if a.headline:
             lines.append(f"    {a.headline}")
@@ -111,32 +183,69 @@ def verdict_table(analyses: list[Analysis]) -> str:
 def _check_rows(checks: list[V.Check]) -> str:
     rows = []
     for c in checks:
-        per_seed = ", ".join(f"{d:+.3g}" for d in c.diffs) if c.diffs else "-"
+        if c.votes is not None:
+            per_seed = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in c.votes.items())
+        else:
+            per_seed = ", ".join(f"{d:+.3g}" for d in c.diffs) if c.diffs else "-"
         mean = "-" if c.mean is None else f"{c.mean:+.3g}"
+        ci = "-" if c.low is None else f"{c.low:+.3g} .. {c.high:+.3g}"
         margin = "-" if c.margin is None else f"{c.margin:.3g}"
-        rows.append([c.name, per_seed, mean, margin, c.detail, f"**{c.verdict}**"])
-    return md_table(["check", "diff per seed", "mean", "margin", "diff is", "verdict"], rows)
+        rows.append([c.name, per_seed, mean, ci, margin, c.detail, f"**{c.verdict}**"])
+    return md_table(["check", "per seed", "mean", "95% interval", "margin", "diff is", "verdict"], rows)
+
+
+def engine_section(runs: dict[str, dict], engine: dict | None, stale: dict[str, str]) -> list[str]:
+    """The report's lines on the engine that trained the runs (:mod:`recipes.paper.stamp`)."""
+    if engine is None:
+        return ["No engine stamp was taken for this report: whether the runs were trained by the current engine "
+                "is not known.", ""]
+    commit = engine.get("git_commit")
+    where = "" if commit is None else (f", git commit `{commit[:12]}`"
+                                       + (" with the engine's files changed since" if engine.get(
+                                           "engine_differs_from_commit") else ""))
+    lines = [f"The engine now: `risgd` {engine.get('version')}, sha256 of its {engine.get('engine_files')} source "
+             f"files (`risgd_ext/**/*.py`) `{engine['engine_sha256']}`{where}. Each run the paper command launches "
+             f"records the stamp of the engine that trained it (`RUN/{stamp.FILE}`); the version and the "
+             "sha256 are compared.", ""]
+    if not stale:
+        lines += [f"All {len(runs)} runs were trained by this engine.", ""]
+        return lines
+    lines += [f"**{len(stale)} of {len(runs)} runs are stale**: another engine trained them, or they carry no stamp. "
+              "Their numbers are in the verdicts above; `--retrain-stale` moves them aside and trains them again.", ""]
+    shown = sorted(stale.items())
+    lines += md_table(["run", "why it is stale"], [[f"`{n}`", r] for n, r in shown[:40]]).splitlines()
+    if len(shown) > 40:
+        lines.append(f"| ... | and {len(shown) - 40} more (paper.json) |")
+    return lines + [""]
 
 
 def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: str, index: dict | None,
-          timing: dict) -> list[Analysis]:
-    """Analyse, plot, and write ``paper.md`` and ``paper.json`` under ``out_dir``."""
+          timing: dict, engine: dict | None = None) -> list[Analysis]:
+    """Analyse, plot, and write ``paper.md`` and ``paper.json`` under ``out_dir``. ``engine``: the current
+    engine's stamp (the runs' own are their ``engine`` entries, from :func:`recipes.paper.stamp.read`)."""
     os.makedirs(out_dir, exist_ok=True)
     analyses = analyse(grid, runs, out_dir)
     exps = grid.experiments()
+    all_runs = [runs[s.run_name(seed)] for s, seed in grid.runs()]
+    noise = noise_floor(index, all_runs)
+    stale = stale_runs(runs, engine)
     md = [f"# The RI-SGD paper, experiment by experiment, on `{cfg['recipe']}`", "",
           "Haddadpour, Kamani, Mahdavi and Cadambe, *Trading Redundancy for Communication: Speeding up Distributed "
           "SGD for Non-convex Optimization*, ICML 2019. Every experiment of its section 5 and Appendix A re-run here; "
-          "each verdict is computed by `recipes/paper/verdict.py` from the runs.", "",
+          f"each verdict is computed by `{VERDICT_FILE}` from the runs.", "",
           f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `{command}`: grid `{grid.name}`, "
           f"{grid.ranks} ranks, {len(grid.runs())} runs under `{timing['runs_dir']}` "
           f"({timing['trained']} trained by this command, {timing['launches']} launch(es), "
-          f"{timing['seconds']:.0f} s; the runs' own wall-clock adds up to {timing['run_seconds']:.0f} s).", "",
-          "## Verdicts", "",
-          md_table(["experiment", "claim", "verdict", "key numbers (seed means)"],
-                   [[a.exp.title, a.exp.claim, f"**{a.verdict}**", a.headline] for a in analyses]), "",
-          "## What was scaled down against the paper", "", scale_table(grid, cfg, index), "",
-          "## How the verdicts are decided", "", RULES, ""]
+          f"{timing['seconds']:.0f} s; the runs' own wall-clock adds up to {timing['run_seconds']:.0f} s).", ""]
+    if stale:
+        md += [f"**{len(stale)} of {len(runs)} runs are stale** (trained by another engine, or without an engine "
+               "stamp): see \"The engine that trained the runs\".", ""]
+    md += ["## Verdicts", "",
+           md_table(["experiment", "claim", "verdict", "key numbers (seed means)"],
+                    [[a.exp.title, a.exp.claim, f"**{a.verdict}**", a.headline] for a in analyses]), "",
+           "## What was scaled down against the paper", "", scale_table(grid, cfg, index), "",
+           "## How the verdicts are decided", "", rules_text(noise), "",
+           "## The engine that trained the runs", "", *engine_section(runs, engine, stale)]
     for i, a in enumerate(analyses, start=1):
         md += [f"## {i}. {a.exp.title}", "", f"**Claim.** {a.exp.claim}", "", f"**Here.** {a.exp.setup}", "",
                f"**Verdict: {a.verdict}.** Seeds: {', '.join(map(str, a.exp.seeds))}.", "", a.table, ""]
@@ -144,19 +253,27 @@ def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: s
             md += [f"![{a.exp.title}]({a.plot})", ""]
         md += [_check_rows(a.checks), ""]
         md += [f"- {n}" for n in a.notes] + ([""] if a.notes else [])
-    all_runs = [runs[s.run_name(seed)] for s, seed in grid.runs()]
     md += ["## Every run", "", "```", compare.table(all_runs), "```", ""]
     write_text_atomic(os.path.join(out_dir, "paper.md"), "\n".join(md))
 
     def run_records(exp: Experiment) -> list[dict]:
-        return [{"name": s.run_name(seed), "dir": runs[s.run_name(seed)]["dir"], "setting": s.label(),
-                 "seed": seed, "summary": runs[s.run_name(seed)]["summary"]}
-                for s in exp.settings for seed in exp.seeds_of(s)]
+        out = []
+        for s in exp.settings:
+            for seed in exp.seeds_of(s):
+                name = s.run_name(seed)
+                out.append({"name": name, "dir": runs[name]["dir"], "setting": s.label(), "seed": seed,
+                            "summary": runs[name]["summary"], "engine": runs[name].get("engine"),
+                            "stale": stale.get(name)})
+        return out
 
     doc = {"paper": "Haddadpour et al., ICML 2019 (RI-SGD)", "recipe": cfg["recipe"], "grid": grid.name,
            "ranks": grid.ranks, "steps": grid.steps, "command": command, "timing": timing,
-           "rules": {"acc_margin": V.ACC_MARGIN, "target_gap": V.TARGET_GAP, "rounds_margin": V.ROUNDS_MARGIN,
-                     "div_margin_log10": V.DIV_MARGIN, "knee_gap": V.KNEE_GAP},
+           "rules": {"file": VERDICT_FILE, "sha256": rules_sha256(), "min_seeds": V.MIN_SEEDS, "confidence": 0.95,
+                     "acc_margin": V.ACC_MARGIN, "target_gap": V.TARGET_GAP, "rounds_margin": V.ROUNDS_MARGIN,
+                     "div_margin_log10": V.DIV_MARGIN, "loss_margin_log10": V.LOSS_MARGIN,
+                     "way_sooner_log10": V.WAY_SOONER, "sooner_log10": V.SOONER, "knee_gap": V.KNEE_GAP,
+                     "knee_factor": V.KNEE_FACTOR, "bandwidth_gbit": V.BANDWIDTH_GBIT, "latency_us": V.LATENCY_US},
+           "noise_floor": noise, "engine": engine, "stale_runs": stale,
            "experiments": [{"key": a.exp.key, "name": a.exp.title, "claim": a.exp.claim, "setup": a.exp.setup,
                             "verdict": a.verdict, "headline": a.headline,
                             "numbers": {**a.numbers, "checks": [c.as_dict() for c in a.checks]},
