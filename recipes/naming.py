@@ -5,7 +5,8 @@ tags, in three forms that name runs already on disk (so each stays as it was):
 
 - :func:`run_name`: a recipe's default (train.py):
   ``NAME-ALGORITHM-tauT[-nodeN][-tiK][-ov[D]][-olrLmM[n]][-int8|-bf16[-noef]]-muM-sSEED``;
-- :func:`setting_run_name`: a paper-grid setting's: ``PART-ALGORITHM[-tT][-muM[-hH]]-bB[-POLICY][-downR..rF]-sSEED``;
+- :func:`setting_run_name`: a paper-grid setting's:
+  ``PART-ALGORITHM[-tT][-muM[-hH]]-bB[-POLICY][-downR..rF][-nodeN]-sSEED``;
 - :func:`demo_run_name`: the demo's short form: ``NAME-ALGORITHM[-muM]-sSEED``.
 
 A label is what a table or a plot calls a run: ``SyncSGD``, ``PR-SGD tau=50``, ``RI-SGD tau=50 mu=0.25``
@@ -66,6 +67,8 @@ def setting_run_name(setting: Any, seed: int) -> str:
         tags.append(s.batch_policy)
     if s.down:
         tags.append(f"down{'-'.join(map(str, s.down))}r{s.fail_round}")
+    if getattr(s, "node_size", 1) > 1:
+        tags.append(f"node{s.node_size}")
     head = PARTITION_TAGS.get(s.partition, s.partition.replace(":", ""))
     return _name(head, s.algorithm, tags, seed)
 

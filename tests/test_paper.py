@@ -18,10 +18,12 @@ from risgd_recipes import compare, paper
 from risgd_recipes.config import load_recipe
 from risgd_recipes.paper import report as paper_report
 from risgd_recipes.paper import verdict as V
+from risgd_recipes.paper import workers
+from risgd_recipes.paper.analysis import Context
 from risgd_recipes.paper.grid import make_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ["fig2", "tau", "diversity", "saturation", "failures", "theory"]
+KEYS = ["fig2", "tau", "diversity", "saturation", "failures", "theory", "homogeneous", "equalcompute", "workers"]
 
 
 def run_paper(args: list[str]) -> subprocess.CompletedProcess:
@@ -127,7 +129,7 @@ def test_plan_only_and_report_only(digits, capsys, tmp_path):
     common = ["--grid", "test", "--runs-dir", str(digits["runs"]), *digits["args"][-1:]]
     assert paper.main([*common, "--plan-only"]) == 0
     out = capsys.readouterr().out
-    assert "21 runs (0 pending)" in out and "ls-risgd-t5-mu0.5-b32-s0" in out
+    assert "24 runs (0 pending)" in out and "ls-risgd-t5-mu0.5-b32-s0" in out
     assert paper.main([*common, "--report-only", "--out", str(tmp_path)]) == 0
     check_report(tmp_path, json.loads((tmp_path / "paper.json").read_text()), ranks=2)
 
@@ -153,7 +155,7 @@ def test_report_only_refuses_unfinished_runs(capsys, tmp_path, digits_dir):
     args = ["--grid", "test", "--report-only", "--runs-dir", str(tmp_path), f"data.shards={digits_dir}"]
     assert paper.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "21 of 21 runs are not finished" in err[0]
+    assert len(err) == 1 and "24 of 24 runs are not finished" in err[0]
 
 
 def test_cifar_format_data_runs_the_same_grid(tmp_path):
@@ -264,7 +266,9 @@ def test_votes_combine_knee_near_and_the_fitted_fall():
 
 def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[str, dict]:
     """Run records (as compare.load_run gives them) whose numbers follow the paper's claims (holds) or
-    their opposite; every effect is several margins large and the same on every seed."""
+    their opposite; every effect is several margins large and the same on every seed. Where the claim is
+    that two settings agree (homogeneous against heterogeneous mu), the opposite is a difference of 3 points
+    and a factor 2 in divergence."""
     sign = 1.0 if holds else -1.0
     runs = {}
     for s, seed in grid.runs():
@@ -274,15 +278,25 @@ def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[s
         elif s.algorithm == "coop":
             final, div = 90.0 - sign * 2.0, 1e-5
         else:
-            final = 90.0 + sign * (3.0 + 4.0 * s.mu) if s.algorithm == "risgd" else 80.0  # RI-SGD beats SyncSGD
-            if s.mu == grid.full_mu and not s.hetero_std:  # full redundancy against coop
-                final = 90.0 + sign * 2.0 + (4.0 * (1 - 2 * seed) if noisy_diversity else 0.0)
+            prsgd = 80.0 if holds else 92.0  # RI-SGD beats PR-SGD, or PR-SGD beats it
+            final = 90.0 + sign * (3.0 + 4.0 * s.mu) if s.algorithm == "risgd" else prsgd  # RI-SGD beats SyncSGD
+            homogeneous = s.algorithm == "risgd" and not s.hetero_std
+            if homogeneous and not holds:  # homogeneous and heterogeneous mu disagree
+                final += 3.0
+            if s.mu == grid.full_mu and homogeneous and noisy_diversity:  # full redundancy against coop
+                final = 90.0 + sign * 2.0 + 4.0 * (1 - 2 * seed)
+            if s.algorithm == "risgd" and s.batch_policy == "split" and s.base_batch == grid.base_batch:
+                final = prsgd + sign * 3.0 * (1.0 + s.mu)  # equal compute: still above PR-SGD, or below it
+            if s.node_size > 1 and s.algorithm == "risgd":  # fewer workers: a smaller gain (or a loss)
+                final = prsgd + (3.0 if holds else -2.0)
             if s.base_batch > grid.base_batch:  # the 4x batch: PR-SGD saturates
                 final = 80.0 + (sign * 6.0 if s.algorithm == "risgd" else 0.0)
             if s.tau > grid.tau:
                 final -= sign * 3.0 if s.tau < grid.steps else sign * (10.0 - 8.0 * (s.mu > 0))
             final -= sign * len(s.down) * (10.0 if s.mu == 0 else 2.0)
             div = 1e-3 * (1.0 - 1.8 * s.mu) ** (1 if holds else -1) * (s.tau / grid.tau) ** sign
+            if homogeneous and not holds:
+                div *= 2.0
         rounds = s.steps if s.algorithm == "sync" else s.steps // s.tau
         n = 4
         round_bytes = 1e6  # every round moves the model: SyncSGD's tau-fold rounds cost it time at 1 Gbit/s
@@ -309,7 +323,7 @@ def test_verdicts_follow_constructed_numbers(tmp_path):
         k: [(c.name, c.verdict) for c in a.checks] for k, a in held.items() if a.verdict != V.CONFIRMED}
     assert held["fig2"].numbers["partitions"]["label_sorted"]["settings"]["sync"]["rounds_to_target"]["mean"] == 20
     failed = {a.exp.key: a for a in paper_report.analyse(grid, constructed_runs(grid, holds=False), str(tmp_path))}
-    for key in ("fig2", "diversity", "saturation", "failures", "theory"):
+    for key in ("fig2", "diversity", "saturation", "failures", "theory", "homogeneous", "equalcompute", "workers"):
         assert failed[key].verdict == V.NOT_CONFIRMED, [(c.name, c.verdict) for c in failed[key].checks]
     tau_checks = {c.name.split(":")[0]: c.verdict for c in failed["tau"].checks}
     assert tau_checks["PR-SGD"] == tau_checks["RI-SGD mu=0.25"] == V.NOT_CONFIRMED  # accuracy rises with tau
@@ -317,7 +331,38 @@ def test_verdicts_follow_constructed_numbers(tmp_path):
     noisy = paper_report.analyse(grid, constructed_runs(grid, holds=True, noisy_diversity=True), str(tmp_path))
     diversity = next(a for a in noisy if a.exp.key == "diversity")
     assert diversity.verdict == V.INCONCLUSIVE and diversity.checks[0].diffs == pytest.approx([8.0, 0.0, -8.0])
+    # item 4: the divergence against mu is also judged at an equal per-rank batch (split), both ways
+    split = [c for c in held["theory"].checks if "batch split" in c.name]
+    assert len(split) == 2 and all(c.verdict == V.CONFIRMED for c in split)
+    assert all(c.verdict == V.NOT_CONFIRMED for c in failed["theory"].checks if "batch split" in c.name)
+    assert [c.verdict for c in held["homogeneous"].checks] == [V.CONFIRMED] * 4  # 2 mus x (accuracy, divergence)
+    assert [c.verdict for c in held["equalcompute"].checks] == [V.CONFIRMED] * 2
+    # 2 ranks hold one p only: the gain at p=2 is judged, its growth with p is not
+    assert [c.name.split(":")[0] for c in held["workers"].checks] == ["p=2"]
     # one seed each: an effect many margins large decides nothing
     one = make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=2, seeds=(0,))
     single = paper_report.analyse(one, constructed_runs(one, holds=True), str(tmp_path))
     assert all(c.verdict == V.INCONCLUSIVE for a in single for c in a.checks if c.diffs)
+
+
+def test_the_number_of_workers_from_constructed_numbers(tmp_path):
+    """At 4 ranks p is 2 (node_size 2: two synchronous ranks per worker, half the batch per rank) or 4; the
+    gain of redundancy at each p and its growth with p, each able to go either way."""
+    grid = make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=4, seeds=(0, 1, 2))
+    assert workers.workers_of(grid) == [2, 4]
+    exp = next(e for e in grid.experiments() if e.key == "workers")
+    node = workers.settings_of(grid)[(2, grid.tau_mu)]
+    assert (node.node_size, node.base_batch, node.per_rank_batch(4)) == (2, 16, 24)
+    assert "node_size=2" in node.overrides(0) and node.run_name(0).endswith("-node2-s0")
+    assert "node_size=1" not in workers.settings_of(grid)[(4, grid.tau_mu)].overrides(0)  # Fig. 2's run, as it was
+
+    def verdicts(runs):
+        return [c.verdict for c in exp.analyse(Context(grid, runs, str(tmp_path)), exp).checks]
+
+    assert verdicts(constructed_runs(grid, holds=True)) == [V.CONFIRMED] * 3   # gains 3 and 14 points
+    assert verdicts(constructed_runs(grid, holds=False)) == [V.NOT_CONFIRMED] * 3
+    level = constructed_runs(grid, holds=True)  # the same gain at both p: there, but not growing
+    big = level[workers.settings_of(grid)[(4, grid.tau_mu)].run_name(0)]["summary"]["final_test_acc"]
+    for seed in (0, 1, 2):
+        level[node.run_name(seed)]["summary"]["final_test_acc"] = big + 0.05 * seed
+    assert verdicts(level) == [V.CONFIRMED, V.CONFIRMED, V.NOT_CONFIRMED]

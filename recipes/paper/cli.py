@@ -9,7 +9,9 @@
 
 Experiments: Fig. 2 (mu against SyncSGD, label-sorted and iid), Appendix A (the tau sweep and no
 averaging until the end), Fig. 3 (full redundancy against cooperative SGD), Fig. 4 (a 4x batch),
-section 4.4 (failed workers) and Theorem 4.2's residual error (divergence before averaging). All runs
+section 4.4 (failed workers), Theorem 4.2's residual error (divergence before averaging, also at an
+equal per-rank batch), homogeneous against heterogeneous mu, RI-SGD at equal compute (the batch split)
+and the number of workers p (through the node level, at the one world size). All runs
 of the grid go into one ``deepspeed`` launch (``train.py --plan``: one process group trains them one
 after another). A run that has finished is never trained again, so re-running the command resumes
 and rebuilds the report. Writes ``OUT/paper.md``, ``OUT/paper.json`` and the PNGs next to them.
@@ -116,6 +118,8 @@ def predicted_seconds(setting: Setting, grid: Grid) -> float:
     """A run's wall-clock by the digits constants above (rescaled by finished runs, see estimate)."""
     per_step = STEP_S + SAMPLE_S * setting.per_rank_batch(grid.ranks) * grid.ranks / 4
     rounds = setting.steps if setting.algorithm == "sync" else setting.steps // setting.tau
+    if setting.node_size > 1:  # a node's ranks all-reduce their gradients every step
+        rounds += setting.steps
     evals = -(-setting.steps // max(grid.eval_every, setting.tau if setting.algorithm != "sync" else 1))
     return RUN_SETUP_S + setting.steps * per_step + rounds * ALLREDUCE_S + evals * EVAL_S
 

@@ -2,13 +2,13 @@
 
 A :class:`Setting` is one configuration (algorithm, mu, tau, partition, batch, failures); a run is a
 setting and a seed. Experiments share runs where their settings coincide (SyncSGD-free settings of
-Fig. 2 are also the tau sweep's tau=50 point, the failures' s=0 point and the theory's points), so
-each run is trained once. Run names are a pure function of the setting and the seed
-(:func:`recipes.naming.setting_run_name`).
+Fig. 2 are also the tau sweep's tau=50 point, the failures' s=0 point and the theory's points; the
+equal-compute runs are also the theory's split-policy points), so each run is trained once. Run names
+are a pure function of the setting and the seed (:func:`recipes.naming.setting_run_name`).
 
 A :class:`Grid` holds the parameters every experiment draws on; each experiment's own settings, claim
 and analysis are in its module (``fig2``, ``tau``, ``diversity``, ``saturation``, ``failures``,
-``theory``), which builds its :class:`Experiment` from the grid.
+``theory``, ``homogeneous``, ``equalcompute``, ``workers``), which builds its :class:`Experiment` from the grid.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ HETERO_STD = 0.01  # the paper's heterogeneous redundancy: mu_j ~ N(mu, 0.01) (i
 # Keys the grid sets for every run: an override of one of them would silently change an experiment.
 GRID_KEYS = ("algorithm", "mu", "tau", "steps", "epochs", "seed", "run_name", "runs_dir", "warmup_sync_steps",
              "failures", "eval_every", "data.partition", "data.hetero_std", "data.base_batch",
-             "data.batch_policy", "data.manifest")
+             "data.batch_policy", "data.manifest", "node_size")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One configuration of train.py; ``down``: ranks that fail from round ``fail_round`` on."""
+    """One configuration of train.py; ``down``: ranks that fail from round ``fail_round`` on; ``node_size``:
+    ranks per worker (> 1: each node of that many ranks is one worker, its ranks synchronous, so a grid
+    of R ranks has R / node_size workers)."""
 
     algorithm: str
     mu: float
@@ -41,6 +43,10 @@ class Setting:
     batch_policy: str = "per_chunk"
     down: tuple[int, ...] = ()
     fail_round: int = 2
+    node_size: int = 1
+
+    def workers(self, ranks: int) -> int:
+        return ranks // self.node_size
 
     def run_name(self, seed: int) -> str:
         return setting_run_name(self, seed)
@@ -52,7 +58,7 @@ class Setting:
         """Samples a rank draws per step (heterogeneous mu taken at its mean)."""
         if self.algorithm in ("sync", "prsgd", "coop") or self.batch_policy == "split":
             return float(self.base_batch)
-        extra = self.mu * ranks
+        extra = self.mu * self.workers(ranks)
         return self.base_batch * (1 + math.floor(extra + 1e-9)) + round((extra % 1) * self.base_batch)
 
     def overrides(self, seed: int) -> list[str]:
@@ -61,7 +67,8 @@ class Setting:
         return [f"algorithm={self.algorithm}", f"mu={self.mu:g}", f"tau={self.tau}", f"steps={self.steps}",
                 "epochs=0", "warmup_sync_steps=0", f"seed={seed}", f"data.partition={self.partition}",
                 f"data.hetero_std={self.hetero_std:g}", f"data.base_batch={self.base_batch}",
-                f"data.batch_policy={self.batch_policy}", f"failures={failures}", f"run_name={self.run_name(seed)}"]
+                f"data.batch_policy={self.batch_policy}", f"failures={failures}",
+                *([f"node_size={self.node_size}"] if self.node_size > 1 else []), f"run_name={self.run_name(seed)}"]
 
 
 @dataclass(frozen=True)
@@ -117,9 +124,10 @@ class Grid:
 
     def experiments(self) -> list[Experiment]:
         """The paper's experiments in report order, each built by its own module (they import this one)."""
-        from . import diversity, failures, fig2, saturation, tau, theory
+        from . import diversity, equalcompute, failures, fig2, homogeneous, saturation, tau, theory, workers
 
-        return [m.experiment(self) for m in (fig2, tau, diversity, saturation, failures, theory)]
+        return [m.experiment(self) for m in (fig2, tau, diversity, saturation, failures, theory, homogeneous,
+                                             equalcompute, workers)]
 
     def runs(self) -> list[tuple[Setting, int]]:
         """Every (setting, seed) once, seed-major: an interrupted grid has every experiment's first seed."""

@@ -21,6 +21,7 @@ from . import stamp
 from . import verdict as V
 from .analysis import Analysis, Context, md_table
 from .grid import Experiment, Grid
+from .workers import workers_of
 
 VERDICT_FILE = "recipes/paper/verdict.py"
 
@@ -146,6 +147,9 @@ def scale_table(grid: Grid, cfg: dict, index: dict | None) -> str:
                                                  f"{grid.batch_factor}x the base batch)"],
         ["failures", "section 4.4 (the analysis); the authors' slides report CIFAR-10 runs with failed workers",
          f"s in {{{', '.join(map(str, grid.fail_counts))}}} ranks down from round {grid.fail_round}"],
+        ["number of workers", "4 (CIFAR); 4 and 8 GPUs (ImageNet, Appendix A)",
+         f"p in {{{', '.join(map(str, workers_of(grid)))}}} in the one launch of {p} ranks (node_size = {p} / p: a "
+         "worker of several ranks is synchronous inside)"],
         ["seeds", "not stated (one curve per setting)", f"Fig. 2: {len(grid.seeds_main)} "
                                                         f"({', '.join(map(str, grid.seeds_main))}); elsewhere: "
                                                         f"{len(grid.seeds_other)} "
