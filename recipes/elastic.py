@@ -146,8 +146,11 @@ class Membership:
         now = time.time()
         if force or now - self._last_beat >= BEAT_EVERY_S:
             self._last_beat = now
-            write_text_atomic(self._beat_path(self.worker),
-                              json.dumps({"time": now, "step": step, "generation": self.generation}))
+            path = self._beat_path(self.worker)
+            tmp = f"{path}.tmp"  # replaced whole, but not fsync'ed: a beat is worth no disk flush in the loop
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"time": now, "step": step, "generation": self.generation}))
+            os.replace(tmp, path)
 
     def event(self, first_step_time: float) -> dict:
         """The membership event of this start, logged at its first step."""
