@@ -25,8 +25,15 @@ def _train(engine, worker: int, steps: int) -> None:
         train_step(engine, worker, s)  # the data of the worker, not of the rank
 
 
-def scenario_phase(rank: int, world_size: int, workers: list[int], ckpt_dir: str, load: bool, tag: str) -> dict:
-    """Load (optionally) with ``workers`` live, report what was restored, train one round, save ``tag``."""
+def scenario_phase(rank: int, world_size: int, workers: list[int], ckpt_dir: str, load: bool | str, tag: str,
+                   mid_tag: str | None = None) -> dict:
+    """Load (optionally; a str: that tag) with ``workers`` live, report what was restored, train one
+    round, save ``tag``; with ``mid_tag``, one more step and a checkpoint inside the next round."""
+    if isinstance(load, str):
+        engine = build(ds_config({"tau": TAU}, momentum=0.9))
+        engine.risgd.identity = workers[rank]
+        engine.load_checkpoint(ckpt_dir, tag=load)
+        return {}
     engine = _engine(rank, workers, ckpt_dir if load else None)
     out = {"worker": workers[rank], "restored": engine.risgd.restored, "steps": engine.risgd.steps,
            "model": state(engine), "momentum": momentum(engine), "rng": torch.get_rng_state()}
@@ -35,4 +42,7 @@ def scenario_phase(rank: int, world_size: int, workers: list[int], ckpt_dir: str
     engine.save_checkpoint(ckpt_dir, tag=tag)
     out.update(saved_model=state(engine), saved_momentum=momentum(engine), saved_steps=engine.risgd.steps,
                live_ranks=engine.risgd.stats()["live_ranks"])
+    if mid_tag is not None:
+        _train(engine, workers[rank], 1)
+        engine.save_checkpoint(ckpt_dir, tag=mid_tag, save_latest=False)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from risgd_hosts.local import run_ranks
@@ -26,7 +27,7 @@ def test_a_checkpoint_written_at_4_workers_loads_at_3_and_then_at_4(tmp_path):
     assert all(_equal(r["saved_model"], four[0]["saved_model"]) for r in four)  # saved at an average
 
     survivors = [0, 1, 3]
-    three = run_ranks(scenario_phase, 3, survivors, ckpt, True, "at3", timeout=300)
+    three = run_ranks(scenario_phase, 3, survivors, ckpt, True, "at3", "mid3", timeout=300)
     for r in three:
         before = four[r["worker"]]
         assert r["restored"] == "own" and r["steps"] == before["saved_steps"]
@@ -49,3 +50,8 @@ def test_a_checkpoint_written_at_4_workers_loads_at_3_and_then_at_4(tmp_path):
             assert r["restored"] == "average" and r["momentum"] == []  # fresh optimizer state
     assert all(_equal(r["saved_model"], again[0]["saved_model"]) for r in again)
     assert again[0]["live_ranks"] == 4
+
+    # a checkpoint written inside a round holds no average for a worker without state: refused
+    with pytest.raises(Exception, match="mid3 was written inside a round, so it holds no averaged model for "
+                                           "worker 2"):
+        run_ranks(scenario_phase, 4, [0, 1, 2, 3], ckpt, "mid3", "unused", timeout=300)
