@@ -17,6 +17,11 @@ sha256 matches the manifest; files already present with the right size and sha25
 again. index.json and the manifest are copied too, so NODE_DIR is a complete shard directory for
 the loader.
 
+NODE_DIR/.risgd-replica.json records which manifest workers the node serves (with the sha256 of
+the manifest it was replicated for): an elastic run (recipe key ``elastic.workers``) reads it at
+start to know, whatever rank number the launcher gives it, which worker's chunks, loader position
+and optimizer state it carries (:func:`read_replica`).
+
 Every shard copied or found correct is recorded in NODE_DIR/.risgd-verified.json (its sha256 with
 the file's size, mtime, ctime, inode and device), so the ranks that start on this node skip hashing
 shards that have not changed since; a shard already present is trusted the same way on a second
@@ -48,6 +53,7 @@ from .manifest import load_manifest
 from .stamps import Stamps
 
 _BLOCK = 1 << 20
+REPLICA_RECORD = ".risgd-replica.json"
 
 
 def _what(name: str) -> str:
@@ -192,6 +198,10 @@ def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_
         manifest_bytes = f.read()
     copied_bytes += _write_if_changed(os.path.join(dest, "index.json"), index_bytes)
     copied_bytes += _write_if_changed(os.path.join(dest, os.path.basename(manifest_path)), manifest_bytes)
+    record = {"format": 1, "workers": ranks, "node_rank": node_rank, "ranks_per_node": ranks_per_node,
+              "manifest": os.path.basename(manifest_path),
+              "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+    _write_if_changed(os.path.join(dest, REPLICA_RECORD), (json.dumps(record, indent=1) + "\n").encode())
     full = sum(s["bytes"] for s in train.values())
     node_bytes = sum(os.path.getsize(os.path.join(dest, n)) for n in needed)
     return {
@@ -211,6 +221,27 @@ def replicate(manifest_path: str, source: str, dest: str, node_rank: int, ranks_
         "mu": manifest["mu"],
         "workers": manifest["workers"],
     }
+
+
+def read_replica(replica_dir: str) -> dict:
+    """The record :func:`replicate` wrote in ``replica_dir``: ``workers`` (the manifest workers the
+    node serves), ``manifest`` (the manifest file's name there) and ``manifest_sha256``. DataError
+    (one line) when there is none or it is malformed."""
+    path = os.path.join(replica_dir, REPLICA_RECORD)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        workers = record["workers"]
+        if not (isinstance(workers, list) and workers and all(isinstance(w, int) and w >= 0 for w in workers)):
+            raise ValueError("'workers' must be a non-empty list of worker ids")
+    except FileNotFoundError:
+        raise DataError(f"{replica_dir} holds no replica record ({REPLICA_RECORD}): copy this node's shards with "
+                        f"python -m data.replicate --dest {replica_dir} ... (it records which workers the node "
+                        "serves)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path} is malformed ({e}): re-run python -m data.replicate --dest {replica_dir} "
+                        "...") from None
+    return record
 
 
 def format_report(rep: dict) -> str:

@@ -93,13 +93,18 @@ SCHEMA: dict[str, Any] = {
     # For the cost model's advice in summary.json: the link bandwidth between nodes (0: estimate it
     # from this run's measured collectives) and the per-message latency.
     "network": {"bandwidth_gbit": 0.0, "latency_us": 50.0, "target_comm_share": 0.1},
+    # An elastic run (launched by torchrun --nnodes=MIN:MAX): the manifest has `workers` workers, a
+    # launch any number of ranks up to that; each rank serves the manifest worker its node's replica
+    # records (data.shards, or the RISGD_REPLICA_DIR variable). It stops (exit 2) when fewer than
+    # min_workers are live or their data covers less than min_coverage of the training set.
+    "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0},
 }
 
 # Keys that may change when a run is continued: where things are, how they are logged, how often
 # they are looked at. Every other key defines the experiment.
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
-               "data.verify")
+               "data.verify", "elastic.min_workers", "elastic.min_coverage")
 # The node level, overlap, the outer step and compression: written into the 'risgd' block only when set (a
 # flat run's block is unchanged by keys added after it).
 NODE_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["recipe"] == "when_set")
@@ -209,6 +214,13 @@ def validate(cfg: dict) -> None:
                           f"fast_decode={data['fast_decode']}: set data.decode=cpu")
     if cfg["data"]["verify"] not in ("stamp", "full"):
         raise RecipeError(f"data.verify must be stamp or full, got {cfg['data']['verify']!r}")
+    el = cfg["elastic"]
+    if el["workers"] < 0 or el["min_workers"] < 1 or not 0 <= el["min_coverage"] <= 1:
+        raise RecipeError("elastic.workers must be >= 0 (0: a fixed-size run), elastic.min_workers >= 1 and "
+                          "elastic.min_coverage in [0, 1]")
+    if el["workers"] and el["min_workers"] > el["workers"]:
+        raise RecipeError(f"elastic.min_workers={el['min_workers']} exceeds elastic.workers={el['workers']}: "
+                          "lower it")
     if cfg["precision"] not in PRECISIONS:
         raise RecipeError(f"precision must be fp32 or bf16 (or null: as the ds_config says), got {cfg['precision']!r}")
 
@@ -254,6 +266,16 @@ class Run:
 
     def is_average_step(self, step: int) -> bool:
         return self.schedule is None or self.schedule.is_average_step(step)
+
+    @property
+    def elastic(self) -> bool:
+        """An elastic run: the world size may change between restarts (``elastic.workers`` > 0)."""
+        return self.cfg["elastic"]["workers"] > 0
+
+    @property
+    def manifest_workers(self) -> int:
+        """The manifest's workers: ``elastic.workers`` in an elastic run, else one per worker of the layout."""
+        return self.cfg["elastic"]["workers"] or self.workers
 
     @property
     def layout(self) -> Layout:
@@ -353,6 +375,25 @@ def check_world_size(manifest: dict, world_size: int, path: str = "the manifest"
         raise RecipeError(f"{path} is for {manifest['workers']} workers but this run has {what}: launch with that "
                           f"many {'ranks' if node_size == 1 else 'nodes'}{hint}, or rebuild the manifest with "
                           f"--workers {workers}")
+
+
+def check_elastic(cfg: dict, world_size: int) -> None:
+    """What an elastic run supports (for now): one rank per manifest worker, a flat layout, blocking
+    rounds, no simulated failures, and at most ``elastic.workers`` ranks."""
+    p = cfg["elastic"]["workers"]
+    if not p:
+        return
+    unsupported = [f"{k}={cfg[k]!r}" for k, bad in (("algorithm", cfg["algorithm"] not in ("prsgd", "risgd")),
+                                                    ("node_size", cfg["node_size"] != 1),
+                                                    ("overlap", bool(cfg["overlap"])),
+                                                    ("failures", bool(cfg["failures"]))) if bad]
+    if unsupported:
+        raise RecipeError(f"an elastic run (elastic.workers={p}) needs algorithm prsgd or risgd, node_size=1, no "
+                          f"overlap and no simulated failures; this one has {', '.join(unsupported)}: change them "
+                          "or set elastic.workers=0")
+    if world_size > p:
+        raise RecipeError(f"this launch has {world_size} ranks but the elastic run has elastic.workers={p} manifest "
+                          f"workers: launch at most {p} (torchrun --nnodes=MIN:{p} --nproc-per-node 1)")
 
 
 def find_ds_config(path: str, recipe: str | None) -> str:
@@ -487,10 +528,14 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
         workers = check_layout(KEYS["node_size"].metadata["check"]("node_size", node_size), world_size).workers
     except ConfigError as e:
         raise RecipeError(str(e)) from None
+    if isinstance(cfg["elastic"]["workers"], int) and cfg["elastic"]["workers"] > 0:
+        validate(cfg)
+        check_elastic(cfg, world_size)
+        workers = cfg["elastic"]["workers"]  # the manifest's, whatever the launch's world size
     try:
         if cfg["data"]["manifest"]:
             manifest = load_manifest(cfg["data"]["manifest"])
-            check_world_size(manifest, world_size, f"the manifest {cfg['data']['manifest']}", node_size)
+            check_world_size(manifest, workers * node_size, f"the manifest {cfg['data']['manifest']}", node_size)
             _apply_manifest(cfg, raw, manifest, cfg["data"]["manifest"])
         validate(cfg)
         check_max_side(cfg["data"])

@@ -39,7 +39,9 @@ class RunTracker:
         if not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            # membership events stay: they happened, whatever is trained again
+            lines = [line for line in f if line.strip() and (json.loads(line)["step"] <= step
+                                                             or "event" in json.loads(line))]
         write_text_atomic(self.metrics_path, "".join(lines))
 
     def _init_wandb(self, cfg: dict) -> None:
@@ -95,8 +97,13 @@ class RunTracker:
             return [json.loads(line) for line in f if line.strip()]
 
     def last_logged(self) -> dict[str, Any] | None:
-        lines = self.history()
+        """The last evaluation logged (membership events are not evaluations)."""
+        lines = [m for m in self.history() if "event" not in m]
         return lines[-1] if lines else None
+
+    def events(self) -> list[dict[str, Any]]:
+        """The membership events of an elastic run (rank 0; empty elsewhere)."""
+        return [m for m in self.history() if m.get("event") == "membership"]
 
     def min_logged(self, key: str) -> float | None:
         """The smallest value of ``key`` over the whole run, resumed parts included."""

@@ -36,6 +36,7 @@ import risgd_ext
 from risgd_common.atomic import write_text_atomic
 from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, need
+from risgd_recipes import elastic
 from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
 from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_recipes.config import RecipeError, Run, check_same_manifest, resolve_run
@@ -137,25 +138,31 @@ def make_shards_if_missing(cfg: dict) -> None:
             raise DataError(str(e)) from None
 
 
-def load_data(run: Run, rank: int) -> tuple[dict, dict]:
-    """The shard index and the manifest (the recipe's file, or built from its parameters, the same on
-    every rank); the shards this rank reads are verified here, before any engine work."""
+def load_data(run: Run, rank: int) -> tuple[dict, dict, int, str]:
+    """The shard index, the manifest (the recipe's file, or built from its parameters, the same on
+    every rank), the manifest worker this rank serves and the directory its shards are in; the shards
+    this rank reads are verified here, before any engine work. An elastic run finds its worker in
+    the node's replica record (identity by data, not by rank number)."""
     from risgd_data.index import load_index, verify_shards
     from risgd_data.manifest import build_manifest
 
     cfg, data = run.cfg, run.cfg["data"]
-    index = load_index(data["shards"])
-    manifest = run.manifest or build_manifest(index, run.workers, cfg["mu"], partition=data["partition"],
+    shard_dir = elastic.replica_dir(cfg) if run.elastic else data["shards"]
+    index = load_index(shard_dir)
+    manifest = run.manifest or build_manifest(index, run.manifest_workers, cfg["mu"], partition=data["partition"],
                                               seed=cfg["seed"], hetero_std=data["hetero_std"],
                                               mode="coop" if cfg["algorithm"] == "coop" else "risgd")
     check_same_manifest(run.run_dir, manifest)
     full = data["verify"] == "full"  # else a replica's stamp spares re-hashing unchanged shards
-    worker, _ = run.worker_of(rank)  # with node_size > 1 a node's ranks share its worker's chunks
-    verify_shards(index, data["shards"], manifest["ranks"][worker]["shards"], full=full)
+    if run.elastic:
+        worker = elastic.worker_of_replica(manifest, shard_dir, int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        worker, _ = run.worker_of(rank)  # with node_size > 1 a node's ranks share its worker's chunks
+    verify_shards(index, shard_dir, manifest["ranks"][worker]["shards"], full=full)
     # every rank evaluates a slice of the test set
-    verify_shards(index, data["shards"], [s["name"] for s in index["splits"]["val"]["shards"]], split="val",
+    verify_shards(index, shard_dir, [s["name"] for s in index["splits"]["val"]["shards"]], split="val",
                   full=full)
-    return index, manifest
+    return index, manifest, worker, shard_dir
 
 
 def build_optimizer(cfg: dict, model: torch.nn.Module, total_steps: int):
@@ -273,9 +280,21 @@ def train(run: Run) -> None:
     rank = dist.get_rank()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
-    agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
-    index, manifest = agree(lambda: load_data(run, rank))
-    worker, share = run.worker_of(rank)
+    if not run.elastic:  # an elastic run trains on the nodes' replicas: nothing is made on the fly
+        agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
+    index, manifest, worker, shard_dir = agree(lambda: load_data(run, rank))
+    share = run.worker_of(rank)[1]
+    membership = None
+    if run.elastic:  # who serves which worker, what the live workers hold, and the floor
+        claims: list = [None] * run.world_size
+        dist.all_gather_object(claims, (worker, os.path.abspath(shard_dir)))
+        live_workers = [w for w, _ in claims]
+        problem = elastic.duplicate_claims(live_workers, [d for _, d in claims])
+        coverage_now = live_coverage(manifest, index, set(live_workers))
+        problem = problem or elastic.floor_error(cfg, live_workers, coverage_now, manifest["workers"])
+        if problem:
+            raise AgreedError(problem)  # the same on every rank: rank 0 says it, every rank exits 2
+        membership = elastic.Membership(run.run_dir, live_workers, coverage_now, worker, rank)
     epoch_steps = steps_per_epoch(manifest, run.worker_batch())
     total_steps = run.total_steps(epoch_steps)
 
@@ -291,6 +310,8 @@ def train(run: Run) -> None:
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=run.ds_config, risgd=run.schedule)
+        if run.elastic:  # checkpoint state keyed by the manifest worker this rank serves
+            engine.risgd.identity = worker
         client = {}
         if os.path.exists(os.path.join(ckpt_dir, "latest")):
             _, client = engine.load_checkpoint(ckpt_dir)
@@ -300,17 +321,28 @@ def train(run: Run) -> None:
     start, best = client.get("step", 0), client.get("best_test_acc", 0.0)
     last_eval = client.get("last_eval", start)
     if start == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
-        torch.manual_seed(cfg["seed"] * 100003 + rank * 7919)
+        torch.manual_seed(cfg["seed"] * 100003 + (worker if run.elastic else rank) * 7919)
     elif rank == 0:
         print(f"{run.name}: resuming from step {start} of {total_steps} ({ckpt_dir})", file=sys.stderr, flush=True)
+    last_ckpt = start
+    if membership is not None:
+        generation = [len(membership.history) and membership.history[-1]["generation"] + 1]
+        dist.broadcast_object_list(generation, src=0)  # rank 0's record decides the number
+        restored: list = [None] * run.world_size  # per worker: its own state, or the average (none of its own)
+        dist.all_gather_object(restored, (worker, engine.risgd.restored))
+        membership.start(start, generation[0], {w: how for w, how in restored if how})
+        if rank == 0:
+            how = "" if not start else f", resumed at step {start} (state: {membership.restored})"
+            print(f"elastic: workers {membership.workers} of {manifest['workers']} live (world size "
+                  f"{run.world_size}), data coverage {coverage_now:.4f}{how}", file=sys.stderr, flush=True)
 
     cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
     transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
-    loader = make_train_loader(manifest, data["shards"], worker, data["base_batch"], policy=data["batch_policy"],
+    loader = make_train_loader(manifest, shard_dir, worker, data["base_batch"], policy=data["batch_policy"],
                                transform=transform, seed=cfg["seed"], start_step=start,
                                num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
                                decode=data["decode"], device=device)  # gpu: batches come decoded on the device
-    eval_loader = make_eval_loader(data["shards"], data["eval_batch"], rank=rank, world_size=run.world_size,
+    eval_loader = make_eval_loader(shard_dir, data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))
     fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
     tracker = RunTracker(run.run_dir, cfg, active=rank == 0, resume_step=start)
@@ -338,6 +370,10 @@ def train(run: Run) -> None:
         running[0] += loss.detach()
         running[1] += 1
         bar.update(1)
+        if membership is not None:
+            if step == start + 1 and rank == 0:  # the first step of this membership: its event
+                tracker.log(membership.event(time.time()))
+            membership.beat(step)
         # Log and evaluate only where every rank holds the averaged model: the first average at or
         # after each eval_every multiple, and the last step (which the config made an average).
         due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
@@ -356,7 +392,8 @@ def train(run: Run) -> None:
             running.zero_()
             best = max(best, metrics["test_acc"])
             if rank == 0:
-                live = frozenset(range(run.workers)) - set(stats["down_workers"])
+                live = (frozenset(membership.workers) if membership is not None
+                        else frozenset(range(run.workers)) - set(stats["down_workers"]))
                 if live not in coverage:
                     coverage[live] = live_coverage(manifest, index, live)
                 metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
@@ -365,7 +402,13 @@ def train(run: Run) -> None:
                     tqdm.write(f"cost model: {json.dumps(cost_advice(cfg, stats))}")
             tracker.log(metrics)
             last, last_eval = metrics, step
-        if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == total_steps:
+        every = cfg["checkpoint_every"]
+        if membership is not None:  # elastic: at averages only, so a worker without state can start from one
+            due = every and step >= (last_ckpt // every + 1) * every and engine.risgd.is_average()
+        else:
+            due = every and step % every == 0
+        if due or step == total_steps:
+            last_ckpt = step
             engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={
                 "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best,
                 "last_eval": last_eval})
@@ -385,6 +428,11 @@ def train(run: Run) -> None:
                "samples_skipped": loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
                "model_sha256": digest, "min_data_coverage": tracker.min_logged("data_coverage"),
                "rank_model_sha256": digests, "cost_model": cost_advice(cfg, stats)}
+    if membership is not None:
+        per_step = summary["wall_seconds"] / max(total_steps - membership.history[0]["step"], 1) \
+            if membership.history else 0.0
+        summary.update(membership.summary(tracker.events(), per_step), elastic_workers=manifest["workers"],
+                       live_workers=membership.workers)
     if rank == 0:
         print(f"cost model: {json.dumps(summary['cost_model'])}", flush=True)
     tracker.finish(summary)

@@ -92,6 +92,10 @@ class RISGDController:
         self.engine = engine
         self.cfg = cfg
         self._warned = False
+        # The manifest worker this rank serves in an elastic run (set before load_checkpoint): its
+        # state is saved and loaded by worker id, not rank. None: by rank, as in every fixed-size run.
+        self.identity: int | None = None
+        self.restored: str | None = None  # after load_checkpoint, elastic: "own" state or the "average"
         self.group = getattr(engine, "data_parallel_group", None)
         self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0

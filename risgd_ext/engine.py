@@ -25,6 +25,9 @@ from .config import ConfigError, RISGDConfig, load_ds_config, split_config
 from .controller import RISGDController
 
 RANK_STATE = "risgd_rank{rank:05d}.pt"
+# An elastic run keys each rank's state by the manifest worker it serves (``engine.risgd.identity``),
+# so the state follows the data, whatever rank number the launcher gives it after a restart.
+WORKER_STATE = "risgd_worker{worker:05d}.pt"
 
 
 class RISGDEngineMixin:
@@ -161,6 +164,8 @@ class RISGDEngineMixin:
         save_rank_state(self, os.path.join(save_dir, tag))
         client_state = dict(client_state or {})
         client_state["risgd"] = self.risgd.stats()
+        # every rank holds the same averaged model here: a worker without state can start from it
+        client_state["risgd_at_average"] = self.risgd.is_average() and self.risgd.in_flight is None
         result = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
         if save_latest:
             # DeepSpeed writes 'latest' in place; a crash mid-write would leave it empty. Replace it
@@ -176,7 +181,7 @@ class RISGDEngineMixin:
         self.checkpoint_engine.load = _safe_load
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
-            load_rank_state(self, os.path.dirname(load_path))
+            load_rank_state(self, os.path.dirname(load_path), at_average=bool(client_state.get("risgd_at_average")))
         return load_path, client_state
 
 
@@ -203,25 +208,37 @@ def set_device_rng_state(states: list[torch.Tensor]) -> None:
         acc.set_rng_state(rng, i)
 
 
+def state_path(tag_dir: str, ctl: Any) -> str:
+    """This rank's state file: by manifest worker in an elastic run (``ctl.identity``), else by rank."""
+    if ctl.identity is None:
+        return os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank))
+    return os.path.join(tag_dir, WORKER_STATE.format(worker=ctl.identity))
+
+
 def save_rank_state(engine: Any, tag_dir: str) -> None:
-    """Write this rank's ``risgd_rankNNNNN.pt``. Format 2: ``rng_device`` (the accelerator's RNG
-    state per device) is present when an accelerator is; format 1 files lack it and still load."""
+    """Write this rank's ``risgd_rankNNNNN.pt`` (an elastic run: ``risgd_workerNNNNN.pt``, with
+    ``worker``). Format 2: ``rng_device`` (the accelerator's RNG state per device) is present when
+    an accelerator is; format 1 files lack it and still load."""
     ctl = engine.risgd
     os.makedirs(tag_dir, exist_ok=True)
     state: dict[str, Any] = {"format": 2, "rank": ctl.rank, "world_size": ctl.world_size,
                              "controller": ctl.state_dict(), "rng_cpu": torch.get_rng_state()}
+    if ctl.identity is not None:
+        state["worker"] = ctl.identity
     rng_device = device_rng_state()
     if rng_device is not None:
         state["rng_device"] = rng_device
     if ctl.active:  # plain DeepSpeed keeps ranks identical: rank 0's files are enough
         state["module"] = engine.module.state_dict()
         state["optimizer"] = engine.optimizer.state_dict()
-    atomic_write(os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank)), lambda f: torch.save(state, f))
+    atomic_write(state_path(tag_dir, ctl), lambda f: torch.save(state, f))
 
 
-def load_rank_state(engine: Any, tag_dir: str) -> None:
+def load_rank_state(engine: Any, tag_dir: str, at_average: bool = False) -> None:
     ctl = engine.risgd
-    path = os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank))
+    path = state_path(tag_dir, ctl)
+    if ctl.identity is not None:
+        return _load_worker_state(engine, tag_dir, path, at_average)
     if not os.path.exists(path):
         if ctl.active:
             raise ConfigError(f"{path} is missing: this checkpoint was not written by risgd_ext with "
@@ -238,6 +255,45 @@ def load_rank_state(engine: Any, tag_dir: str) -> None:
     torch.set_rng_state(state["rng_cpu"])
     if "rng_device" in state:  # format 2, written where an accelerator was
         set_device_rng_state(state["rng_device"])
+
+
+def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool) -> None:
+    """An elastic run: this rank's manifest worker's state, whatever world size wrote it.
+
+    A worker with a file gets its model, optimizer state, schedule counters and RNG back. A worker
+    without one (lost when the checkpoint was written, or a replacement) starts from the averaged
+    model (DeepSpeed's model file: every rank held the average at an averaging step) with fresh
+    optimizer state; it takes the schedule's counters and anchor from another worker's file,
+    without that worker's error-feedback residual, and a fresh RNG stream of its own.
+    """
+    ctl = engine.risgd
+    if os.path.exists(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("worker") != ctl.identity:
+            raise ConfigError(f"{path} holds worker {state.get('worker')}'s state, not worker {ctl.identity}'s: "
+                              "the checkpoint directory was altered; restore it or start a new run")
+        engine.module.load_state_dict(state["module"])
+        engine.optimizer.load_state_dict(state["optimizer"])
+        ctl.load_state_dict(state["controller"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_device" in state:
+            set_device_rng_state(state["rng_device"])
+        ctl.restored = "own"
+        return
+    others = sorted(n for n in os.listdir(tag_dir) if n.startswith("risgd_worker") and n.endswith(".pt"))
+    if not others:
+        raise ConfigError(f"{tag_dir} holds no worker state (risgd_worker*.pt): it was not written by an elastic "
+                          "run; resume it with the world size that wrote it")
+    if not at_average:
+        raise ConfigError(f"{tag_dir} was written inside a round, so it holds no averaged model for worker "
+                          f"{ctl.identity}, which has no state there: resume from a checkpoint at an averaging step")
+    state = torch.load(os.path.join(tag_dir, others[0]), map_location="cpu", weights_only=True)
+    controller = dict(state["controller"])
+    controller.pop("residual", None)  # the other worker's compression error is not this worker's
+    engine.optimizer.state.clear()  # DeepSpeed's file carried rank 0's momentum: start without any
+    ctl.load_state_dict(controller)
+    torch.manual_seed(ctl.identity * 7919 + ctl.steps * 104729 + 1)
+    ctl.restored = "average"
 
 
 _SUBCLASSES: dict[type, type] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from risgd_data.errors import DataError
 from risgd_data.index import load_index
 from risgd_data.loader import make_train_loader
 from risgd_data.manifest import build_manifest, write_manifest
-from risgd_data.replicate import replicate
+from risgd_data.replicate import REPLICA_RECORD, read_replica, replicate
 from risgd_data.stamps import STAMP_NAME, read_stamps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +40,13 @@ def test_local_copy_exact_and_idempotent(digits_dir, manifest_path, tmp_path):
     want = set(m["ranks"][0]["shards"]) | {s["name"] for s in m["index"]["shards"]["val"]}
     assert {n for n in os.listdir(dest) if n.endswith(".tar")} == want
     assert {"index.json", "m.yaml"} <= set(os.listdir(dest))
-    # No temporary left; the one hidden file is the verification stamp of every shard copied.
-    assert [n for n in os.listdir(dest) if n.startswith(".")] == [STAMP_NAME]
+    # No temporary left; the hidden files are the verification stamp of every shard copied and the
+    # record of the workers this node serves (what an elastic run reads to know who it is).
+    assert sorted(n for n in os.listdir(dest) if n.startswith(".")) == sorted([STAMP_NAME, REPLICA_RECORD])
+    record = read_replica(str(dest))
+    assert record["workers"] == [0] and record["manifest"] == "m.yaml"
+    with open(path, "rb") as f:
+        assert record["manifest_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert set(read_stamps(str(dest))) == want
     assert rep["node_storage_over_full_copy"] == pytest.approx(rep["manifest_node_storage_over_full_copy"])
     assert rep["node_storage_over_full_copy"] == pytest.approx(m["ranks"][0]["storage_fraction"])
@@ -62,7 +68,8 @@ def test_storage_over_all_nodes(digits_dir, manifest_path, tmp_path):
     assert sum(r["manifest_node_gamma_sum"] for r in reps) == pytest.approx(1 + 4 * 0.25)
     two = replicate(path, digits_dir, str(tmp_path / "pair"), 1, 2, with_val=False, log=_quiet)
     assert two["ranks"] == [2, 3]
-    assert set(os.listdir(tmp_path / "pair")) - {"index.json", "m.yaml", STAMP_NAME} == (
+    assert read_replica(str(tmp_path / "pair"))["workers"] == [2, 3]  # a node of two ranks serves two workers
+    assert set(os.listdir(tmp_path / "pair")) - {"index.json", "m.yaml", STAMP_NAME, REPLICA_RECORD} == (
         set(m["ranks"][2]["shards"]) | set(m["ranks"][3]["shards"]))
     with pytest.raises(DataError, match="--node-rank 2"):
         replicate(path, digits_dir, str(tmp_path / "x"), 2, 2, log=_quiet)
@@ -151,3 +158,8 @@ def test_cli_exit_codes(digits_dir, manifest_path, tmp_path):
     r = run(*node, "--source", digits_dir, "--dest", str(blocker / "n"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
     assert "Exit status" in run("--help").stdout
+
+
+def test_a_directory_without_a_replica_record_says_how_to_make_one(tmp_path):
+    with pytest.raises(DataError, match="holds no replica record .* python -m data.replicate --dest"):
+        read_replica(str(tmp_path))
