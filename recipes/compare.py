@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     try:
-        runs = [load_run(d) for d in args.runs]
+        seen: dict[str, str] = {}
+        for d in args.runs:  # a run named twice (overlapping globs) is one run, not two seeds
+            seen.setdefault(os.path.realpath(d), d)
+        if len(seen) < len(args.runs):
+            print(f"note: {len(args.runs) - len(seen)} run director(ies) given twice, counted once", file=sys.stderr)
+        runs = [load_run(d) for d in seen.values()]
     except FileNotFoundError as e:  # bad input: a directory that holds no finished run
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -87,3 +87,11 @@ def test_a_mistyped_path_is_named_as_missing(tmp_path, capsys):
     assert compare.main([str(tmp_path / "runs" / "no-such-run")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "has not finished" not in err and err.count("\n") == 1
+
+
+def test_a_run_named_twice_is_one_run_not_two_seeds(tmp_path, capsys):
+    run = _run(tmp_path, "r-s0", 0, 10, 80.0)
+    assert compare.main([run, run + "/", "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert "mean over seeds" not in captured.out and captured.out.count("r-s0") == 1
+    assert "given twice, counted once" in captured.err
