@@ -5,8 +5,9 @@
     agents = [start_agent(k, replicas[k], port, train_args, log_dir, nnodes="2:3") for k in range(3)]
     kill_node(agents[2])   # the agent and its workers (they run in sessions of their own), SIGKILL
 
-Each agent is ``python -m torch.distributed.run --nnodes=MIN:MAX --nproc-per-node 1
---rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:PORT`` (torchrun), agent 0 hosting the c10d store
+Each agent is ``risgd-elastic --nnodes=MIN:MAX --nproc-per-node 1 --rdzv-backend=c10d
+--rdzv-endpoint=127.0.0.1:PORT -- ARGS`` (torchrun's own agent; risgd_recipes.elastic_launch),
+agent 0 hosting the c10d store
 (``is_host``), so killing another agent loses a node and not the rendezvous. Its node's replica
 is given by ``RISGD_REPLICA_DIR`` (on a real cluster: ``data.shards``, the node-local path). No
 agent or rendezvous of our own: this only starts the stock ones.
@@ -42,24 +43,28 @@ def prepare_replicas(shards: str, out_dir: str, workers: int, mu: float, partiti
 
 def start_agent(k: int, replica: str, port: int, train_args: list[str], log_dir: str, nnodes: str,
                 max_restarts: int = 3, last_call_s: int = 5, keep_alive_s: int = 2,
-                env_extra: dict | None = None) -> subprocess.Popen:
-    """Agent ``k`` (0 hosts the rendezvous store) running ``train.py train_args`` on ``replica``.
+                env_extra: dict | None = None, host: str = "127.0.0.1", rdzv_extra: str = "",
+                prefix: list[str] | None = None) -> subprocess.Popen:
+    """Agent ``k`` (0 hosts the rendezvous store) running the trainer with ``train_args`` on ``replica``.
 
     ``last_call_s``: how long a rendezvous that has MIN nodes waits for more (torch's default 30);
     ``keep_alive_s``: the agents' heartbeat period; a node missing 3 is dropped from the rendezvous
-    (torch's default 5, so a dead node holds the next rendezvous up for 15 s)."""
+    (torch's default 5, so a dead node holds the next rendezvous up for 15 s). ``host``: the
+    rendezvous host's address; ``rdzv_extra``: more ``--rdzv-conf`` (``,key=value``); ``prefix``:
+    what the command runs under (``ip netns exec NS`` for a namespace host)."""
     env = {key: v for key, v in os.environ.items() if not key.startswith("WANDB_")}
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torch 2.14 agents otherwise reuse the first round's shared store
     # after a membership change and the restarted workers find the old workers' gloo addresses there
     env.update({"RISGD_REPLICA_DIR": replica, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, **(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
-           f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+    cmd = [sys.executable, "-m", "risgd_recipes.elastic_launch", f"--nnodes={nnodes}", "--nproc-per-node=1",
+           f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}",
            "--rdzv-id=risgd-elastic",
-           f"--rdzv-conf=is_host={int(k == 0)},last_call_timeout={last_call_s},keep_alive_interval={keep_alive_s}",
-           "--monitor-interval=1", "train.py", *train_args]
+           f"--rdzv-conf=is_host={int(k == 0)},last_call_timeout={last_call_s},keep_alive_interval={keep_alive_s}"
+           f"{rdzv_extra}", "--monitor-interval=1", "--", *train_args]
     log = open(os.path.join(log_dir, f"agent{k}.log"), "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen([*(prefix or []), *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -40,6 +40,7 @@ from risgd_recipes import elastic
 from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
 from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_recipes.config import RecipeError, Run, check_same_manifest, resolve_run
+from risgd_recipes.elastic_launch import STOP_FILE_ENV
 from risgd_recipes.evaluation import evaluate
 from risgd_recipes.schedule import lr_factor
 from risgd_recipes.tracking import RunTracker, run_metrics
@@ -209,6 +210,17 @@ def interrupted_line(runs: list[Run]) -> str:
     return "interrupted"
 
 
+def refuse(error: Exception, speak: bool) -> int:
+    """Exit status 2 after one ``error:`` line: on stderr (from ``speak``ing ranks), or, under
+    risgd-elastic, into its stop file, which it prints once however often torchrun restarts us."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if stop_file:
+        write_text_atomic(stop_file, f"error: {error}\n")
+    elif speak:
+        print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -243,13 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             train(run)
         return 0
     except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
-        if dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e, dist.get_rank() == 0)
     except (*USER_ERRORS, MissingExtra) as e:  # one line naming the problem and the fix
-        if first or dist.is_initialized():
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e, first or dist.is_initialized())
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) and not _INTERRUPTED:  # another handler turned the signal into it
             _INTERRUPTED.append(signal.SIGINT)

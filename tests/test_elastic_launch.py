@@ -172,6 +172,68 @@ def test_two_ranks_claiming_one_worker_are_refused_in_one_line(replicas, tmp_pat
     for a in agents:
         a.wait(timeout=300)
     logs = [open(os.path.join(tmp_path, f"agent{k}.log")).read() for k in range(2)]
-    lines = [line for log in logs for line in log.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "ranks 0 and 1 both serve manifest worker 1" in lines[0], logs
-    assert "exitcode  : 2" in "".join(logs)
+    assert [a.returncode for a in agents] == [2, 2], logs
+    for log in logs:  # each node says it once, as its last line
+        lines = [line for line in log.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "ranks 0 and 1 both serve manifest worker 1" in lines[0], logs
+        assert log.rstrip().endswith(lines[0])
+
+
+def _error_lines_of(log_path: str) -> list[str]:
+    with open(log_path) as f:
+        return [line for line in f.read().splitlines() if line.startswith("error:")]
+
+
+def test_below_the_floor_under_the_launcher_is_one_line_however_often_torchrun_restarts(replicas, tmp_path):
+    manifest, dirs = replicas
+    args = [*COMMON, "steps=20", f"data.manifest={manifest}", f"runs_dir={tmp_path}"]
+    agent = start_agent(0, dirs[0], free_port(), args, str(tmp_path), nnodes="1:3", max_restarts=1)
+    assert agent.wait(timeout=300) == 2
+    (line,) = _error_lines_of(os.path.join(tmp_path, "agent0.log"))
+    assert "elastic run stopped: the 1 live workers [0] hold 83." in line
+    # torchrun did restart it: two trainers failed with exit status 2
+    assert open(os.path.join(tmp_path, "agent0.log")).read().count("failed (exitcode: 2)") == 2
+
+
+def test_fewer_than_min_nodes_is_one_line_and_exit_1(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "risgd_recipes.elastic_launch", "--nnodes=2:3", "--nproc-per-node=1",
+                           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=lonely",
+                           "--rdzv-conf=join_timeout=2", "--", "--recipe", "digits"],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "fewer than 2 node(s) (the MIN of --nnodes=2:3) joined within join_timeout=2 s" in line
+
+
+def test_the_launcher_refuses_a_command_without_the_separator_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "risgd_recipes.elastic_launch", "--nnodes=2", "train.py"],
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "after '--'" in proc.stderr
+
+
+def test_losing_the_rendezvous_host_is_one_line_and_the_run_resumes_on_a_new_endpoint(replicas, tmp_path):
+    manifest, dirs = replicas
+    args = [*COMMON, "steps=300", "elastic.min_coverage=0", f"data.manifest={manifest}", f"runs_dir={tmp_path}",
+            "run_name=hl"]
+    run_dir, port = os.path.join(tmp_path, "hl"), free_port()
+    agents = [start_agent(k, dirs[k], port, args, str(tmp_path), nnodes="1:2") for k in range(2)]
+    deadline = time.monotonic() + 300
+    try:
+        while _beat_step(run_dir, 1) < 60 and agents[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+        kill_node(agents[0])  # the node hosting the c10d store, past the checkpoint at step 50
+        assert agents[1].wait(timeout=200) == 1
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                kill_node(a)
+    log = os.path.join(tmp_path, "agent1.log")
+    (line,) = _error_lines_of(log)
+    assert "the rendezvous host 127.0.0.1:" in line and "cannot be reached" in line, open(log).read()[-3000:]
+    # the same command on the surviving node, with the rendezvous on it now: the run resumes
+    again = start_agent(0, dirs[1], free_port(), args, str(tmp_path), nnodes="1:2")
+    assert again.wait(timeout=300) == 0, open(os.path.join(tmp_path, "agent0.log")).read()[-3000:]
+    events = [r for r in _rows(run_dir) if r.get("event") == "membership"]
+    assert [e["live_workers"] for e in events] == [[0, 1], [1]] and events[1]["step"] >= 50
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert json.load(f)["steps"] == 300
