@@ -45,7 +45,7 @@ from .failures import failed_workers
 from .flat import FlatModel
 from .reduce import GradientAverager, Traffic
 from .round import Averaging, Live, Round, RoundReport
-from .topology import NodeGroups, build_node_groups
+from .topology import NodeGroups, build_node_groups, inherit_world_timeout
 
 # Counters carried by checkpoints, in the order stats() reports them.
 _COUNTERS = (
@@ -99,6 +99,8 @@ class RISGDController:
         self.group = getattr(engine, "data_parallel_group", None)
         self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        if dist.is_initialized():
+            inherit_world_timeout(self.group)
         if cfg is not None:
             check_world(cfg, self.world_size)
         self.layout = Layout(self.world_size, cfg.node_size if cfg is not None else 1)

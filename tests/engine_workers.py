@@ -321,3 +321,31 @@ def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
         "channels_last": scenario_channels_last(rank),
         "malicious": scenario_malicious_checkpoint(rank, ckpt_dir),
     }
+
+
+def scenario_silent_peer(rank: int, world_size: int, timeout_s: float) -> dict:
+    """The process group starts with ``timeout_s``; rank 1 then goes silent (alive, its sockets
+    open, never joining a collective: a host whose link went down). Rank 0 trains to its first
+    round and returns how long the round took to fail, and the timeouts of the world and of the
+    engine's data-parallel group."""
+    import datetime
+    import time
+
+    from risgd_ext.topology import world_timeout
+
+    risgd_ext.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    engine = build(ds_config({"tau": 2}))
+    group = engine.data_parallel_group
+    group_timeout = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    if rank == 1:
+        time.sleep(timeout_s + 20)  # silent: rank 0's round must give up long before this ends
+        return {"group_timeout_s": group_timeout}
+    train_step(engine, rank, 0)
+    t0 = time.monotonic()
+    try:
+        train_step(engine, rank, 1)  # step 2 of tau=2: the round, which rank 1 never joins
+        error = None
+    except RuntimeError as e:
+        error = str(e).splitlines()[0]
+    return {"failed_after_s": time.monotonic() - t0, "error": error, "group_timeout_s": group_timeout,
+            "world_timeout_s": world_timeout().total_seconds(), "same_group": group is dist.group.WORLD}
