@@ -1,96 +1,311 @@
-"""A lost node, on real torchrun agents: RI-SGD and PR-SGD, uninterrupted and with one node killed.
+"""A lost node, on real torchrun agents: RI-SGD and PR-SGD, uninterrupted and with one node lost and back.
 
-    python benchmarks/bench_elastic.py --steps 1000 --kill-at 300 --out runs/bench-elastic
+    sudo .venv/bin/python benchmarks/bench_elastic.py --netns --seeds 0 1 2 --out runs/bench-elastic-netns
+    python benchmarks/bench_elastic.py --steps 1000 --kill-at 300 --out runs/bench-elastic   # loopback, 3 nodes
 
-Three torchrun agents on 127.0.0.1 (one per "node", --nproc-per-node 1, risgd_hosts.elastic_local),
-digits label-sorted over 3 workers. For each algorithm, the run is done twice: once uninterrupted,
-and once with the node serving worker 2 SIGKILLed (the agent and its worker) when that worker
-passes step --kill-at. The survivors go on at 2 workers. PR-SGD runs with elastic.min_coverage=0,
-so that it keeps training on the 2/3 of the data it still holds. Prints one row per run: the
-seconds from the kill to the first step on the survivors, the steps trained again, the coverage
-after the loss, goodput, and the final and best test accuracy. One seed; the machine's load
-changes the seconds.
+One stock torchrun agent per node (``risgd-elastic``, --nproc-per-node 1, risgd_hosts.elastic_local),
+digits label-sorted, one manifest worker per node. ``--netns``: the nodes are network namespaces
+on a shaped-link switch (hosts.netns_cluster; root), 4 by default, each with its own replica
+filled by ``replicate`` inside its namespace; the rendezvous is on host 0. Without it, 3 agents on
+127.0.0.1. For each seed and algorithm (RI-SGD mu=0.5, PR-SGD), the run is done twice: once
+uninterrupted, and once with the last node lost when its worker passes a step drawn at random
+from 20-40% of the run (the same step for both algorithms of a seed). Losing a node is a power
+cut: on a namespace host its link goes down first, then all its processes are SIGKILLed, so the
+survivors learn of it only when their next collective times out (``--dist-timeout``) and torch's
+agent restarts them; on loopback the processes are SIGKILLed (their sockets are reset at once).
+``--rejoin-after S``: S steps after the survivors' restart, the node comes back (its link up, the
+same command started) and joins at the next rendezvous. PR-SGD runs with elastic.min_coverage=0,
+so that it keeps training on the data it still holds.
+
+Prints one row per run (the seconds from the loss to the first step on the survivors, the steps
+trained again, the coverage after the loss, the seconds from the rejoin to the first step at full
+size, goodput, the final and best test accuracy), then per algorithm the mean final accuracy over
+the seeds, uninterrupted and with the loss, and the goals of issue 20 each met or not met.
+``--plot`` writes test accuracy against step with the membership events marked. The machine's
+load changes the seconds: say it with the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import random
+import statistics
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from risgd_hosts.elastic_local import kill_node, prepare_replicas, start_agent  # noqa: E402
+from risgd_hosts.elastic_local import kill_node, prepare_replicas, start_agent, write_run_manifest  # noqa: E402
 from risgd_hosts.local import free_port  # noqa: E402
 
+ALGORITHMS = (("risgd", 0.5), ("prsgd", 0.0))
 
-def run(name: str, algorithm: str, mu: float, replicas: tuple[str, list[str]], out: str, steps: int,
-        kill_at: int | None, tau: int, seed: int) -> dict:
-    manifest, dirs = replicas
-    args = ["--recipe", "recipes/digits.yaml", f"algorithm={algorithm}", f"mu={mu}", f"steps={steps}", f"tau={tau}",
-            "eval_every=100", "checkpoint_every=100", f"seed={seed}", "wandb.enabled=false", "elastic.workers=3",
-            "elastic.min_coverage=0", "dist_timeout_s=60", f"data.manifest={manifest}", f"runs_dir={out}",
-            f"run_name={name}"]
+
+class LoopbackNodes:
+    """N agents on 127.0.0.1; losing one is SIGKILL of its agent and worker."""
+
+    def __init__(self, nodes: int, out: str):
+        self.nodes, self.out = nodes, out
+        self.dirs: dict[str, list[str]] = {}
+
+    def prepare(self, algorithm: str, shards: str, mu: float) -> str:
+        manifest, self.dirs[algorithm] = prepare_replicas(shards, os.path.join(self.out, f"replicas-{algorithm}"),
+                                                          self.nodes, mu, "label_sorted")
+        return manifest
+
+    def start(self, k: int, algorithm: str, port: int, args: list[str], logs: str, nnodes: str):
+        return start_agent(k, self.dirs[algorithm][k], port, args, logs, nnodes=nnodes)
+
+    def lose(self, k: int, agent) -> None:
+        kill_node(agent)
+
+    def revive(self, k: int) -> None:
+        pass
+
+
+class NetnsNodes:
+    """N namespace hosts (hosts.netns_cluster); losing one is its link down, then SIGKILL of everything in it."""
+
+    def __init__(self, nodes: int, out: str, bandwidth_mbit: float | None):
+        from risgd_hosts.netns_cluster import Cluster, netns_available
+
+        why = netns_available()
+        if why:
+            raise SystemExit(f"error: --netns needs network namespaces: {why}")
+        self.cluster, self.out = Cluster(nodes, bandwidth_mbit), out
+        self.nodes, self.dirs = nodes, {}
+
+    def prepare(self, algorithm: str, shards: str, mu: float) -> str:
+        from risgd_hosts.netns_cluster import replicate_data
+
+        work = os.path.join(self.out, f"netns-{algorithm}")
+        manifest = write_run_manifest(shards, work, self.nodes, mu, "label_sorted")
+        self.dirs[algorithm] = replicate_data(self.cluster, work, manifest, shards, ranks_per_host=1)
+        return manifest
+
+    def start(self, k: int, algorithm: str, port: int, args: list[str], logs: str, nnodes: str):
+        c = self.cluster
+        return start_agent(k, self.dirs[algorithm][k], port, args, logs, nnodes=nnodes, host=c.addr(0),
+                           prefix=c.exec_prefix(k), local_addr=c.addr(k),
+                           env_extra={"GLOO_SOCKET_IFNAME": "eth0"})
+
+    def _link(self, k: int, state: str) -> None:
+        subprocess.run(["ip", "-n", self.cluster.ns(k), "link", "set", "eth0", state], check=True)
+
+    def lose(self, k: int, agent) -> None:
+        self._link(k, "down")  # first: no FIN or RST leaves the host, as in a power cut
+        kill_node(agent)
+        for pid in subprocess.run(["ip", "netns", "pids", self.cluster.ns(k)], capture_output=True,
+                                  text=True).stdout.split():
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def revive(self, k: int) -> None:
+        self._link(k, "up")
+
+
+def _read_json(path: str, default):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def run(name: str, algorithm: str, mu: float, nodes, manifest: str, out: str, a) -> dict:
+    """One elastic launch; ``a.kill_at`` None: uninterrupted."""
+    n, victim = nodes.nodes, nodes.nodes - 1
+    args = ["--recipe", "recipes/digits.yaml", f"algorithm={algorithm}", f"mu={mu}", f"steps={a.steps}",
+            f"tau={a.tau}", f"eval_every={a.eval_every}", f"checkpoint_every={a.checkpoint_every}",
+            f"seed={a.seed}", "wandb.enabled=false", f"elastic.workers={n}", "elastic.min_coverage=0",
+            f"dist_timeout_s={a.dist_timeout}", f"data.manifest={manifest}", f"runs_dir={out}", f"run_name={name}"]
     run_dir, logs = os.path.join(out, name), os.path.join(out, f"{name}-logs")
     os.makedirs(logs, exist_ok=True)
-    port, t0 = free_port(), time.time()
-    agents = [start_agent(k, dirs[k], port, args, logs, nnodes="2:3") for k in range(3)]
-    beat = os.path.join(run_dir, "elastic", "beat-w00002.json")
+    port, t0, nnodes = free_port(), time.time(), f"{n - 1}:{n}"
+    agents = [nodes.start(k, algorithm, port, args, logs, nnodes) for k in range(n)]
+    beat = os.path.join(run_dir, "elastic", f"beat-w{victim:05d}.json")
+    phase, killed_step = ("kill" if a.kill_at is not None else "run"), None
     try:
-        while any(a.poll() is None for a in agents[:2]):
+        while any(x.poll() is None for x in agents[:victim]) or (phase == "back" and agents[victim].poll() is None):
             time.sleep(0.2)
-            if kill_at is not None and agents[2].poll() is None and os.path.exists(beat):
-                try:
-                    with open(beat) as f:
-                        step = json.load(f)["step"]
-                except ValueError:
-                    continue
-                if step >= kill_at:
-                    kill_node(agents[2])
+            if phase == "kill" and _read_json(beat, {}).get("step", -1) >= a.kill_at:
+                killed_step = _read_json(beat, {})["step"]
+                nodes.lose(victim, agents[victim])
+                phase = "lost"
+            elif phase == "lost" and a.rejoin_after is not None:
+                gens = _read_json(os.path.join(run_dir, "elastic", "membership.json"), [])
+                beat0 = _read_json(os.path.join(run_dir, "elastic", "beat-w00000.json"), {})
+                if len(gens) >= 2 and beat0.get("generation") == gens[-1]["generation"] and \
+                        beat0.get("step", -1) >= gens[-1]["step"] + a.rejoin_after:
+                    nodes.revive(victim)
+                    agents[victim] = nodes.start(victim, algorithm, port, args, logs, nnodes)
+                    phase = "back"
     finally:
-        for a in agents:
-            if a.poll() is None:
-                kill_node(a)
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
+        for x in agents:
+            if x.poll() is None:
+                kill_node(x)
+    summary = _read_json(os.path.join(run_dir, "summary.json"), None)
+    if summary is None:
+        raise SystemExit(f"error: run {name} did not finish: see the agents' logs in {logs}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        events = [e for e in map(json.loads, f) if e.get("event") == "membership"]
-    lost = events[1] if len(events) > 1 else {}
-    return {"run": name, "lost_at": lost.get("step", 0) + lost.get("steps_redone", 0) if lost else None,
+        rows = [json.loads(line) for line in f]
+    events = [e for e in rows if e.get("event") == "membership"]
+    lost = next((e for e in events if e["lost_workers"]), {})
+    back = next((e for e in events if e["joined_workers"]), {})
+    return {"run": name, "algorithm": algorithm, "seed": a.seed, "killed_at": killed_step,
             "resumed_from": lost.get("step"), "kill_to_step_s": lost.get("seconds_from_failure_to_step"),
             "steps_redone": lost.get("steps_redone"), "coverage_after": lost.get("data_coverage", 1.0),
-            "goodput": summary.get("goodput"), "final_acc": summary["final_test_acc"],
-            "best_acc": summary["best_test_acc"], "launch_s": time.time() - t0}
+            "rejoin_to_step_s": back.get("seconds_from_failure_to_step"), "world_sizes": summary["world_sizes"],
+            "goodput": summary.get("goodput"), "seconds_lost": summary.get("seconds_lost"),
+            "final_acc": summary["final_test_acc"], "best_acc": summary["best_test_acc"],
+            "wall_s": time.time() - t0,
+            "curve": [(r["step"], r["test_acc"]) for r in rows if "test_acc" in r and "event" not in r],
+            "events": [(e["step"], e["world_size"]) for e in events]}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v).replace(" ", "")
+
+
+def report(rows: list[dict], a) -> list[str]:
+    """The per-algorithm comparison and the goals, each met or not met."""
+    out = []
+    kills = [r for r in rows if r["killed_at"] is not None]
+    for algorithm, _ in ALGORITHMS:
+        straight = [r["final_acc"] for r in rows if r["algorithm"] == algorithm and r["killed_at"] is None]
+        lossy = [r["final_acc"] for r in kills if r["algorithm"] == algorithm]
+        if straight and lossy:
+            d = [x - y for x, y in zip(lossy, straight)]
+            sd = f" (sd {statistics.stdev(d):.2f}, per seed {', '.join(f'{x:+.2f}' for x in d)})" if len(d) > 1 else ""
+            out.append(f"{algorithm}: final accuracy {statistics.mean(straight):.2f} uninterrupted, "
+                       f"{statistics.mean(lossy):.2f} with the loss: {statistics.mean(d):+.2f} pt over "
+                       f"{len(d)} seed(s){sd}")
+    if not kills:
+        return out
+    secs = sorted(r["kill_to_step_s"] for r in kills if r["kill_to_step_s"] is not None)
+    redone = max((r["steps_redone"] or 0) for r in kills)
+    verdict = {True: "met", False: "NOT met"}
+    if secs:
+        out.append(f"goal: loss to first step on the survivors <= 60 s: median {statistics.median(secs):.1f} s, "
+                   f"range {secs[0]:.1f}-{secs[-1]:.1f} s: {verdict[secs[-1] <= 60]}")
+    out.append(f"goal: steps lost <= one checkpoint interval ({a.checkpoint_every}): at most {redone}: "
+               f"{verdict[redone <= a.checkpoint_every]}")
+    for algorithm, want in (("risgd", 1.0), ("prsgd", 1 - 1 / max(a.nodes, 1))):
+        cov = sorted({r["coverage_after"] for r in kills if r["algorithm"] == algorithm})
+        if cov:
+            out.append(f"goal: coverage after the loss, {algorithm}: {cov} (expected {want:.3f}): "
+                       f"{verdict[all(abs(c - want) < 1e-3 for c in cov)]}")
+    risgd = [r for r in rows if r["algorithm"] == "risgd"]
+    pairs = [(k["final_acc"], s["final_acc"]) for k in risgd if k["killed_at"] is not None
+             for s in risgd if s["killed_at"] is None and s["seed"] == k["seed"]]
+    if pairs:
+        d = statistics.mean(x - y for x, y in pairs)
+        out.append(f"goal: RI-SGD within 0.5 pt of its uninterrupted run ({len(pairs)} seed(s)): {d:+.2f} pt: "
+                   f"{verdict[abs(d) <= 0.5 and len(pairs) >= 3]}" + ("" if len(pairs) >= 3 else " (fewer than 3)"))
+    good = [r["goodput"] for r in kills if r["goodput"] is not None]
+    lost_s = [r["seconds_lost"] for r in kills if r["seconds_lost"]]
+    if good:
+        need = f"; at {statistics.median(lost_s):.0f} s lost per run, 90% needs a run of >= " \
+               f"{statistics.median(lost_s) / 0.1:.0f} s" if lost_s else ""
+        out.append(f"goal: goodput >= 90%: median {100 * statistics.median(good):.1f}% over runs of "
+                   f"{statistics.median(r['wall_s'] for r in kills):.0f} s wall{need}: "
+                   f"{verdict[statistics.median(good) >= 0.9]}")
+    return out
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ALGORITHMS), figsize=(12, 4.5), sharey=True)
+    for ax, (algorithm, _) in zip(axes, ALGORITHMS):
+        for r in (r for r in rows if r["algorithm"] == algorithm):
+            style = "-" if r["killed_at"] is not None else ":"
+            (line,) = ax.plot(*zip(*r["curve"]), style, lw=1.2,
+                              label=f"s{r['seed']} {'lost+rejoin' if r['killed_at'] is not None else 'uninterrupted'}")
+            for step, world in r["events"][1:]:
+                ax.axvline(step, color=line.get_color(), lw=0.6, alpha=0.6)
+                ax.annotate(f"{world}w", (step, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
+                            color=line.get_color())
+        ax.set_title(f"{algorithm}: test accuracy; lines: membership changes (live workers)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--netns", action="store_true", help="namespace hosts with shaped links (root), not loopback")
+    ap.add_argument("--nodes", type=int, default=None, help="nodes (default 4 with --netns, else 3)")
+    ap.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="--netns: each host's link")
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--kill-at", type=int, default=300)
+    ap.add_argument("--kill-at", type=int, default=None,
+                    help="the step at which the node is lost (default: drawn per seed from 20-40%% of the run)")
+    ap.add_argument("--rejoin-after", type=int, default=None,
+                    help="steps on the survivors before the node comes back (default 20%% of the run; -1: never)")
     ap.add_argument("--tau", type=int, default=25)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/bench-elastic")
-    args = ap.parse_args(argv)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--dist-timeout", type=int, default=20,
+                    help="seconds a collective waits for a peer (dist_timeout_s): how long a power cut goes unseen")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
+    ap.add_argument("--out", default=None, help="default runs/bench-elastic[-netns]")
+    ap.add_argument("--plot", default=None, help="PNG of accuracy against step (default OUT/elastic.png)")
+    a = ap.parse_args(argv)
+    seeds = [a.seed] if a.seed is not None else a.seeds
+    a.nodes = a.nodes or (4 if a.netns else 3)
+    rejoin = a.rejoin_after if a.rejoin_after is not None else a.steps // 5
+    a.rejoin_after = None if rejoin < 0 else rejoin
     from risgd_data.make_shards import make_shards
 
-    out = os.path.abspath(args.out)
+    out = os.path.abspath(a.out or ("runs/bench-elastic-netns" if a.netns else "runs/bench-elastic"))
     shards = os.path.join(out, "shards")
     if not os.path.exists(os.path.join(shards, "index.json")):
         make_shards("digits", shards, shard_size=250, seed=0, progress=False)
-    rows = []
-    for algorithm, mu in (("risgd", 0.5), ("prsgd", 0.0)):
-        replicas = prepare_replicas(shards, os.path.join(out, f"replicas-{algorithm}"), 3, mu, "label_sorted")
-        for kill in (None, args.kill_at):
-            name = f"{algorithm}-{'kill' if kill is not None else 'straight'}-s{args.seed}"
-            rows.append(run(name, algorithm, mu, replicas, out, args.steps, kill, args.tau, args.seed))
-            print(json.dumps(rows[-1]), flush=True)
-    cols = ("run", "lost_at", "resumed_from", "kill_to_step_s", "steps_redone", "coverage_after", "goodput",
-            "final_acc", "best_acc")
-    print("  ".join(f"{c:>15}" for c in cols))
+    nodes = NetnsNodes(a.nodes, out, a.bandwidth_mbit) if a.netns else LoopbackNodes(a.nodes, out)
+    where = (f"{a.nodes} namespace hosts at {a.bandwidth_mbit:g} Mbit/s" if a.netns else f"{a.nodes} loopback nodes")
+    print(f"{where}; digits label-sorted, {a.steps} steps, tau={a.tau}, checkpoint_every={a.checkpoint_every}, "
+          f"dist_timeout_s={a.dist_timeout}, rejoin after {a.rejoin_after} steps; load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    rows, fixed_kill = [], a.kill_at
+    from risgd_hosts.netns_cluster import torn_down_on_exit
+
+    with torn_down_on_exit(nodes.cluster) if a.netns else contextlib.nullcontext():
+        manifests = {alg: nodes.prepare(alg, shards, mu) for alg, mu in ALGORITHMS}
+        for seed in seeds:
+            kill = fixed_kill if fixed_kill is not None else random.Random(seed).randint(a.steps // 5, 2 * a.steps // 5)
+            for algorithm, mu in ALGORITHMS:
+                for k in (None, kill):
+                    a.seed, a.kill_at = seed, k
+                    name = f"{algorithm}-{'kill' if k is not None else 'straight'}-s{seed}"
+                    rows.append(run(name, algorithm, mu, nodes, manifests[algorithm], out, a))
+                    print(json.dumps({c: v for c, v in rows[-1].items() if c not in ("curve", "events")}), flush=True)
+    cols = ("run", "killed_at", "resumed_from", "kill_to_step_s", "steps_redone", "coverage_after",
+            "rejoin_to_step_s", "world_sizes", "goodput", "final_acc", "best_acc", "wall_s")
+    print("  ".join(f"{c:>16}" for c in cols))
     for r in rows:
-        print("  ".join(f"{r[c]:>15.3f}" if isinstance(r[c], float) else f"{r[c]!s:>15}" for c in cols))
+        print("  ".join(f"{_fmt(r[c]):>16}" for c in cols))
+    for line in report(rows, a):
+        print(line)
+    png = a.plot or os.path.join(out, "elastic.png")
+    plot(rows, png)
+    with open(os.path.join(out, "bench_elastic.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"plot: {png}; rows: {os.path.join(out, 'bench_elastic.json')}")
     return 0
 
 

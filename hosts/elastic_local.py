@@ -23,16 +23,24 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def prepare_replicas(shards: str, out_dir: str, workers: int, mu: float, partition: str = "iid",
-                     seed: int = 0) -> tuple[str, list[str]]:
-    """A manifest for ``workers`` workers and one replica directory per worker (``data.replicate``)."""
+def write_run_manifest(shards: str, out_dir: str, workers: int, mu: float, partition: str = "iid",
+                       seed: int = 0) -> str:
+    """``out_dir/manifest.yaml`` for ``workers`` workers over the shards in ``shards``; its path."""
     from risgd_data.index import load_index
     from risgd_data.manifest import build_manifest, write_manifest
-    from risgd_data.replicate import replicate
 
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, "manifest.yaml")
     write_manifest(build_manifest(load_index(shards), workers, mu, partition=partition, seed=seed), manifest)
+    return manifest
+
+
+def prepare_replicas(shards: str, out_dir: str, workers: int, mu: float, partition: str = "iid",
+                     seed: int = 0) -> tuple[str, list[str]]:
+    """A manifest for ``workers`` workers and one replica directory per worker (``data.replicate``)."""
+    from risgd_data.replicate import replicate
+
+    manifest = write_run_manifest(shards, out_dir, workers, mu, partition, seed)
     replicas = []
     for k in range(workers):
         dest = os.path.join(out_dir, f"node{k}")
@@ -44,14 +52,15 @@ def prepare_replicas(shards: str, out_dir: str, workers: int, mu: float, partiti
 def start_agent(k: int, replica: str, port: int, train_args: list[str], log_dir: str, nnodes: str,
                 max_restarts: int = 3, last_call_s: int = 5, keep_alive_s: int = 2,
                 env_extra: dict | None = None, host: str = "127.0.0.1", rdzv_extra: str = "",
-                prefix: list[str] | None = None) -> subprocess.Popen:
+                prefix: list[str] | None = None, local_addr: str | None = None) -> subprocess.Popen:
     """Agent ``k`` (0 hosts the rendezvous store) running the trainer with ``train_args`` on ``replica``.
 
     ``last_call_s``: how long a rendezvous that has MIN nodes waits for more (torch's default 30);
     ``keep_alive_s``: the agents' heartbeat period; a node missing 3 is dropped from the rendezvous
     (torch's default 5, so a dead node holds the next rendezvous up for 15 s). ``host``: the
     rendezvous host's address; ``rdzv_extra``: more ``--rdzv-conf`` (``,key=value``); ``prefix``:
-    what the command runs under (``ip netns exec NS`` for a namespace host)."""
+    what the command runs under (``ip netns exec NS`` for a namespace host); ``local_addr``: the
+    address this node's workers are reached at (torchrun's ``--local-addr``)."""
     env = {key: v for key, v in os.environ.items() if not key.startswith("WANDB_")}
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torch 2.14 agents otherwise reuse the first round's shared store
     # after a membership change and the restarted workers find the old workers' gloo addresses there
@@ -61,7 +70,8 @@ def start_agent(k: int, replica: str, port: int, train_args: list[str], log_dir:
            f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}",
            "--rdzv-id=risgd-elastic",
            f"--rdzv-conf=is_host={int(k == 0)},last_call_timeout={last_call_s},keep_alive_interval={keep_alive_s}"
-           f"{rdzv_extra}", "--monitor-interval=1", "--", *train_args]
+           f"{rdzv_extra}", "--monitor-interval=1",
+           *([f"--local-addr={local_addr}"] if local_addr else []), "--", *train_args]
     log = open(os.path.join(log_dir, f"agent{k}.log"), "w")
     return subprocess.Popen([*(prefix or []), *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -122,6 +122,7 @@ def outcome(exc: BaseException | None, args, stop_line: str | None) -> tuple[int
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
+        print("usage: risgd-elastic [torchrun options] -- [trainer options]\n")
         print(__doc__.strip())
         return 0
     try:

@@ -230,3 +230,15 @@ def test_usage_lines_and_hints_name_the_command_as_it_was_run(monkeypatch, tmp_p
     monkeypatch.setattr(sys, "argv", [os.path.join(ROOT, "data", "manifest.py")])  # python -m data.manifest
     assert ("run python -m data.manifest build" if install.CHECKOUT else "run risgd-manifest build") in hint()
     assert install.command("train.py") == ("python train.py" if install.CHECKOUT else "risgd-train")
+
+
+def test_every_installed_command_answers_help_from_any_directory(venv, tmp_path):
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        commands = tomllib.load(f)["project"]["scripts"]
+    assert "risgd-elastic" in commands
+    for name in commands:
+        proc = subprocess.run([os.path.join(venv, name), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env=_env())
+        assert proc.returncode == 0 and "usage:" in proc.stdout.lower(), (name, proc.stdout[-800:], proc.stderr[-1500:])
