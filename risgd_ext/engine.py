@@ -154,6 +154,9 @@ class RISGDEngineMixin:
         risgd = self.__dict__.get("risgd")  # absent on a partially built engine
         if risgd is not None:
             risgd.warn_unfinished("the engine is destroyed")
+            # an overlapped round's collective must not outlive its engine: once the engine is
+            # collected, destroy_process_group no longer sees it, and gloo aborts the process at exit
+            risgd.settle()
         return super().destroy()
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
