@@ -19,6 +19,7 @@ import numbers
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import yaml
@@ -102,8 +103,13 @@ def _is_number(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _flag(param: str, value: object) -> str:
+    """How the data commands name a parameter and its value: their flag (``--mu 0.9``)."""
+    return f"--{param.replace('_', '-')} {value}"
+
+
 def validate_manifest_params(workers: int, mu: float, partition: str, hetero_std: float = 0.0,
-                             mode: str = "risgd") -> None:
+                             mode: str = "risgd", spell: Callable[[str, object], str] = _flag) -> None:
     """Check the manifest parameters before any data work; raise DataError (one line) if one is bad.
 
     Needs no shards and no index, so the trainer can call it first. build_manifest calls this same
@@ -114,19 +120,21 @@ def validate_manifest_params(workers: int, mu: float, partition: str, hetero_std
       hetero_std  a finite number >= 0
       partition   iid | label_sorted | dirichlet:ALPHA with ALPHA > 0 (data.partition.parse_scheme),
                   checked in both modes
+    ``spell(param, value)`` names a parameter in the caller's words: the data commands' flags by
+    default (``--mu 0.9``); the trainer names its recipe keys and where they were written.
     """
     if mode not in MODES:
-        raise DataError(f"--mode {mode!r} is invalid: use risgd or coop")
+        raise DataError(f"{spell('mode', repr(mode))} is invalid: use risgd or coop")
     if not isinstance(workers, numbers.Integral) or isinstance(workers, bool) or workers < 1:
-        raise DataError(f"--workers {workers} is invalid: must be an integer >= 1 (the number of ranks p)")
+        raise DataError(f"{spell('workers', workers)} is invalid: must be an integer >= 1 (the number of ranks p)")
     hi = (workers - 1) / workers
     if mode == "risgd" and not (_is_number(mu) and -_EPS <= mu <= hi + _EPS):
         raise DataError(
-            f"--mu {mu} is out of range: must be in [0, {hi:g}] = [0, (p-1)/p] for --workers {workers}"
+            f"{spell('mu', mu)} is out of range: must be in [0, {hi:g}] = [0, (p-1)/p] for {spell('workers', workers)}"
         )
     if not (_is_number(hetero_std) and math.isfinite(hetero_std) and hetero_std >= 0):
-        raise DataError(f"--hetero-std {hetero_std} is invalid: must be a finite number >= 0")
-    parse_scheme(partition)
+        raise DataError(f"{spell('hetero_std', hetero_std)} is invalid: must be a finite number >= 0")
+    parse_scheme(partition, spelled=None if spell is _flag else spell("partition", partition))
 
 
 def steps_per_epoch(manifest: dict, base_batch: int) -> int:

@@ -21,11 +21,13 @@ def chunk_sizes(n: int, p: int) -> np.ndarray:
     return np.diff(bounds)
 
 
-def parse_scheme(scheme: str) -> tuple[str, float | None]:
+def parse_scheme(scheme: str, spelled: str | None = None) -> tuple[str, float | None]:
     """Parse a --partition spelling: ("iid", None), ("label_sorted", None) or ("dirichlet", ALPHA).
 
     The one parser of the spelling (the manifest validator uses it too); raises DataError (one
-    line) for anything else, including dirichlet:ALPHA with ALPHA <= 0 or not a number.
+    line) for anything else, including dirichlet:ALPHA with ALPHA <= 0 or not a number. ``spelled``
+    is how the caller's user wrote the value (default ``--partition 'VALUE'``, the data commands'
+    flag; the trainer passes its recipe key, e.g. ``the override data.partition=bogus``).
     """
     if isinstance(scheme, str):
         if scheme in ("iid", "label_sorted"):
@@ -38,7 +40,7 @@ def parse_scheme(scheme: str) -> tuple[str, float | None]:
             if 0 < alpha < float("inf"):
                 return "dirichlet", alpha
     raise DataError(
-        f"--partition {scheme!r} is invalid: use iid, label_sorted or dirichlet:ALPHA with ALPHA > 0"
+        f"{spelled or f'--partition {scheme!r}'} is invalid: use iid, label_sorted or dirichlet:ALPHA with ALPHA > 0"
     )
 
 

@@ -1,10 +1,24 @@
 """Compare runs: a table, and PNG plots like the RI-SGD paper's Figure 2.
 
     python -m recipes.compare runs/A runs/B ... [--out DIR]
+    python -m recipes.compare runs [--out DIR]          # a folder of runs: its finished runs
+
+Each argument is a run directory (``runs/NAME``) or a folder of them (``runs``): a folder stands for
+its finished runs (subdirectories with a summary.json, by name), and a note on stderr says how many
+it took and which unfinished ones (a config.yaml, no summary.json yet) it passed over.
 
 Plots test accuracy and training loss against iterations, communication rounds and wall-clock
-seconds (``DIR/vs_iterations.png``, ``vs_rounds.png``, ``vs_wall.png``); the legend names every
-run, one colour per experiment. Runs are seeds of one experiment when their saved configs
+seconds (``DIR/vs_iterations.png``, ``vs_rounds.png``, ``vs_wall.png``; DIR defaults to the first
+run's parent, i.e. the folder when a folder was given); every evaluation is a marker, so a run
+evaluated once is a point. The legend names every run, one colour per experiment.
+
+Runs whose curves on a panel are identical (the same x and y values) hide each other, the last drawn
+on top: the later ones' labels end with ``(same curve as RUN)``, RUN being the first drawn (the loss
+panel then gets a legend of its own), and a note on stderr per set of such runs names them and the
+panels, e.g. ``note: runs A and B draw identical curves (one hides the other): training loss vs
+iterations``.
+
+Runs are seeds of one experiment when their saved configs
 (``RUN/config.yaml``) differ in the seed only (and in operational keys: paths, logging, wandb); such
 runs are also averaged into one row (mean and spread over seeds). Runs of different experiments are
 never merged: where two share a label (e.g. 12 and 102 steps), their rows name the keys that differ.
@@ -31,6 +45,33 @@ X_AXES = (("step", "iterations", "vs_iterations.png"), ("comm_rounds", "communic
 # summary.json keys that describe the run's setting (a run without a config.yaml is grouped by these)
 SETTING_KEYS = ("algorithm", "tau", "mu", "batch_policy", "world_size", "steps", "node_size", "tau_intra",
                 "overlap", "compress", "outer_lr", "outer_momentum")
+
+
+def _is_run(path: str) -> bool:
+    """Whether ``path`` is a run directory, finished or not (the trainer writes config.yaml first)."""
+    return any(os.path.exists(os.path.join(path, f)) for f in ("summary.json", "config.yaml", "metrics.jsonl"))
+
+
+def expand(paths: list[str]) -> list[str]:
+    """The run directories that ``paths`` name: a run directory (finished or not) or a missing path as
+    it is, for :func:`load_run` to take or name; a folder of runs as its finished runs, sorted by name,
+    with a note on stderr. Raises FileNotFoundError for a folder that holds no finished run."""
+    out = []
+    for d in paths:
+        if not os.path.isdir(d) or _is_run(d):
+            out.append(d)
+            continue
+        subdirs = sorted(e.name for e in os.scandir(d) if e.is_dir())
+        finished = [s for s in subdirs if os.path.exists(os.path.join(d, s, "summary.json"))]
+        unfinished = [s for s in subdirs if s not in finished and _is_run(os.path.join(d, s))]
+        skipped = f"{len(unfinished)} unfinished: {', '.join(unfinished)}" if unfinished else ""
+        if not finished:
+            raise FileNotFoundError(f"{d} holds no finished run{f' ({skipped})' if skipped else ''}: give run "
+                                    "directories (runs/NAME) or a folder of them")
+        print(f"note: took {len(finished)} run{'s' if len(finished) > 1 else ''} from {d}"
+              + (f" (skipped {skipped})" if skipped else ""), file=sys.stderr)
+        out += [os.path.join(d, s) for s in finished]
+    return out
 
 
 def load_run(run_dir: str) -> dict:
@@ -124,59 +165,111 @@ def seed_table(runs: list[dict]) -> str | None:
     return "\n".join(lines)
 
 
+PANELS = (("test_acc", "test accuracy"), ("train_loss", "training loss"))
+
+
+def curve(run: dict, key: str, value: str) -> tuple[list, list]:
+    """A run's points on one panel: x (``key``) and y (``value``) of the metrics lines that have ``value``."""
+    points = [m for m in run["metrics"] if m.get(value) is not None]
+    return [m[key] for m in points], [m[value] for m in points]
+
+
+def same_curves(curves: list[tuple[list, list]]) -> list[list[int]]:
+    """The indices of curves identical to another (the same x and y values), in sets of two or more in
+    order; empty curves draw nothing and hide nothing."""
+    sets: dict[tuple, list[int]] = {}
+    for i, (x, y) in enumerate(curves):
+        if x:
+            sets.setdefault((tuple(x), tuple(y)), []).append(i)
+    return [members for members in sets.values() if len(members) > 1]
+
+
+def _names(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def figure(runs: list[dict], key: str, xlabel: str):
+    """One of :func:`plot`'s figures: test accuracy and training loss against ``key``. Returns the
+    figure and its identical curves as (panel, run names in drawing order): the last drawn of a set
+    hides the others, and every one after the first is labelled ``(same curve as FIRST)``."""
+    import matplotlib.pyplot as plt
+
+    # One colour per experiment (group); its seeds share it, with line styles of their own. Every line
+    # is named in the legend by its run directory.
+    groups = group(runs)
+    drawn, looks, labels = [], [], []
+    for i, (name, members) in enumerate(groups):
+        for nth, r in enumerate(members):
+            run = os.path.basename(r["dir"].rstrip("/"))
+            drawn.append(run)
+            looks.append({"color": plt.get_cmap("tab10")(i % 10), "linestyle": ("-", "--", ":", "-.")[nth % 4]})
+            labels.append(f"{run} ({name})")
+    ordered = [r for _, members in groups for r in members]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    same = []
+    for ax, (value, title) in zip(axes, PANELS):
+        curves = [curve(r, key, value) for r in ordered]
+        suffix = {}
+        for members in same_curves(curves):
+            same.append((title, [drawn[i] for i in members]))
+            suffix.update({i: f" (same curve as {drawn[members[0]]})" for i in members[1:]})
+        for i, (x, y) in enumerate(curves):  # a marker at every evaluation: one evaluation is a point
+            ax.plot(x, y, marker=".", label=labels[i] + suffix.get(i, ""), **looks[i])
+        ax.set(xlabel=xlabel, ylabel="test accuracy (%)" if value == "test_acc" else title,
+               title=f"{title} vs {xlabel}")
+        if value == "train_loss":
+            ax.set_yscale("log")
+        if key == "comm_rounds":  # SyncSGD has ~tau times more rounds: a log axis shows both
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        if value == "test_acc":
+            ax.legend(fontsize=7, title="colour: experiment, line style: its seeds" if len(runs) > len(groups)
+                      else None, title_fontsize=7)
+        elif suffix:  # the accuracy legend does not say which loss curves coincide
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig, same
+
+
 def plot(runs: list[dict], out_dir: str) -> list[str]:
+    """Writes the PNGs (:data:`X_AXES`) to ``out_dir`` and returns their paths; notes on stderr name
+    runs whose curves are identical (one hides the other), one line per set of runs."""
     matplotlib = need("matplotlib", "plotting (--no-plots skips it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    # One colour per experiment (group); its seeds share it, with line styles of their own. Every line
-    # is named in the legend by its run directory.
-    groups = group(runs)
-    colour, style = {}, {}
-    for i, (_, members) in enumerate(groups):
-        for nth, r in enumerate(members):
-            colour[id(r)], style[id(r)] = plt.get_cmap("tab10")(i % 10), ("-", "--", ":", "-.")[nth % 4]
     paths = []
+    hidden: dict[tuple[str, ...], dict[str, list[str]]] = {}  # run names -> panel -> x axes
     for key, xlabel, filename in X_AXES:
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, members in groups:
-            for r in members:
-                run = os.path.basename(r["dir"].rstrip("/"))
-                look = {"color": colour[id(r)], "linestyle": style[id(r)]}
-                points = [m for m in r["metrics"] if m.get("test_acc") is not None]
-                ax_acc.plot([m[key] for m in points], [m["test_acc"] for m in points], marker=".",
-                            label=f"{run} ({name})", **look)
-                ax_loss.plot([m[key] for m in r["metrics"]], [m["train_loss"] for m in r["metrics"]], **look)
-        ax_acc.set(xlabel=xlabel, ylabel="test accuracy (%)", title=f"test accuracy vs {xlabel}")
-        ax_loss.set(xlabel=xlabel, ylabel="training loss", title=f"training loss vs {xlabel}", yscale="log")
-        if key == "comm_rounds":  # SyncSGD has ~tau times more rounds: a log axis shows both
-            ax_acc.set_xscale("log")
-            ax_loss.set_xscale("log")
-        for ax in (ax_acc, ax_loss):
-            ax.grid(alpha=0.3)
-        ax_acc.legend(fontsize=7, title="colour: experiment, line style: its seeds" if len(runs) > len(groups)
-                      else None, title_fontsize=7)
-        fig.tight_layout()
+        fig, same = figure(runs, key, xlabel)
+        for title, names in same:
+            hidden.setdefault(tuple(names), {}).setdefault(title, []).append(xlabel)
         path = os.path.join(out_dir, filename)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    for names, panels in hidden.items():
+        hides = "one hides the other" if len(names) == 2 else "the last drawn hides the others"
+        where = "; ".join(f"{title} vs {', '.join(xlabels)}" for title, xlabels in panels.items())
+        print(f"note: runs {_names(list(names))} draw identical curves ({hides}): {where}", file=sys.stderr)
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
-    parser.add_argument("--out", help="where the PNGs go (default: the runs' parent directory)")
+    parser.add_argument("runs", nargs="+", help="run directories (runs/NAME), or folders of them (runs)")
+    parser.add_argument("--out", help="where the PNGs go (default: the first run's parent directory: the folder, "
+                                      "for a folder of runs)")
     parser.add_argument("--no-plots", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     try:
+        run_dirs = expand(args.runs)
         seen: dict[str, str] = {}
-        for d in args.runs:  # a run named twice (overlapping globs) is one run, not two seeds
+        for d in run_dirs:  # a run named twice (overlapping globs, a folder and one of its runs) is one run
             seen.setdefault(os.path.realpath(d), d)
-        if len(seen) < len(args.runs):
-            print(f"note: {len(args.runs) - len(seen)} run director(ies) given twice, counted once", file=sys.stderr)
+        if len(seen) < len(run_dirs):
+            print(f"note: {len(run_dirs) - len(seen)} run director(ies) given twice, counted once", file=sys.stderr)
         runs = [load_run(d) for d in seen.values()]
     except FileNotFoundError as e:  # bad input: a directory that holds no finished run
         print(f"error: {e}", file=sys.stderr)
@@ -187,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(per_seed)
     if not args.no_plots:
-        out = args.out or os.path.dirname(os.path.abspath(args.runs[0].rstrip("/")))
+        out = args.out or os.path.dirname(os.path.abspath(runs[0]["dir"].rstrip("/")))
         try:
             paths = plot(runs, out)
         except MissingExtra as e:

@@ -79,6 +79,8 @@ SCHEMA: dict[str, Any] = {
         "hetero_std": 0.0,          # with data.manifest: the manifest's
         "batch_policy": "per_chunk",
         "base_batch": 32,
+        "global_batch": None,       # the global batch the recipe was tuned for (lr, schedule); null: not stated.
+                                    # The trainer warns when the batch policy gives one > 1.25x off it.
         "eval_batch": 256,
         "num_workers": 0,
         "image_size": None,
@@ -104,7 +106,7 @@ SCHEMA: dict[str, Any] = {
 # they are looked at. Every other key defines the experiment.
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
-               "data.verify", "elastic.min_workers", "elastic.min_coverage")
+               "data.verify", "data.global_batch", "elastic.min_workers", "elastic.min_coverage")
 # The node level, overlap, the outer step and compression: written into the 'risgd' block only when set (a
 # flat run's block is unchanged by keys added after it).
 NODE_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["recipe"] == "when_set")
@@ -200,6 +202,10 @@ def validate(cfg: dict) -> None:
                           "network.target_comm_share in (0, 1)")
     if cfg["data"]["base_batch"] < 1:
         raise RecipeError("data.base_batch must be >= 1")
+    stated = cfg["data"]["global_batch"]
+    if stated is not None and (not isinstance(stated, int) or isinstance(stated, bool) or stated < 1):
+        raise RecipeError(f"data.global_batch must be null (not stated) or the positive global batch the recipe was "
+                          f"tuned for, got {stated!r}")
     max_side = cfg["data"]["max_side"]
     if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < 1):
         raise RecipeError(f"data.max_side must be null (any shards) or the positive --max-side the shards were made "
@@ -225,7 +231,8 @@ def validate(cfg: dict) -> None:
         raise RecipeError(f"precision must be fp32 or bf16 (or null: as the ds_config says), got {cfg['precision']!r}")
 
 
-def _read_raw(path: str, overrides: list[str] | tuple[str, ...]) -> dict:
+def _read_file(path: str) -> dict:
+    """The recipe file's own mapping (no defaults, no overrides)."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
@@ -236,9 +243,45 @@ def _read_raw(path: str, overrides: list[str] | tuple[str, ...]) -> dict:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path} must be a YAML mapping of keys")
     raw.pop("recipe", None)  # a saved config.yaml can be run again as a recipe
+    return raw
+
+
+def _read_raw(path: str, overrides: list[str] | tuple[str, ...]) -> dict:
+    raw = _read_file(path)
     for item in overrides:
         apply_override(raw, item)
     return raw
+
+
+class Origins:
+    """Where a recipe key's value was written, to name it in a message as the user wrote it: the
+    override on the command line (``the override mu=2``), the recipe file (``mu: 0.25 in
+    recipes/cifar10_resnet44.yaml``) or the schema's default (``mu=0.0, the default``)."""
+
+    def __init__(self, path: str, overrides: list[str] | tuple[str, ...]):
+        rel = os.path.relpath(path)
+        self.path = os.path.abspath(path) if rel.startswith("..") else rel  # a bundled recipe: where it is
+        self.overrides = list(overrides)
+        self.file = _read_file(path)
+
+    def override(self, key: str) -> str | None:
+        """The last override that sets ``key`` (the one that wins), or None."""
+        for item in reversed(self.overrides):
+            if item.split("=", 1)[0].strip() == key:
+                return item
+        return None
+
+    def typed(self, key: str) -> bool:
+        """Whether the user typed ``key`` on the command line."""
+        return self.override(key) is not None
+
+    def spell(self, key: str, value: Any) -> str:
+        item = self.override(key)
+        if item is not None:
+            return f"the override {item}"
+        if _given(self.file, key):
+            return f"{key}: {value} in {self.path}"
+        return f"{key}={value} (the default)"
 
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -263,6 +306,7 @@ class Run:
     name: str
     run_dir: str
     finished: bool                # the run directory holds this experiment, finished
+    origins: Origins | None = None  # where each key was written (for messages in the user's words)
 
     def is_average_step(self, step: int) -> bool:
         return self.schedule is None or self.schedule.is_average_step(step)
@@ -518,9 +562,71 @@ def check_max_side(data: dict) -> None:
                           f"{remake}")
 
 
+def _recipe_spelling(origins: Origins, cfg: dict, world_size: int, node_size: int):
+    """The redundancy validator's parameters (risgd_data.manifest.validate_manifest_params) named as
+    the trainer's user wrote them: recipe keys and where they were set, the launch's workers."""
+    keys = {"mu": "mu", "partition": "data.partition", "hetero_std": "data.hetero_std"}
+
+    def spell(param: str, value: Any) -> str:
+        if param == "workers":
+            if cfg["elastic"]["workers"]:
+                return f"p={value} workers ({origins.spell('elastic.workers', value)})"
+            ranks = f"this launch's {world_size} rank{'s' if world_size != 1 else ''}"
+            ranks += f" in nodes of node_size={node_size}" if node_size > 1 else ""
+            return f"p={value} worker{'s' if value != 1 else ''} ({ranks}): lower mu or launch more ranks"
+        if param in keys:
+            return origins.spell(keys[param], value)
+        return f"{param}={value}"
+
+    return spell
+
+
+# Datasets whose shards the trainer makes at start from data.src, and the kind of path data.src is.
+SOURCE_KINDS = {"cifar10": "file", "cifar100": "file", "imagefolder": "directory", "imagenet": "directory"}
+
+
+def check_shards_source(data: dict, origins: Origins) -> None:
+    """Where the shards come from, checked by the trainer before any process group (not by
+    :func:`resolve_run`, which plans runs on machines without their data): a ``data.shards`` without
+    index.json is where the trainer makes them at start (digits: embedded; else from ``data.src``).
+    A path typed on the command line whose parent does not exist is refused (a typo would otherwise
+    be created, parents and all, and trained on); the recipe's own path is made with its parents
+    (the bundled ``shards/digits`` on a fresh clone). A missing or wrong ``data.src`` is named as
+    the recipe key it is, not as the make_shards flag behind it."""
+    shards = data["shards"]
+    if os.path.exists(os.path.join(shards, "index.json")):
+        return
+    where = origins.spell("data.shards", shards)
+    if os.path.exists(shards) and not os.path.isdir(shards):
+        raise RecipeError(f"{where} is a file, not a shard directory: point data.shards at a directory of shards "
+                          "(one with index.json)")
+    parent = os.path.dirname(os.path.abspath(shards))
+    if origins.typed("data.shards") and not os.path.isdir(parent):
+        raise RecipeError(f"{where}: no shards there and its parent {os.path.relpath(parent)} does not exist: fix "
+                          f"the path to a directory of shards (one with index.json), or create "
+                          f"{os.path.relpath(parent)} first to have the shards made there at start")
+    kind = SOURCE_KINDS.get(data["dataset"])
+    if kind is None:  # digits: embedded, made from nothing
+        return
+    src = data["src"]
+    ok = src is not None and (os.path.isfile(src) if kind == "file" else os.path.isdir(src))
+    if not ok:
+        what = "is not set" if src is None else f"is not a {kind}"
+        src_words = "data.src" if src is None else origins.spell("data.src", src)
+        raise RecipeError(f"{where} holds no shards (no index.json there), and {src_words}, from which they would "
+                          f"be made at start, {what}: point data.shards at shards made by make_shards, or set "
+                          f"data.src to the {data['dataset']} source ({SOURCE_HINTS[data['dataset']]})")
+
+
+SOURCE_HINTS = {"cifar10": "the official cifar-10-python.tar.gz", "cifar100": "the official cifar-100-python.tar.gz",
+                "imagefolder": "a root of CLASS/IMAGE directories", "imagenet": "the ILSVRC-2012 root with train/ "
+                "and val/"}
+
+
 def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: int) -> Run:
     """The whole launch, resolved and checked (see the module docstring)."""
     raw = _read_raw(path, overrides)
+    origins = Origins(path, overrides)
     cfg = _merge(SCHEMA, raw)
     manifest = None
     node_size = cfg["node_size"]
@@ -543,7 +649,7 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
         if manifest is None:
             mode = "coop" if cfg["algorithm"] == "coop" else "risgd"
             validate_manifest_params(workers, cfg["mu"], cfg["data"]["partition"], cfg["data"]["hetero_std"],
-                                     mode)
+                                     mode, spell=_recipe_spelling(origins, cfg, world_size, node_size))
     except DataError as e:
         raise RecipeError(str(e)) from None
     try:
@@ -561,5 +667,6 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
         raise RecipeError(f"steps={steps} ends inside a round (warmup_sync_steps={schedule.warmup_sync_steps}, "
                           f"tau={schedule.tau}): the final model would not be an average; use steps={below} or "
                           f"steps={above}")
+    run.origins = origins
     run.finished = check_same_experiment(run.run_dir, cfg)
     return run

@@ -35,11 +35,11 @@ from tqdm import tqdm
 import risgd_ext
 from risgd_common.atomic import write_text_atomic
 from risgd_common.hashing import sha256_tensors
-from risgd_common.install import MissingExtra, need
+from risgd_common.install import MissingExtra, command, need
 from risgd_recipes import elastic
 from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
 from risgd_recipes.bundled import bundled_recipe, recipe_names
-from risgd_recipes.config import RecipeError, Run, check_same_manifest, resolve_run
+from risgd_recipes.config import RecipeError, Run, check_same_manifest, check_shards_source, resolve_run
 from risgd_recipes.elastic_launch import STOP_FILE_ENV
 from risgd_recipes.evaluation import evaluate
 from risgd_recipes.schedule import lr_factor
@@ -133,10 +133,16 @@ def make_shards_if_missing(cfg: dict) -> None:
 
     data = cfg["data"]
     if not os.path.exists(os.path.join(data["shards"], "index.json")):
+        source = "the embedded dataset" if data["src"] is None else f"data.src={data['src']}"
+        print(f"making {data['dataset']} shards in {os.path.abspath(data['shards'])} from {source} (data.shards has "
+              "no index.json; later runs reuse them)", file=sys.stderr, flush=True)
         try:
             make_shards(data["dataset"], data["shards"], src=data["src"], seed=0, progress=False)
         except MissingExtra as e:  # agreed by every rank like any bad input
             raise DataError(str(e)) from None
+        except DataError as e:  # the source's own problem, named as the recipe keys that lead to it
+            raise DataError(f"making shards in data.shards={data['shards']} from data.src={data['src']}: {e}") \
+                from None
 
 
 def load_data(run: Run, rank: int) -> tuple[dict, dict, int, str]:
@@ -188,6 +194,54 @@ def cost_advice(cfg: dict, stats: dict) -> dict:
     return advise(stats, net["bandwidth_gbit"], net["latency_us"] / 1e6, net["target_comm_share"], cfg["tau"])
 
 
+# -- what a run says ------------------------------------------------------------------------------
+
+BATCH_TOLERANCE = 1.25  # a global batch this factor off the recipe's data.global_batch is warned about
+
+
+def batch_lines(run: Run, manifest: dict, worker: int, per_rank: list[int]) -> list[str]:
+    """The line saying the per-rank and global batch the batch policy gives, and a warning when the
+    global batch is more than :data:`BATCH_TOLERANCE` off the recipe's stated ``data.global_batch``."""
+    data = run.cfg["data"]
+    total, lo, hi = sum(per_rank), min(per_rank), max(per_rank)
+    chunks = [len(r["chunks"]) for r in manifest["ranks"]]
+    held = f"{min(chunks)}" if min(chunks) == max(chunks) else f"{min(chunks)}-{max(chunks)}"
+    rank_words = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    if data["batch_policy"] == "per_chunk":
+        how = f"per_chunk: data.base_batch {data['base_batch']} from each of the {held} chunk(s) a worker holds"
+    else:
+        how = f"split: data.base_batch {data['base_batch']} per worker, shared among its chunks"
+    lines = [f"batch: {rank_words} images per rank per step ({how}), global {total} over {run.world_size} "
+             f"rank(s)"]
+    stated = data["global_batch"]
+    if stated and not 1 / BATCH_TOLERANCE <= total / stated <= BATCH_TOLERANCE:
+        fix = ("data.batch_policy=split keeps a worker's batch at data.base_batch whatever mu"
+               if data["batch_policy"] == "per_chunk" else "data.base_batch sets it")
+        lines.append(f"warning: the global batch {total} is {total / stated:.2g}x the recipe's data.global_batch "
+                     f"{stated} (the lr and schedule were set for that): {fix}; or scale optimizer.lr, or set "
+                     f"data.global_batch={total} if this batch is meant")
+    return lines
+
+
+def finished_lines(run: Run, summary: dict) -> str:
+    """Rank 0's last words on a finished run: where it went, how it did, how to compare it, and the
+    cost model's advice in one sentence (all of it in ``summary.json``)."""
+    acc = summary.get("final_test_acc")
+    acc_words = ("no evaluation" if acc is None
+                 else f"final test accuracy {acc:.2f}% (best {summary['best_test_acc']:.2f}%)")
+    lines = [f"done: {run.run_dir}: {summary['steps']} steps, {summary['comm_rounds']} communication rounds in "
+             f"{summary['wall_seconds']:.0f} s; {acc_words}",
+             f"  compare it with others: {command('recipes.compare')} {run.run_dir} OTHER_RUN ...  (or the folder "
+             f"{os.path.dirname(run.run_dir) or '.'})"]
+    advice = summary.get("cost_model") or {}
+    if "recommended_tau" in advice and advice.get("bandwidth_gbit"):
+        lines.append(f"  cost model (summary.json key cost_model): at {advice['bandwidth_gbit']:.3g} Gbit/s "
+                     f"({advice['bandwidth_source']}), communication is {advice['risgd_comm_share']:.0%} of a step at "
+                     f"tau={advice['tau']}; tau >= {advice['recommended_tau']} keeps it under "
+                     f"{run.cfg['network']['target_comm_share']:.0%}")
+    return "\n".join(lines)
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 _INTERRUPTED: list[int] = []  # the signal that stopped this process (Ctrl-C, the launcher's SIGTERM)
@@ -221,6 +275,35 @@ def refuse(error: Exception, speak: bool) -> int:
     return 2
 
 
+def lost_peer(error: BaseException, runs: list[Run]) -> bool:
+    """Whether ``error`` is an elastic run's collective failing because a peer is gone (a killed or
+    silent node): the event an elastic run handles by torchrun restarting the survivors. Anything
+    else keeps its traceback."""
+    if not any(run.elastic for run in runs) or not dist.is_initialized():
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(w in text for w in LOST_PEER_WORDS)
+
+
+# what gloo (and NCCL) say when a peer of a collective is gone or silent
+LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "gloo",
+                   "NCCL", "Broken pipe")
+
+
+def lost_peer_line(error: BaseException, runs: list[Run]) -> str:
+    """One line for a lost peer: what the backend said (its first line, without the C++ frames) and
+    where the run goes on."""
+    said = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    run = next(run for run in runs if run.elastic)
+    latest = os.path.join(run.run_dir, "checkpoints", "latest")
+    tag = open(latest).read().strip() if os.path.exists(latest) else None
+    where = f"checkpoint {tag}" if tag else "the start (no checkpoint yet)"
+    return (f"elastic: a peer of this rank's collective is gone ({type(error).__name__}: {said[:200]}); this worker "
+            f"exits for torchrun to restart the survivors from {where} of {run.run_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -241,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             check_model(run.cfg["model"]["name"])
             check_extras(run.cfg)
+            if not run.elastic and not run.finished:  # an elastic run trains on its nodes' replicas
+                check_shards_source(run.cfg["data"], run.origins)
             if run.finished and first:
                 print(f"{run.run_dir} is finished (summary.json): nothing to do; pick a new run_name= to train "
                       "again", file=sys.stderr)
@@ -262,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, KeyboardInterrupt) and not _INTERRUPTED:  # another handler turned the signal into it
             _INTERRUPTED.append(signal.SIGINT)
         if not _INTERRUPTED:
+            if lost_peer(e, runs):  # handled: torchrun restarts the survivors; one line, no traceback
+                print(lost_peer_line(e, runs), file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(1)  # no teardown: the group is broken, destroying it would wait or fail loudly
             raise
         if first:
             print(interrupted_line(runs), file=sys.stderr, flush=True)
@@ -350,6 +439,11 @@ def train(run: Run) -> None:
                                transform=transform, seed=cfg["seed"], start_step=start,
                                num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
                                decode=data["decode"], device=device)  # gpu: batches come decoded on the device
+    batches_of: list = [None] * run.world_size  # what each rank draws per step under the batch policy
+    dist.all_gather_object(batches_of, loader.batch_size)
+    if rank == 0 and start == 0:
+        for line in batch_lines(run, manifest, worker, batches_of):
+            print(line, file=sys.stderr, flush=True)
     eval_loader = make_eval_loader(shard_dir, data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))
     fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
@@ -406,8 +500,6 @@ def train(run: Run) -> None:
                     coverage[live] = live_coverage(manifest, index, live)
                 metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
-                if last_eval == 0:  # the first measurement is enough to advise on tau
-                    tqdm.write(f"cost model: {json.dumps(cost_advice(cfg, stats))}")
             tracker.log(metrics)
             last, last_eval = metrics, step
         every = cfg["checkpoint_every"]
@@ -441,9 +533,9 @@ def train(run: Run) -> None:
             if membership.history else 0.0
         summary.update(membership.summary(tracker.events(), per_step), elastic_workers=manifest["workers"],
                        live_workers=membership.workers)
-    if rank == 0:
-        print(f"cost model: {json.dumps(summary['cost_model'])}", flush=True)
     tracker.finish(summary)
+    if rank == 0:
+        print(finished_lines(run, summary), flush=True)
     dist.barrier()
 
 

@@ -55,6 +55,10 @@ def test_a_killed_node_leaves_the_run_to_the_survivors(replicas, tmp_path):
                 kill_node(a)
     logs = "".join(open(os.path.join(tmp_path, f"agent{k}.log")).read()[-3000:] for k in range(2))
     assert killed_at is not None and [a.returncode for a in agents[:2]] == [0, 0], logs
+    for k in range(2):  # a handled event is one line on each survivor: no traceback, no C++ frames
+        survivor = open(os.path.join(tmp_path, f"agent{k}.log")).read()
+        assert "Traceback" not in survivor and "frame #" not in survivor, survivor[-4000:]
+        assert survivor.count("elastic: a peer of this rank's collective is gone") == 1, survivor[-4000:]
     rows = _rows(run_dir)
     events = [r for r in rows if r.get("event") == "membership"]
     assert [e["live_workers"] for e in events] == [[0, 1, 2], [0, 1]]

@@ -13,8 +13,9 @@ import yaml
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest, write_manifest
 from risgd_ext.config import RISGDConfig, parse_block
-from risgd_recipes.config import SCHEMA, RecipeError, experiment_diff, load_recipe, resolve_run
+from risgd_recipes.config import SCHEMA, RecipeError, check_shards_source, experiment_diff, load_recipe, resolve_run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = "recipes/digits.yaml"
 
 
@@ -65,7 +66,7 @@ def test_the_ds_config_is_built_once_with_the_risgd_block(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["mu=0.9"], "--mu 0.9 is out of range"),                  # p=4: mu <= 0.75
+    (["mu=0.9"], "the override mu=0.9 is out of range"),     # p=4: mu <= 0.75
     (["data.partition=bogus"], "bogus"),
     (["data.hetero_std=-1"], "hetero"),
 ])
@@ -82,7 +83,7 @@ def test_train_stops_on_a_bad_recipe_before_the_process_group(tmp_path, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
     assert train.main(["--recipe", RECIPE, "mu=0.9", f"data.shards={tmp_path}/none", f"runs_dir={tmp_path}"]) == 2
-    assert "--mu 0.9 is out of range" in capsys.readouterr().err
+    assert "the override mu=0.9 is out of range" in capsys.readouterr().err
     assert not dist.is_initialized() and not os.path.exists(tmp_path / "none")
     monkeypatch.setenv("RANK", "3")  # the same error on another rank: rank 0 alone says it
     assert train.main(["--recipe", RECIPE, "mu=0.9", f"runs_dir={tmp_path}"]) == 2
@@ -196,3 +197,63 @@ def test_data_max_side_must_match_the_shards_record(tmp_path, digits_dir, monkey
     assert train.main(["--recipe", RECIPE, f"data.shards={sized}", "data.max_side=256", f"runs_dir={tmp_path}"]) == 2
     assert "records max_side 128: set data.max_side=128" in capsys.readouterr().err
     assert not dist.is_initialized()
+
+
+def test_messages_name_what_the_user_wrote(tmp_path):
+    """Issue 33 item 2: a redundancy error names the recipe key as the user wrote it (the override, or
+    the recipe file's key and its path), never the make_shards/manifest flags behind it."""
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, "mu=2", world_size=2)
+    assert str(e.value) == ("the override mu=2 is out of range: must be in [0, 0.5] = [0, (p-1)/p] for p=2 workers "
+                            "(this launch's 2 ranks): lower mu or launch more ranks")
+    with pytest.raises(RecipeError) as e:  # no mu typed: the recipe file's own mu, one rank
+        resolve_run("recipes/cifar10_resnet44.yaml", [f"runs_dir={tmp_path}", "steps=100"], 1)
+    assert str(e.value).startswith("mu: 0.25 in recipes/cifar10_resnet44.yaml is out of range: must be in [0, 0]")
+    assert "for p=1 worker (this launch's 1 rank)" in str(e.value) and "--" not in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, "data.partition=bogus")
+    assert str(e.value).startswith("the override data.partition=bogus is invalid: use iid, label_sorted")
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, "data.hetero_std=-1")
+    assert str(e.value).startswith("the override data.hetero_std=-1 is invalid")
+
+
+def test_where_the_shards_come_from_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """Issue 33 item 1: a typed data.shards whose parent does not exist is refused in one line and
+    nothing is created; a CIFAR run without shards names data.src and data.shards, not --src."""
+    monkeypatch.chdir(tmp_path)
+    cifar = os.path.join(ROOT, "recipes", "cifar10_resnet44.yaml")
+    digits = os.path.join(ROOT, RECIPE)
+
+    def check(recipe, *overrides, world_size=4):
+        run = resolve_run(recipe, [f"runs_dir={tmp_path}/runs", *overrides], world_size)
+        check_shards_source(run.cfg["data"], run.origins)
+        return run
+
+    with pytest.raises(RecipeError) as e:
+        check(digits, "data.shards=mistyped/dir/shards")
+    assert str(e.value) == ("the override data.shards=mistyped/dir/shards: no shards there and its parent "
+                            "mistyped/dir does not exist: fix the path to a directory of shards (one with index.json), "
+                            "or create mistyped/dir first to have the shards made there at start")
+    with pytest.raises(RecipeError) as e:
+        check(cifar, "algorithm=sync", "mu=0", "data.shards=fresh", world_size=1)
+    assert str(e.value).startswith(f"the override data.shards=fresh holds no shards (no index.json there), and "
+                                   f"data.src: cifar-10-python.tar.gz in {cifar}, from which they would be made at "
+                                   "start, is not a file: point data.shards at shards made by make_shards, or set "
+                                   "data.src to the cifar10 source")
+    with pytest.raises(RecipeError, match="and data.src, from which they would be made at start, is not set"):
+        check(cifar, "algorithm=sync", "mu=0", "data.shards=fresh", "data.src=null", world_size=1)
+    # the recipe's own path is made with its parents (the bundled shards/digits on a fresh clone)
+    assert check(digits).cfg["data"]["shards"] == "shards/digits"
+    # a typed path whose parent exists is where the digits shards are made at start
+    assert check(digits, "data.shards=new").cfg["data"]["shards"] == "new"
+    assert os.listdir(tmp_path) == []  # nothing was created by any of it
+    import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert train.main(["--recipe", cifar, "data.shards=mistyped/dir2", "steps=100", "algorithm=sync", "mu=0",
+                       f"runs_dir={tmp_path}/runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: the override data.shards=mistyped/dir2: no shards there")
+    assert not dist.is_initialized() and os.listdir(tmp_path) == []

@@ -40,11 +40,53 @@ def runs(tmp_path_factory, digits_dir):
     runs_dir = tmp_path_factory.mktemp("runs")
     plan = runs_dir / "plan.yaml"
     plan.write_text(yaml.safe_dump([[f"algorithm={a}", f"mu={mu}", f"run_name={a}"] for a, mu in ALGORITHMS.items()]))
+    # shards made at start in a new directory (the same bytes as digits_dir's: make_shards is deterministic);
+    # data.global_batch=64 is SyncSGD's 2 x 32, which RI-SGD mu=0.5's per_chunk batch doubles
     proc = launch(["--plan", str(plan), f"steps={STEPS}", f"tau={TAU}", f"eval_every={EVAL}",
-                   f"checkpoint_every={EVAL}", f"data.shards={digits_dir}", f"runs_dir={runs_dir}",
-                   "wandb.mode=offline"], env_extra={"WANDB_API_KEY": FAKE_KEY})
+                   f"checkpoint_every={EVAL}", f"data.shards={runs_dir}/shards", f"runs_dir={runs_dir}",
+                   "wandb.mode=offline", "data.global_batch=64"], env_extra={"WANDB_API_KEY": FAKE_KEY})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (runs_dir / "launch.log").write_text(proc.stdout + proc.stderr)
     return {a: os.path.join(runs_dir, a) for a in ALGORITHMS}
+
+
+def test_a_run_says_what_it_does_and_where_it_went(runs):
+    """Issue 33 items 1, 3 and 6: the shards made at start are announced with their path; each run
+    prints its per-rank and global batch at start, a warning when the global batch is off the recipe's
+    data.global_batch, and at the end one line with its directory and accuracy, how to compare it, and
+    the cost model in words (no dictionary printed)."""
+    runs_dir = os.path.dirname(runs["sync"])
+    with open(os.path.join(runs_dir, "launch.log")) as f:
+        log = f.read()
+    lines = [line.split(": ", 1)[1] if line.startswith("[rank") else line for line in log.splitlines()]
+    made = [line for line in lines if line.startswith("making digits shards in ")]
+    assert made == [f"making digits shards in {runs_dir}/shards from the embedded dataset (data.shards has no "
+                    "index.json; later runs reuse them)"]
+    batches = [line for line in lines if line.startswith("batch: ")]
+    assert batches == [
+        "batch: 32 images per rank per step (per_chunk: data.base_batch 32 from each of the 1 chunk(s) a worker "
+        "holds), global 64 over 2 rank(s)",  # sync
+        "batch: 32 images per rank per step (per_chunk: data.base_batch 32 from each of the 1 chunk(s) a worker "
+        "holds), global 64 over 2 rank(s)",  # prsgd
+        "batch: 64 images per rank per step (per_chunk: data.base_batch 32 from each of the 2 chunk(s) a worker "
+        "holds), global 128 over 2 rank(s)",  # risgd mu=0.5
+        "batch: 32 images per rank per step (per_chunk: data.base_batch 32 from each of the 1 chunk(s) a worker "
+        "holds), global 64 over 2 rank(s)",  # coop
+    ], batches
+    warnings = [line for line in lines if line.startswith("warning: the global batch")]
+    assert warnings == ["warning: the global batch 128 is 2x the recipe's data.global_batch 64 (the lr and schedule "
+                        "were set for that): data.batch_policy=split keeps a worker's batch at data.base_batch "
+                        "whatever mu; or scale optimizer.lr, or set data.global_batch=128 if this batch is meant"]
+    for name in ALGORITHMS:
+        with open(os.path.join(runs[name], "summary.json")) as f:
+            summary = json.load(f)
+        done = [i for i, line in enumerate(lines) if line.startswith(f"done: {runs[name]}: {STEPS} steps, ")]
+        assert len(done) == 1, log[-3000:]
+        assert lines[done[0]].endswith(f"final test accuracy {summary['final_test_acc']:.2f}% "
+                                       f"(best {summary['best_test_acc']:.2f}%)")
+        assert lines[done[0] + 1].startswith(f"  compare it with others: python -m recipes.compare {runs[name]} ")
+    assert "cost model: {" not in log
+    assert sum(line.startswith("  cost model (summary.json key cost_model): at ") for line in lines) >= 3
 
 
 def test_a_plan_run_equals_a_launch_of_its_own(runs, digits_dir, tmp_path):
@@ -64,7 +106,7 @@ def test_a_plan_is_checked_whole_before_any_work(tmp_path, digits_dir):
                                                                             "run_name=b"]]))
     proc = launch(["--plan", str(plan), "steps=10", "tau=5", f"data.shards={digits_dir}", f"runs_dir={tmp_path}",
                    "wandb.enabled=false"])
-    assert proc.returncode == 2 and "--mu 0.9 is out of range" in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "the override mu=0.9 is out of range" in proc.stdout + proc.stderr
     assert not os.path.exists(tmp_path / "a")  # the valid first run was not trained either
 
 
@@ -135,6 +177,7 @@ def test_compare_prints_table_and_writes_plots(runs, tmp_path, capsys):
 
 
 def test_compare_refuses_an_unfinished_run(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("seed: 0\n")  # a run directory the trainer started
     assert compare.main([str(tmp_path)]) == 2
     assert "summary.json is missing" in capsys.readouterr().err
 
@@ -149,9 +192,10 @@ def test_compare_refuses_an_unfinished_run(tmp_path, capsys):
     (["eval_every=-1"], "eval_every=-1 must be >= 0"),
     (["tau=0"], "risgd.tau must be an int >= 1, got 0"),
     (["steps=1010"], "steps=1010 ends inside a round"),
-    (["mu=0.9"], "--mu 0.9 is out of range"),
+    (["mu=0.9"], "the override mu=0.9 is out of range"),
     (["epochs=3"], "set exactly one of 'steps' and 'epochs'"),
     (["data.batch_policy=half"], "data.batch_policy must be per_chunk or split"),
+    (["data.global_batch=0"], "data.global_batch must be null (not stated) or the positive global batch"),
     (["tau"], "override 'tau' must look like key=value"),
 ])
 def test_recipe_errors(overrides, words, tmp_path):
