@@ -27,10 +27,23 @@ hierarchical round averages the parameters every ``--tau`` steps (``hierarchical
 With ``--overlap`` a round's cross-node all-reduce runs behind the next ``--overlap-delay D``
 local steps (default tau) and only what D steps of compute do not hide is waited for
 (``exposed_seconds``; the round's intra-node phases block, as in the engine). These flags add a
-``hierarchical/overlapped:`` section after the flat lines:
+``hierarchical/overlapped:`` section after the flat lines, which ends with ``hier_recommended_tau``:
+the smallest tau whose ``hier_comm_share`` is <= --target-share (a multiple of --tau-intra; with
+--overlap each round behind tau steps of compute, or min(--overlap-delay, tau)), or ``none`` where
+the communication inside the node alone, every step or every --tau-intra steps, is over the target
+at any tau. ``--compress`` lists each codec's cross-node round among the --nodes nodes and the tau
+it needs (the hierarchical round is modelled in fp32):
 
     python -m risgd_ext.cost_model --nodes 4 --ranks-per-node 8 --model resnet50 --bandwidth-gbit 10 \\
         --compute-ms 120 --intra-bandwidth-gbit 100 --tau-intra 0 --overlap --overlap-delay 10
+
+Each printed number says after it what it assumes, e.g. ``risgd_comm_share 0.0235  (at --tau 50:
+...)`` and ``recommended_tau 11  (smallest tau with communication <= 10% of an RI-SGD step,
+--target-share 0.1)``; the key stays first on its line. The model has no accuracy term: a
+recommended tau, or a --tau, above 200 (``MEASURED_TAU_MAX``, the largest tau the project measured
+for accuracy, where accuracy already falls) comes with a ``warning:`` line that says how far beyond
+it is and what to do instead (a faster link, compressed rounds, the node level, or a higher
+--target-share).
 
 train.py logs the same prediction for its own run (``summary.json``, key ``cost_model``).
 """
@@ -292,6 +305,76 @@ def predict_hierarchical(compute_s: float, model_bytes: float, nodes: int, ranks
                                   flat.risgd_step_s / step)
 
 
+# -- the node level's tau ------------------------------------------------------------------------------------
+
+def hierarchical_share_floor(compute_s: float, model_bytes: float, ranks_per_node: int, *, tau_intra: int = 0,
+                             intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6,
+                             risgd_compute_s: float | None = None, grad_bytes: float | None = None) -> float:
+    """What ``hier_comm_share`` tends to as tau grows: the intra-node communication that comes every step
+    (the gradient all-reduce, tau_intra 0) or every ``tau_intra`` steps, whatever the tau between the
+    rounds, as a share of a step: ``i / (c + i)`` with i = ``ring(G, k, b, l)`` (tau_intra 0) or
+    ``ring(S, k, b, l) / tau_intra``. No tau reaches a target share at or below it."""
+    _check_count("ranks_per_node", ranks_per_node, 1)
+    _check_count("tau_intra", tau_intra, 0)
+    local = compute_s if risgd_compute_s is None else risgd_compute_s
+    intra_bw = intra_bandwidth_gbit * 1e9 / 8
+    if tau_intra == 0:
+        per_step = ring_seconds(model_bytes if grad_bytes is None else grad_bytes, ranks_per_node, intra_bw,
+                                intra_latency_s)
+    else:
+        per_step = ring_seconds(model_bytes, ranks_per_node, intra_bw, intra_latency_s) / tau_intra
+    return per_step / (local + per_step)
+
+
+def recommend_hierarchical_tau(compute_s: float, model_bytes: float, nodes: int, ranks_per_node: int,
+                               bandwidth_gbit: float, latency_s: float, target_share: float = 0.1, *,
+                               tau_intra: int = 0, intra_bandwidth_gbit: float = 100.0,
+                               intra_latency_s: float = 5e-6, overlap: bool = False,
+                               overlap_delay: int | None = None, round_overhead_s: float = 0.0,
+                               risgd_compute_s: float | None = None, grad_bytes: float | None = None) -> int | None:
+    """Smallest tau whose ``predict_hierarchical(...).hier_comm_share`` is <= ``target_share``, or None
+    where no tau reaches it (``hierarchical_share_floor`` is at or above it).
+
+    The arguments are ``predict_hierarchical``'s. With ``tau_intra`` > 0 only multiples of it are
+    candidates (the engine's tau is one). With overlap a round hides behind ``overlap_delay`` steps:
+    None (the engine's default) is tau itself, so a larger tau also hides more of each round; a given
+    delay D is taken as ``min(D, tau)`` (the engine refuses a delay above tau).
+
+    The share falls as tau grows (over the multiples of tau_intra: the averages inside the node, one
+    per tau_intra steps, cost no more than the round, which averages inside the node first), so the
+    search doubles tau until the target is met, then bisects.
+    """
+    if not 0 < target_share < 1:
+        raise ValueError(f"the target share must be in (0, 1), got {target_share!r}")
+    step = max(1, tau_intra)
+
+    def share(j: int) -> float:
+        tau = j * step
+        delay = None if overlap_delay is None else min(overlap_delay, tau)
+        return predict_hierarchical(compute_s, model_bytes, nodes, ranks_per_node, bandwidth_gbit, latency_s, tau,
+                                    tau_intra=tau_intra, intra_bandwidth_gbit=intra_bandwidth_gbit,
+                                    intra_latency_s=intra_latency_s, overlap=overlap, overlap_delay=delay,
+                                    round_overhead_s=round_overhead_s, risgd_compute_s=risgd_compute_s,
+                                    grad_bytes=grad_bytes).hier_comm_share
+
+    if share(1) <= target_share:
+        return step
+    floor = hierarchical_share_floor(compute_s, model_bytes, ranks_per_node, tau_intra=tau_intra,
+                                     intra_bandwidth_gbit=intra_bandwidth_gbit, intra_latency_s=intra_latency_s,
+                                     risgd_compute_s=risgd_compute_s, grad_bytes=grad_bytes)
+    if floor >= target_share:
+        return None
+    low, high = 1, 2  # share(low) > target
+    while share(high) > target_share:
+        low, high = high, 2 * high
+        if high > 2**62:  # the target a hair above the floor: no tau a run could use
+            return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if share(mid) > target_share else (low, mid)
+    return high * step
+
+
 # -- compressed rounds ------------------------------------------------------------------------------
 INT8_BLOCK = 256  # as risgd_ext.config.INT8_BLOCK (this module imports nothing of the engine)
 
@@ -418,6 +501,34 @@ def format_prediction(p: Prediction) -> str:
     return "\n".join(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}" for k, v in asdict(p).items())
 
 
+# The largest tau the project measured for accuracy: the tau sweep (README, Appendix A; recipes/paper/grid.py)
+# ran tau in {1, 10, 25, 50, 100, 200}, and by 200 accuracy already falls with tau. The cost model has no
+# accuracy term: a tau beyond this one is an answer about time alone, at an accuracy nobody measured.
+MEASURED_TAU_MAX = 200
+
+
+def beyond_measured(tau: int) -> str | None:
+    """``'5.4x beyond the largest tau measured for accuracy (200, ...)'`` for a tau above
+    ``MEASURED_TAU_MAX``, None for one within it."""
+    if tau <= MEASURED_TAU_MAX:
+        return None
+    return (f"{tau / MEASURED_TAU_MAX:.1f}x beyond the largest tau measured for accuracy ({MEASURED_TAU_MAX}, "
+            "where accuracy already falls)")
+
+
+def format_annotated(fields: dict, notes: dict[str, str]) -> str:
+    """``format_prediction``'s ``  key   value`` lines, each followed by what its number assumes:
+    ``  key   value  (note)``; a None value prints as ``none``."""
+    def value(v) -> str:
+        return "none" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v}"
+
+    return "\n".join(f"  {k:<18} {value(v)}" + (f"  ({notes[k]})" if notes.get(k) else "") for k, v in fields.items())
+
+
+def _either(items: list[str], word: str = "or") -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {word} {items[-1]}"
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments: one line ``error: ...`` and exit status 2."""
 
@@ -446,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--compute-ms, as for 'split'; 'per_chunk' takes about q times as long)")
     parser.add_argument("--tau", type=int, default=50, help="local steps per round (default 50)")
     parser.add_argument("--target-share", type=float, default=0.1,
-                        help="communication share to stay under when recommending tau (default 0.1)")
+                        help="communication share of a step to stay under when recommending tau: recommended_tau, each "
+                             "codec's tau and hier_recommended_tau (default 0.1)")
     parser.add_argument("--ranks-per-node", type=int, default=1,
                         help="ranks per node (K, default 1): M=--nodes nodes of K ranks, averaged hierarchically")
     parser.add_argument("--tau-intra", type=int, default=0,
@@ -502,28 +614,124 @@ def main(argv: list[str] | None = None) -> int:
                 args.target_share, risgd_compute_s)
     print(f"{label}: {nbytes / 2**20:.1f} MiB per all-reduce; {ranks} ranks at {args.bandwidth_gbit:g} "
           f"Gbit/s, {args.latency_us:g} us latency, {args.compute_ms:g} ms compute per step")
-    print(format_prediction(p))
+    tau, k, m = args.tau, args.ranks_per_node, args.nodes
+    node_level = k > 1 or args.overlap
+    pct, target = f"{100 * args.target_share:g}%", f"--target-share {args.target_share:g}"
+    over = f"over {ranks} ranks" + (" in one ring" if k > 1 else "")
+    print(format_annotated(asdict(p), {
+        "allreduce_s": f"one ring all-reduce of the {nbytes / 2**20:.1f} MiB over {ranks} ranks: a sync step's "
+                       "gradients, or one RI-SGD round's parameters",
+        "sync_step_s": f"--compute-ms + one gradient all-reduce per step {over}",
+        "local_step_s": ("--risgd-compute-ms: an RI-SGD local step's compute under its batch policy, no "
+                         "communication" if risgd_compute_s is not None else "--compute-ms: an RI-SGD local "
+                         "step's compute, no communication; the split policy, for per_chunk pass --risgd-compute-ms"),
+        "risgd_step_s": f"local step + one parameter all-reduce every --tau {tau} steps, per step",
+        "sync_comm_share": f"the share of a sync step in its one gradient all-reduce per step {over}",
+        "risgd_comm_share": f"at --tau {tau}: one all-reduce every {tau} steps, as a share of an RI-SGD step",
+        "speedup_per_step": f"sync_step_s / risgd_step_s at --tau {tau}: per step, not to the same accuracy",
+        "recommended_tau": f"smallest tau with communication <= {pct} of an RI-SGD step, {target}"}))
+    if beyond_measured(tau):
+        print(f"warning: --tau {tau} is {beyond_measured(tau)}: the numbers at --tau {tau} are times alone, at an "
+              "accuracy not measured")
+    if beyond_measured(p.recommended_tau):
+        remedies = ["raise the bandwidth (--bandwidth-gbit)",
+                    "compress the rounds (the codecs below)" if args.compress else
+                    "compress the rounds on fewer than 8 nodes (--compress int8 lists each codec's tau; int8 saves "
+                    "about 8/N x on N nodes)",
+                    "use the node level (hier_recommended_tau below)" if node_level else
+                    "use the node level (--ranks-per-node K, --overlap)",
+                    f"accept a higher --target-share than {args.target_share:g}"]
+        print(f"warning: recommended_tau {p.recommended_tau} is {beyond_measured(p.recommended_tau)}: rather than "
+              f"run it, {_either(remedies)}")
     local_s = args.compute_ms / 1e3 if risgd_compute_s is None else risgd_compute_s
     options, pick = ([], None) if args.compress is None else recommend_rounds(local_s, nbytes,
-                                     args.nodes, args.bandwidth_gbit, args.latency_us / 1e6, args.target_share)
+                                     m, args.bandwidth_gbit, args.latency_us / 1e6, args.target_share)
     if options:
-        print(f"rounds across the {args.nodes} nodes, by payload (smallest tau for a communication share <= "
-              f"{args.target_share:g}):")
+        print(f"rounds across the {m} nodes, by payload: one cross-node collective per round among the {m} nodes"
+              + (", without the node level's phases inside a node (for those: hier_recommended_tau below)"
+                 if k > 1 else "") + f"; tau: the smallest with communication <= {pct} of an RI-SGD step, {target}:")
     for o in options:
         mark = " <- recommended" if o is pick else (" <- --compress" if o.compress == args.compress else "")
         print(f"  {o.compress:<5} payload {o.payload_bytes / 2**20:8.2f} MiB  round {o.round_s:8.3f} s  "
               f"tau {o.tau}{mark}")
-    if args.ranks_per_node > 1 or args.overlap:
-        h = predict_hierarchical(args.compute_ms / 1e3, nbytes, args.nodes, args.ranks_per_node, args.bandwidth_gbit,
-                                 args.latency_us / 1e6, args.tau, tau_intra=args.tau_intra,
-                                 intra_bandwidth_gbit=args.intra_bandwidth_gbit,
-                                 intra_latency_s=args.intra_latency_us / 1e6, overlap=args.overlap,
-                                 overlap_delay=delay, risgd_compute_s=risgd_compute_s)
+    far = [o for o in options if beyond_measured(o.tau)]
+    if far:
+        which = [f"{o.tau} ({o.compress}) " + ("is " if i == 0 else "") + f"{o.tau / MEASURED_TAU_MAX:.1f}x"
+                 for i, o in enumerate(far)]
+        remedies = ["raise the bandwidth (--bandwidth-gbit)",
+                    "use the node level (hier_recommended_tau below)" if node_level else
+                    "use the node level (--ranks-per-node K, --overlap)",
+                    f"accept a higher --target-share than {args.target_share:g}"]
+        print(f"warning: tau {_either(which, 'and')} beyond the largest tau measured for "
+              f"accuracy ({MEASURED_TAU_MAX}, where accuracy already falls): rather than run "
+              f"{'them' if len(far) > 1 else 'it'}, {_either(remedies)}")
+    if node_level:
+        net = dict(tau_intra=args.tau_intra, intra_bandwidth_gbit=args.intra_bandwidth_gbit,
+                   intra_latency_s=args.intra_latency_us / 1e6, overlap=args.overlap, risgd_compute_s=risgd_compute_s)
+        h = predict_hierarchical(args.compute_ms / 1e3, nbytes, m, k, args.bandwidth_gbit, args.latency_us / 1e6, tau,
+                                 overlap_delay=delay, **net)
         inside = "node-synchronous (tau_intra 0)" if args.tau_intra == 0 else f"tau_intra {args.tau_intra}"
-        print(f"hierarchical/overlapped: {args.nodes} nodes x {args.ranks_per_node} ranks, "
+        print(f"hierarchical/overlapped: {m} nodes x {k} ranks, "
               f"{args.intra_bandwidth_gbit:g} Gbit/s and {args.intra_latency_us:g} us latency inside a node, "
-              f"{inside}, tau {args.tau}, " + (f"overlap delay {delay} steps" if args.overlap else "no overlap"))
-        print(format_prediction(h))
+              f"{inside}, tau {tau}, " + (f"overlap delay {delay} steps" if args.overlap else "no overlap"))
+        hier_tau = recommend_hierarchical_tau(args.compute_ms / 1e3, nbytes, m, k, args.bandwidth_gbit,
+                                              args.latency_us / 1e6, args.target_share,
+                                              overlap_delay=args.overlap_delay, **net)
+        if k == 1:
+            round_note, intra_note = f"one round: a ring all-reduce among the {m} nodes", "none: one rank per node"
+        else:
+            round_note = (f"one hierarchical round: {'an average inside each node, then ' if args.tau_intra else ''}"
+                          f"the cross-node all-reduce of the slices among the {m} nodes, then their broadcast inside "
+                          "each node")
+            intra_note = (f"the node's gradient all-reduce over its {k} ranks every step, at --intra-bandwidth-gbit "
+                          f"{args.intra_bandwidth_gbit:g}" if args.tau_intra == 0 else
+                          f"an average inside the node every --tau-intra {args.tau_intra} steps, per step")
+        cross = "the cross-node phase, + the blocking phases inside the node" if k > 1 else "the round"
+        floor = hierarchical_share_floor(args.compute_ms / 1e3, nbytes, k, tau_intra=args.tau_intra,
+                                         intra_bandwidth_gbit=args.intra_bandwidth_gbit,
+                                         intra_latency_s=args.intra_latency_us / 1e6, risgd_compute_s=risgd_compute_s)
+        if hier_tau is not None:
+            hier_note = (f"smallest tau with hier_comm_share <= {pct}, {target}: the node level's rounds among the {m} "
+                         f"nodes of {k} rank{'s' if k > 1 else ''}"
+                         + (f", a multiple of --tau-intra {args.tau_intra}" if args.tau_intra else "")
+                         + (", each behind tau steps of compute (overlap delay tau)" if args.overlap
+                            and args.overlap_delay is None else "")
+                         + (f", each behind min(--overlap-delay {args.overlap_delay}, tau) steps of compute"
+                            if args.overlap_delay is not None else "")
+                         + ("; fp32, the model has no codec for the hierarchical round: the codec lines above are "
+                            "the cross-node round alone" if args.compress else ""))
+        elif floor >= args.target_share:
+            what = ("the node's gradient all-reduce every step" if args.tau_intra == 0 else
+                    f"the average inside the node every --tau-intra {args.tau_intra} steps")
+            fix = ("average inside the node every --tau-intra steps" if args.tau_intra == 0 else
+                   "a larger --tau-intra")
+            hier_note = (f"no tau reaches hier_comm_share <= {pct}, {target}: {what} alone is a share {floor:.4f} of "
+                         f"a step at any tau; {fix}, a faster node link (--intra-bandwidth-gbit) or a --target-share "
+                         f"above {floor:.4f}")
+        else:
+            hier_note = (f"no tau a run could use reaches hier_comm_share <= {pct}, {target}: the share tends to "
+                         f"{floor:.4f} as tau grows, a hair below it; accept a higher --target-share")
+        print(format_annotated({**asdict(h), "hier_recommended_tau": hier_tau}, {
+            "round_s": round_note,
+            "intra_step_comm_s": intra_note,
+            "exposed_round_s": (f"what {delay} steps of compute, the overlap delay, leave of {cross}" if args.overlap
+                                else "all of the round: the steps wait for it, no --overlap"),
+            "hier_step_s": f"local step + intra_step_comm_s + exposed_round_s / {tau}, at --tau {tau}",
+            "hier_comm_share": f"at --tau {tau}: the share of a node-level step spent communicating",
+            "speedup_vs_sync": f"the flat sync_step_s, one ring over all {ranks} ranks, / hier_step_s",
+            "speedup_vs_risgd": f"the flat risgd_step_s at --tau {tau}, one ring over all {ranks} ranks, / "
+                                "hier_step_s",
+            "hier_recommended_tau": hier_note}))
+        if hier_tau is not None and beyond_measured(hier_tau):
+            remedies = ["raise the bandwidth (--bandwidth-gbit)"]
+            if not args.overlap:
+                remedies.append("hide the rounds behind compute (--overlap)")
+            if k > 1 and args.tau_intra == 0:
+                remedies.append("leave the rounds more of the share (--tau-intra: average inside the node every few "
+                                "steps, not every step)")
+            remedies.append(f"accept a higher --target-share than {args.target_share:g}")
+            print(f"warning: hier_recommended_tau {hier_tau} is {beyond_measured(hier_tau)}: rather than run it, "
+                  f"{_either(remedies)}")
     return 0
 
 

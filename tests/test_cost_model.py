@@ -66,6 +66,11 @@ def _prediction(stdout: str) -> list[str]:
     return lines[start:]
 
 
+def _numbers(lines: list[str]) -> list[str]:
+    """The lines without what each number assumes: ``  key   value  (note)`` -> ``  key   value``."""
+    return [line.split("  (", 1)[0] for line in lines]
+
+
 def test_model_bytes_from_the_model_zoo():
     assert risgd_models.model_bytes("resnet50") == RESNET50_BYTES
     model = risgd_models.create_model("resnet20_cifar", num_classes=10)
@@ -103,7 +108,7 @@ def test_cli_resnet50_prints_the_documented_numbers():
                         "120 ms compute per step")
     for line in ("sync_comm_share    0.5457", "risgd_comm_share   0.0235", "speedup_per_step   2.1493",
                  "recommended_tau    11"):
-        assert f"  {line}" in lines, proc.stdout
+        assert f"  {line}" in _numbers(lines), proc.stdout
     same = _cli("--nodes", "8", "--model-bytes", str(RESNET50_BYTES), "--bandwidth-gbit", "10", "--compute-ms", "120")
     assert _prediction(same.stdout)[1:] == lines[1:]
 
@@ -284,7 +289,8 @@ def _main_lines(capsys, *args: str) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
-# The output of the command before the hierarchy flags existed, for these arguments.
+# The numbers the command printed before the hierarchy flags existed, for these arguments (each line now
+# also says, after its number, what the number assumes).
 FLAT = ["--nodes", "4", "--model-bytes", "1000000", "--bandwidth-gbit", "1", "--compute-ms", "20",
         "--risgd-compute-ms", "30", "--tau", "10", "--latency-us", "0"]
 FLAT_OUTPUT = ["1000000 bytes: 1.0 MiB per all-reduce; 4 ranks at 1 Gbit/s, 0 us latency, 20 ms compute per step",
@@ -294,9 +300,10 @@ FLAT_OUTPUT = ["1000000 bytes: 1.0 MiB per all-reduce; 4 ranks at 1 Gbit/s, 0 us
 
 
 def test_cli_defaults_print_what_they_printed(capsys):
-    assert _main_lines(capsys, *FLAT) == FLAT_OUTPUT
+    lines = _main_lines(capsys, *FLAT)
+    assert _numbers(lines) == FLAT_OUTPUT
     assert _main_lines(capsys, *FLAT, "--ranks-per-node", "1", "--tau-intra", "0", "--intra-bandwidth-gbit", "40",
-                       "--intra-latency-us", "1") == FLAT_OUTPUT
+                       "--intra-latency-us", "1") == lines
 
 
 HIER = ["--nodes", "4", "--ranks-per-node", "2", "--model-bytes", "100000000", "--bandwidth-gbit", "8",
@@ -307,23 +314,25 @@ HIER = ["--nodes", "4", "--ranks-per-node", "2", "--model-bytes", "100000000", "
 def test_cli_hierarchy_and_overlap(capsys):
     lines = _main_lines(capsys, *HIER)
     flat = _main_lines(capsys, "--nodes", "8", *HIER[4:14])  # the same model, network, compute and tau
-    assert lines[:9] == flat  # the flat lines: one ring over all 4 x 2 ranks
+    assert _numbers(lines[:9]) == _numbers(flat)  # the flat numbers: one ring over all 4 x 2 ranks
     assert lines[0].startswith("100000000 bytes: 95.4 MiB per all-reduce; 8 ranks at 8 Gbit/s")
     assert lines[9] == ("hierarchical/overlapped: 4 nodes x 2 ranks, 32 Gbit/s and 0 us latency inside a node, "
                         "node-synchronous (tau_intra 0), tau 10, no overlap")
-    assert lines[10:] == ["  round_s            0.1750", "  intra_step_comm_s  0.0250", "  exposed_round_s    0.1750",
-                          "  hier_step_s        0.1425", "  hier_comm_share    0.2982", "  speedup_vs_sync    1.9298",
-                          "  speedup_vs_risgd   0.8246"]
+    # the node's gradient all-reduce every step (25 ms of a 125 ms step) alone exceeds the 10% target
+    assert _numbers(lines[10:]) == [
+        "  round_s            0.1750", "  intra_step_comm_s  0.0250", "  exposed_round_s    0.1750",
+        "  hier_step_s        0.1425", "  hier_comm_share    0.2982", "  speedup_vs_sync    1.9298",
+        "  speedup_vs_risgd   0.8246", "  hier_recommended_tau none"]
     over = _main_lines(capsys, *HIER, "--overlap", "--overlap-delay", "1")
     assert over[9].endswith("node-synchronous (tau_intra 0), tau 10, overlap delay 1 steps")
-    assert "  exposed_round_s    0.0750" in over and "  hier_step_s        0.1325" in over
+    assert "  exposed_round_s    0.0750" in _numbers(over) and "  hier_step_s        0.1325" in _numbers(over)
     intra = _main_lines(capsys, *HIER, "--tau-intra", "3")
-    assert intra[9].endswith("tau_intra 3, tau 10, no overlap") and "  hier_step_s        0.1275" in intra
+    assert intra[9].endswith("tau_intra 3, tau 10, no overlap") and "  hier_step_s        0.1275" in _numbers(intra)
     # overlap alone: one rank per node, the round is the flat ring, hidden behind tau = 10 steps
     alone = _main_lines(capsys, "--nodes", "8", *HIER[4:14], "--overlap")
     assert alone[9].startswith("hierarchical/overlapped: 8 nodes x 1 ranks, ")
     assert alone[9].endswith(", tau 10, overlap delay 10 steps")
-    assert "  round_s            0.1750" in alone and "  hier_step_s        0.1000" in alone
+    assert "  round_s            0.1750" in _numbers(alone) and "  hier_step_s        0.1000" in _numbers(alone)
 
 
 @pytest.mark.parametrize("bad,flag", [
@@ -389,3 +398,123 @@ def test_compressed_payloads_and_their_collective():
     _, two = recommend_rounds(0.1, 98 * 2**20, 2, 0.1, 50e-6)
     _, eight = recommend_rounds(0.1, 98 * 2**20, 8, 0.1, 50e-6)
     assert two.compress == "int8" and eight.compress == "none"  # compression only where its collective wins
+
+
+# -- what each printed number assumes; taus beyond the measured range; the node level's tau ---------------
+
+EXAMPLE = ["--nodes", "8", "--bandwidth-gbit", "0.1", "--compute-ms", "120"]  # ResNet-50 on a 0.1 Gbit/s link
+
+
+def _line(lines: list[str], key: str) -> str:
+    """The one line for ``key`` (the ``  key   value  (what it assumes)`` format)."""
+    found = [line for line in lines if line.split()[:1] == [key]]
+    assert len(found) == 1, (key, lines)
+    return found[0]
+
+
+def test_cli_says_what_the_numbers_assume_and_flags_a_tau_beyond_the_measured_range():
+    from risgd_ext.cost_model import MEASURED_TAU_MAX
+
+    assert MEASURED_TAU_MAX == 200
+    proc = _cli(*EXAMPLE, "--model", "resnet50")  # the issue's command
+    assert proc.returncode == 0, proc.stderr
+    lines = _prediction(proc.stdout)
+    share = _line(lines, "risgd_comm_share")
+    assert share.startswith("  risgd_comm_share   0.7050  (") and "--tau 50" in share  # the tau it assumes
+    tau = _line(lines, "recommended_tau")
+    assert tau.startswith("  recommended_tau    1076  (") and "10%" in tau and "--target-share 0.1" in tau
+    assert "one gradient all-reduce per step over 8 ranks" in _line(lines, "sync_comm_share")
+    assert "one gradient all-reduce per step over 8 ranks" in _line(lines, "sync_step_s")
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1, lines
+    assert warnings[0].startswith("warning: recommended_tau 1076 is 5.4x beyond the largest tau measured for "
+                                  "accuracy (200, where accuracy already falls)")  # 1076 / 200 = 5.38
+    for remedy in ("--bandwidth-gbit", "--compress", "--ranks-per-node", "--overlap", "--target-share"):
+        assert remedy in warnings[0]
+
+
+def test_cli_within_the_measured_range_prints_no_warning(capsys):
+    lines = _main_lines(capsys, "--nodes", "8", "--model-bytes", str(RESNET50_BYTES), "--bandwidth-gbit", "10",
+                        "--compute-ms", "120")
+    assert _line(lines, "recommended_tau").startswith("  recommended_tau    11  (smallest tau with communication "
+                                                       "<= 10% of")
+    assert not [line for line in lines if "warning" in line]
+    # a --tau beyond it is flagged too, even where the recommendation is within it
+    lines = _main_lines(capsys, "--nodes", "8", "--model-bytes", str(RESNET50_BYTES), "--bandwidth-gbit", "10",
+                        "--compute-ms", "120", "--tau", "400")
+    assert "--tau 400" in _line(lines, "risgd_comm_share")
+    assert [line for line in lines if line.startswith("warning:")] == [
+        line for line in lines if line.startswith("warning: --tau 400 is 2.0x beyond the largest tau measured for "
+                                                  "accuracy (200, where accuracy already falls)")]
+    assert len([line for line in lines if line.startswith("warning:")]) == 1
+
+
+def test_cli_node_level_recommends_a_tau(capsys):
+    node = [*EXAMPLE, "--model-bytes", str(RESNET50_BYTES), "--ranks-per-node", "8", "--compress", "int8"]
+    lines = _main_lines(capsys, *node)
+    codecs = next(line for line in lines if line.startswith("rounds across the 8 nodes"))
+    assert "cross-node" in codecs and "among the 8 nodes" in codecs
+    # the node's gradient all-reduce every step alone is a share 0.1072 of a step: no tau reaches 10%
+    none = _line(lines, "hier_recommended_tau")
+    assert none.startswith("  hier_recommended_tau none  (no tau reaches hier_comm_share <= 10%")
+    assert "0.1072" in none and "--tau-intra" in none and "--intra-bandwidth-gbit" in none
+    lines = _main_lines(capsys, *node, "--target-share", "0.2")
+    line = _line(lines, "hier_recommended_tau")
+    tau = int(line.split()[1])
+    share = lambda t: predict_hierarchical(0.12, RESNET50_BYTES, 8, 8, 0.1, 50e-6, t).hier_comm_share  # noqa: E731
+    assert share(tau) <= 0.2 < share(tau - 1)
+    assert "hier_comm_share <= 20%" in line and "--target-share 0.2" in line and "among the 8 nodes of 8 ranks" in line
+    factor = f"{tau / 200:.1f}x"
+    assert [w for w in lines if w.startswith(f"warning: hier_recommended_tau {tau} is {factor} beyond the largest tau "
+                                             "measured for accuracy (200, where accuracy already falls)")]
+    # each codec's cross-node tau beyond 200 is flagged as well
+    assert [w for w in lines if w.startswith("warning: tau ") and "(int8)" in w and "beyond the largest tau" in w]
+    # overlapped behind tau steps of compute: the round hides, the node level's tau is within the measured range
+    over = _main_lines(capsys, *node, "--target-share", "0.2", "--overlap")
+    tau = int(_line(over, "hier_recommended_tau").split()[1])
+    hidden = lambda t: predict_hierarchical(0.12, RESNET50_BYTES, 8, 8, 0.1, 50e-6, t,  # noqa: E731
+                                            overlap=True).hier_comm_share
+    assert tau <= 200 and hidden(tau) <= 0.2 < hidden(tau - 1)
+    assert not [w for w in over if w.startswith("warning: hier_recommended_tau")]
+
+
+@pytest.mark.parametrize("kw,ranks_per_node,target", [
+    (kw, k, target) for kw in ({}, {"overlap": True}, {"overlap": True, "overlap_delay": 3}, {"tau_intra": 4},
+                               {"tau_intra": 3, "overlap": True}, {"round_overhead_s": 0.05})
+    for k, target in ((1, 0.1), (2, 0.3), (4, 0.35)) if k > 1 or "tau_intra" not in kw])  # one rank: no average
+def test_recommend_hierarchical_tau_is_the_smallest(kw, ranks_per_node, target):
+    from risgd_ext.cost_model import recommend_hierarchical_tau
+
+    net = dict(intra_bandwidth_gbit=32.0, intra_latency_s=1e-5)
+    args = (0.1, 1e8, 4, ranks_per_node, 8.0, 1e-4)
+
+    def share(tau):
+        delay = kw.get("overlap_delay")
+        return predict_hierarchical(*args, tau, **net, **{**kw, "overlap_delay": None if delay is None else
+                                                          min(delay, tau)}).hier_comm_share
+
+    tau = recommend_hierarchical_tau(*args, target, **net, **kw)
+    step = kw.get("tau_intra") or 1  # the engine's tau is a multiple of tau_intra
+    valid = [t for t in range(step, 2000, step) if share(t) <= target]
+    assert tau == (valid[0] if valid else None)
+    assert tau is not None and tau % step == 0
+
+
+def test_recommend_hierarchical_tau_none_below_the_floor():
+    from risgd_ext.cost_model import hierarchical_share_floor, recommend_hierarchical_tau
+
+    # 4 nodes of 2 ranks, 100 ms compute; the node's gradient all-reduce every step: 1e8 / 4 GB/s = 25 ms,
+    # a share 0.025 / 0.125 = 0.2 of a step at any tau
+    args = (0.1, 1e8, 4, 2, 8.0, 0.0)
+    net = dict(intra_bandwidth_gbit=32.0, intra_latency_s=0.0)
+    assert hierarchical_share_floor(0.1, 1e8, 2, **net) == pytest.approx(0.2)
+    assert recommend_hierarchical_tau(*args, 0.2, **net) is None
+    assert recommend_hierarchical_tau(*args, 0.2, overlap=True, **net) is None
+    # just above the floor: 0.1 * 0.21 / 0.79 - 0.025 = 1.58 ms per step left for the round of 175 ms: tau 111
+    tau = recommend_hierarchical_tau(*args, 0.21, **net)
+    share = lambda t: predict_hierarchical(*args, t, **net).hier_comm_share  # noqa: E731
+    assert tau == 111 and share(tau) <= 0.21 < share(tau - 1)
+    # averaging inside the node every 4 steps: 0.025 / 4 per step, a floor of 0.00625 / 0.10625
+    assert hierarchical_share_floor(0.1, 1e8, 2, tau_intra=4, **net) == pytest.approx(0.00625 / 0.10625)
+    assert recommend_hierarchical_tau(*args, 0.2, tau_intra=4, **net) % 4 == 0
+    assert hierarchical_share_floor(0.1, 1e8, 1, **net) == 0.0  # one rank per node: nothing every step
