@@ -14,3 +14,8 @@ Modules (one job each):
   transforms  train / eval transforms per dataset
   loader      per-rank infinite train loader (per-chunk sub-batches) and the eval loader
 """
+
+if __name__ == "data":  # the checkout's folder name: be risgd_data itself (one import name per file)
+    from risgd_common.aliases import alias
+
+    alias(__name__, "risgd_data")

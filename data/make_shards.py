@@ -15,7 +15,6 @@ on the shorter side and re-encoded at --quality; index.json records max_side and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from risgd_common.atomic import write_text_atomic
+from risgd_common.cli import Parser
 from risgd_common.install import MissingExtra, command
 
 from .errors import EXIT_OK, DataError, cli_error
@@ -236,7 +236,7 @@ def write_index(index: dict, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog=command("data.make_shards"),
         description="Write WebDataset tar shards (KEY.png|jpg + KEY.cls) for the train and val splits, "
         "plus index.json (per shard: samples, bytes, sha256, label histogram, member offsets). "

@@ -12,7 +12,6 @@ SGD: every rank samples from the whole set (gamma_j = 1).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import numbers
@@ -25,6 +24,7 @@ import numpy as np
 import yaml
 
 from risgd_common.atomic import write_text_atomic
+from risgd_common.cli import Parser
 from risgd_common.install import command
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, DataError, cli_error, safe_name
@@ -416,7 +416,7 @@ def _print_summary(m: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog=command("data.manifest"), description=__doc__.split("\n\n")[0])
+    ap = Parser(prog=command("data.manifest"), description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write a manifest for an index",
                        description="Write the per-rank redundancy manifest (YAML) for a shard index. "

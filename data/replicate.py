@@ -46,6 +46,7 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from risgd_common.atomic import atomic_write, write_bytes_atomic
+from risgd_common.cli import Parser
 from risgd_common.install import command
 
 from .errors import EXIT_OK, DataError, cli_error, safe_name
@@ -257,7 +258,7 @@ def format_report(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog=command("data.replicate"), description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

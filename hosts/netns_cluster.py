@@ -51,6 +51,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from risgd_common.cli import Parser
 from risgd_common.layout import Layout
 
 SUBNET = "10.93.0"  # private, and only ever assigned inside namespaces this tool creates
@@ -365,17 +366,10 @@ def run(command: list[str], hosts: int, ranks_per_host: int = 1, bandwidth_mbit:
     return traffic
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line ``error: ...`` and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     script = os.path.basename(sys.argv[0])
     prog = script if script == "risgd-netns-cluster" else "python -m hosts.netns_cluster"
-    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, required=True, help="number of test hosts (namespaces)")
     parser.add_argument("--ranks-per-host", type=int, default=1, help="ranks (slots) per host (default 1)")
     parser.add_argument("--bandwidth-mbit", type=float, default=None,

@@ -6,7 +6,12 @@ ImageNet ResNet-50 comes straight from timm (``timm.create_model("resnet50")``).
 floating-point buffers), the number the cost model takes (``--model-bytes``).
 """
 
-from . import cifar_resnet  # noqa: F401  (registers the models)
-from .factory import check_model, create_model, model_bytes
+if __name__ == "models":  # the checkout's folder name: be risgd_models itself (one import name per file)
+    from risgd_common.aliases import alias
 
-__all__ = ["check_model", "create_model", "model_bytes"]
+    alias(__name__, "risgd_models")
+else:
+    from . import cifar_resnet  # noqa: F401  (registers the models)
+    from .factory import check_model, create_model, model_bytes
+
+    __all__ = ["check_model", "create_model", "model_bytes"]

@@ -33,6 +33,7 @@ import statistics
 import sys
 from collections import defaultdict
 
+from risgd_common.cli import Parser
 from risgd_common.install import MissingExtra, need
 
 from . import naming
@@ -257,7 +258,7 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories (runs/NAME), or folders of them (runs)")
     parser.add_argument("--out", help="where the PNGs go (default: the first run's parent directory: the folder, "
                                       "for a folder of runs)")

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from risgd_common.cli import Parser
 from risgd_common.install import MissingExtra, command, need
 
 from . import compare
@@ -27,7 +28,7 @@ from .train import check_extras, locate_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=command("recipes.demo"), description=__doc__,
+    parser = Parser(prog=command("recipes.demo"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/digits.yaml",
                         help="recipe file or bundled recipe's name (default recipes/digits.yaml: the bundled digits)")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import risgd_ext
 from risgd_common.atomic import write_text_atomic
+from risgd_common.cli import Parser
 from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, command, need
 from risgd_recipes import elastic
@@ -47,7 +48,7 @@ from risgd_recipes.tracking import RunTracker, run_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True,
                         help="recipe YAML, or a bundled recipe's name: e.g. recipes/digits.yaml or digits")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,

@@ -57,6 +57,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+from risgd_common.cli import Parser
 from risgd_common.layout import Layout, LayoutError
 
 
@@ -529,17 +530,10 @@ def _either(items: list[str], word: str = "or") -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {word} {items[-1]}"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments: one line ``error: ...`` and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     script = os.path.basename(sys.argv[0])
     prog = script if script == "risgd-cost-model" else "python -m risgd_ext.cost_model"
-    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, required=True,
                         help="data-parallel ranks in the ring (N); with --ranks-per-node K, nodes of K ranks each")
     parser.add_argument("--model", default="resnet50",

@@ -144,10 +144,10 @@ def test_node_level_world_checks():
         check_world(parse_block({"node_size": 2, "failures": [{"count": 2, "prob": 0.5}]}), 4)
 
 
-def test_readme_table_of_engine_keys_is_made_from_the_declarations():
+def test_the_docs_table_of_engine_keys_is_made_from_the_declarations():
     from risgd_ext.config import keys_table
 
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "engine.md")).read()
     table = readme.split("<!-- keys_table -->\n", 1)[1].split("\n<!-- /keys_table -->", 1)[0]
     assert table == keys_table()
 
@@ -168,8 +168,8 @@ def test_recipe_engine_keys_and_block_writer_come_from_the_declarations():
         parse_block({"overlap": "yes"})
 
 
-def test_readme_risgd_block_is_valid_json_the_engine_accepts():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+def test_the_docs_risgd_block_is_valid_json_the_engine_accepts():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "engine.md")).read()
     start = readme.index('```json\n{\n  "risgd"') + len("```json\n")
     block = json.loads(readme[start:readme.index("```", start)])["risgd"]
     from risgd_ext.config import KEYS

@@ -242,3 +242,70 @@ def test_every_installed_command_answers_help_from_any_directory(venv, tmp_path)
         proc = subprocess.run([os.path.join(venv, name), "--help"], cwd=tmp_path, capture_output=True, text=True,
                               timeout=120, env=_env())
         assert proc.returncode == 0 and "usage:" in proc.stdout.lower(), (name, proc.stdout[-800:], proc.stderr[-1500:])
+
+
+# Every documented command with bad input, in the checkout form (python -m FOLDER.MODULE from the
+# root) and the installed form (risgd-*): one `error:` line and exit 2 (issue 34: `python -m
+# recipes.demo --recipe nosuch` printed a traceback of a second RecipeError class and exited 1).
+BAD_INPUT = [
+    ("data.make_shards", "risgd-make-shards", ["--dataset", "nosuch", "--out", "OUT"]),
+    ("data.manifest", "risgd-manifest", ["build", "--index", "nosuch/index.json", "--workers", "4", "--out", "m.yaml"]),
+    ("data.replicate", "risgd-replicate", ["--manifest", "nosuch.yaml", "--source", "s", "--dest", "d",
+                                           "--node-rank", "0", "--ranks-per-node", "1"]),
+    ("recipes.compare", "risgd-compare", ["nosuch"]),
+    ("recipes.demo", "risgd-demo", ["--recipe", "nosuch"]),
+    ("recipes.paper", "risgd-paper", ["--recipe", "nosuch"]),
+    ("risgd_ext.cost_model", "risgd-cost-model", ["--nodes", "0", "--bandwidth-gbit", "1", "--compute-ms", "1"]),
+    ("hosts.netns_cluster", "risgd-netns-cluster", ["--hosts", "0", "--", "true"]),
+    ("recipes.netns_cluster", None, ["--hosts", "0", "--", "true"]),
+    ("train.py", "risgd-train", ["--recipe", "nosuch"]),
+]
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, what: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
+        (what, proc.returncode, proc.stdout[-800:], proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("module, installed, args", BAD_INPUT, ids=[m for m, _, _ in BAD_INPUT])
+def test_every_documented_command_refuses_bad_input_in_one_line_in_both_forms(module, installed, args, venv,
+                                                                             tmp_path):
+    out = str(tmp_path / "out")
+    args = [out if a == "OUT" else a for a in args]
+    checkout = [sys.executable, "train.py"] if module == "train.py" else [sys.executable, "-m", module]
+    _one_error_line(subprocess.run([*checkout, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                   env=_env()), f"{module} (checkout)")
+    if installed:
+        _one_error_line(subprocess.run([os.path.join(venv, installed), *args], cwd=tmp_path, capture_output=True,
+                                       text=True, timeout=300, env=_env()), installed)
+    assert not os.path.exists(out)  # bad input loses nothing and makes nothing
+
+
+def test_no_file_loads_under_two_module_names(tmp_path):
+    """A checkout's folder names (data, recipes, models, hosts) are the installed packages themselves:
+    importing by either name, or running `python -m recipes.X`, loads each file once."""
+    code = """
+import os, runpy, sys
+sys.argv = ["recipes.demo", "--recipe", "nosuch"]
+try:
+    runpy.run_module("recipes.demo", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert e.code == 2, e.code
+import data.manifest, recipes.config, models, hosts.local, risgd_recipes.config, risgd_data.manifest
+assert recipes.config is risgd_recipes.config and data.manifest is risgd_data.manifest
+root = os.getcwd()
+seen = {}
+for name, m in list(sys.modules.items()):  # __main__ (and multiprocessing's name of it) ran the alias's two lines
+    f = getattr(m, "__file__", None)
+    mine = f and os.path.abspath(f).startswith(root + os.sep) and not os.path.abspath(f).startswith(
+        os.path.join(root, ".venv") + os.sep)
+    if mine and name not in ("__main__", "__mp_main__"):
+        seen.setdefault(os.path.abspath(f), set()).add(id(m))
+twice = {f: n for f, n in seen.items() if len(n) > 1}
+assert not twice, twice
+print("ok", len(seen))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=_env())
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
