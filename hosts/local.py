@@ -16,19 +16,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from risgd_common.ports import free_port  # noqa: F401  (the hosts' and tests' import of it)
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> None:

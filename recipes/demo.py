@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                          *args.overrides])
     if plan:  # one launch, one process group for all the runs (a launch costs ~30 s of start-up)
         os.makedirs(runs_dir, exist_ok=True)
-        print(f"[demo] {len(plan)} runs, {args.ranks} ranks each, in one launch ...", flush=True)
-        launch(recipe, args.ranks, [f"runs_dir={runs_dir}", "wandb.group=digits-demo"],
-               os.path.join(args.runs_dir, "demo.log"), plan=plan)
+        log = os.path.join(args.runs_dir, "demo.log")
+        print(f"[demo] {len(plan)} runs, {args.ranks} ranks each, in one launch (its output: {log}); the run "
+              "training now, its step and the time left:", flush=True)
+        launch(recipe, args.ranks, [f"runs_dir={runs_dir}", "wandb.group=digits-demo"], log, plan=plan)
     print(f"[demo] all runs in {time.perf_counter() - started:.0f} s\n")
     return compare.main(run_dirs + ["--out", args.runs_dir])
 

@@ -28,11 +28,15 @@ import sys
 from types import ModuleType
 
 ALIASES: dict[str, str] = {}  # checkout name -> installed name, e.g. "data" -> "risgd_data"
+# modules that moved: their old checkout name keeps working (python -m recipes.netns_cluster)
+MOVED: dict[str, str] = {"recipes.netns_cluster": "risgd_hosts.netns_cluster"}
 
 
 def installed_name(name: str) -> str | None:
     """The installed name of a module named by its checkout name (``data.manifest`` ->
     ``risgd_data.manifest``), or None when ``name`` is not under an aliased folder."""
+    if name in MOVED:
+        return MOVED[name]
     top, _, rest = name.partition(".")
     if top not in ALIASES:
         return None

@@ -110,12 +110,16 @@ def test_a_failed_start_of_the_trainer_is_exit_1_not_bad_input(tmp_path, monkeyp
     """Python's own exit 2 (e.g. a trainer file it cannot open) carries no `error:` line: a failure."""
     log = str(tmp_path / "run.log")
 
-    def fake_run(cmd, cwd, stdout, stderr):
-        assert "--module" in cmd and launch_mod.TRAINER in cmd and os.path.isdir(cwd)
-        stdout.write("python: can't open file '/x/site-packages/train.py': [Errno 2] No such file or directory\n")
-        return subprocess.CompletedProcess(cmd, 2)
+    class FakePopen:  # a Python that could not start the trainer: exit 2, no `error:` line of ours
+        def __init__(self, cmd, cwd, stdout, stderr):
+            assert "--module" in cmd and launch_mod.TRAINER in cmd and os.path.isdir(cwd)
+            stdout.write("python: can't open file '/x/site-packages/train.py': [Errno 2] No such file or directory\n")
+            self.returncode = 2
 
-    monkeypatch.setattr(launch_mod.subprocess, "run", fake_run)
+        def poll(self) -> int:
+            return self.returncode
+
+    monkeypatch.setattr(launch_mod.subprocess, "Popen", FakePopen)
     with pytest.raises(SystemExit) as e:
         launch_mod.launch("recipes/digits.yaml", 2, [], log)
     assert e.value.code == 1

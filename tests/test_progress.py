@@ -1,0 +1,40 @@
+"""Long work says where it is: the launcher reads the trainer's own progress bar from the log and
+says which run of the launch is training, its step and the time left (issue 34 item 6)."""
+
+from __future__ import annotations
+
+import io
+
+from risgd_recipes.launch import Progress, _run_names
+
+
+def _bar(name: str, step: int, steps: int, left: str) -> str:
+    return f"{name}:  {100 * step // steps}%|####      | {step}/{steps} [00:10<{left}, 25.00it/s]\r"
+
+
+def test_progress_names_the_run_its_step_and_the_time_left(tmp_path):
+    log = tmp_path / "run.log"
+    out = io.StringIO()
+    watch = Progress(["demo-sync-s0", "demo-risgd-s0"], str(log), stream=out)
+    log.write_text("DeepSpeed start-up lines\n")
+    watch.poll()
+    assert out.getvalue() == ""  # nothing training yet: nothing said
+    with open(log, "a") as f:
+        f.write(_bar("demo-sync-s0", 250, 1000, "00:30"))
+    watch.poll()
+    watch.poll()  # the same quarter: said once
+    with open(log, "a") as f:
+        f.write(_bar("demo-sync-s0", 1000, 1000, "00:00") + "\ndone: runs/demo-sync-s0\n")
+        f.write(_bar("demo-risgd-s0", 500, 1000, "01:05"))
+    watch.poll()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[run 1/2] demo-sync-s0: step 250/1000, 30 s left in it"
+    assert lines[1].startswith("[run 2/2] demo-risgd-s0: step 500/1000, 1 min 05 s left in it, about 1 min 05 s "
+                               "left in all")
+    assert len(lines) == 2
+
+
+def test_the_run_names_come_from_the_plan():
+    assert _run_names([["algorithm=sync", "run_name=a"], ["run_name=b", "seed=1"]], ["steps=5"]) == ["a", "b"]
+    assert _run_names(None, ["run_name=x"]) == ["x"]
+    assert _run_names(None, []) == []
