@@ -6,25 +6,37 @@ alike), and back. Sums of int8 values would overflow in an ``all_reduce``, and b
 at every hop of a ring would drift: the payloads are all-gathered instead and every rank decodes
 and sums them in fp32, in rank order, so every rank ends with the same bits.
 
-int8: one fp32 scale (absmax / 127) per block of :data:`~risgd_ext.config.INT8_BLOCK` = 256
+int8: one fp32 scale (absmax / 127) per block of :data:`INT8_BLOCK` = 256
 consecutive values, round to nearest. Blocks rather than one scale per bucket because a bucket
 spans many layers whose displacements differ by orders of magnitude; 256 values keep the scales'
 overhead at 4/256 = 1.6% (3.94x fewer bytes than fp32) while a block rarely crosses more than one
 layer's tail. bf16: round to nearest even, 2x fewer bytes.
+
+Where codecs plug in: :data:`CODECS`, the one registry. A codec is a :class:`Codec` subclass with a
+``name`` (the ``compress`` value), its byte count ``nbytes(n)`` and ``encode``/``decode``, registered
+by :func:`register`; the ``risgd`` block's validator (``compress`` must name one), the engine, the
+stats and the cost model (``risgd_ext.cost_model.payload_bytes``) all read it, so the byte formula
+is written once, here. ``none`` is the fp32 all_reduce (no payload to encode). torch is imported
+when a codec encodes or decodes, so the validator and the cost model import none of it.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from .config import INT8_BLOCK
+if TYPE_CHECKING:
+    import torch
+
+INT8_BLOCK = 256  # values per fp32 scale of the int8 codec
 
 
 class Codec:
-    name = "none"
+    """One ``compress`` value: a payload of ``nbytes(n)`` bytes for ``n`` fp32 values."""
 
-    def nbytes(self, n: int) -> int:
-        """Payload bytes of a bucket of ``n`` fp32 values."""
+    name = ""
+
+    def nbytes(self, n: float) -> float:
+        """Payload bytes of a bucket of ``n`` fp32 values (an int for an int ``n``)."""
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -34,32 +46,61 @@ class Codec:
         raise NotImplementedError
 
 
+CODECS: dict[str, Codec] = {}  # compress value -> codec, in registration order
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: add a codec to :data:`CODECS` under its ``name``."""
+    if not cls.name or cls.name in CODECS:
+        raise ValueError(f"codec {cls.__name__} needs a name of its own, got {cls.name!r}")
+    CODECS[cls.name] = cls()
+    return cls
+
+
+@register
+class FP32(Codec):
+    """No compression: the round is the fp32 all_reduce itself (nothing is encoded)."""
+
+    name = "none"
+
+    def nbytes(self, n: float) -> float:
+        return 4 * n
+
+
+@register
 class BF16(Codec):
     name = "bf16"
 
-    def nbytes(self, n: int) -> int:
+    def nbytes(self, n: float) -> float:
         return 2 * n
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return x.to(torch.bfloat16).view(torch.uint8)
 
     def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        import torch
+
         return payload.view(torch.bfloat16).float()
 
 
+@register
 class Int8(Codec):
     name = "int8"
 
     def __init__(self, block: int = INT8_BLOCK):
         self.block = block
 
-    def _blocks(self, n: int) -> int:
-        return -(-n // self.block)
+    def _blocks(self, n: float) -> int:
+        return int(-(-n // self.block))
 
-    def nbytes(self, n: int) -> int:
+    def nbytes(self, n: float) -> float:
         return 4 * self._blocks(n) + n  # one fp32 scale per block (first: aligned), then the values
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         n, b = x.numel(), self.block
         blocks = self._blocks(n)
         padded = torch.zeros(blocks * b, dtype=torch.float32, device=x.device)
@@ -71,6 +112,8 @@ class Int8(Codec):
         return torch.cat([scale.view(torch.uint8), q.view(-1)[:n].view(torch.uint8)])
 
     def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        import torch
+
         b, blocks = self.block, self._blocks(n)
         scale = payload[:4 * blocks].view(torch.float32)
         q = payload[4 * blocks:4 * blocks + n].view(torch.int8).float()
@@ -80,5 +123,5 @@ class Int8(Codec):
 
 
 def make_codec(name: str) -> Codec | None:
-    """The codec of a ``compress`` value (None for ``none``: the fp32 all_reduce, as before)."""
-    return {"none": None, "bf16": BF16(), "int8": Int8()}[name]
+    """The codec of a ``compress`` value for the engine (None for ``none``: the fp32 all_reduce)."""
+    return None if name == "none" else CODECS[name]

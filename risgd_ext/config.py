@@ -13,6 +13,8 @@ from typing import Any
 
 from risgd_common.layout import Layout, LayoutError
 
+from .codec import CODECS, INT8_BLOCK
+
 BLOCK = "risgd"
 
 
@@ -70,7 +72,8 @@ def _fraction(key: str, value: Any) -> float:
     return float(value)
 
 
-def _one_of(choices: tuple[str, ...]):
+def _one_of(choices):
+    """A validator of one of ``choices`` (a tuple, or a registry dict read at each check)."""
     def check(key: str, value: Any) -> str:
         if value not in choices:
             raise ConfigError(f"{BLOCK}.{key} must be one of {', '.join(choices)}, got {value!r}: {_FIX}")
@@ -78,8 +81,6 @@ def _one_of(choices: tuple[str, ...]):
     return check
 
 
-COMPRESSORS = ("none", "bf16", "int8")
-INT8_BLOCK = 256  # values per fp32 scale of the int8 codec
 
 
 def _failures(key: str, value: Any) -> tuple:
@@ -133,7 +134,7 @@ class RISGDConfig:
                                 "in the checkpoint)", "when_set")
     outer_nesterov: bool = key(False, _bool, "bool: Nesterov momentum for the outer step (needs outer_momentum "
                                "> 0)", "when_set")
-    compress: str = key("none", _one_of(COMPRESSORS), "none | bf16 | int8: how a round's parameter displacement "
+    compress: str = key("none", _one_of(CODECS), "none | bf16 | int8: how a round's parameter displacement "
                         "crosses between nodes (int8: one fp32 scale per 256 values; all-gathered, summed "
                         "locally in rank order)", "when_set")
     error_feedback: bool = key(True, _bool, "bool: with compress, each rank adds what compression dropped to "

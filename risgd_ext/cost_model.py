@@ -60,6 +60,8 @@ from typing import NamedTuple
 from risgd_common.cli import Parser
 from risgd_common.layout import Layout, LayoutError
 
+from .codec import CODECS
+
 
 def ring_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float,
                  collectives: int = 1) -> float:
@@ -377,15 +379,11 @@ def recommend_hierarchical_tau(compute_s: float, model_bytes: float, nodes: int,
 
 
 # -- compressed rounds ------------------------------------------------------------------------------
-INT8_BLOCK = 256  # as risgd_ext.config.INT8_BLOCK (this module imports nothing of the engine)
-
-
 def payload_bytes(model_bytes: float, compress: str) -> float:
-    """Bytes one rank contributes to a round: fp32, bf16 (half), or int8 with one fp32 scale per
-    256 values (4 + 256 bytes per 1,024 fp32 bytes)."""
-    values = model_bytes / 4
-    return {"none": model_bytes, "bf16": 2 * values,
-            "int8": values + 4 * math.ceil(values / INT8_BLOCK)}[compress]
+    """Bytes one rank contributes to a round of ``model_bytes`` fp32 bytes under codec ``compress``:
+    the codec registry's own count (``risgd_ext.codec.CODECS``: fp32; bf16, half; int8, one fp32
+    scale per 256 values, 4 + 256 bytes per 1,024 fp32 bytes)."""
+    return CODECS[compress].nbytes(model_bytes / 4)
 
 
 def allgather_seconds(payload: float, ranks: int, bandwidth_bytes_s: float, latency_s: float) -> float:
@@ -421,7 +419,7 @@ def recommend_rounds(compute_s: float, model_bytes: float, ranks: int, bandwidth
     all_gather is faster than the fp32 all_reduce (see :func:`round_seconds`)."""
     bw = bandwidth_gbit * 1e9 / 8
     options = [RoundOption(c, payload_bytes(model_bytes, c), r, recommend_tau(compute_s, r, target_share))
-               for c in ("none", "bf16", "int8") for r in (round_seconds(model_bytes, ranks, bw, latency_s, c),)]
+               for c in CODECS for r in (round_seconds(model_bytes, ranks, bw, latency_s, c),)]
     return options, min(options, key=lambda o: (o.tau, o.round_s, o.payload_bytes))
 
 
@@ -564,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-node per-message latency in us (default 5)")
     parser.add_argument("--overlap", action="store_true",
                         help="a round's all-reduce runs behind the next local steps' compute")
-    parser.add_argument("--compress", choices=("none", "bf16", "int8"), default=None,
+    parser.add_argument("--compress", choices=tuple(CODECS), default=None,
                         help="also list every codec's round across the nodes (none: fp32 all_reduce; bf16/int8: "
                              "all_gather of the encoded payloads) with the tau each needs, and recommend one")
     parser.add_argument("--overlap-delay", type=int, default=None,

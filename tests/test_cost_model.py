@@ -518,3 +518,32 @@ def test_recommend_hierarchical_tau_none_below_the_floor():
     assert hierarchical_share_floor(0.1, 1e8, 2, tau_intra=4, **net) == pytest.approx(0.00625 / 0.10625)
     assert recommend_hierarchical_tau(*args, 0.2, tau_intra=4, **net) % 4 == 0
     assert hierarchical_share_floor(0.1, 1e8, 1, **net) == 0.0  # one rank per node: nothing every step
+
+
+def test_a_codec_is_one_registration_that_the_validator_and_the_cost_model_read():
+    from risgd_ext import cost_model
+
+    """Issue 34: a new codec is one class registered in risgd_ext.codec.CODECS; the risgd block's
+    validator accepts it and the cost model prices its bytes from it (no formula written twice)."""
+    from risgd_ext.codec import CODECS, Codec, register
+    from risgd_ext.config import ConfigError, parse_block
+
+    assert list(CODECS) == ["none", "bf16", "int8"]
+    assert cost_model.payload_bytes(1024, "int8") == 256 + 4 == CODECS["int8"].nbytes(256)
+    with pytest.raises(ConfigError, match="compress must be one of none, bf16, int8"):
+        parse_block({"compress": "nibble"})
+
+    @register
+    class Nibble(Codec):
+        name = "nibble"
+
+        def nbytes(self, n: float) -> float:
+            return n / 2 + 4
+
+    try:
+        assert parse_block({"compress": "nibble"}).compress == "nibble"
+        assert cost_model.payload_bytes(4096, "nibble") == 1024 / 2 + 4
+        options, _ = cost_model.recommend_rounds(0.1, 4e6, 4, 1.0, 5e-5)
+        assert [o.compress for o in options] == ["none", "bf16", "int8", "nibble"]
+    finally:
+        del CODECS["nibble"]
