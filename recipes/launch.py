@@ -144,6 +144,20 @@ def _run_names(plan: list[list[str]] | None, overrides: list[str]) -> list[str]:
     return names
 
 
+def command(recipe: str, ranks: int, overrides: list[str], plan: str | None = None, port: int | None = None,
+            trainer: str = TRAINER) -> list[str]:
+    """The one launch command line: ``python -m deepspeed.launcher.runner --num_gpus RANKS --master_port
+    PORT --module TRAINER --recipe RECIPE [--plan PLAN] OVERRIDES`` (``trainer`` a module, or a script
+    path ending in .py such as the checkout's ``train.py``; ``port`` a free one by default). Run it in
+    :data:`ROOT`; :func:`launch` does, and the tests and benchmarks that launch the trainer use it too."""
+    where = [trainer] if trainer.endswith(".py") else ["--module", trainer]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+           str(port or free_port()), *where, "--recipe", recipe]
+    if plan is not None:
+        cmd += ["--plan", os.path.abspath(plan)]
+    return [*cmd, *overrides]
+
+
 def launch(recipe: str, ranks: int, overrides: list[str], log_path: str,
            plan: list[list[str]] | None = None, progress: bool = True) -> None:
     """``deepspeed --num_gpus RANKS --module risgd_recipes.train --recipe RECIPE [--plan P] OVERRIDES``
@@ -153,12 +167,11 @@ def launch(recipe: str, ranks: int, overrides: list[str], log_path: str,
     Raises SystemExit(2) when the trainer refused its input (its ``error:`` line is repeated, with the
     log), SystemExit(1) when the run failed in any other way; the message names the log.
     """
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "--module", TRAINER, "--recipe", recipe]
+    plan_path = None
     if plan is not None:
         plan_path = f"{log_path}.plan.yaml"
         write_text_atomic(plan_path, yaml.safe_dump(plan, default_flow_style=None, width=1000))
-        cmd += ["--plan", os.path.abspath(plan_path)]
+    cmd = command(recipe, ranks, [], plan=plan_path)
     watch = Progress(_run_names(plan, overrides), log_path) if progress else None
     with open(log_path, "w") as log:
         proc = subprocess.Popen([*cmd, *overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -3,11 +3,11 @@ model sizes it takes come from risgd_models, never from the engine itself."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 import risgd_models
 from risgd_ext.cost_model import (
@@ -49,7 +49,6 @@ def test_prediction_and_recommended_tau():
     assert recommend_tau(0.1, 0.0, 0.1) == 1
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESNET50_BYTES = 102440608  # fp32 parameters + BatchNorm statistics of timm's resnet50: 97.7 MiB
 
 

@@ -13,11 +13,11 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT
 
 from risgd_hosts.elastic_local import kill_node, prepare_replicas, start_agent
 from risgd_hosts.local import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--recipe", "recipes/digits.yaml", "algorithm=risgd", "mu=0.5", "tau=10", "eval_every=100",
           "checkpoint_every=50", "wandb.enabled=false", "elastic.workers=3", "dist_timeout_s=60"]
 

@@ -8,7 +8,8 @@ import ast
 import glob
 import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 # folder -> the installed top-level names its files may not import
 RULES = {
     "risgd_ext": {"risgd_data", "data", "risgd_recipes", "recipes", "risgd_hosts", "hosts"},
@@ -51,3 +52,71 @@ def test_the_rule_check_can_fail():
     found = violations({"recipes": {"risgd_data"}, "benchmarks": {"risgd_hosts"}})
     assert any(v.startswith("recipes/train.py imports ['risgd_data']") for v in found)
     assert any(v.startswith("benchmarks/bench_elastic.py imports ['risgd_hosts']") for v in found)
+
+
+def module_graph(package_dir: str, package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports at module level (relative or absolute)."""
+    graph: dict[str, set[str]] = {}
+    for path in glob.glob(os.path.join(ROOT, package_dir, "**", "*.py"), recursive=True):
+        rel = os.path.relpath(path, os.path.join(ROOT, package_dir))[:-3].replace(os.sep, ".")
+        name = package + ("" if rel == "__init__" else "." + rel.removesuffix(".__init__"))
+        is_pkg = path.endswith("__init__.py")
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        deps = set()
+        for node in ast.walk(tree):  # every import: one inside a function to dodge a circle is still one
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".")
+                    base = base[:len(base) - node.level + (1 if is_pkg else 0)]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                # `from . import x` imports the submodule x (its package is already being imported)
+                targets = ([] if node.module is None else [mod]) + [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t.startswith(package)}
+        graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_paper_package_imports_in_no_circle():
+    """Issue 34: the paper package was one import circle of 12 files (grid imported every experiment,
+    every experiment imported grid); experiments are now found by registration."""
+    graph = module_graph("recipes/paper", "risgd_recipes.paper")
+    assert "risgd_recipes.paper.experiments.fig2" in graph and "risgd_recipes.paper.registry" in graph
+    assert cycles(graph) == []
+
+
+def test_the_circle_check_can_fail():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+
+
+def test_every_experiment_file_registers_one_experiment():
+    from risgd_recipes.paper.registry import builders
+
+    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "recipes/paper/experiments/*.py"))}
+    registered = [m.rsplit(".", 1)[1] for m, _ in builders()]
+    assert sorted(registered) == sorted(files - {"__init__"})
+    assert registered[:2] == ["fig2", "tau"] and registered[-1] == "workers"  # the report's order

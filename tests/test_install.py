@@ -15,12 +15,11 @@ import sysconfig
 import zipfile
 
 import pytest
+from helpers import ROOT
 
 from risgd_common import install
 from risgd_recipes import launch as launch_mod
 from risgd_recipes.config import RecipeError, find_ds_config, load_recipe, resolve_run
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env() -> dict:

@@ -8,23 +8,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
-from risgd_hosts.local import free_port
-from risgd_recipes.tracking import read_offline_history
+from helpers import ROOT, clean_env, trainer_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from risgd_recipes.tracking import read_offline_history
 
 
 def _launch(tmp_path, digits_dir, log):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           os.path.join(ROOT, "train.py"), "--recipe", "recipes/digits.yaml", "steps=300", "eval_every=25",
-           "checkpoint_every=50", f"data.shards={digits_dir}", f"runs_dir={tmp_path}", "run_name=r",
-           "wandb.mode=offline", "dist_timeout_s=60"]
-    env = dict(os.environ, WANDB_SILENT="true")
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    cmd = trainer_command(["steps=300", "eval_every=25", "checkpoint_every=50", f"data.shards={digits_dir}",
+                           f"runs_dir={tmp_path}", "run_name=r", "wandb.mode=offline", "dist_timeout_s=60"])
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=clean_env(WANDB_SILENT="true"),
+                            start_new_session=True)
 
 
 def test_ctrl_c_then_resume_keeps_the_wandb_history(tmp_path, digits_dir):

@@ -10,21 +10,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
+from helpers import launch_trainer
+
+from risgd_common.ports import free_port
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest
-from risgd_hosts.local import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(*overrides: str, ranks: int = 2) -> tuple[subprocess.CompletedProcess, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
-           "train.py", "--recipe", "recipes/digits.yaml", "wandb.enabled=false", *overrides]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env), port
+    return launch_trainer(["wandb.enabled=false", *overrides], ranks, port=port), port
 
 
 def shm_buffers(port: int) -> list[str]:

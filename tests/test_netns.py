@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT
 
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest, load_manifest, write_manifest
@@ -26,7 +27,6 @@ from risgd_hosts.netns_cluster import (
     tbf_args,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHY = netns_available()
 needs_netns = pytest.mark.skipif(WHY is not None, reason=f"network namespaces unavailable: {WHY}")
 

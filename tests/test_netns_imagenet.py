@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
 from risgd_hosts.netns_cluster import netns_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHY = netns_available()
 
 

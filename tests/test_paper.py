@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT
 from PIL import Image
 
 from risgd_data.synthetic import write_cifar_tarball
@@ -18,11 +19,10 @@ from risgd_recipes import compare, paper
 from risgd_recipes.config import load_recipe
 from risgd_recipes.paper import report as paper_report
 from risgd_recipes.paper import verdict as V
-from risgd_recipes.paper import workers
 from risgd_recipes.paper.analysis import Context
+from risgd_recipes.paper.experiments import workers
 from risgd_recipes.paper.grid import make_grid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["fig2", "tau", "diversity", "saturation", "failures", "theory", "homogeneous", "equalcompute", "workers"]
 
 

@@ -9,13 +9,13 @@ import os
 import pytest
 import torch.distributed as dist
 import yaml
+from helpers import ROOT
 
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest, write_manifest
 from risgd_ext.config import RISGDConfig, parse_block
 from risgd_recipes.config import SCHEMA, RecipeError, check_shards_source, experiment_diff, load_recipe, resolve_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = "recipes/digits.yaml"
 
 

@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
+from helpers import ROOT, launch_trainer
 
-from risgd_hosts.local import free_port
 from risgd_recipes import compare
 from risgd_recipes.config import RecipeError, build_ds_config, load_recipe, resolve_run
 from risgd_recipes.tracking import read_offline_history
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_KEY = "risgd-test-" + "0123456789abcdef" * 2  # a made-up wandb API key that must never be written
 ALGORITHMS = {"sync": 0.0, "prsgd": 0.0, "risgd": 0.5, "coop": 0.0}
 STEPS, TAU, EVAL = 20, 5, 10
@@ -27,11 +25,7 @@ SUMMARY_KEYS = {"algorithm", "tau", "mu", "world_size", "steps", "comm_rounds", 
 
 
 def launch(overrides: list[str], ranks: int = 2, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(free_port()), "train.py", "--recipe", "recipes/digits.yaml", *overrides]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # offline, no account
-    env.update(env_extra or {})
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return launch_trainer(overrides, ranks, env_extra=env_extra)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ after another). A run that has finished is never trained again, so re-running th
 and rebuilds the report. Writes ``OUT/paper.md``, ``OUT/paper.json`` and the PNGs next to them.
 
 Each run it launches gets the stamp of the engine that trains it (``RUN/paper_engine.json``:
-:mod:`recipes.paper.stamp`). A finished run whose stamp names another engine, or that has none, is
+:mod:`recipes.paper.engine_stamp`). A finished run whose stamp names another engine, or that has none, is
 *stale*: the report marks it, and ``--retrain-stale`` moves it aside (``RUN.stale-TIME``) and trains
 it again.
 
@@ -42,7 +42,7 @@ from .. import compare
 from ..bundled import bundled_recipe
 from ..config import RecipeError, load_recipe, resolve_run
 from ..launch import ROOT, launch
-from . import stamp
+from . import engine_stamp as stamp
 from .grid import GRID_KEYS, GRIDS, Grid, GridError, Setting, make_grid
 
 DEFAULT_RECIPE = "recipes/digits.yaml"

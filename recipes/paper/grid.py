@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..naming import label, setting_run_name
+from .registry import builders
 
 GRIDS = ("full", "quick", "test")
 HETERO_STD = 0.01  # the paper's heterogeneous redundancy: mu_j ~ N(mu, 0.01) (its code's sigma)
@@ -123,11 +124,9 @@ class Grid:
         return Setting("sync", 0.0, self.tau, self.steps, partition, 0.0, self.base_batch)
 
     def experiments(self) -> list[Experiment]:
-        """The paper's experiments in report order, each built by its own module (they import this one)."""
-        from . import diversity, equalcompute, failures, fig2, homogeneous, saturation, tau, theory, workers
-
-        return [m.experiment(self) for m in (fig2, tau, diversity, saturation, failures, theory, homogeneous,
-                                             equalcompute, workers)]
+        """The paper's experiments in report order, each built by its module in ``experiments/``
+        (registered there; see :mod:`.registry`)."""
+        return [build(self) for _, build in builders()]
 
     def runs(self) -> list[tuple[Setting, int]]:
         """Every (setting, seed) once, seed-major: an interrupted grid has every experiment's first seed."""

@@ -17,11 +17,11 @@ import statistics
 from risgd_common.atomic import write_text_atomic
 
 from .. import compare
-from . import stamp
+from . import engine_stamp as stamp
 from . import verdict as V
 from .analysis import Analysis, Context, md_table
+from .experiments.workers import workers_of
 from .grid import Experiment, Grid
-from .workers import workers_of
 
 VERDICT_FILE = "recipes/paper/verdict.py"
 
@@ -102,7 +102,7 @@ knee of a tau sweep is the largest tau whose accuracy is within {V.KNEE_GAP:g} p
 
 
 def stale_runs(runs: dict[str, dict], engine: dict | None) -> dict[str, str]:
-    """Run name -> why it is stale (:func:`recipes.paper.stamp.stale_reason`), for the runs another engine
+    """Run name -> why it is stale (:func:`recipes.paper.engine_stamp.stale_reason`), for the runs another engine
     trained or that carry no stamp; empty without a current ``engine`` stamp."""
     if engine is None:
         return {}
@@ -199,7 +199,7 @@ def _check_rows(checks: list[V.Check]) -> str:
 
 
 def engine_section(runs: dict[str, dict], engine: dict | None, stale: dict[str, str]) -> list[str]:
-    """The report's lines on the engine that trained the runs (:mod:`recipes.paper.stamp`)."""
+    """The report's lines on the engine that trained the runs (:mod:`recipes.paper.engine_stamp`)."""
     if engine is None:
         return ["No engine stamp was taken for this report: whether the runs were trained by the current engine "
                 "is not known.", ""]
@@ -226,7 +226,7 @@ def engine_section(runs: dict[str, dict], engine: dict | None, stale: dict[str, 
 def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: str, index: dict | None,
           timing: dict, engine: dict | None = None) -> list[Analysis]:
     """Analyse, plot, and write ``paper.md`` and ``paper.json`` under ``out_dir``. ``engine``: the current
-    engine's stamp (the runs' own are their ``engine`` entries, from :func:`recipes.paper.stamp.read`)."""
+    engine's stamp (the runs' own are their ``engine`` entries, from :func:`recipes.paper.engine_stamp.read`)."""
     os.makedirs(out_dir, exist_ok=True)
     analyses = analyse(grid, runs, out_dir)
     exps = grid.experiments()

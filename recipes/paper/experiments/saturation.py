@@ -7,11 +7,12 @@ above PR-SGD at the larger batch.
 
 from __future__ import annotations
 
-from .. import compare
-from . import verdict as V
-from .analysis import Analysis, Context, batch_text, final_acc, fmt, settings_table, spread
-from .grid import Experiment, Grid
-from .plots import curves
+from ... import compare
+from .. import verdict as V
+from ..analysis import Analysis, Context, batch_text, final_acc, fmt, settings_table, spread
+from ..grid import Experiment, Grid
+from ..plots import curves
+from ..registry import register
 
 CLAIM = ("Fig. 4 (ResNet-44 on CIFAR-10, tau=50, batch 512 for both): \"redundancy can help to escape saturation by "
          "introducing gradient diversity, hence, can achieve a better performance\" than PR-SGD.")
@@ -25,6 +26,7 @@ def settings_of(g: Grid) -> dict:
             "prsgd": g.local(g.partition, 0.0), "risgd": g.local(g.partition, g.tau_mu)}
 
 
+@register(order=40)
 def experiment(g: Grid) -> Experiment:
     b, big = g.base_batch, g.batch_factor
     setup = (f"PR-SGD against RI-SGD mu={g.tau_mu:g}, both at {b * big} per rank ({big}x the base batch; "

@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from . import verdict as V
-from .analysis import Analysis, Context, by_seed, final_acc, fmt, md_table, setting_numbers
-from .grid import Experiment, Grid
-from .plots import xy_plot
+from .. import verdict as V
+from ..analysis import Analysis, Context, by_seed, final_acc, fmt, md_table, setting_numbers
+from ..grid import Experiment, Grid
+from ..plots import xy_plot
+from ..registry import register
 
 TITLE = "Section 5.1 / 3: homogeneous against heterogeneous mu"
 CLAIM = ("Section 3: the analysis is \"in homogeneous redundancy setting\" (the heterogeneous one is deferred to "
@@ -43,6 +44,7 @@ def settings_of(g: Grid) -> dict:
     return out
 
 
+@register(order=70)
 def experiment(g: Grid) -> Experiment:
     mus = ", ".join(f"{m:g}" for m in mus_of(g))
     setup = (f"RI-SGD at mu in {{{mus}}}, tau={g.tau}, {g.partition}: homogeneous (mu_j = mu on every worker) "

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import statistics
 
-from . import verdict as V
-from .analysis import (
+from .. import verdict as V
+from ..analysis import (
     Analysis,
     Context,
     against_prsgd,
@@ -25,8 +25,9 @@ from .analysis import (
     spread,
     time_to,
 )
-from .grid import Experiment, Grid
-from .plots import xy_plot
+from ..grid import Experiment, Grid
+from ..plots import xy_plot
+from ..registry import register
 
 TITLE = "Appendix A: the number of local steps tau"
 CLAIM = ("Section 5.2 / Appendix A: as tau goes up \"the accuracy goes down, however the number of communication "
@@ -49,6 +50,7 @@ def settings_of(g: Grid) -> dict:
     return {(mu, t): g.local(g.partition, mu, t) for mu in (0.0, g.tau_mu) for t in sweep_taus(g)}
 
 
+@register(order=20)
 def experiment(g: Grid) -> Experiment:
     setup = (f"PR-SGD and RI-SGD mu={g.tau_mu:g} at tau in {{{', '.join(map(str, swept_taus(g)))}}} and at "
              f"tau={g.steps} (one average, at the end), {g.partition}, {g.steps} iterations; SyncSGD (Fig. 2's runs) "

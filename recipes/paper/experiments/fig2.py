@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import statistics
 
-from .. import compare
-from . import verdict as V
-from .analysis import (
+from ... import compare
+from .. import verdict as V
+from ..analysis import (
     Analysis,
     Context,
     final_acc,
@@ -31,8 +31,9 @@ from .analysis import (
     spread,
     time_to,
 )
-from .grid import Experiment, Grid
-from .plots import curves
+from ..grid import Experiment, Grid
+from ..plots import curves
+from ..registry import register
 
 TITLE = "Fig. 2: redundancy against SyncSGD"
 CLAIM = ("Fig. 2 (ResNet on CIFAR-10/100, 4 workers, tau=50, mu in {0, 0.1, 0.25, 0.5}): \"by increasing redundancy "
@@ -46,6 +47,7 @@ def settings_of(g: Grid, partition: str) -> dict:
     return {"sync": g.sync(partition), **{mu: g.local(partition, mu) for mu in g.mus}}
 
 
+@register(order=10)
 def experiment(g: Grid) -> Experiment:
     mus = ", ".join(f"{m:g}" for m in g.mus)
     setup = (f"mu in {{{mus}}} at tau={g.tau} (RI-SGD's mu_j ~ N(mu, {g.hetero_std:g})) against SyncSGD, "

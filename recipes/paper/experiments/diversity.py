@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .. import compare
-from . import verdict as V
-from .analysis import Analysis, Context, final_acc, settings_table
-from .grid import Experiment, Grid, Setting
-from .plots import curves
+from ... import compare
+from .. import verdict as V
+from ..analysis import Analysis, Context, final_acc, settings_table
+from ..grid import Experiment, Grid, Setting
+from ..plots import curves
+from ..registry import register
 
 TITLE = "Fig. 3: full redundancy against cooperative SGD"
 CLAIM = ("Fig. 3 (ResNet-44 on CIFAR-10, tau=50, batch 512 for both): \"RI-SGD with full redundancy can outperform "
@@ -27,6 +28,7 @@ def settings_of(g: Grid) -> dict:
     return {"full": full, "coop": coop}
 
 
+@register(order=30)
 def experiment(g: Grid) -> Experiment:
     p, b = g.ranks, g.base_batch
     setup = (f"RI-SGD mu={g.full_mu:g} (every rank holds every chunk and draws {b} from each) against "

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import verdict as V
-from .analysis import Analysis, Context, by_seed, final_acc, fmt, md_table, setting_numbers, spread
-from .grid import Experiment, Grid
-from .plots import xy_plot
+from .. import verdict as V
+from ..analysis import Analysis, Context, by_seed, final_acc, fmt, md_table, setting_numbers, spread
+from ..grid import Experiment, Grid
+from ..plots import xy_plot
+from ..registry import register
 
 TITLE = "Theorem 4.2 / Remark 1: the number of workers p"
 CLAIM = ("Remark 1: \"for larger p and fixed number of the data points the variance reduces\"; Theorem 4.2's "
@@ -55,6 +56,7 @@ def settings_of(g: Grid) -> dict:
     return out
 
 
+@register(order=90)
 def experiment(g: Grid) -> Experiment:
     ps = workers_of(g)
     parts = [f"p={p}: {g.ranks // p} rank(s) per worker, {g.base_batch // (g.ranks // p)} per chunk per rank"

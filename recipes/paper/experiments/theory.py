@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 import statistics
 
+from .. import verdict as V
+from ..analysis import Analysis, Context, against_prsgd, by_seed, fmt, md_table, spread
+from ..grid import Experiment, Grid, Setting
+from ..plots import xy_plot
+from ..registry import register
 from . import equalcompute, fig2, tau
-from . import verdict as V
-from .analysis import Analysis, Context, against_prsgd, by_seed, fmt, md_table, spread
-from .grid import Experiment, Grid, Setting
-from .plots import xy_plot
 
 TITLE = "Theorem 4.2: the residual error (divergence before averaging)"
 CLAIM = ("Theorem 4.2 / Remark 2 and section 6: \"redundancy reduces residual error as compared with conventional "
@@ -39,6 +40,7 @@ def settings_of(g: Grid) -> dict:
     return out
 
 
+@register(order=60)
 def experiment(g: Grid) -> Experiment:
     def seeds_for(setting: Setting) -> tuple[int, ...]:
         """Fig. 2's runs with all its seeds, the tau sweep's with the other seeds."""

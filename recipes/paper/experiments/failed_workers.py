@@ -6,10 +6,11 @@ each of the grid's fail_mus; the verdict asks whether RI-SGD ends above PR-SGD w
 
 from __future__ import annotations
 
-from . import verdict as V
-from .analysis import Analysis, Context, against_prsgd, by_seed, final_acc, fmt, md_table, setting_numbers
-from .grid import Experiment, Grid
-from .plots import xy_plot
+from .. import verdict as V
+from ..analysis import Analysis, Context, against_prsgd, by_seed, final_acc, fmt, md_table, setting_numbers
+from ..grid import Experiment, Grid
+from ..plots import xy_plot
+from ..registry import register
 
 TITLE = "Section 4.4: failed workers"
 CLAIM = ("Section 4.4: when s failed workers are ignored, \"by proper choice of gamma ... taking advantage of the "
@@ -22,6 +23,7 @@ def settings_of(g: Grid) -> dict:
             for s in g.fail_counts for mu in (0.0, *g.fail_mus)}
 
 
+@register(order=50)
 def experiment(g: Grid) -> Experiment:
     fail_mus = ", ".join(f"{m:g}" for m in g.fail_mus)
     downs = "; ".join(f"s={s}: ranks {list(range(1, s + 1))}" for s in g.fail_counts if s)

@@ -10,10 +10,11 @@ experiment also uses these runs: the divergence against mu at an equal per-rank 
 
 from __future__ import annotations
 
-from . import verdict as V
-from .analysis import Analysis, Context, batch_text, by_seed, final_acc, fmt, md_table, setting_numbers
-from .grid import Experiment, Grid
-from .plots import xy_plot
+from .. import verdict as V
+from ..analysis import Analysis, Context, batch_text, by_seed, final_acc, fmt, md_table, setting_numbers
+from ..grid import Experiment, Grid
+from ..plots import xy_plot
+from ..registry import register
 
 TITLE = "Section 1: RI-SGD at equal compute (the batch split)"
 CLAIM = ("Section 1: \"even when we reduce the minibatch size of RI-SGD inversely proportional to the amount of "
@@ -36,6 +37,7 @@ def per_chunk_of(g: Grid) -> dict:
     return {mu: g.local(g.partition, mu) for mu in ri_mus(g)}
 
 
+@register(order=80)
 def experiment(g: Grid) -> Experiment:
     mus = ", ".join(f"{m:g}" for m in ri_mus(g))
     setup = (f"RI-SGD at mu in {{{mus}}} with data.batch_policy=split: each rank draws {g.base_batch} per step in all, "
