@@ -300,7 +300,7 @@ class Run:
 
     cfg: dict                     # the resolved recipe: saved as config.yaml
     ds_config: dict               # what risgd_ext.initialize gets: saved as ds_config.json
-    schedule: RISGDConfig | None  # the validated risgd block (None: SyncSGD, plain DeepSpeed)
+    risgd: RISGDConfig | None  # the validated risgd block (None: SyncSGD, plain DeepSpeed)
     manifest: dict | None         # the recipe's manifest file, loaded (None: built at start)
     world_size: int
     name: str
@@ -309,7 +309,7 @@ class Run:
     origins: Origins | None = None  # where each key was written (for messages in the user's words)
 
     def is_average_step(self, step: int) -> bool:
-        return self.schedule is None or self.schedule.is_average_step(step)
+        return self.risgd is None or self.risgd.is_average_step(step)
 
     @property
     def elastic(self) -> bool:
@@ -324,7 +324,7 @@ class Run:
     @property
     def layout(self) -> Layout:
         """Which ranks make up which worker (a flat run: one-rank workers)."""
-        return Layout(self.world_size, self.schedule.node_size if self.schedule is not None else 1)
+        return Layout(self.world_size, self.risgd.node_size if self.risgd is not None else 1)
 
     @property
     def node_size(self) -> int:
@@ -351,16 +351,16 @@ class Run:
             steps = self.cfg["steps"]
         else:
             steps = self.cfg["epochs"] * steps_per_epoch
-            steps = steps if self.schedule is None else self.schedule.average_steps_near(steps)[1]
-        check_local_steps(self.cfg, self.schedule, steps)
+            steps = steps if self.risgd is None else self.risgd.average_steps_near(steps)[1]
+        check_local_steps(self.cfg, self.risgd, steps)
         return steps
 
 
-def check_local_steps(cfg: dict, schedule: RISGDConfig | None, steps: int) -> None:
+def check_local_steps(cfg: dict, risgd: RISGDConfig | None, steps: int) -> None:
     """A local-SGD run whose synchronous warm-up covers every step would train SyncSGD under the
     name and label of another algorithm: refused."""
-    if schedule is not None and schedule.warmup_sync_steps >= steps:
-        raise RecipeError(f"warmup_sync_steps={schedule.warmup_sync_steps} covers all {steps} steps of this run, so "
+    if risgd is not None and risgd.warmup_sync_steps >= steps:
+        raise RecipeError(f"warmup_sync_steps={risgd.warmup_sync_steps} covers all {steps} steps of this run, so "
                           f"it would never take a local step although it is named {cfg['algorithm']}: lower "
                           f"warmup_sync_steps below the run's steps (e.g. warmup_sync_steps=0 for a short trial) or "
                           "use algorithm=sync")
@@ -470,10 +470,10 @@ def build_ds_config(cfg: dict, world_size: int, recipe: str | None = None) -> tu
     if cfg["algorithm"] != "sync":
         block.update(block_from_recipe(cfg))
         ds["risgd"] = block
-    _, schedule = split_config(ds)
-    if schedule is not None:
-        check_world(schedule, world_size)
-    return ds, schedule
+    _, risgd = split_config(ds)
+    if risgd is not None:
+        check_world(risgd, world_size)
+    return ds, risgd
 
 
 def _flatten(cfg: dict, prefix: str = "") -> dict:
@@ -653,19 +653,19 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     except DataError as e:
         raise RecipeError(str(e)) from None
     try:
-        ds_config, schedule = build_ds_config(cfg, world_size, recipe=path)
+        ds_config, risgd = build_ds_config(cfg, world_size, recipe=path)
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     cfg["recipe"] = os.path.relpath(path)
-    run = Run(cfg, ds_config, schedule, manifest, world_size, run_name(cfg),
+    run = Run(cfg, ds_config, risgd, manifest, world_size, run_name(cfg),
               os.path.join(cfg["runs_dir"], run_name(cfg)), finished=False)
     steps = cfg["steps"]
     if steps:
-        check_local_steps(cfg, schedule, steps)
+        check_local_steps(cfg, risgd, steps)
     if steps and not run.is_average_step(steps):
-        below, above = schedule.average_steps_near(steps)
-        raise RecipeError(f"steps={steps} ends inside a round (warmup_sync_steps={schedule.warmup_sync_steps}, "
-                          f"tau={schedule.tau}): the final model would not be an average; use steps={below} or "
+        below, above = risgd.average_steps_near(steps)
+        raise RecipeError(f"steps={steps} ends inside a round (warmup_sync_steps={risgd.warmup_sync_steps}, "
+                          f"tau={risgd.tau}): the final model would not be an average; use steps={below} or "
                           f"steps={above}")
     run.origins = origins
     run.finished = check_same_experiment(run.run_dir, cfg)

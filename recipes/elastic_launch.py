@@ -34,9 +34,10 @@ import os
 import sys
 import tempfile
 
+from risgd_recipes.launch import TRAINER
+
 STOP_FILE_ENV = "RISGD_ELASTIC_STOP_FILE"  # the trainer writes its refusal here instead of printing it
 DEFAULT_RDZV_CONF = {"last_call_timeout": "5", "keep_alive_interval": "2"}
-TRAINER_MODULE = "risgd_recipes.train"
 
 
 class LaunchError(Exception):
@@ -53,7 +54,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     for opt in torch_opts:
         if opt in ("-m", "--module", "--no-python", "--no_python") or not opt.startswith("-"):
             raise LaunchError(f"'{opt}' before '--': risgd-elastic runs the trainer itself (--module "
-                              f"{TRAINER_MODULE}); give only torchrun's options before '--'")
+                              f"{TRAINER}); give only torchrun's options before '--'")
     return torch_opts, trainer
 
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from torch.distributed.run import parse_args, run
 
-    args = parse_args([*with_rdzv_defaults(torch_opts), "--module", TRAINER_MODULE, *trainer])
+    args = parse_args([*with_rdzv_defaults(torch_opts), "--module", TRAINER, *trainer])
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     fd, stop_file = tempfile.mkstemp(prefix="risgd-elastic-stop-", suffix=".txt")
     os.close(fd)

@@ -43,7 +43,7 @@ from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_recipes.config import RecipeError, Run, check_same_manifest, check_shards_source, resolve_run
 from risgd_recipes.elastic_launch import STOP_FILE_ENV
 from risgd_recipes.evaluation import evaluate
-from risgd_recipes.schedule import lr_factor
+from risgd_recipes.lr_schedule import lr_factor
 from risgd_recipes.tracking import RunTracker, run_metrics
 
 
@@ -407,7 +407,7 @@ def train(run: Run) -> None:
             model = model.to(memory_format=torch.channels_last)
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=run.ds_config, risgd=run.schedule)
+                                                       config=run.ds_config, risgd=run.risgd)
         if run.elastic:  # checkpoint state keyed by the manifest worker this rank serves
             engine.risgd.identity = worker
         client = {}
@@ -520,7 +520,7 @@ def train(run: Run) -> None:
     digest = sha256_tensors(engine.module.state_dict().items())
     digests: list = [None] * run.world_size
     dist.all_gather_object(digests, digest)  # every rank's final model: equal after the last average
-    summary = {"algorithm": cfg["algorithm"], "tau": 1 if run.schedule is None else run.schedule.tau,
+    summary = {"algorithm": cfg["algorithm"], "tau": 1 if run.risgd is None else run.risgd.tau,
                "mu": cfg["mu"], "world_size": run.world_size, "steps": total_steps, **run_metrics(stats),
                "wall_seconds": time.perf_counter() - t0, "final_test_acc": last.get("test_acc"),
                "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],

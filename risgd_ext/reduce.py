@@ -38,8 +38,8 @@ def slices(buf: torch.Tensor, bucket_bytes: int) -> list[torch.Tensor]:
     return [buf[i:i + step] for i in range(0, buf.numel(), step)]
 
 
-def payload_bytes(bufs: list[torch.Tensor]) -> int:
-    """Payload of one sum between nodes, per node (flat: per rank)."""
+def tensor_bytes(bufs: list[torch.Tensor]) -> int:
+    """The bytes of ``bufs`` as they are (an uncompressed sum's payload between nodes, per node)."""
     return sum(b.numel() * b.element_size() for b in bufs)
 
 
@@ -54,11 +54,11 @@ class Reducer:
         self.codec, self.error_feedback = codec, error_feedback and codec is not None
         self.residual: list[torch.Tensor] | None = None  # error feedback: what compression dropped, per rank
 
-    def payload_bytes(self, bufs: list[torch.Tensor]) -> int:
+    def round_bytes(self, bufs: list[torch.Tensor]) -> int:
         """Bytes one sum sends between nodes, per node (flat: per rank): fp32, or the compressed
         parameter displacement (scales included) plus the fp32 buffers and slot."""
         if self.codec is None:
-            return payload_bytes(bufs)
+            return tensor_bytes(bufs)
         total = 0
         for local in range(self.nodes.layout.node_size if self.nodes is not None else 1):
             for i, buf in enumerate(bufs):
@@ -91,7 +91,7 @@ class Reducer:
                 traffic.intra_collectives += 1
         self.synchronize()
         traffic.intra_seconds += time.perf_counter() - t0
-        traffic.intra_bytes += payload_bytes(bufs)
+        traffic.intra_bytes += tensor_bytes(bufs)
 
     def _node_mean_buffers(self, bufs: list[torch.Tensor], traffic: Traffic) -> None:
         """Synchronous node: its ranks hold the same parameters but each its own BatchNorm

@@ -208,7 +208,7 @@ class Round:
                 self.extras = extras
                 self.sums = self.sums + [avg.pack(extras, self.live_here)]
             avg.sends.fill_in_place(model, self.live_here, avg.measure, avg.displace_always)
-            self.nbytes = report.bytes_sent = avg.reducer.payload_bytes(self.sums)
+            self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self.sums)
             return report
         if extras:
             raise ValueError("an overlapped round averages no extra tensors")
@@ -216,7 +216,7 @@ class Round:
         for s, b in zip(self.sent, model.buffers):
             s.copy_(b)  # x at the send, buffers included
         avg.sends.fill(model, self.sums, self.live_here, avg.measure)
-        self.nbytes = report.bytes_sent = avg.reducer.payload_bytes(self.sums)
+        self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self.sums)
         self._started, self._works = avg.reducer.start(self.sums, avg.node_sum, report.traffic, self.live_here)
         for work in self._works:
             work.get_future().then(self._bucket_done)

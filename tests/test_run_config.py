@@ -36,7 +36,7 @@ def test_a_run_that_cannot_end_on_an_average_is_refused(tmp_path):
     assert "use steps=175 or steps=225" in str(e.value) and "\n" not in str(e.value)
     assert resolve(tmp_path, "warmup_sync_steps=25", "tau=50", "steps=225").cfg["steps"] == 225
     # SyncSGD averages every step: any length ends on an average
-    assert resolve(tmp_path, "algorithm=sync", "mu=0", "steps=201").schedule is None
+    assert resolve(tmp_path, "algorithm=sync", "mu=0", "steps=201").risgd is None
 
 
 def test_epochs_round_up_to_the_next_average(tmp_path):
@@ -60,7 +60,7 @@ def test_the_engine_validates_the_recipe_keys_it_owns(tmp_path):
 
 def test_the_ds_config_is_built_once_with_the_risgd_block(tmp_path):
     run = resolve(tmp_path, "tau=20", "warmup_sync_steps=10", "steps=990")
-    assert run.ds_config["risgd"]["tau"] == 20 and run.schedule.tau == 20
+    assert run.ds_config["risgd"]["tau"] == 20 and run.risgd.tau == 20
     assert run.ds_config["train_batch_size"] == 32 * 4
     assert "risgd" not in resolve(tmp_path, "algorithm=sync", "mu=0").ds_config
 
@@ -143,7 +143,7 @@ def test_a_warm_up_covering_the_whole_run_is_refused(tmp_path):
                                                        f"runs_dir={tmp_path}"], 8)
     run = resolve_run("recipes/imagenet_resnet50.yaml", ["steps=25050", "epochs=0", "data.manifest=null",
                                                                    f"runs_dir={tmp_path}"], 8)
-    assert run.schedule.warmup_sync_steps == 25000  # a local step after the warm-up: accepted
+    assert run.risgd.warmup_sync_steps == 25000  # a local step after the warm-up: accepted
     epochs = resolve_run("recipes/digits.yaml", ["warmup_sync_steps=500", "steps=0", "epochs=2",
                                                  f"runs_dir={tmp_path}"], 4)
     with pytest.raises(RecipeError, match="covers all 100 steps"):
