@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo paper clean
+.PHONY: setup test quick lint demo paper clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(STAMP)
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: lint
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+# The edit-test loop: ruff and every test not marked slow (no launches, no wheel), stopping at the first failure.
+quick: lint
+	$(PY) -m pytest -q -x -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m recipes.demo

@@ -58,11 +58,14 @@ class _AliasLoader(importlib.abc.Loader):
     def get_code(self, fullname: str):
         """What ``python -m CHECKOUT.NAME`` runs as ``__main__`` (``runpy`` asks the loader for the code;
         for a package it asks for ``PACKAGE.__main__``): the installed module's ``main()``."""
+        # Only as __main__: a process that multiprocessing spawns re-runs the parent's main module under
+        # the name __mp_main__, and must import the module, not run the command again.
         source = (f"import importlib, runpy, sys\n"
                   f"_target = importlib.import_module({self.target!r})\n"
-                  f"if hasattr(_target, 'main'):\n"
+                  f"if __name__ == '__main__' and hasattr(_target, 'main'):\n"
                   f"    sys.exit(_target.main())\n"
-                  f"runpy.run_module({self.target!r}, run_name='__main__', alter_sys=True)\n")
+                  f"elif __name__ == '__main__':\n"
+                  f"    runpy.run_module({self.target!r}, run_name='__main__', alter_sys=True)\n")
         return compile(source, f"<{fullname}: an alias of {self.target}>", "exec")
 
     def is_package(self, fullname: str) -> bool:
