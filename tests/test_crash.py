@@ -7,7 +7,11 @@ import json
 import os
 import time
 
+import pytest
+
 from tests.test_train import launch
+
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
 FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "faults")  # the kill -9 hook (sitecustomize)
 

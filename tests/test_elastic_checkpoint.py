@@ -15,6 +15,8 @@ import torch
 from risgd_hosts.local import run_ranks
 from tests.elastic_workers import scenario_phase
 
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
+
 
 def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

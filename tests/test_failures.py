@@ -26,6 +26,7 @@ def test_live_coverage(digits_dir, mu, down, expected):
     assert coverage == pytest.approx(expected, abs=1.0 / 4 / 100)  # chunks differ by at most one sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm, mu, expected", [("prsgd", 0.0, 0.5), ("risgd", 0.5, 1.0)])
 def test_training_reports_coverage_under_failures(tmp_path, digits_dir, algorithm, mu, expected):
     proc = launch([f"algorithm={algorithm}", f"mu={mu}", "steps=10", "tau=5", "eval_every=5",

@@ -8,8 +8,12 @@ the world's, so that an elastic agent can restart the survivors. Real DeepSpeed 
 
 from __future__ import annotations
 
+import pytest
+
 from risgd_hosts.local import run_ranks
 from tests.engine_workers import scenario_silent_peer
+
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
 TIMEOUT_S = 3.0
 

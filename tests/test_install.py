@@ -21,6 +21,7 @@ from risgd_common import install
 from risgd_recipes import launch as launch_mod
 from risgd_recipes.config import RecipeError, find_ds_config, load_recipe, resolve_run
 
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
 def _env() -> dict:
     return {k: v for k, v in os.environ.items()

@@ -10,9 +10,12 @@ import signal
 import subprocess
 import time
 
+import pytest
 from helpers import ROOT, clean_env, trainer_command
 
 from risgd_recipes.tracking import read_offline_history
+
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
 
 def _launch(tmp_path, digits_dir, log):

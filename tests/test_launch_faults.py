@@ -11,11 +11,14 @@ import os
 import shutil
 import subprocess
 
+import pytest
 from helpers import launch_trainer
 
 from risgd_common.ports import free_port
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest
+
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
 
 def launch(*overrides: str, ranks: int = 2) -> tuple[subprocess.CompletedProcess, int]:

@@ -27,6 +27,8 @@ from risgd_hosts.netns_cluster import (
     tbf_args,
 )
 
+pytestmark = [pytest.mark.slow, pytest.mark.netns]  # `make quick` leaves these out (see pyproject's markers)
+
 WHY = netns_available()
 needs_netns = pytest.mark.skipif(WHY is not None, reason=f"network namespaces unavailable: {WHY}")
 

@@ -14,6 +14,8 @@ from helpers import ROOT
 
 from risgd_hosts.netns_cluster import netns_available
 
+pytestmark = [pytest.mark.slow, pytest.mark.netns]  # `make quick` leaves these out (see pyproject's markers)
+
 WHY = netns_available()
 
 

@@ -23,6 +23,8 @@ from risgd_recipes.paper.analysis import Context
 from risgd_recipes.paper.experiments import workers
 from risgd_recipes.paper.grid import make_grid
 
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
+
 KEYS = ["fig2", "tau", "diversity", "saturation", "failures", "theory", "homogeneous", "equalcompute", "workers"]
 
 

@@ -3,8 +3,12 @@ every round, and resident memory flat."""
 
 from __future__ import annotations
 
+import pytest
+
 from risgd_hosts.local import run_ranks
 from tests.soak_worker import ROUNDS, soak
+
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
 
 def test_soak_identical_ranks_and_flat_memory():

@@ -15,6 +15,8 @@ from risgd_recipes import compare
 from risgd_recipes.config import RecipeError, build_ds_config, load_recipe, resolve_run
 from risgd_recipes.tracking import read_offline_history
 
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
+
 FAKE_KEY = "risgd-test-" + "0123456789abcdef" * 2  # a made-up wandb API key that must never be written
 ALGORITHMS = {"sync": 0.0, "prsgd": 0.0, "risgd": 0.5, "coop": 0.0}
 STEPS, TAU, EVAL = 20, 5, 10

@@ -12,6 +12,8 @@ import yaml
 from risgd_recipes.config import RecipeError, resolve_run
 from tests.test_train import launch
 
+pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
+
 STEPS, TAU = 24, 6
 RUNS = {
     "node": ["node_size=2"],
