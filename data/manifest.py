@@ -151,7 +151,7 @@ def steps_per_epoch(manifest: dict, base_batch: int) -> int:
 
 def build_manifest(index: dict, workers: int, mu: float, partition: str = "iid", seed: int = 0,
                    hetero_std: float = 0.0, mode: str = "risgd") -> dict:
-    """Build the manifest dict (see module doc; schema in data/README.md)."""
+    """Build the manifest dict (see module doc; schema in docs/data.md)."""
     validate_manifest_params(workers, mu, partition, hetero_std, mode)
     arrays = split_arrays(index, "train")
     n, p = arrays.samples, workers

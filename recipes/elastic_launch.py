@@ -10,7 +10,7 @@ torchrun itself (``torch.distributed.run.run``: its agent, its c10d rendezvous, 
 three things added:
 
 - ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` unless set: with torch 2.14's default, every restarted
-  gloo group fails after a membership change (README, "Elastic runs").
+  gloo group fails after a membership change (docs/faults.md, "Elastic runs").
 - ``--rdzv-conf`` defaults ``last_call_timeout=5,keep_alive_interval=2`` unless given (torch's are
   30 s and 5 s: a lost node then holds the next rendezvous up for about 45 s).
 - the end of the agent is one line on stderr and an exit status:

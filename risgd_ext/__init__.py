@@ -4,17 +4,8 @@ Replace ``deepspeed.initialize`` by ``risgd_ext.initialize`` and add a ``"risgd"
 DeepSpeed config: per-step gradient all-reduce is switched off and parameters are averaged across
 ranks every ``tau`` optimizer steps.
 
-The map of the engine, one job per module:
-
-- ``config``: the ``"risgd"`` block, each key declared once (default, validator, help);
-- ``engine``: ``initialize`` / ``attach``, the DeepSpeed engine subclass, per-rank checkpoints;
-- ``controller``: the schedule (sync, local, round, intra-node average) and the accounting;
-- ``round``: one averaging round's life (send, wait, apply, view, state) and its two seams;
-- ``flat``: the model as flat buffers, the anchor, the arithmetic of an average;
-- ``reduce``: the collectives of a round (flat or node level) and a node's gradient all-reduce;
-- ``topology``: the node level's process groups, from ``risgd_common.layout.Layout``;
-- ``failures``: the simulated failure schedule;
-- ``cost_model``: the alpha-beta model and ``risgd-cost-model`` (imports no DeepSpeed).
+The map of the engine (one job per module) is written once, in docs/engine.md, "The map of the
+engine"; each module's docstring says its own job.
 
 Importing this package imports DeepSpeed only when ``initialize``, ``attach``,
 ``init_distributed`` or ``RISGDController`` is first used.

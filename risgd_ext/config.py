@@ -207,7 +207,7 @@ def block_from_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def keys_table() -> str:
-    """The README's table of the ``risgd`` block, made from the declarations."""
+    """The table of the ``risgd`` block in docs/engine.md, made from the declarations."""
     rows = ["| key | default | recipe key | what |", "|---|---|---|---|"]
     for name, f in KEYS.items():
         default = getattr(_DEFAULTS, name)

@@ -430,7 +430,7 @@ class RISGDController:
 
     # -- reporting and checkpoints ------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Accounting on this rank, as a plain dict (see the README for each key). On an
+        """Accounting on this rank, as a plain dict (docs/engine.md has a table of the keys). On an
         asynchronous device this waits for the steps queued so far, to count their compute."""
         self._collect_events(wait=True)
         out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}

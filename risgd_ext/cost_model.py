@@ -490,17 +490,17 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
     return out
 
 
-# What the sweep on the namespace hosts measured for the outer step (README, "Rounds for wide-area
+# What the sweep on the namespace hosts measured for the outer step (docs/wide-area.md, "Rounds for wide-area
 # links"); the cost model has no accuracy term, so this is advice from that measurement, not a model.
 OUTER_ADVICE = ("none (outer_lr 1.0, outer_momentum 0): in the sweep the outer Nesterov step (0.7, 0.9) lost "
-                "3-6 points at 20-30 rounds; see the README's sweep")
+                "3-6 points at 20-30 rounds; see docs/wide-area.md's sweep")
 
 
 def format_prediction(p: Prediction) -> str:
     return "\n".join(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}" for k, v in asdict(p).items())
 
 
-# The largest tau the project measured for accuracy: the tau sweep (README, Appendix A; recipes/paper/grid.py)
+# The largest tau the project measured for accuracy: the tau sweep (docs/paper.md, Appendix A; recipes/paper/grid.py)
 # ran tau in {1, 10, 25, 50, 100, 200}, and by 200 accuracy already falls with tau. The cost model has no
 # accuracy term: a tau beyond this one is an answer about time alone, at an accuracy nobody measured.
 MEASURED_TAU_MAX = 200

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import deepspeed
 import torch
@@ -337,8 +338,13 @@ def scenario_silent_peer(rank: int, world_size: int, timeout_s: float) -> dict:
     engine = build(ds_config({"tau": 2}))
     group = engine.data_parallel_group
     group_timeout = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    # rank 0 says through a file when its round has failed; until then rank 1 stays silent (at most
+    # timeout_s + 20 s: rank 0's round must give up long before), then leaves at once
+    done = os.path.join(tempfile.gettempdir(), f"risgd-silent-peer-{os.environ['MASTER_PORT']}")
     if rank == 1:
-        time.sleep(timeout_s + 20)  # silent: rank 0's round must give up long before this ends
+        deadline = time.monotonic() + timeout_s + 20
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.1)
         return {"group_timeout_s": group_timeout}
     train_step(engine, rank, 0)
     t0 = time.monotonic()
@@ -347,5 +353,7 @@ def scenario_silent_peer(rank: int, world_size: int, timeout_s: float) -> dict:
         error = None
     except RuntimeError as e:
         error = str(e).splitlines()[0]
-    return {"failed_after_s": time.monotonic() - t0, "error": error, "group_timeout_s": group_timeout,
+    failed_after = time.monotonic() - t0
+    open(done, "w").close()
+    return {"failed_after_s": failed_after, "error": error, "group_timeout_s": group_timeout,
             "world_timeout_s": world_timeout().total_seconds(), "same_group": group is dist.group.WORLD}

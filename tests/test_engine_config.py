@@ -176,3 +176,21 @@ def test_the_docs_risgd_block_is_valid_json_the_engine_accepts():
 
     assert set(block) == set(KEYS)  # every key shown, each accepted
     assert parse_block(block).tau == 50
+
+
+def test_the_docs_stats_table_names_every_key_stats_returns():
+    """Issue 34: `stats()` returned keys its table lacked. The table's first column, against the keys
+    an engine's stats() builds (read from the controller's source: the counters and out[...] keys)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from risgd_ext import controller
+
+    src = open(controller.__file__).read()
+    body = src[src.index("    def stats(self)"):src.index("    def state_dict(") if "    def state_dict(" in src
+               else len(src)]
+    keys = set(controller._COUNTERS) | set(controller._COUNTERS_2) | set(re.findall(r'out\["(\w+)"\]', body))
+    doc = open(os.path.join(root, "docs", "engine.md")).read()
+    table = doc.split("`engine.risgd.stats()` returns these keys:", 1)[1].split("\n\n", 2)[1]
+    documented = {k for row in table.splitlines()[2:] for k in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert keys - documented == set() and "comm_rounds" in keys
