@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
 import time
 import traceback
@@ -39,6 +40,13 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
         raise
     with open(os.path.join(out_dir, f"result{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    # The rank's result is on disk: leave without the interpreter's teardown. On a loaded machine a
+    # gloo or DeepSpeed thread still alive at teardown has aborted a finished rank ("terminate called
+    # without an active exception", seen 1-2 times per ~10 suite runs, root cause not found), failing
+    # a scenario whose checks had all run; what a scenario checks is in its result, not in its exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 240.0) -> list:

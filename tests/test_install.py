@@ -80,6 +80,13 @@ def test_the_wheel_carries_the_trainer_the_recipes_and_the_ds_configs(wheel):
     assert {f"risgd_recipes/ds_configs/{n}" for n in configs} <= names
     assert "risgd-train = risgd_recipes.train:main" in entry_points
     assert not any(n.split("/")[0] in ("data", "models", "recipes", "hosts", "train.py") for n in names)
+    # every package of the tree is in the wheel (a new subpackage must be listed in pyproject's packages)
+    installed = {"data": "risgd_data", "models": "risgd_models", "recipes": "risgd_recipes", "hosts": "risgd_hosts",
+                 "risgd_ext": "risgd_ext", "risgd_common": "risgd_common"}
+    for folder, name in installed.items():
+        for init in glob.glob(os.path.join(ROOT, folder, "**", "__init__.py"), recursive=True):
+            rel = os.path.relpath(init, os.path.join(ROOT, folder)).replace(os.sep, "/")
+            assert f"{name}/{rel}" in names, f"{name}/{rel} is not in the wheel: add its package to pyproject.toml"
 
 
 def test_installed_risgd_train_trains_a_bundled_recipe_from_any_directory(venv, tmp_path, digits_dir):
