@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test quick lint demo paper clean
 
+# PYTHONWARNINGS on the editable install: setuptools warns that the folders data/, models/, ... differ
+# from their installed names; that is the design (risgd_common/aliases.py), nothing a user can act on.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	# PYTHONWARNINGS: setuptools warns that the folders data/, models/, ... differ from their installed
-	# names; that is the design (risgd_common/aliases.py), and nothing a user can act on.
 	PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
