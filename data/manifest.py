@@ -134,7 +134,7 @@ def validate_manifest_params(workers: int, mu: float, partition: str, hetero_std
         )
     if not (_is_number(hetero_std) and math.isfinite(hetero_std) and hetero_std >= 0):
         raise DataError(f"{spell('hetero_std', hetero_std)} is invalid: must be a finite number >= 0")
-    parse_scheme(partition, spelled=None if spell is _flag else spell("partition", partition))
+    parse_scheme(partition, spelled=spell("partition", repr(partition)))
 
 
 def steps_per_epoch(manifest: dict, base_batch: int) -> int:

@@ -246,8 +246,9 @@ def _read_file(path: str) -> dict:
     return raw
 
 
-def _read_raw(path: str, overrides: list[str] | tuple[str, ...]) -> dict:
-    raw = _read_file(path)
+def _read_raw(path: str, overrides: list[str] | tuple[str, ...], file: dict | None = None) -> dict:
+    """The recipe file's mapping (``file``: as read already) with the overrides applied."""
+    raw = _read_file(path) if file is None else copy.deepcopy(file)
     for item in overrides:
         apply_override(raw, item)
     return raw
@@ -258,11 +259,11 @@ class Origins:
     override on the command line (``the override mu=2``), the recipe file (``mu: 0.25 in
     recipes/cifar10_resnet44.yaml``) or the schema's default (``mu=0.0, the default``)."""
 
-    def __init__(self, path: str, overrides: list[str] | tuple[str, ...]):
+    def __init__(self, path: str, overrides: list[str] | tuple[str, ...], file: dict):
         rel = os.path.relpath(path)
         self.path = os.path.abspath(path) if rel.startswith("..") else rel  # a bundled recipe: where it is
         self.overrides = list(overrides)
-        self.file = _read_file(path)
+        self.file = file  # the recipe file's own mapping (_read_file)
 
     def override(self, key: str) -> str | None:
         """The last override that sets ``key`` (the one that wins), or None."""
@@ -625,8 +626,8 @@ SOURCE_HINTS = {"cifar10": "the official cifar-10-python.tar.gz", "cifar100": "t
 
 def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: int) -> Run:
     """The whole launch, resolved and checked (see the module docstring)."""
-    raw = _read_raw(path, overrides)
-    origins = Origins(path, overrides)
+    origins = Origins(path, overrides, _read_file(path))
+    raw = _read_raw(path, overrides, origins.file)
     cfg = _merge(SCHEMA, raw)
     manifest = None
     node_size = cfg["node_size"]

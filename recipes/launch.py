@@ -77,17 +77,14 @@ class Progress:
         self.names, self.log_path = names, log_path
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.started = time.monotonic()
         self.done: list[float] = []  # seconds each finished run took
         self.current: str | None = None
-        self.run_started = self.started
+        self.run_started = time.monotonic()
         self.last_quarter = -1
         self.last_print = 0.0
 
-    def line(self) -> str | None:
-        bar = _latest_bar(self.log_path)
-        if bar is None:
-            return None
+    def line(self, bar: tuple[str, int, int, float | None]) -> str:
+        """The line for the trainer's latest bar (:func:`_latest_bar`)."""
         name, step, steps, left = bar
         now = time.monotonic()
         if name != self.current:
@@ -108,11 +105,11 @@ class Progress:
         return f"[run {k}/{total}] {name}: step {step}/{steps}{this}{rest}"
 
     def poll(self) -> None:
-        text = self.line()
-        if text is None:
-            return
         bar = _latest_bar(self.log_path)
-        quarter = 4 * bar[1] // max(bar[2], 1) if bar else 0
+        if bar is None:  # nothing training yet
+            return
+        text = self.line(bar)
+        quarter = 4 * bar[1] // max(bar[2], 1)
         now = time.monotonic()
         if self.tty:
             if now - self.last_print >= 2:
@@ -149,7 +146,7 @@ def command(recipe: str, ranks: int, overrides: list[str], plan: str | None = No
     """The one launch command line: ``python -m deepspeed.launcher.runner --num_gpus RANKS --master_port
     PORT --module TRAINER --recipe RECIPE [--plan PLAN] OVERRIDES`` (``trainer`` a module, or a script
     path ending in .py such as the checkout's ``train.py``; ``port`` a free one by default). Run it in
-    :data:`ROOT`; :func:`launch` does, and the tests and benchmarks that launch the trainer use it too."""
+    :data:`ROOT`; :func:`launch` (the demo, the paper) and the tests' harness use it."""
     where = [trainer] if trainer.endswith(".py") else ["--module", trainer]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
            str(port or free_port()), *where, "--recipe", recipe]

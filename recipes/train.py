@@ -200,7 +200,7 @@ def cost_advice(cfg: dict, stats: dict) -> dict:
 BATCH_TOLERANCE = 1.25  # a global batch this factor off the recipe's data.global_batch is warned about
 
 
-def batch_lines(run: Run, manifest: dict, worker: int, per_rank: list[int]) -> list[str]:
+def batch_lines(run: Run, manifest: dict, per_rank: list[int]) -> list[str]:
     """The line saying the per-rank and global batch the batch policy gives, and a warning when the
     global batch is more than :data:`BATCH_TOLERANCE` off the recipe's stated ``data.global_batch``."""
     data = run.cfg["data"]
@@ -253,13 +253,18 @@ def _on_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def latest_checkpoint(run: Run) -> tuple[str, str | None]:
+    """(the path of the run's ``checkpoints/latest``, the tag it names or None: no checkpoint yet)."""
+    latest = os.path.join(run.run_dir, "checkpoints", "latest")
+    return latest, (open(latest).read().strip() if os.path.exists(latest) else None)
+
+
 def interrupted_line(runs: list[Run]) -> str:
     """Rank 0's one line when a run is interrupted: where the same command resumes it."""
     for run in runs:
         if os.path.exists(os.path.join(run.run_dir, "summary.json")):
             continue
-        latest = os.path.join(run.run_dir, "checkpoints", "latest")
-        tag = open(latest).read().strip() if os.path.exists(latest) else None
+        latest, tag = latest_checkpoint(run)
         where = f"its checkpoint {tag} ({latest})" if tag else "the start (no checkpoint yet)"
         return f"interrupted: {run.run_dir} stops here; the same command resumes it from {where}"
     return "interrupted"
@@ -298,8 +303,7 @@ def lost_peer_line(error: BaseException, runs: list[Run]) -> str:
     where the run goes on."""
     said = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
     run = next(run for run in runs if run.elastic)
-    latest = os.path.join(run.run_dir, "checkpoints", "latest")
-    tag = open(latest).read().strip() if os.path.exists(latest) else None
+    _, tag = latest_checkpoint(run)
     where = f"checkpoint {tag}" if tag else "the start (no checkpoint yet)"
     return (f"elastic: a peer of this rank's collective is gone ({type(error).__name__}: {said[:200]}); this worker "
             f"exits for torchrun to restart the survivors from {where} of {run.run_dir}")
@@ -440,11 +444,12 @@ def train(run: Run) -> None:
                                transform=transform, seed=cfg["seed"], start_step=start,
                                num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
                                decode=data["decode"], device=device)  # gpu: batches come decoded on the device
-    batches_of: list = [None] * run.world_size  # what each rank draws per step under the batch policy
-    dist.all_gather_object(batches_of, loader.batch_size)
-    if rank == 0 and start == 0:
-        for line in batch_lines(run, manifest, worker, batches_of):
-            print(line, file=sys.stderr, flush=True)
+    if start == 0:  # said once, at the start of a run (a resumed run said it then)
+        batches_of: list = [None] * run.world_size  # what each rank draws per step under the batch policy
+        dist.all_gather_object(batches_of, loader.batch_size)
+        if rank == 0:
+            for line in batch_lines(run, manifest, batches_of):
+                print(line, file=sys.stderr, flush=True)
     eval_loader = make_eval_loader(shard_dir, data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))
     fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
