@@ -29,12 +29,12 @@ quick: lint
 	$(PY) -m pytest -q -x -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m recipes.demo
+	$(PY) -m tools.demo
 
 # The paper, experiment by experiment: every run, then reports/paper.md and paper.json (~90 min on
-# 2 cores; re-running resumes). `$(PY) -m recipes.paper --quick` is the 10-minute version.
+# 2 cores; re-running resumes). `$(PY) -m tools.paper --quick` is the 10-minute version.
 paper: $(STAMP)
-	$(PY) -m recipes.paper
+	$(PY) -m tools.paper
 
 clean:
 	rm -rf runs/demo* build *.egg-info

@@ -27,7 +27,7 @@ def _rank(rank: int, world_size: int, shards: str, repeats: int, batch: int) -> 
     import risgd_models
     from risgd_data.loader import make_eval_loader
     from risgd_data.transforms import eval_transform
-    from risgd_recipes.evaluation import evaluate
+    from risgd_trainer.evaluation import evaluate
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)

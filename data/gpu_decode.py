@@ -27,7 +27,7 @@ which corrupt samples are skipped and replaced, are exactly the CPU path's. An i
 refuses is decoded on the CPU by torchvision and moved to the device.
 
 The package needs no GPU: :func:`check_decode` refuses ``gpu`` in one line where CUDA is not
-available (the trainer calls it through recipes.config.resolve_run, before any process group).
+available (the trainer calls it through trainer.run_config.resolve_run, before any process group).
 """
 
 from __future__ import annotations

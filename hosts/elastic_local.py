@@ -6,7 +6,7 @@
     kill_node(agents[2])   # the agent and its workers (they run in sessions of their own), SIGKILL
 
 Each agent is ``risgd-elastic --nnodes=MIN:MAX --nproc-per-node 1 --rdzv-backend=c10d
---rdzv-endpoint=127.0.0.1:PORT -- ARGS`` (torchrun's own agent; risgd_recipes.elastic_launch),
+--rdzv-endpoint=127.0.0.1:PORT -- ARGS`` (torchrun's own agent; risgd_tools.elastic_launch),
 agent 0 hosting the c10d store
 (``is_host``), so killing another agent loses a node and not the rendezvous. Its node's replica
 is given by ``RISGD_REPLICA_DIR`` (on a real cluster: ``data.shards``, the node-local path). No
@@ -66,7 +66,7 @@ def start_agent(k: int, replica: str, port: int, train_args: list[str], log_dir:
     # after a membership change and the restarted workers find the old workers' gloo addresses there
     env.update({"RISGD_REPLICA_DIR": replica, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, **(env_extra or {}))
-    cmd = [sys.executable, "-m", "risgd_recipes.elastic_launch", f"--nnodes={nnodes}", "--nproc-per-node=1",
+    cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", f"--nnodes={nnodes}", "--nproc-per-node=1",
            f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}",
            "--rdzv-id=risgd-elastic",
            f"--rdzv-conf=is_host={int(k == 0)},last_call_timeout={last_call_s},keep_alive_interval={keep_alive_s}"

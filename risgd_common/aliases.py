@@ -28,19 +28,32 @@ import sys
 from types import ModuleType
 
 ALIASES: dict[str, str] = {}  # checkout name -> installed name, e.g. "data" -> "risgd_data"
-# modules that moved: their old checkout name keeps working (python -m recipes.netns_cluster)
-MOVED: dict[str, str] = {"recipes.netns_cluster": "risgd_hosts.netns_cluster"}
+# Modules that moved, by their old installed name (a package moves with everything under it): the old
+# names keep working, installed (risgd_recipes.train) and in a checkout (python -m recipes.demo).
+# recipes/ held the trainer and the tools until they got rooms of their own (trainer/, tools/).
+MOVED: dict[str, str] = {
+    "risgd_recipes.netns_cluster": "risgd_hosts.netns_cluster",
+    **{f"risgd_recipes.{m}": f"risgd_trainer.{m}"
+       for m in ("train", "lr_schedule", "evaluation", "tracking", "naming", "elastic", "agree")},
+    "risgd_recipes.config": "risgd_trainer.run_config",
+    **{f"risgd_recipes.{m}": f"risgd_tools.{m}" for m in ("compare", "demo", "launch", "elastic_launch", "paper")},
+}
 
 
 def installed_name(name: str) -> str | None:
     """The installed name of a module named by its checkout name (``data.manifest`` ->
-    ``risgd_data.manifest``), or None when ``name`` is not under an aliased folder."""
-    if name in MOVED:
-        return MOVED[name]
+    ``risgd_data.manifest``) or by a name it had before it moved (``risgd_recipes.config`` ->
+    ``risgd_trainer.run_config``), or None when neither applies."""
     top, _, rest = name.partition(".")
-    if top not in ALIASES:
-        return None
-    return ALIASES[top] + ("." + rest if rest else "")
+    if top in ALIASES:
+        name = ALIASES[top] + ("." + rest if rest else "")
+    parts = name.split(".")
+    for cut in range(len(parts), 1, -1):  # the longest moved prefix: risgd_recipes.paper.grid moves with paper
+        head = ".".join(parts[:cut])
+        if head in MOVED:
+            name = ".".join([MOVED[head], *parts[cut:]])
+            break
+    return None if top not in ALIASES and name == ".".join(parts) else name
 
 
 class _AliasLoader(importlib.abc.Loader):
@@ -92,13 +105,19 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
 _FINDER = _AliasFinder()
 
 
+def install() -> None:
+    """Put the finder of these names first on ``sys.meta_path`` (once): called by :func:`alias` and by
+    the ``risgd_recipes`` package, whose moved modules keep their old names."""
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+
+
 def alias(checkout: str, installed: str) -> ModuleType:
     """Make the checkout name ``checkout`` (a folder imported by its own name) the installed package
     ``installed``: called from the folder's ``__init__.py`` when ``__name__ == checkout``. Returns
     the installed package, which the caller's ``sys.modules`` entry now is."""
     ALIASES[checkout] = installed
-    if _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+    install()
     package = importlib.import_module(installed)
     sys.modules[checkout] = package
     return package

@@ -19,7 +19,7 @@ def _checkout() -> str | None:
     """The repository root when this package runs from a checkout (an editable install or the source
     tree itself), None when it runs from an installed wheel."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    marks = ("pyproject.toml", "train.py", os.path.join("recipes", "train.py"))
+    marks = ("pyproject.toml", "train.py", os.path.join("trainer", "train.py"))
     return root if all(os.path.isfile(os.path.join(root, m)) for m in marks) else None
 
 
@@ -31,9 +31,9 @@ COMMANDS = {
     "data.make_shards": "risgd-make-shards",
     "data.manifest": "risgd-manifest",
     "data.replicate": "risgd-replicate",
-    "recipes.compare": "risgd-compare",
-    "recipes.demo": "risgd-demo",
-    "recipes.paper": "risgd-paper",
+    "tools.compare": "risgd-compare",
+    "tools.demo": "risgd-demo",
+    "tools.paper": "risgd-paper",
     "hosts.netns_cluster": "risgd-netns-cluster",
     "risgd_ext.cost_model": "risgd-cost-model",
 }

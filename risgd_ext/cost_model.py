@@ -500,7 +500,7 @@ def format_prediction(p: Prediction) -> str:
     return "\n".join(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}" for k, v in asdict(p).items())
 
 
-# The largest tau the project measured for accuracy: the tau sweep (docs/paper.md, Appendix A; recipes/paper/grid.py)
+# The largest tau the project measured for accuracy: the tau sweep (docs/paper.md, Appendix A; tools/paper/grid.py)
 # ran tau in {1, 10, 25, 50, 100, 200}, and by 200 accuracy already falls with tau. The cost model has no
 # accuracy term: a tau beyond this one is an answer about time alone, at an accuracy nobody measured.
 MEASURED_TAU_MAX = 200

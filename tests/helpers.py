@@ -1,5 +1,5 @@
 """The suite's one harness: the checkout's root, a child's environment, and a launch of the trainer
-through the product's own launcher command (``risgd_recipes.launch.command``). Test modules import
+through the product's own launcher command (``risgd_tools.launch.command``). Test modules import
 it as ``from helpers import ...`` (pytest puts tests/ on the path); fixtures live in conftest.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from risgd_recipes.launch import command
+from risgd_tools.launch import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = "recipes/digits.yaml"

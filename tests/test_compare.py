@@ -10,8 +10,8 @@ import os
 
 import yaml
 
-from risgd_recipes import compare
-from risgd_recipes.config import load_recipe
+from risgd_tools import compare
+from risgd_trainer.run_config import load_recipe
 
 
 def _run(root, name: str, seed: int, steps: int, acc: float, **over) -> str:

@@ -22,7 +22,7 @@ from risgd_data.make_shards import make_shards
 from risgd_data.manifest import build_manifest
 from risgd_data.synthetic import imagenet_like_jpeg, photo_like_image, write_imagenet_tree
 from risgd_data.transforms import FastTrainTransform, TrainParams, train_transform
-from risgd_recipes.config import RecipeError, resolve_run
+from risgd_trainer.run_config import RecipeError, resolve_run
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_gpu_decode_refusals(shards, monkeypatch):
 
 
 def test_recipe_key_data_decode(tmp_path, monkeypatch, capsys):
-    """One declaration (recipes.config.SCHEMA), checked before any process group: a wrong value, a
+    """One declaration (trainer.run_config.SCHEMA), checked before any process group: a wrong value, a
     dataset the GPU path does not decode, and gpu without CUDA are one line each; train exits 2."""
     base = ["steps=25050", "epochs=0", "data.manifest=null", f"runs_dir={tmp_path}"]
     imagenet = "recipes/imagenet_resnet50.yaml"

@@ -23,13 +23,13 @@ PAGES = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "
 
 # installed command -> the module whose main() it runs (pyproject's [project.scripts])
 SCRIPTS = {
-    "risgd-train": "risgd_recipes.train", "risgd-make-shards": "risgd_data.make_shards",
+    "risgd-train": "risgd_trainer.train", "risgd-make-shards": "risgd_data.make_shards",
     "risgd-manifest": "risgd_data.manifest", "risgd-replicate": "risgd_data.replicate",
-    "risgd-cost-model": "risgd_ext.cost_model", "risgd-compare": "risgd_recipes.compare",
-    "risgd-demo": "risgd_recipes.demo", "risgd-paper": "risgd_recipes.paper", "risgd-elastic": None,
+    "risgd-cost-model": "risgd_ext.cost_model", "risgd-compare": "risgd_tools.compare",
+    "risgd-demo": "risgd_tools.demo", "risgd-paper": "risgd_tools.paper", "risgd-elastic": None,
     "risgd-netns-cluster": "risgd_hosts.netns_cluster",
 }
-TRAINER = "risgd_recipes.train"
+TRAINER = "risgd_trainer.train"
 
 
 def test_the_scripts_table_is_pyprojects():
@@ -127,7 +127,7 @@ def loosen(parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_keys() -> set[str]:
-    from risgd_recipes.config import SCHEMA
+    from risgd_trainer.run_config import SCHEMA
 
     keys = set()
     for k, v in SCHEMA.items():

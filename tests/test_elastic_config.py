@@ -9,7 +9,7 @@ import os
 import pytest
 import yaml
 
-from risgd_recipes.config import RecipeError, resolve_run
+from risgd_trainer.run_config import RecipeError, resolve_run
 
 RECIPE = "recipes/digits.yaml"
 

@@ -177,7 +177,7 @@ def test_below_the_floor_under_the_launcher_is_one_line_however_often_torchrun_r
 
 
 def test_fewer_than_min_nodes_is_one_line_and_exit_1(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "risgd_recipes.elastic_launch", "--nnodes=2:3", "--nproc-per-node=1",
+    proc = subprocess.run([sys.executable, "-m", "risgd_tools.elastic_launch", "--nnodes=2:3", "--nproc-per-node=1",
                            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=lonely",
                            "--rdzv-conf=join_timeout=2", "--", "--recipe", "digits"],
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
@@ -187,7 +187,7 @@ def test_fewer_than_min_nodes_is_one_line_and_exit_1(tmp_path):
 
 
 def test_the_launcher_refuses_a_command_without_the_separator_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "risgd_recipes.elastic_launch", "--nnodes=2", "train.py"],
+    proc = subprocess.run([sys.executable, "-m", "risgd_tools.elastic_launch", "--nnodes=2", "train.py"],
                           cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "after '--'" in proc.stderr
 

@@ -156,7 +156,7 @@ def test_recipe_engine_keys_and_block_writer_come_from_the_declarations():
     from dataclasses import fields
 
     from risgd_ext.config import KEYS, RISGDConfig, block_from_recipe, recipe_keys
-    from risgd_recipes.config import SCHEMA
+    from risgd_trainer.run_config import SCHEMA
 
     assert [f.name for f in fields(RISGDConfig)] == list(KEYS)
     assert all(SCHEMA[k] == v for k, v in recipe_keys().items())  # the recipe's defaults are the engine's

@@ -11,12 +11,16 @@ import os
 from helpers import ROOT
 
 # folder -> the installed top-level names its files may not import
+HOSTS = {"risgd_hosts", "hosts"}
+TRAIN = {"risgd_recipes", "recipes", "risgd_trainer", "trainer", "risgd_tools", "tools"}  # the Train part's rooms
 RULES = {
-    "risgd_ext": {"risgd_data", "data", "risgd_recipes", "recipes", "risgd_hosts", "hosts"},
-    "data": {"risgd_ext", "risgd_recipes", "recipes", "risgd_hosts", "hosts"},
-    "recipes": {"risgd_hosts", "hosts", "tests"},
-    "models": {"risgd_hosts", "hosts", "risgd_recipes", "recipes"},
-    "risgd_common": {"risgd_ext", "risgd_data", "data", "risgd_recipes", "recipes", "risgd_hosts", "hosts"},
+    "risgd_ext": {"risgd_data", "data", *TRAIN, *HOSTS},
+    "data": {"risgd_ext", *TRAIN, *HOSTS},
+    "recipes": {"risgd_trainer", "trainer", "risgd_tools", "tools", *HOSTS, "tests"},  # the recipes and their finder
+    "trainer": {"risgd_tools", "tools", *HOSTS, "tests"},  # the trainer never imports the tools around it
+    "tools": {*HOSTS, "tests"},
+    "models": {*TRAIN, *HOSTS},
+    "risgd_common": {"risgd_ext", "risgd_data", "data", *TRAIN, *HOSTS},
     "benchmarks": {"tests"},
 }
 
@@ -49,8 +53,8 @@ def test_each_part_imports_only_what_it_may():
 
 def test_the_rule_check_can_fail():
     """Constructed: the trainer does import the data package, and a benchmark the hosts."""
-    found = violations({"recipes": {"risgd_data"}, "benchmarks": {"risgd_hosts"}})
-    assert any(v.startswith("recipes/train.py imports ['risgd_data']") for v in found)
+    found = violations({"trainer": {"risgd_data"}, "benchmarks": {"risgd_hosts"}})
+    assert any(v.startswith("trainer/train.py imports ['risgd_data']") for v in found)
     assert any(v.startswith("benchmarks/bench_elastic.py imports ['risgd_hosts']") for v in found)
 
 
@@ -104,8 +108,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_paper_package_imports_in_no_circle():
     """Issue 34: the paper package was one import circle of 12 files (grid imported every experiment,
     every experiment imported grid); experiments are now found by registration."""
-    graph = module_graph("recipes/paper", "risgd_recipes.paper")
-    assert "risgd_recipes.paper.experiments.fig2" in graph and "risgd_recipes.paper.registry" in graph
+    graph = module_graph("tools/paper", "risgd_tools.paper")
+    assert "risgd_tools.paper.experiments.fig2" in graph and "risgd_tools.paper.registry" in graph
     assert cycles(graph) == []
 
 
@@ -114,9 +118,9 @@ def test_the_circle_check_can_fail():
 
 
 def test_every_experiment_file_registers_one_experiment():
-    from risgd_recipes.paper.registry import builders
+    from risgd_tools.paper.registry import builders
 
-    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "recipes/paper/experiments/*.py"))}
+    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tools/paper/experiments/*.py"))}
     registered = [m.rsplit(".", 1)[1] for m, _ in builders()]
     assert sorted(registered) == sorted(files - {"__init__"})
     assert registered[:2] == ["fig2", "tau"] and registered[-1] == "workers"  # the report's order

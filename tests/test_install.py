@@ -18,8 +18,8 @@ import pytest
 from helpers import ROOT
 
 from risgd_common import install
-from risgd_recipes import launch as launch_mod
-from risgd_recipes.config import RecipeError, find_ds_config, load_recipe, resolve_run
+from risgd_tools import launch as launch_mod
+from risgd_trainer.run_config import RecipeError, find_ds_config, load_recipe, resolve_run
 
 pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
@@ -72,17 +72,18 @@ def test_the_wheel_carries_the_trainer_the_recipes_and_the_ds_configs(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "risgd_recipes/train.py" in names
+    assert "risgd_trainer/train.py" in names and "risgd_tools/launch.py" in names
     recipes = [n for n in os.listdir(os.path.join(ROOT, "recipes")) if n.endswith(".yaml")]
     configs = [n for n in os.listdir(os.path.join(ROOT, "ds_configs")) if n.endswith(".json")]
     assert recipes and configs
     assert {f"risgd_recipes/{n}" for n in recipes} <= names
     assert {f"risgd_recipes/ds_configs/{n}" for n in configs} <= names
-    assert "risgd-train = risgd_recipes.train:main" in entry_points
-    assert not any(n.split("/")[0] in ("data", "models", "recipes", "hosts", "train.py") for n in names)
+    assert "risgd-train = risgd_trainer.train:main" in entry_points
+    assert not any(n.split("/")[0] in ("data", "models", "recipes", "trainer", "tools", "hosts", "train.py")
+                   for n in names)
     # every package of the tree is in the wheel (a new subpackage must be listed in pyproject's packages)
-    installed = {"data": "risgd_data", "models": "risgd_models", "recipes": "risgd_recipes", "hosts": "risgd_hosts",
-                 "risgd_ext": "risgd_ext", "risgd_common": "risgd_common"}
+    installed = {"data": "risgd_data", "models": "risgd_models", "recipes": "risgd_recipes", "trainer": "risgd_trainer",
+                 "tools": "risgd_tools", "hosts": "risgd_hosts", "risgd_ext": "risgd_ext", "risgd_common": "risgd_common"}
     for folder, name in installed.items():
         for init in glob.glob(os.path.join(ROOT, folder, "**", "__init__.py"), recursive=True):
             rel = os.path.relpath(init, os.path.join(ROOT, folder)).replace(os.sep, "/")
@@ -103,7 +104,7 @@ def test_installed_risgd_train_trains_a_bundled_recipe_from_any_directory(venv, 
 
 def test_installed_launcher_starts_the_trainer_and_relays_its_refusal(venv, tmp_path):
     """What `risgd-demo` and `risgd-paper` do: a real `deepspeed` launch of the installed trainer."""
-    code = ("import risgd_recipes.launch as l; assert '/site-packages/' in l.__file__, l.__file__; "
+    code = ("import risgd_tools.launch as l; assert '/site-packages/' in l.__file__, l.__file__; "
             "l.launch('recipes/digits.yaml', 1, ['bogus=1'], 'x.log')")
     proc = subprocess.run([os.path.join(venv, "python"), "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=_env())
@@ -167,7 +168,7 @@ def test_ds_config_is_found_next_to_the_recipe_then_among_the_bundled(tmp_path, 
 
 
 def test_a_recipe_is_found_by_name_and_by_path(tmp_path, monkeypatch):
-    from risgd_recipes.train import locate_recipe
+    from risgd_trainer.train import locate_recipe
 
     monkeypatch.chdir(tmp_path)
     bundled = os.path.join(ROOT, "recipes", "digits.yaml")
@@ -181,7 +182,7 @@ def test_a_recipe_is_found_by_name_and_by_path(tmp_path, monkeypatch):
 
 def test_a_missing_extra_is_one_error_line_naming_it(tmp_path, monkeypatch, capsys, digits_dir):
     from risgd_data import make_shards
-    from risgd_recipes import compare, demo
+    from risgd_tools import compare, demo
 
     for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
         monkeypatch.setitem(sys.modules, name, None)  # as if scikit-learn were not installed
@@ -211,7 +212,7 @@ def test_a_missing_extra_is_one_error_line_naming_it(tmp_path, monkeypatch, caps
 def test_the_trainer_checks_its_extras_before_the_process_group(tmp_path, monkeypatch, capsys, digits_dir):
     import torch.distributed as dist
 
-    from risgd_recipes import train
+    from risgd_trainer import train
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -257,15 +258,15 @@ def test_every_installed_command_answers_help_from_any_directory(venv, tmp_path)
 
 # Every documented command with bad input, in the checkout form (python -m FOLDER.MODULE from the
 # root) and the installed form (risgd-*): one `error:` line and exit 2 (issue 34: `python -m
-# recipes.demo --recipe nosuch` printed a traceback of a second RecipeError class and exited 1).
+# tools.demo --recipe nosuch` printed a traceback of a second RecipeError class and exited 1).
 BAD_INPUT = [
     ("data.make_shards", "risgd-make-shards", ["--dataset", "nosuch", "--out", "OUT"]),
     ("data.manifest", "risgd-manifest", ["build", "--index", "nosuch/index.json", "--workers", "4", "--out", "m.yaml"]),
     ("data.replicate", "risgd-replicate", ["--manifest", "nosuch.yaml", "--source", "s", "--dest", "d",
                                            "--node-rank", "0", "--ranks-per-node", "1"]),
-    ("recipes.compare", "risgd-compare", ["nosuch"]),
-    ("recipes.demo", "risgd-demo", ["--recipe", "nosuch"]),
-    ("recipes.paper", "risgd-paper", ["--recipe", "nosuch"]),
+    ("tools.compare", "risgd-compare", ["nosuch"]),
+    ("tools.demo", "risgd-demo", ["--recipe", "nosuch"]),
+    ("tools.paper", "risgd-paper", ["--recipe", "nosuch"]),
     ("risgd_ext.cost_model", "risgd-cost-model", ["--nodes", "0", "--bandwidth-gbit", "1", "--compute-ms", "1"]),
     ("hosts.netns_cluster", "risgd-netns-cluster", ["--hosts", "0", "--", "true"]),
     ("recipes.netns_cluster", None, ["--hosts", "0", "--", "true"]),
@@ -298,13 +299,21 @@ def test_no_file_loads_under_two_module_names(tmp_path):
     importing by either name, or running `python -m recipes.X`, loads each file once."""
     code = """
 import os, runpy, sys
-sys.argv = ["recipes.demo", "--recipe", "nosuch"]
-try:
-    runpy.run_module("recipes.demo", run_name="__main__", alter_sys=True)
-except SystemExit as e:
-    assert e.code == 2, e.code
-import data.manifest, recipes.config, models, hosts.local, risgd_recipes.config, risgd_data.manifest
-assert recipes.config is risgd_recipes.config and data.manifest is risgd_data.manifest
+for name in ("tools.demo", "recipes.demo", "risgd_recipes.demo"):  # the room's name, and the names before the move
+    sys.argv = [name, "--recipe", "nosuch"]
+    try:
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        assert e.code == 2, (name, e.code)
+import data.manifest, trainer.run_config, models, hosts.local, risgd_trainer.run_config, risgd_data.manifest
+assert trainer.run_config is risgd_trainer.run_config and data.manifest is risgd_data.manifest
+import recipes.config, recipes.paper.grid, risgd_recipes.train, risgd_recipes.paper.experiments.fig2, tools.paper.grid
+import risgd_trainer.train, risgd_tools.paper.experiments.fig2
+assert recipes.config is risgd_trainer.run_config and recipes.paper.grid is tools.paper.grid
+assert risgd_recipes.train is risgd_trainer.train
+assert risgd_recipes.paper.experiments.fig2 is risgd_tools.paper.experiments.fig2
+from risgd_recipes.config import RecipeError
+assert RecipeError is risgd_trainer.run_config.RecipeError
 root = os.getcwd()
 seen = {}
 for name, m in list(sys.modules.items()):  # __main__ (and multiprocessing's name of it) ran the alias's two lines

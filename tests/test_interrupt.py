@@ -13,7 +13,7 @@ import time
 import pytest
 from helpers import ROOT, clean_env, trainer_command
 
-from risgd_recipes.tracking import read_offline_history
+from risgd_trainer.tracking import read_offline_history
 
 pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 

@@ -1,4 +1,4 @@
-"""recipes.paper end to end: the test grid (2 ranks, 20-step runs) as one real `deepspeed` launch on
+"""tools.paper end to end: the test grid (2 ranks, 20-step runs) as one real `deepspeed` launch on
 the digits shards and on a CIFAR-format tarball, the re-run that skips every finished run, the
 report's files; and the verdict rules on constructed numbers."""
 
@@ -15,13 +15,13 @@ from helpers import ROOT
 from PIL import Image
 
 from risgd_data.synthetic import write_cifar_tarball
-from risgd_recipes import compare, paper
-from risgd_recipes.config import load_recipe
-from risgd_recipes.paper import report as paper_report
-from risgd_recipes.paper import verdict as V
-from risgd_recipes.paper.analysis import Context
-from risgd_recipes.paper.experiments import workers
-from risgd_recipes.paper.grid import make_grid
+from risgd_tools import compare, paper
+from risgd_tools.paper import report as paper_report
+from risgd_tools.paper import verdict as V
+from risgd_tools.paper.analysis import Context
+from risgd_tools.paper.experiments import workers
+from risgd_tools.paper.grid import make_grid
+from risgd_trainer.run_config import load_recipe
 
 pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
@@ -30,7 +30,7 @@ KEYS = ["fig2", "tau", "diversity", "saturation", "failures", "theory", "homogen
 
 def run_paper(args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return subprocess.run([sys.executable, "-m", "recipes.paper", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.paper", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env=env)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from risgd_recipes.launch import Progress, _run_names
+from risgd_tools.launch import Progress, _run_names
 
 
 def _bar(name: str, step: int, steps: int, left: str) -> str:

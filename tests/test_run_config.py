@@ -14,7 +14,7 @@ from helpers import ROOT
 from risgd_data.index import load_index
 from risgd_data.manifest import build_manifest, write_manifest
 from risgd_ext.config import RISGDConfig, parse_block
-from risgd_recipes.config import SCHEMA, RecipeError, check_shards_source, experiment_diff, load_recipe, resolve_run
+from risgd_trainer.run_config import SCHEMA, RecipeError, check_shards_source, experiment_diff, load_recipe, resolve_run
 
 RECIPE = "recipes/digits.yaml"
 
@@ -136,7 +136,7 @@ def test_experiment_diff_ignores_operational_keys_only():
 
 
 def test_a_warm_up_covering_the_whole_run_is_refused(tmp_path):
-    from risgd_recipes.config import check_local_steps
+    from risgd_trainer.run_config import check_local_steps
 
     with pytest.raises(RecipeError, match="warmup_sync_steps=25000 covers all 8 steps"):
         resolve_run("recipes/imagenet_resnet50.yaml", ["steps=8", "epochs=0", "data.manifest=null",

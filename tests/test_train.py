@@ -11,9 +11,9 @@ import pytest
 import yaml
 from helpers import ROOT, launch_trainer
 
-from risgd_recipes import compare
-from risgd_recipes.config import RecipeError, build_ds_config, load_recipe, resolve_run
-from risgd_recipes.tracking import read_offline_history
+from risgd_tools import compare
+from risgd_trainer.run_config import RecipeError, build_ds_config, load_recipe, resolve_run
+from risgd_trainer.tracking import read_offline_history
 
 pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)
 
@@ -80,7 +80,7 @@ def test_a_run_says_what_it_does_and_where_it_went(runs):
         assert len(done) == 1, log[-3000:]
         assert lines[done[0]].endswith(f"final test accuracy {summary['final_test_acc']:.2f}% "
                                        f"(best {summary['best_test_acc']:.2f}%)")
-        assert lines[done[0] + 1].startswith(f"  compare it with others: python -m recipes.compare {runs[name]} ")
+        assert lines[done[0] + 1].startswith(f"  compare it with others: python -m tools.compare {runs[name]} ")
     assert "cost model: {" not in log
     assert sum(line.startswith("  cost model (summary.json key cost_model): at ") for line in lines) >= 3
 
@@ -235,7 +235,7 @@ def test_distributed_evaluation_equals_one_process_evaluating_everything(runs, a
     from risgd_data.index import load_index
     from risgd_data.loader import make_eval_loader
     from risgd_data.transforms import eval_transform
-    from risgd_recipes.evaluation import evaluate
+    from risgd_trainer.evaluation import evaluate
 
     index = load_index(digits_dir)
     state = torch.load(os.path.join(runs[algorithm], "checkpoints", f"step{STEPS}", "risgd_rank00000.pt"),

@@ -9,7 +9,7 @@ import os
 import pytest
 import yaml
 
-from risgd_recipes.config import RecipeError, resolve_run
+from risgd_trainer.run_config import RecipeError, resolve_run
 from tests.test_train import launch
 
 pytestmark = pytest.mark.slow  # `make quick` leaves these out (see pyproject's markers)

@@ -1,7 +1,7 @@
 """Compare runs: a table, and PNG plots like the RI-SGD paper's Figure 2.
 
-    python -m recipes.compare runs/A runs/B ... [--out DIR]
-    python -m recipes.compare runs [--out DIR]          # a folder of runs: its finished runs
+    python -m tools.compare runs/A runs/B ... [--out DIR]
+    python -m tools.compare runs [--out DIR]          # a folder of runs: its finished runs
 
 Each argument is a run directory (``runs/NAME``) or a folder of them (``runs``): a folder stands for
 its finished runs (subdirectories with a summary.json, by name), and a note on stderr says how many
@@ -35,9 +35,8 @@ from collections import defaultdict
 
 from risgd_common.cli import Parser
 from risgd_common.install import MissingExtra, need
-
-from . import naming
-from .config import experiment_keys
+from risgd_trainer import naming
+from risgd_trainer.run_config import experiment_keys
 
 X_AXES = (("step", "iterations", "vs_iterations.png"), ("comm_rounds", "communication rounds", "vs_rounds.png"),
           ("wall_seconds", "wall-clock seconds", "vs_wall.png"))
@@ -92,7 +91,7 @@ def load_run(run_dir: str) -> dict:
 
 def experiment(run_dir: str, summary: dict) -> dict:
     """What makes a run the experiment it is: its config.yaml's experiment keys but the seed
-    (:func:`recipes.config.experiment_keys`); for a run without one, its summary's setting keys."""
+    (:func:`trainer.run_config.experiment_keys`); for a run without one, its summary's setting keys."""
     path = os.path.join(run_dir, "config.yaml")
     if os.path.exists(path):
         import yaml
@@ -125,7 +124,7 @@ def group(runs: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def label(summary: dict) -> str:
-    """A finished run's label (:func:`recipes.naming.label`) from its summary.json."""
+    """A finished run's label (:func:`trainer.naming.label`) from its summary.json."""
     return naming.label(summary["algorithm"], summary.get("tau"), summary.get("mu", 0.0),
                         summary.get("batch_policy", "per_chunk"))
 

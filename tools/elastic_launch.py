@@ -5,7 +5,7 @@ it cannot survive.
         --rdzv-endpoint=HOST0:29400 --rdzv-id=RUN -- --recipe digits mu=0.5 elastic.workers=3 ...
 
 Everything before ``--`` is torchrun's own options (``torchrun --help``), everything after it the
-trainer's (``risgd-train --help``); the trainer is run as ``--module risgd_recipes.train``. This is
+trainer's (``risgd-train --help``); the trainer is run as ``--module risgd_trainer.train``. This is
 torchrun itself (``torch.distributed.run.run``: its agent, its c10d rendezvous, its restarts), with
 three things added:
 
@@ -34,9 +34,10 @@ import os
 import sys
 import tempfile
 
-from risgd_recipes.launch import TRAINER
+from risgd_trainer.elastic import STOP_FILE_ENV
 
-STOP_FILE_ENV = "RISGD_ELASTIC_STOP_FILE"  # the trainer writes its refusal here instead of printing it
+from .launch import TRAINER
+
 DEFAULT_RDZV_CONF = {"last_call_timeout": "5", "keep_alive_interval": "2"}
 
 

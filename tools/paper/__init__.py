@@ -1,4 +1,4 @@
-"""The RI-SGD paper, experiment by experiment: ``python -m recipes.paper`` (``make paper``, ``risgd-paper``).
+"""The RI-SGD paper, experiment by experiment: ``python -m tools.paper`` (``make paper``, ``risgd-paper``).
 
 One module per experiment in ``experiments/``, each with its settings, the paper's claim and its
 analysis side by side, found by registration (``registry``: a new experiment is one new file):

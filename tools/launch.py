@@ -4,7 +4,7 @@ A launch costs ~15-30 s of start-up on a small machine, so a list of runs goes i
 plan (``train.py --plan``): every run is checked first, then they train one after another in the
 same process group, with real collectives.
 
-The ranks run the installed trainer module (``deepspeed --module risgd_recipes.train``: the same in a
+The ranks run the installed trainer module (``deepspeed --module risgd_trainer.train``: the same in a
 checkout and in an installed wheel) in :data:`ROOT`: the checkout's root when the package runs from
 one (where the recipes' relative paths such as ``shards/digits`` always pointed), else the directory
 the command was started in.
@@ -25,7 +25,7 @@ from risgd_common.install import CHECKOUT
 from risgd_common.ports import free_port
 
 ROOT = CHECKOUT or os.getcwd()  # where the trainer runs (its working directory)
-TRAINER = "risgd_recipes.train"  # the module the ranks run (train.py in a checkout is a shim of it)
+TRAINER = "risgd_trainer.train"  # the module the ranks run (train.py in a checkout is a shim of it)
 _ERROR = re.compile(r"^(?:\S+: )?error: (.+)")  # the trainer's one line on bad input (or argparse's)
 
 
@@ -157,7 +157,7 @@ def command(recipe: str, ranks: int, overrides: list[str], plan: str | None = No
 
 def launch(recipe: str, ranks: int, overrides: list[str], log_path: str,
            plan: list[list[str]] | None = None, progress: bool = True) -> None:
-    """``deepspeed --num_gpus RANKS --module risgd_recipes.train --recipe RECIPE [--plan P] OVERRIDES``
+    """``deepspeed --num_gpus RANKS --module risgd_trainer.train --recipe RECIPE [--plan P] OVERRIDES``
     in :data:`ROOT`, output to ``log_path``. With ``progress`` (default) it says on stderr which run is
     training, its step and the time left (:class:`Progress`, read from the trainer's bar in the log).
 

@@ -4,7 +4,7 @@ A :class:`Setting` is one configuration (algorithm, mu, tau, partition, batch, f
 setting and a seed. Experiments share runs where their settings coincide (SyncSGD-free settings of
 Fig. 2 are also the tau sweep's tau=50 point, the failures' s=0 point and the theory's points; the
 equal-compute runs are also the theory's split-policy points), so each run is trained once. Run names
-are a pure function of the setting and the seed (:func:`recipes.naming.setting_run_name`).
+are a pure function of the setting and the seed (:func:`trainer.naming.setting_run_name`).
 
 A :class:`Grid` holds the parameters every experiment draws on; each experiment's own settings, claim
 and analysis are in its module (``fig2``, ``tau``, ``diversity``, ``saturation``, ``failures``,
@@ -17,7 +17,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..naming import label, setting_run_name
+from risgd_trainer.naming import label, setting_run_name
+
 from .registry import builders
 
 GRIDS = ("full", "quick", "test")

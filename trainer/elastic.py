@@ -29,6 +29,7 @@ from risgd_data.errors import DataError
 from risgd_data.manifest import load_manifest
 from risgd_data.replicate import read_replica
 
+STOP_FILE_ENV = "RISGD_ELASTIC_STOP_FILE"  # risgd-elastic names a file here: the trainer writes its refusal to it
 REPLICA_ENV = "RISGD_REPLICA_DIR"
 BEAT_EVERY_S = 0.5
 

@@ -1,7 +1,7 @@
 """What every experiment's analysis is built of: the finished runs by setting (:class:`Context`), the
 result (:class:`Analysis`), and the numbers and tables shared between experiments.
 
-Runs are ``recipes.compare.load_run`` dicts, by run name.
+Runs are ``tools.compare.load_run`` dicts, by run name.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..naming import label
+from risgd_trainer.naming import label
+
 from . import verdict as V
 from .grid import Experiment, Grid, Setting
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from risgd_data.errors import DataError
 from risgd_ext.config import ConfigError
 
-from .config import RecipeError
+from .run_config import RecipeError
 
 T = TypeVar("T")
 USER_ERRORS = (RecipeError, ConfigError, DataError)

@@ -1,7 +1,7 @@
 """Train an image model with SyncSGD, PR-SGD, RI-SGD or cooperative SGD under DeepSpeed.
 
     deepspeed --num_gpus 4 train.py --recipe recipes/digits.yaml algorithm=risgd mu=0.5 tau=50   # a checkout
-    deepspeed --num_gpus 4 --module risgd_recipes.train --recipe digits algorithm=risgd mu=0.5    # installed
+    deepspeed --num_gpus 4 --module risgd_trainer.train --recipe digits algorithm=risgd mu=0.5    # installed
     risgd-train --recipe digits algorithm=sync mu=0 steps=100     # one process, no launcher
 
 One process per rank (the ``deepspeed`` launcher starts them; on a CPU machine ``--num_gpus N``
@@ -37,14 +37,13 @@ from risgd_common.atomic import write_text_atomic
 from risgd_common.cli import Parser
 from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, command, need
-from risgd_recipes import elastic
-from risgd_recipes.agree import USER_ERRORS, AgreedError, agree
 from risgd_recipes.bundled import bundled_recipe, recipe_names
-from risgd_recipes.config import RecipeError, Run, check_same_manifest, check_shards_source, resolve_run
-from risgd_recipes.elastic_launch import STOP_FILE_ENV
-from risgd_recipes.evaluation import evaluate
-from risgd_recipes.lr_schedule import lr_factor
-from risgd_recipes.tracking import RunTracker, run_metrics
+from risgd_trainer import elastic
+from risgd_trainer.agree import USER_ERRORS, AgreedError, agree
+from risgd_trainer.evaluation import evaluate
+from risgd_trainer.lr_schedule import lr_factor
+from risgd_trainer.run_config import RecipeError, Run, check_same_manifest, check_shards_source, resolve_run
+from risgd_trainer.tracking import RunTracker, run_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -232,7 +231,7 @@ def finished_lines(run: Run, summary: dict) -> str:
                  else f"final test accuracy {acc:.2f}% (best {summary['best_test_acc']:.2f}%)")
     lines = [f"done: {run.run_dir}: {summary['steps']} steps, {summary['comm_rounds']} communication rounds in "
              f"{summary['wall_seconds']:.0f} s; {acc_words}",
-             f"  compare it with others: {command('recipes.compare')} {run.run_dir} OTHER_RUN ...  (or the folder "
+             f"  compare it with others: {command('tools.compare')} {run.run_dir} OTHER_RUN ...  (or the folder "
              f"{os.path.dirname(run.run_dir) or '.'})"]
     advice = summary.get("cost_model") or {}
     if "recommended_tau" in advice and advice.get("bandwidth_gbit"):
@@ -273,7 +272,7 @@ def interrupted_line(runs: list[Run]) -> str:
 def refuse(error: Exception, speak: bool) -> int:
     """Exit status 2 after one ``error:`` line: on stderr (from ``speak``ing ranks), or, under
     risgd-elastic, into its stop file, which it prints once however often torchrun restarts us."""
-    stop_file = os.environ.get(STOP_FILE_ENV)
+    stop_file = os.environ.get(elastic.STOP_FILE_ENV)
     if stop_file:
         write_text_atomic(stop_file, f"error: {error}\n")
     elif speak:

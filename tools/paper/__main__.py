@@ -1,4 +1,4 @@
-"""``python -m recipes.paper``: the command (:mod:`recipes.paper.cli`)."""
+"""``python -m tools.paper``: the command (:mod:`tools.paper.cli`)."""
 
 import sys
 

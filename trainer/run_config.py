@@ -37,9 +37,9 @@ from risgd_ext.config import (
     recipe_keys,
     split_config,
 )
+from risgd_recipes.bundled import ds_config_candidates, ds_config_names
 
-from .bundled import ds_config_candidates, ds_config_names
-from .naming import run_name  # the recipe's default run name (recipes.config.run_name, as before)
+from .naming import run_name  # the recipe's default run name (trainer.run_config.run_name, as before)
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
 PRECISIONS = (None, "fp32", "bf16")

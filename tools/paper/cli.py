@@ -1,11 +1,11 @@
 """The RI-SGD paper, experiment by experiment: re-run every experiment, write a report with verdicts.
 
-    python -m recipes.paper                      # `make paper`: the embedded digits, 4 ranks (~90 min on 2 cores)
-    python -m recipes.paper --quick              # 1 seed, 200-step runs (~10 min)
-    python -m recipes.paper --plan-only          # the planned runs and an estimate of the time
-    python -m recipes.paper --report-only        # rebuild the report from the finished runs
-    python -m recipes.paper --retrain-stale      # re-train the runs another engine trained
-    python -m recipes.paper --recipe recipes/cifar10_resnet44.yaml   # the paper's own setup (GPUs, the data)
+    python -m tools.paper                      # `make paper`: the embedded digits, 4 ranks (~90 min on 2 cores)
+    python -m tools.paper --quick              # 1 seed, 200-step runs (~10 min)
+    python -m tools.paper --plan-only          # the planned runs and an estimate of the time
+    python -m tools.paper --report-only        # rebuild the report from the finished runs
+    python -m tools.paper --retrain-stale      # re-train the runs another engine trained
+    python -m tools.paper --recipe recipes/cifar10_resnet44.yaml   # the paper's own setup (GPUs, the data)
 
 Experiments: Fig. 2 (mu against SyncSGD, label-sorted and iid), Appendix A (the tau sweep and no
 averaging until the end), Fig. 3 (full redundancy against cooperative SGD), Fig. 4 (a 4x batch),
@@ -17,7 +17,7 @@ after another). A run that has finished is never trained again, so re-running th
 and rebuilds the report. Writes ``OUT/paper.md``, ``OUT/paper.json`` and the PNGs next to them.
 
 Each run it launches gets the stamp of the engine that trains it (``RUN/paper_engine.json``:
-:mod:`recipes.paper.engine_stamp`). A finished run whose stamp names another engine, or that has none, is
+:mod:`tools.paper.engine_stamp`). A finished run whose stamp names another engine, or that has none, is
 *stale*: the report marks it, and ``--retrain-stale`` moves it aside (``RUN.stale-TIME``) and trains
 it again.
 
@@ -37,10 +37,10 @@ import threading
 import time
 
 from risgd_data.errors import DataError
+from risgd_recipes.bundled import bundled_recipe
+from risgd_trainer.run_config import RecipeError, load_recipe, resolve_run
 
 from .. import compare
-from ..bundled import bundled_recipe
-from ..config import RecipeError, load_recipe, resolve_run
 from ..launch import ROOT, launch
 from . import engine_stamp as stamp
 from .grid import GRID_KEYS, GRIDS, Grid, GridError, Setting, make_grid
@@ -61,7 +61,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    # `python -m recipes.paper` runs the package's __main__.py: the usage line keeps the command's name
+    # `python -m tools.paper` runs the package's __main__.py: the usage line keeps the command's name
     prog = "paper.py" if os.path.basename(sys.argv[0]) == "__main__.py" else None
     p = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"recipe (default {DEFAULT_RECIPE})")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         timing = {"runs_dir": _shown(runs_dir), "trained": len(pending), "launches": launches,
                   "seconds": time.perf_counter() - started,
                   "run_seconds": sum(r["summary"]["wall_seconds"] for r in runs.values())}
-        command = "python -m recipes.paper " + " ".join(shlex.quote(a) for a in argv)
+        command = "python -m tools.paper " + " ".join(shlex.quote(a) for a in argv)
         analyses = report.write(grid, cfg, runs, out, command.strip(), index, timing, engine)
     except (OSError, KeyError, ValueError) as e:  # a run record that cannot be read or analysed
         print(f"error: the report failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The paper's experiments, found by registration: a new experiment is one new file.
 
-Each module of ``recipes/paper/experiments/`` builds one experiment (its runs, its analysis and its
+Each module of ``tools/paper/experiments/`` builds one experiment (its runs, its analysis and its
 checks) in a function decorated ``@register(order=N)``; the package imports every module in that
 folder (``experiments/__init__.py``), and :func:`builders` hands them to ``Grid.experiments()`` in
 report order. A leaf module: it imports no experiment, so nothing imports in a circle.

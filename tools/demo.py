@@ -1,7 +1,7 @@
 """The embedded-default comparison: SyncSGD, PR-SGD and RI-SGD on scikit-learn's digits.
 
-    python -m recipes.demo                 # what `make demo` runs: one seed, 4 CPU ranks
-    python -m recipes.demo --seeds 0 1 2   # the acceptance comparison, averaged over seeds
+    python -m tools.demo                 # what `make demo` runs: one seed, 4 CPU ranks
+    python -m tools.demo --seeds 0 1 2   # the acceptance comparison, averaged over seeds
     risgd-demo --runs-dir demo-out         # installed: from any directory (shards/ and demo-out/ go there)
 
 The runs are one real ``deepspeed --num_gpus N train.py --plan ...`` launch (N CPU ranks with gloo
@@ -19,16 +19,16 @@ import time
 
 from risgd_common.cli import Parser
 from risgd_common.install import MissingExtra, command, need
+from risgd_trainer.naming import demo_run_name
+from risgd_trainer.run_config import RecipeError, load_recipe
+from risgd_trainer.train import check_extras, locate_recipe
 
 from . import compare
-from .config import RecipeError, load_recipe
 from .launch import launch
-from .naming import demo_run_name
-from .train import check_extras, locate_recipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog=command("recipes.demo"), description=__doc__,
+    parser = Parser(prog=command("tools.demo"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/digits.yaml",
                         help="recipe file or bundled recipe's name (default recipes/digits.yaml: the bundled digits)")

@@ -12,7 +12,7 @@ tags, in three forms that name runs already on disk (so each stays as it was):
 A label is what a table or a plot calls a run: ``SyncSGD``, ``PR-SGD tau=50``, ``RI-SGD tau=50 mu=0.25``
 (:func:`label`).
 
-This module imports nothing of the recipes (recipes.config imports it).
+This module imports nothing of the recipes (trainer.run_config imports it).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_name(cfg: dict) -> str:
 
 
 def setting_run_name(setting: Any, seed: int) -> str:
-    """A paper-grid setting's run name (``setting``: a :class:`recipes.paper.grid.Setting`): a pure
+    """A paper-grid setting's run name (``setting``: a :class:`tools.paper.grid.Setting`): a pure
     function of the setting and the seed, so experiments that share a setting share its runs."""
     s = setting
     tags = [] if s.algorithm == "sync" else [f"t{s.tau}"]

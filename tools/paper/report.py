@@ -1,8 +1,8 @@
 """The paper report from finished runs: every experiment's analysis (its module's), then ``paper.md``
 and ``paper.json``, and the verdict table the command prints.
 
-Runs are read with :func:`recipes.compare.load_run`; the per-run table at the end of the report is
-:func:`recipes.compare.table`. The verdict rules are :mod:`recipes.paper.verdict`'s.
+Runs are read with :func:`tools.compare.load_run`; the per-run table at the end of the report is
+:func:`tools.compare.table`. The verdict rules are :mod:`tools.paper.verdict`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .analysis import Analysis, Context, md_table
 from .experiments.workers import workers_of
 from .grid import Experiment, Grid
 
-VERDICT_FILE = "recipes/paper/verdict.py"
+VERDICT_FILE = "tools/paper/verdict.py"
 
 
 def rules_sha256() -> str:
@@ -102,7 +102,7 @@ knee of a tau sweep is the largest tau whose accuracy is within {V.KNEE_GAP:g} p
 
 
 def stale_runs(runs: dict[str, dict], engine: dict | None) -> dict[str, str]:
-    """Run name -> why it is stale (:func:`recipes.paper.engine_stamp.stale_reason`), for the runs another engine
+    """Run name -> why it is stale (:func:`tools.paper.engine_stamp.stale_reason`), for the runs another engine
     trained or that carry no stamp; empty without a current ``engine`` stamp."""
     if engine is None:
         return {}
@@ -199,7 +199,7 @@ def _check_rows(checks: list[V.Check]) -> str:
 
 
 def engine_section(runs: dict[str, dict], engine: dict | None, stale: dict[str, str]) -> list[str]:
-    """The report's lines on the engine that trained the runs (:mod:`recipes.paper.engine_stamp`)."""
+    """The report's lines on the engine that trained the runs (:mod:`tools.paper.engine_stamp`)."""
     if engine is None:
         return ["No engine stamp was taken for this report: whether the runs were trained by the current engine "
                 "is not known.", ""]
@@ -226,7 +226,7 @@ def engine_section(runs: dict[str, dict], engine: dict | None, stale: dict[str, 
 def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: str, index: dict | None,
           timing: dict, engine: dict | None = None) -> list[Analysis]:
     """Analyse, plot, and write ``paper.md`` and ``paper.json`` under ``out_dir``. ``engine``: the current
-    engine's stamp (the runs' own are their ``engine`` entries, from :func:`recipes.paper.engine_stamp.read`)."""
+    engine's stamp (the runs' own are their ``engine`` entries, from :func:`tools.paper.engine_stamp.read`)."""
     os.makedirs(out_dir, exist_ok=True)
     analyses = analyse(grid, runs, out_dir)
     exps = grid.experiments()
