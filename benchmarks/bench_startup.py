@@ -47,6 +47,7 @@ from risgd_data.manifest import build_manifest, check_manifest, write_manifest
 from risgd_data.replicate import replicate
 from risgd_data.stamps import STAMP_NAME
 from risgd_data.tario import write_shard
+from risgd_tools.launch import command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -211,10 +212,10 @@ def bench_launch(args: argparse.Namespace, work: str) -> None:
                 os.remove(stamp)  # an unstamped directory: every rank hashes every shard it reads
             if mode == "stamp" and not os.path.exists(stamp):
                 check_manifest(m, index, shard_dir=shards, stamp=True)
-            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                   str(29700 + i), "train.py", "--recipe", "recipes/digits.yaml", f"data.shards={shards}",
-                   f"runs_dir={os.path.join(work, 'runs')}", f"run_name={mode}{i}", "steps=50", "tau=50",
-                   "eval_every=50", "checkpoint_every=0", "wandb.enabled=false"]
+            cmd = command("recipes/digits.yaml", 2, [f"data.shards={shards}", f"runs_dir={os.path.join(work, 'runs')}",
+                                                     f"run_name={mode}{i}", "steps=50", "tau=50", "eval_every=50",
+                                                     "checkpoint_every=0", "wandb.enabled=false"],
+                          trainer="train.py")  # the one launcher's command line
             times[mode].append(_first_step_seconds(cmd, 600))
     print(f"\ndeepspeed --num_gpus 2 train.py --recipe recipes/digits.yaml (CPU), digits padded to "
           f"{total / MiB:.0f} MiB ({sum(len(sp['shards']) for sp in index['splits'].values())} shards; each "

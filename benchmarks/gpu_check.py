@@ -37,11 +37,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from risgd_common.progress import watch
+from risgd_tools.launch import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"cifar10": "recipes/cifar10_resnet44.yaml", "imagenet": "recipes/imagenet_resnet50.yaml"}
@@ -54,12 +56,6 @@ class CheckError(Exception):
     """Bad input: one line, exit 2."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed_launcher() -> str:
     here = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     found = here if os.path.exists(here) else shutil.which("deepspeed")
@@ -68,10 +64,14 @@ def _deepspeed_launcher() -> str:
     return found
 
 
-def _run(cmd: list[str], log: str, env: dict | None = None) -> None:
-    """Run a command from the repository root; its output goes to `log`. Failure: exit 1."""
+def _run(cmd: list[str], log: str, env: dict | None = None, progress: list[str] | None = None) -> None:
+    """Run a command from the repository root; its output goes to `log`. Failure: exit 1. With
+    ``progress`` (the run names of a trainer launch) its step and time left are said on stderr."""
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        if progress is not None:
+            watch(proc, log, progress)
+        proc.wait()
     if proc.returncode != 0:
         tail = open(log).read().strip().splitlines()[-15:]
         print("\n".join(tail), file=sys.stderr)
@@ -128,13 +128,12 @@ def run_train(args: argparse.Namespace, dataset: str, shards: str, ranks: int, d
     over = train_overrides(args, dataset, shards, ranks)
     if decode != "cpu":
         over = [o.replace(f"run_name=gpu-check-{dataset}", f"run_name=gpu-check-{name}") for o in over]
-    cmd = [_deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(_free_port()), "train.py",
-           "--recipe", RECIPES[dataset], *over, f"data.decode={decode}"]
+    cmd = command(RECIPES[dataset], ranks, [*over, f"data.decode={decode}"], trainer="train.py")  # the one launcher
     env = dict(os.environ)
     if args.cpu_smoke:
         env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    _run(cmd, os.path.join(args.work, f"train_{name}.log"), env)
+    _run(cmd, os.path.join(args.work, f"train_{name}.log"), env, progress=[f"gpu-check-{name}"])
     print(f"  {name}: train.py on {ranks} {'CPU ranks' if args.cpu_smoke else 'GPUs'} took "
           f"{time.perf_counter() - t0:.0f} s (log: {os.path.join(args.work, f'train_{name}.log')})", flush=True)
     return run_dir

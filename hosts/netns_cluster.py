@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 
 from risgd_common.cli import Parser
 from risgd_common.layout import Layout
+from risgd_common.progress import Progress
 
 SUBNET = "10.93.0"  # private, and only ever assigned inside namespaces this tool creates
 MASTER_PORT = 29500
@@ -250,8 +251,10 @@ def replicate_data(cluster: Cluster, work_dir: str, manifest: str, source: str, 
 
 
 def launch(cluster: Cluster, command: list[str], work_dir: str, ranks_per_host: int, data_dirs: list[str] | None,
-           timeout_s: float | None = None, master_port: int = MASTER_PORT) -> None:
-    """Start the stock launcher on every host; wait for all; on any failure stop the others."""
+           timeout_s: float | None = None, master_port: int = MASTER_PORT, progress: bool = True) -> None:
+    """Start the stock launcher on every host; wait for all; on any failure stop the others. With
+    ``progress`` (default) the run's step and time left are said on stderr from host 0's log (rank 0's
+    progress bar; :mod:`risgd_common.progress`)."""
     hostfile = os.path.join(work_dir, "hostfile")
     with open(hostfile, "w") as f:
         f.writelines(f"host{k} slots={ranks_per_host}\n" for k in range(cluster.hosts))
@@ -266,13 +269,20 @@ def launch(cluster: Cluster, command: list[str], work_dir: str, ranks_per_host: 
         procs.append((subprocess.Popen(full, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True), log))
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    said = Progress([], os.path.join(work_dir, "host0.log")) if progress else None
+    polled = time.monotonic()
     try:
         # Like the launcher on one node: the first host to fail ends the job on all of them.
         while (failed := _first_failure(procs)) is None and any(p.poll() is None for p, _ in procs):
             if deadline is not None and time.monotonic() > deadline:
                 raise ClusterError(f"the run did not finish within {timeout_s:.0f} s: see {work_dir}/host*.log")
             time.sleep(0.2)
+            if said is not None and time.monotonic() - polled >= 1:
+                said.poll()
+                polled = time.monotonic()
     finally:
+        if said is not None:
+            said.close()
         for p, log in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 
 import deepspeed
 import torch
@@ -203,25 +204,33 @@ def scenario_failures(rank: int, tau: int = 2) -> dict:
     return {"before": before, "after": after, "divergence": divergence, "live": live, "stats": ctl.stats()}
 
 
-def scenario_resume(rank: int, ckpt_dir: str, tau: int = 4, total: int = 10, save_at: int = 6) -> dict:
-    """Save mid-round, resume in a fresh engine, finish; compare with an uninterrupted run."""
-    cfg = ds_config({"tau": tau}, momentum=0.9)
+def scenario_resume(rank: int, ckpt_dir: str, block: dict | None = None, total: int = 10, save_at: int = 6) -> dict:
+    """Save mid-round (with a round in flight, for overlap) at step ``save_at``, resume in a fresh engine,
+    finish at ``total``; compare with an uninterrupted run, before and after consensus(). The one resume
+    scenario of the suite (engine, node level and overlap, outer step and codecs: ``block``)."""
+    cfg = ds_config(block if block is not None else {"tau": 4}, momentum=0.9)
     straight = build(cfg)
     for s in range(total):
         train_step(straight, rank, s)
         if s + 1 == save_at:
             straight.save_checkpoint(ckpt_dir, tag="mid")
+    pending_at_end = straight.risgd.in_flight is not None
     resumed = build(cfg)
     torch.manual_seed(12345)  # a different RNG position: the checkpoint must restore it
     path, client_state = resumed.load_checkpoint(ckpt_dir)
     start = resumed.risgd.stats()["steps"]
     for s in range(start, total):
         train_step(resumed, rank, s)
-    return {"straight": state(straight), "resumed": state(resumed), "start": start,
-            "stats_straight": straight.risgd.stats(), "stats_resumed": resumed.risgd.stats(),
-            "client_state_rounds": client_state["risgd"]["rounds"], "path": path,
-            "latest": open(os.path.join(ckpt_dir, "latest")).read(),
-            "files": sorted(os.listdir(ckpt_dir)) + sorted(os.listdir(os.path.join(ckpt_dir, "mid")))}
+    stats = (straight.risgd.stats(), resumed.risgd.stats())
+    out = {"straight": state(straight), "resumed": state(resumed), "start": start,
+           "stats": stats, "stats_straight": stats[0], "stats_resumed": stats[1],
+           "client_state_rounds": client_state["risgd"]["rounds"], "path": path, "pending_at_end": pending_at_end,
+           "latest": open(os.path.join(ckpt_dir, "latest")).read(),
+           "files": sorted(os.listdir(ckpt_dir)) + sorted(os.listdir(os.path.join(ckpt_dir, "mid")))}
+    final = (straight.risgd.consensus(), resumed.risgd.consensus())
+    out["final"] = (state(straight), state(resumed))
+    out["final_rounds"] = (final[0]["rounds"], final[1]["rounds"])
+    return out
 
 
 class _Evil:
@@ -308,6 +317,38 @@ def scenario_plain_buffers(rank: int) -> dict:
     return {"before": before, "after": after}
 
 
+def _caught(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in seen if "risgd_ext" in str(w.message)]
+
+
+def scenario_forgotten_consensus(rank: int) -> dict:
+    """A forgotten consensus() is not silent: the engine warns once, on every rank, when it is destroyed
+    or the process group is, while the ranks hold different models. Destroys the process group: last."""
+    out = {}
+    in_flight = build(ds_config({"tau": 2, "overlap": True}))
+    for s in range(2):
+        train_step(in_flight, rank, s)
+    out["in_flight"] = _caught(in_flight.destroy)
+    mid_round = build(ds_config({"tau": 4}))
+    for s in range(3):
+        train_step(mid_round, rank, s)
+    out["mid_round"] = _caught(mid_round.destroy)
+    out["again"] = _caught(mid_round.destroy)  # once
+    done = build(ds_config({"tau": 2, "overlap": True}))
+    for s in range(2):
+        train_step(done, rank, s)
+    done.risgd.consensus()
+    out["after_consensus"] = _caught(done.destroy)
+    left = build(ds_config({"tau": 2, "overlap": True}))
+    for s in range(2):
+        train_step(left, rank, s)
+    out["process_group"] = _caught(dist.destroy_process_group)
+    return out
+
+
 def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
     return {
         "sync_equivalence": scenario_sync_equivalence(rank),
@@ -321,6 +362,7 @@ def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
         "lean": scenario_lean_local_steps(rank),
         "channels_last": scenario_channels_last(rank),
         "malicious": scenario_malicious_checkpoint(rank, ckpt_dir),
+        "forgotten_consensus": scenario_forgotten_consensus(rank),  # last: it destroys the process group
     }
 
 

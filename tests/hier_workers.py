@@ -9,7 +9,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from tests.engine_workers import build, ds_config, observe_collectives, state, train_step
+from tests.engine_workers import build, ds_config, observe_collectives, scenario_resume, state, train_step
 
 NODE = 2  # ranks per node
 
@@ -93,29 +93,6 @@ def scenario_node_failure(rank: int, tau: int = 2) -> dict:
     return {"rounds": seen, "states": states, "stats": engine.risgd.stats()}
 
 
-def scenario_resume(rank: int, ckpt_dir: str, block: dict, total: int = 16, save_at: int = 6) -> dict:
-    """Save mid-round (with a round in flight, for overlap), resume in a fresh engine, finish."""
-    cfg = ds_config(block, momentum=0.9)
-    straight = build(cfg)
-    for s in range(total):
-        train_step(straight, rank, s)
-        if s + 1 == save_at:
-            straight.save_checkpoint(ckpt_dir, tag="mid")
-    pending_saved = straight.risgd.in_flight is not None
-    resumed = build(cfg)
-    torch.manual_seed(12345)
-    resumed.load_checkpoint(ckpt_dir)
-    start = resumed.risgd.stats()["steps"]
-    for s in range(start, total):
-        train_step(resumed, rank, s)
-    out = {"start": start, "straight": state(straight), "resumed": state(resumed),
-           "stats": (straight.risgd.stats(), resumed.risgd.stats()), "pending_at_end": pending_saved}
-    final = (straight.risgd.consensus(), resumed.risgd.consensus())
-    out["final"] = (state(straight), state(resumed))
-    out["final_rounds"] = (final[0]["rounds"], final[1]["rounds"])
-    return out
-
-
 def scenario_overlap_failure(rank: int, tau: int = 2) -> dict:
     """Overlap, flat: rank 1 is down in round 1; its zero contribution is left out of the average."""
     engine = build(ds_config({"tau": tau, "overlap": True,
@@ -169,7 +146,8 @@ def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
         "overlap_flat_delay": scenario_overlap(rank, 1, delay=1, rounds=2),
         "overlap_node": scenario_overlap(rank, NODE, rounds=2),
         "overlap_failure": scenario_overlap_failure(rank),
-        "resume_node": scenario_resume(rank, os.path.join(ckpt_dir, "node"), {"tau": 4, "node_size": NODE}),
+        "resume_node": scenario_resume(rank, os.path.join(ckpt_dir, "node"), {"tau": 4, "node_size": NODE},
+                                       total=16),
         "resume_overlap": scenario_resume(rank, os.path.join(ckpt_dir, "overlap"),
-                                          {"tau": 4, "overlap": True, "node_size": NODE, "tau_intra": 2}),
+                                          {"tau": 4, "overlap": True, "node_size": NODE, "tau_intra": 2}, total=16),
     }

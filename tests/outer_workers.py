@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from tests.engine_workers import build, ds_config, state, train_step
+from tests.engine_workers import build, ds_config, scenario_resume, state, train_step
 from tests.hier_workers import snapshot_rounds
 
 
@@ -32,25 +32,6 @@ def scenario_outer(rank: int, block: dict, rounds: int = 3) -> dict:
             "live": ctl.stats()["live_ranks"], "stats": ctl.stats()}
 
 
-def scenario_resume(rank: int, ckpt_dir: str, block: dict, total: int = 16, save_at: int = 6) -> dict:
-    cfg = ds_config(block, momentum=0.9)
-    straight = build(cfg)
-    for s in range(total):
-        train_step(straight, rank, s)
-        if s + 1 == save_at:
-            straight.save_checkpoint(ckpt_dir, tag="mid")
-    resumed = build(cfg)
-    torch.manual_seed(12345)
-    resumed.load_checkpoint(ckpt_dir)
-    start = resumed.risgd.stats()["steps"]
-    for s in range(start, total):
-        train_step(resumed, rank, s)
-    straight.risgd.consensus()
-    resumed.risgd.consensus()
-    return {"start": start, "straight": state(straight), "resumed": state(resumed),
-            "stats": (straight.risgd.stats(), resumed.risgd.stats())}
-
-
 OUTER = {"outer_lr": 0.7, "outer_momentum": 0.9, "outer_nesterov": True}
 SCENARIOS = {
     "outer_flat": {"tau": 2, **OUTER},
@@ -70,5 +51,5 @@ RESUMES = {
 def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
     out = {name: scenario_outer(rank, block) for name, block in SCENARIOS.items()}
     for name, block in RESUMES.items():
-        out["resume_" + name] = scenario_resume(rank, os.path.join(ckpt_dir, name), block)
+        out["resume_" + name] = scenario_resume(rank, os.path.join(ckpt_dir, name), block, total=16)
     return out

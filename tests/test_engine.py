@@ -334,3 +334,17 @@ def test_compute_seconds_from_device_events_without_waiting():
     assert len(ctl._free_events) == 6  # events are reused
     ctl.mark_step_start()
     assert len(ctl._free_events) == 5
+
+
+def test_forgotten_consensus_warns_once_on_every_rank(results):
+    """(Its own 2-rank spawn before; folded into this group's, issue 34.)"""
+    for out in (r["forgotten_consensus"] for r in results):
+        assert len(out["in_flight"]) == 1
+        assert "the engine is destroyed while a round is in flight" in out["in_flight"][0]
+        assert "consensus()" in out["in_flight"][0]
+        assert len(out["mid_round"]) == 1 and "step 3 is inside a round" in out["mid_round"][0]
+        assert out["again"] == [] and out["after_consensus"] == []
+        # one warning per live engine whose ranks hold different models: the scenario's own (in flight at
+        # step 2), and any that earlier scenarios of this group left mid-round
+        assert all("the process group is destroyed" in m for m in out["process_group"])
+        assert sum("a round is in flight at step 2 (overlap)" in m for m in out["process_group"]) == 1

@@ -82,8 +82,9 @@ def test_the_wheel_carries_the_trainer_the_recipes_and_the_ds_configs(wheel):
     assert not any(n.split("/")[0] in ("data", "models", "recipes", "trainer", "tools", "hosts", "train.py")
                    for n in names)
     # every package of the tree is in the wheel (a new subpackage must be listed in pyproject's packages)
-    installed = {"data": "risgd_data", "models": "risgd_models", "recipes": "risgd_recipes", "trainer": "risgd_trainer",
-                 "tools": "risgd_tools", "hosts": "risgd_hosts", "risgd_ext": "risgd_ext", "risgd_common": "risgd_common"}
+    installed = {"data": "risgd_data", "models": "risgd_models", "recipes": "risgd_recipes",
+                 "trainer": "risgd_trainer", "tools": "risgd_tools", "hosts": "risgd_hosts", "risgd_ext": "risgd_ext",
+                 "risgd_common": "risgd_common"}
     for folder, name in installed.items():
         for init in glob.glob(os.path.join(ROOT, folder, "**", "__init__.py"), recursive=True):
             rel = os.path.relpath(init, os.path.join(ROOT, folder)).replace(os.sep, "/")
@@ -244,15 +245,26 @@ def test_usage_lines_and_hints_name_the_command_as_it_was_run(monkeypatch, tmp_p
     assert install.command("train.py") == ("python train.py" if install.CHECKOUT else "risgd-train")
 
 
+def _concurrently(commands: list[tuple[list[str], str]], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Run each (command, working directory) at once (each pays Python's and torch's start-up: side by side
+    they share the cores) and return what each printed, in order."""
+    procs = [subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for cmd, cwd in commands]
+    done = []
+    for (cmd, _), proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return done
+
+
 def test_every_installed_command_answers_help_from_any_directory(venv, tmp_path):
     import tomllib
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         commands = tomllib.load(f)["project"]["scripts"]
     assert "risgd-elastic" in commands
-    for name in commands:
-        proc = subprocess.run([os.path.join(venv, name), "--help"], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120, env=_env())
+    procs = _concurrently([([os.path.join(venv, name), "--help"], str(tmp_path)) for name in commands])
+    for name, proc in zip(commands, procs):
         assert proc.returncode == 0 and "usage:" in proc.stdout.lower(), (name, proc.stdout[-800:], proc.stderr[-1500:])
 
 
@@ -286,11 +298,11 @@ def test_every_documented_command_refuses_bad_input_in_one_line_in_both_forms(mo
     out = str(tmp_path / "out")
     args = [out if a == "OUT" else a for a in args]
     checkout = [sys.executable, "train.py"] if module == "train.py" else [sys.executable, "-m", module]
-    _one_error_line(subprocess.run([*checkout, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                                   env=_env()), f"{module} (checkout)")
+    forms = [([*checkout, *args], ROOT)]
     if installed:
-        _one_error_line(subprocess.run([os.path.join(venv, installed), *args], cwd=tmp_path, capture_output=True,
-                                       text=True, timeout=300, env=_env()), installed)
+        forms.append(([os.path.join(venv, installed), *args], str(tmp_path)))
+    for (cmd, _), proc in zip(forms, _concurrently(forms)):
+        _one_error_line(proc, " ".join(cmd[:3]))
     assert not os.path.exists(out)  # bad input loses nothing and makes nothing
 
 

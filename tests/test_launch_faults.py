@@ -44,37 +44,49 @@ def record(run_dir: str) -> dict[str, bytes]:
     return out
 
 
-def test_warmup_rounds_end_where_the_engine_says(tmp_path, digits_dir):
-    common = ["warmup_sync_steps=5", "tau=10", "eval_every=10", f"data.shards={digits_dir}", f"runs_dir={tmp_path}"]
-    # 40 steps end 5 steps into a round: refused before any work, naming the lengths that work
-    proc, _ = launch(*common, "steps=40", "run_name=mid")
+# Two tests' runs in one launch (a plan), after the same plan with a run that cannot end on an average
+# was refused whole: three launches' start-up folded into two.
+WARMUP = ["warmup_sync_steps=5", "tau=10", "eval_every=10"]
+RERUN = ["steps=20", "tau=5", "eval_every=10", "run_name=r"]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory, digits_dir):
+    base = tmp_path_factory.mktemp("planned")
+    common = ["wandb.enabled=false", f"data.shards={digits_dir}", f"runs_dir={base}"]
+    ok, rerun = [*WARMUP, "steps=45", "run_name=ok"], list(RERUN)
+    # 40 steps end 5 steps into a round: the whole plan is refused before any work, naming the lengths that work
+    refused = launch_trainer(common, plan=[[*WARMUP, "steps=40", "run_name=mid"], ok, rerun], plan_dir=str(base))
+    trained = launch_trainer(common, plan=[ok, rerun], plan_dir=str(base))
+    return {"base": base, "common": common, "refused": refused, "trained": trained}
+
+
+def test_warmup_rounds_end_where_the_engine_says(planned):
+    base, proc = planned["base"], planned["refused"]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert any("use steps=35 or steps=45" in line for line in errors(proc))
-    assert not os.path.exists(tmp_path / "mid")
-    proc, _ = launch(*common, "steps=45", "run_name=ok")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "ok" / "metrics.jsonl") as f:
+    assert not os.path.exists(base / "mid") and planned["trained"].returncode == 0, planned["trained"].stderr[-3000:]
+    with open(base / "ok" / "metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [15, 25, 35, 45]  # the first average at or after each multiple of 10
-    with open(tmp_path / "ok" / "summary.json") as f:
+    with open(base / "ok" / "summary.json") as f:
         summary = json.load(f)
     assert summary["rank_model_sha256"] == [summary["model_sha256"]] * 2
 
 
-def test_a_rerun_never_continues_or_rewrites_another_experiment(tmp_path, digits_dir):
-    common = ["steps=20", "tau=5", "eval_every=10", f"data.shards={digits_dir}", f"runs_dir={tmp_path}",
-              "run_name=r"]
-    proc, _ = launch(*common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    before = record(str(tmp_path / "r"))
+def test_a_rerun_never_continues_or_rewrites_another_experiment(planned):
+    base = planned["base"]
+    assert planned["trained"].returncode == 0, planned["trained"].stderr[-3000:]
+    before = record(str(base / "r"))
+    common = [*planned["common"], *RERUN]
     proc, _ = launch(*common, "data.partition=iid", "optimizer.lr=0.2")
     assert proc.returncode == 2
     (line,) = errors(proc)
     assert "data.partition: 'label_sorted' -> 'iid'" in line and "optimizer.lr: 0.05 -> 0.2" in line
-    assert record(str(tmp_path / "r")) == before
-    proc, _ = launch(*common)  # the same command again: finished, nothing to do, nothing rewritten
+    assert record(str(base / "r")) == before
+    proc, _ = launch(*common)  # the same run again: finished, nothing to do, nothing rewritten
     assert proc.returncode == 0 and "is finished" in proc.stdout + proc.stderr
-    assert record(str(tmp_path / "r")) == before
+    assert record(str(base / "r")) == before
 
 
 def test_bad_input_after_the_process_group_exits_2_with_one_line_and_no_leak(tmp_path):

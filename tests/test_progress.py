@@ -38,3 +38,27 @@ def test_the_run_names_come_from_the_plan():
     assert _run_names([["algorithm=sync", "run_name=a"], ["run_name=b", "seed=1"]], ["steps=5"]) == ["a", "b"]
     assert _run_names(None, ["run_name=x"]) == ["x"]
     assert _run_names(None, []) == []
+
+
+def test_watch_says_a_real_processes_progress_until_it_ends(tmp_path):
+    """What the benchmarks and the namespace cluster use: a real child writing a trainer-like bar to its
+    log, watched until it exits; its exit status is returned."""
+    import subprocess
+    import sys
+
+    from risgd_common.progress import watch
+
+    log = tmp_path / "child.log"
+    code = ("import sys, time\n"
+            "for step in (250, 500, 750, 1000):\n"
+            f"    sys.stdout.write({_bar('gpu-check-cifar10', 0, 1, '00:00')!r}.replace('0/1', f'{{step}}/1000')"
+            ".replace('0%', f'{step // 10}%'))\n"
+            "    sys.stdout.flush(); time.sleep(0.3)\n"
+            "sys.exit(3)\n")
+    out = io.StringIO()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=f)
+        assert watch(proc, str(log), ["gpu-check-cifar10"], stream=out, every_s=0.1) == 3
+    said = out.getvalue().splitlines()
+    assert said and all(line.startswith("[run 1/1] gpu-check-cifar10: step ") for line in said)
+    assert len(said) >= 2 and said[-1].split("step ")[1].startswith(("750/1000", "1000/1000"))
