@@ -227,9 +227,10 @@ def scenario_resume(rank: int, ckpt_dir: str, block: dict | None = None, total: 
            "client_state_rounds": client_state["risgd"]["rounds"], "path": path, "pending_at_end": pending_at_end,
            "latest": open(os.path.join(ckpt_dir, "latest")).read(),
            "files": sorted(os.listdir(ckpt_dir)) + sorted(os.listdir(os.path.join(ckpt_dir, "mid")))}
-    final = (straight.risgd.consensus(), resumed.risgd.consensus())
-    out["final"] = (state(straight), state(resumed))
-    out["final_rounds"] = (final[0]["rounds"], final[1]["rounds"])
+    if straight.risgd.is_average():  # consensus() only where it may be called (not inside a round)
+        final = (straight.risgd.consensus(), resumed.risgd.consensus())
+        out["final"] = (state(straight), state(resumed))
+        out["final_rounds"] = (final[0]["rounds"], final[1]["rounds"])
     return out
 
 

@@ -128,6 +128,8 @@ def test_a_failed_start_of_the_trainer_is_exit_1_not_bad_input(tmp_path, monkeyp
         def poll(self) -> int:
             return self.returncode
 
+        wait = poll
+
     monkeypatch.setattr(launch_mod.subprocess, "Popen", FakePopen)
     with pytest.raises(SystemExit) as e:
         launch_mod.launch("recipes/digits.yaml", 2, [], log)
