@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="timed averaging rounds (default 10)")
     parser.add_argument("--pings", type=int, default=20, help="timed one-float all_reduces (default 20)")
     parser.add_argument("--bucket-mb", type=float, default=25.0)
-    parser.add_argument("--compress", choices=("none", "bf16", "int8"), default="none",
+    parser.add_argument("--compress", choices=("none", "bf16", "int8", "int4"), default="none",
                         help="the round's codec (default none); the plain all_reduce it alternates with stays fp32, "
                              "so the two times are the compressed round against one fp32 all_reduce of the model")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")

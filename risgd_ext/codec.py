@@ -1,23 +1,31 @@
-"""Compressed payloads for the cross-node part of a round: bf16 and int8 with block scales.
+"""Compressed payloads for the cross-node part of a round: bf16, int8 and int4 with block scales.
 
-A codec turns one fp32 bucket into a flat ``uint8`` payload of a size fixed by the bucket's length
-(so every rank's payload has the same shape and ``all_gather`` can carry it on gloo and NCCL
-alike), and back. Sums of int8 values would overflow in an ``all_reduce``, and bf16 sums rounded
-at every hop of a ring would drift: the payloads are all-gathered instead and every rank decodes
-and sums them in fp32, in rank order, so every rank ends with the same bits.
+A codec turns fp32 values into a flat ``uint8`` payload of a size fixed by their number (so every
+rank's payload for the same piece has the same shape, and gloo and NCCL carry it alike), and back.
 
-int8: one fp32 scale (absmax / 127) per block of :data:`INT8_BLOCK` = 256
-consecutive values, round to nearest. Blocks rather than one scale per bucket because a bucket
-spans many layers whose displacements differ by orders of magnitude; 256 values keep the scales'
-overhead at 4/256 = 1.6% (3.94x fewer bytes than fp32) while a block rarely crosses more than one
-layer's tail. bf16: round to nearest even, 2x fewer bytes.
+The compressed round is a two-phase all-reduce (:func:`risgd_ext.reduce.Reducer`; torchft's
+``allreduce_quantized`` and DeepSpeed's 1-bit compressed all-reduce do it the same way): each bucket
+is cut into N chunks, one per rank of the cross-node group; every rank encodes its N chunks and sends
+chunk j to rank j (all_to_all); rank j decodes the N payloads of its chunk and sums them in fp32 in
+rank order, adds what its last re-encoding dropped (the owner's residual), re-encodes the sum once;
+an all_gather hands every rank the same N encoded sums, which every rank decodes: the same bits
+everywhere. Each rank moves 2(N-1) chunk payloads, i.e. 2(N-1)/N of the bucket's payload, as a ring
+all_reduce does with fp32 (:func:`two_phase_payload`: the bytes one round of a bucket counts).
+
+int8: one fp32 scale (absmax / 127) per block of :data:`INT8_BLOCK` = 256 consecutive values, round
+to nearest; 4/256 = 1.6% of scales, 3.94x fewer bytes than fp32. int4: two values in a byte (offset
+by 8, in [1, 15]), one fp32 scale (absmax / 7) per block of :data:`INT4_BLOCK` = 128 values: 7.53x
+fewer bytes. Blocks rather than one scale per bucket because a bucket spans many layers whose
+displacements differ by orders of magnitude. bf16: round to nearest even, 2x fewer bytes. Encoding
+and decoding are whole-tensor operations (no Python loop over blocks), on the tensor's own device.
 
 Where codecs plug in: :data:`CODECS`, the one registry. A codec is a :class:`Codec` subclass with a
-``name`` (the ``compress`` value), its byte count ``nbytes(n)`` and ``encode``/``decode``, registered
-by :func:`register`; the ``risgd`` block's validator (``compress`` must name one), the engine, the
-stats and the cost model (``risgd_ext.cost_model.payload_bytes``) all read it, so the byte formula
-is written once, here. ``none`` is the fp32 all_reduce (no payload to encode). torch is imported
-when a codec encodes or decodes, so the validator and the cost model import none of it.
+``name`` (the ``compress`` value), its ``block``, its byte count ``nbytes(n)`` and ``encode``/
+``decode``, registered by :func:`register`; the ``risgd`` block's validator (``compress`` must name
+one), the engine, the stats and the cost model (``risgd_ext.cost_model.payload_bytes``) all read it,
+so the byte formulas are written once, here. ``none`` is the fp32 all_reduce (no payload to encode).
+torch is imported when a codec encodes or decodes, so the validator and the cost model import none
+of it.
 """
 
 from __future__ import annotations
@@ -28,12 +36,17 @@ if TYPE_CHECKING:
     import torch
 
 INT8_BLOCK = 256  # values per fp32 scale of the int8 codec
+INT4_BLOCK = 128  # values per fp32 scale of the int4 codec
 
 
 class Codec:
     """One ``compress`` value: a payload of ``nbytes(n)`` bytes for ``n`` fp32 values."""
 
     name = ""
+    block = 1  # values that share one scale (a bucket must hold one block with its scale)
+    # whether this project measured the codec's accuracy (docs/wide-area.md); the cost model recommends
+    # only codecs that it did
+    accuracy_measured = True
 
     def nbytes(self, n: float) -> float:
         """Payload bytes of a bucket of ``n`` fp32 values (an int for an int ``n``)."""
@@ -47,6 +60,12 @@ class Codec:
 
 
 CODECS: dict[str, Codec] = {}  # compress value -> codec, in registration order
+
+
+def _aligned(payload: torch.Tensor, size: int) -> torch.Tensor:
+    """``payload`` where its bytes can be viewed as ``size``-byte values (a payload inside a received
+    buffer of several may start anywhere: then a copy)."""
+    return payload if payload.storage_offset() % size == 0 else payload.clone()
 
 
 def register(cls: type[Codec]) -> type[Codec]:
@@ -82,12 +101,13 @@ class BF16(Codec):
     def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
         import torch
 
-        return payload.view(torch.bfloat16).float()
+        return _aligned(payload, 2).view(torch.bfloat16).float()
 
 
 @register
 class Int8(Codec):
     name = "int8"
+    levels = 127  # values in [-127, 127]
 
     def __init__(self, block: int = INT8_BLOCK):
         self.block = block
@@ -115,11 +135,71 @@ class Int8(Codec):
         import torch
 
         b, blocks = self.block, self._blocks(n)
+        payload = _aligned(payload, 4)
         scale = payload[:4 * blocks].view(torch.float32)
         q = payload[4 * blocks:4 * blocks + n].view(torch.int8).float()
         padded = torch.zeros(blocks * b, dtype=torch.float32, device=payload.device)
         padded[:n] = q
         return (padded.view(blocks, b) * scale[:, None]).view(-1)[:n]
+
+
+@register
+class Int4(Codec):
+    """Two 4-bit values a byte (low nibble first), each ``round(x / scale) + 8`` in [1, 15], and one fp32
+    scale (absmax / 7) per block; the scales first (aligned), then the packed values."""
+
+    name = "int4"
+    accuracy_measured = False  # not yet: the wide-area sweep ran none, bf16 and int8
+
+    def __init__(self, block: int = INT4_BLOCK):
+        self.block = block
+
+    def _blocks(self, n: float) -> int:
+        return int(-(-n // self.block))
+
+    def nbytes(self, n: float) -> float:
+        return 4 * self._blocks(n) + -(-n // 2)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        n, b = x.numel(), self.block
+        blocks = self._blocks(n)
+        padded = torch.zeros(blocks * b, dtype=torch.float32, device=x.device)
+        padded[:n] = x
+        rows = padded.view(blocks, b)
+        scale = rows.abs().amax(dim=1) / 7.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = (torch.round(rows / safe[:, None]).clamp_(-7, 7) + 8).to(torch.uint8).view(-1)[:n]
+        if n % 2:
+            q = torch.cat([q, q.new_full((1,), 8)])  # an odd count: the last byte's high nibble is a zero
+        packed = q[0::2] | (q[1::2] << 4)
+        return torch.cat([scale.view(torch.uint8), packed])
+
+    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        import torch
+
+        b, blocks = self.block, self._blocks(n)
+        payload = _aligned(payload, 4)
+        scale = payload[:4 * blocks].view(torch.float32)
+        packed = payload[4 * blocks:4 * blocks + -(-n // 2)]
+        q = torch.stack([packed & 15, packed >> 4], dim=1).view(-1)[:n].to(torch.float32) - 8.0
+        padded = torch.zeros(blocks * b, dtype=torch.float32, device=payload.device)
+        padded[:n] = q
+        return (padded.view(blocks, b) * scale[:, None]).view(-1)[:n]
+
+
+def chunk_len(codec: Codec, n: int, ranks: int) -> int:
+    """Values in each of the ``ranks`` chunks of a two-phase round of ``n`` values: ``ceil(n / ranks)``,
+    the last chunks padded with zeros, so that every chunk's payload has the same size (each chunk has
+    its own blocks: at most one partial block, one scale, per chunk)."""
+    return max(1, -(-n // max(ranks, 1)))
+
+
+def two_phase_payload(codec: Codec, n: int, ranks: int) -> int:
+    """The payload a two-phase round of ``n`` values counts: ``ranks`` chunk payloads (a ring all_reduce
+    of it moves 2(N-1)/N of it per rank, as the two phases do: N-1 chunk payloads each way)."""
+    return ranks * int(codec.nbytes(chunk_len(codec, n, ranks)))
 
 
 def make_codec(name: str) -> Codec | None:

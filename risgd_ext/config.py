@@ -13,7 +13,7 @@ from typing import Any
 
 from risgd_common.layout import Layout, LayoutError
 
-from .codec import CODECS, INT8_BLOCK
+from .codec import CODECS
 
 BLOCK = "risgd"
 
@@ -134,11 +134,13 @@ class RISGDConfig:
                                 "in the checkpoint)", "when_set")
     outer_nesterov: bool = key(False, _bool, "bool: Nesterov momentum for the outer step (needs outer_momentum "
                                "> 0)", "when_set")
-    compress: str = key("none", _one_of(CODECS), "none | bf16 | int8: how a round's parameter displacement "
-                        "crosses between nodes (int8: one fp32 scale per 256 values; all-gathered, summed "
-                        "locally in rank order)", "when_set")
-    error_feedback: bool = key(True, _bool, "bool: with compress, each rank adds what compression dropped to "
-                               "its next payload (the residual is in the checkpoint)", "when_set")
+    compress: str = key("none", _one_of(CODECS), "none | bf16 | int8 | int4: how a round's parameter displacement "
+                        "crosses between nodes (int8: one fp32 scale per 256 values; int4: two values a byte, "
+                        "one scale per 128; a two-phase all-reduce: chunks to their owners, summed there in fp32, "
+                        "re-encoded once, all-gathered)", "when_set")
+    error_feedback: bool = key(True, _bool, "bool: with compress, each rank adds what encoding dropped to its "
+                               "next payload, and each chunk's owner what re-encoding the sum dropped to its next "
+                               "sum (both residuals are in the checkpoint)", "when_set")
 
     @property
     def bucket_bytes(self) -> int:
@@ -283,9 +285,10 @@ def _check_combinations(cfg: RISGDConfig) -> None:
     if cfg.outer_nesterov and cfg.outer_momentum == 0:
         raise ConfigError(f"{BLOCK}.outer_nesterov=true needs {BLOCK}.outer_momentum > 0 (Nesterov momentum "
                           "without momentum is plain SGD): set outer_momentum, e.g. 0.9, or leave outer_nesterov out")
-    if cfg.compress == "int8" and cfg.bucket_bytes < 4 * INT8_BLOCK:
-        raise ConfigError(f"{BLOCK}.bucket_mb={cfg.bucket_mb:g} is too small for compress=int8: a bucket must hold "
-                          f"at least one block of {INT8_BLOCK} values with its scale ({4 * INT8_BLOCK} bytes); raise "
+    block = CODECS[cfg.compress].block if cfg.compress in CODECS else 1
+    if block > 1 and cfg.bucket_bytes < 4 * block:
+        raise ConfigError(f"{BLOCK}.bucket_mb={cfg.bucket_mb:g} is too small for compress={cfg.compress}: a bucket "
+                          f"must hold at least one block of {block} values with its scale ({4 * block} bytes); raise "
                           "bucket_mb")
     if cfg.average_optimizer_state and cfg.compress != "none":
         raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with compress={cfg.compress}: leave "

@@ -468,8 +468,10 @@ class RISGDController:
         model, reducer = self.model, self.averaging.reducer if self.averaging else None
         if model is not None and model.outer is not None:  # the outer step's momentum buffers
             state["outer"] = model.outer.state_dict()
-        if reducer is not None and reducer.residual is not None:  # error feedback's residuals
+        if reducer is not None and reducer.residual is not None:  # error feedback's residuals: this rank's
             state["residual"] = [r.detach().cpu() for r in reducer.residual]
+        if reducer is not None and reducer.server_state() is not None:  # ... and its chunks' owner's
+            state["server_residual"] = reducer.server_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -494,4 +496,5 @@ class RISGDController:
             if reducer.codec is not None and "residual" in state:
                 reducer.residual = [saved.to(f.buffer.device).clone() for saved, f in
                                     zip(state["residual"], self.model.flats)]
+            reducer.load_server_state(state.get("server_residual") if reducer.codec is not None else None)
         self.engine.enable_backward_allreduce = self.next_step_is_sync()

@@ -382,26 +382,20 @@ def recommend_hierarchical_tau(compute_s: float, model_bytes: float, nodes: int,
 def payload_bytes(model_bytes: float, compress: str) -> float:
     """Bytes one rank contributes to a round of ``model_bytes`` fp32 bytes under codec ``compress``:
     the codec registry's own count (``risgd_ext.codec.CODECS``: fp32; bf16, half; int8, one fp32
-    scale per 256 values, 4 + 256 bytes per 1,024 fp32 bytes)."""
+    scale per 256 values, 4 + 256 bytes per 1,024 fp32 bytes; int4, 4 + 64 bytes per 512)."""
     return CODECS[compress].nbytes(model_bytes / 4)
-
-
-def allgather_seconds(payload: float, ranks: int, bandwidth_bytes_s: float, latency_s: float) -> float:
-    """A ring all_gather of ``payload`` bytes from each of ``ranks``: ``(N-1) L + (N-1) s / B``."""
-    if ranks <= 1:
-        return 0.0
-    return (ranks - 1) * latency_s + (ranks - 1) * payload / bandwidth_bytes_s
 
 
 def round_seconds(model_bytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float,
                   compress: str = "none") -> float:
-    """One round's cross-node collective: the fp32 ring all_reduce, or (compressed) the all_gather of
-    every rank's encoded payload, which the engine decodes and sums locally. The all_gather moves
-    (N-1) payloads per rank against the all_reduce's 2(N-1)/N models: int8 saves 8/N x (2x at
-    N=4, 4x at N=2, nothing from N=8 on), bf16 4/N x."""
+    """One round's cross-node collective: the fp32 ring all_reduce, or (compressed) the two-phase
+    all-reduce of the encoded payload (``risgd_ext.codec``: an all_to_all of the chunks to their
+    owners and an all_gather of the re-encoded sums), which moves 2(N-1)/N of the payload per rank
+    in 2(N-1) latency-bound steps, as the ring does: the codec's byte ratio at any number of nodes
+    (int8 3.9x, int4 7.5x, bf16 2x)."""
     if compress == "none":
         return ring_allreduce_seconds(model_bytes, ranks, bandwidth_bytes_s, latency_s)
-    return allgather_seconds(payload_bytes(model_bytes, compress), ranks, bandwidth_bytes_s, latency_s)
+    return ring_seconds(payload_bytes(model_bytes, compress), ranks, bandwidth_bytes_s, latency_s)
 
 
 @dataclass
@@ -415,12 +409,13 @@ class RoundOption:
 def recommend_rounds(compute_s: float, model_bytes: float, ranks: int, bandwidth_gbit: float, latency_s: float,
                      target_share: float = 0.1) -> tuple[list[RoundOption], RoundOption]:
     """Every codec's round on this link and the tau it needs; the pick is the smallest tau (a
-    larger tau costs accuracy), then the fewest bytes. Compression is picked only where its
-    all_gather is faster than the fp32 all_reduce (see :func:`round_seconds`)."""
+    larger tau costs accuracy), then the fewest bytes, among the codecs whose accuracy this project
+    measured (``Codec.accuracy_measured``: a codec without it is listed, never picked)."""
     bw = bandwidth_gbit * 1e9 / 8
     options = [RoundOption(c, payload_bytes(model_bytes, c), r, recommend_tau(compute_s, r, target_share))
                for c in CODECS for r in (round_seconds(model_bytes, ranks, bw, latency_s, c),)]
-    return options, min(options, key=lambda o: (o.tau, o.round_s, o.payload_bytes))
+    measured = [o for o in options if CODECS[o.compress].accuracy_measured]
+    return options, min(measured, key=lambda o: (o.tau, o.round_s, o.payload_bytes))
 
 
 def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: float, tau: int, *,
@@ -563,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", action="store_true",
                         help="a round's all-reduce runs behind the next local steps' compute")
     parser.add_argument("--compress", choices=tuple(CODECS), default=None,
-                        help="also list every codec's round across the nodes (none: fp32 all_reduce; bf16/int8: "
-                             "all_gather of the encoded payloads) with the tau each needs, and recommend one")
+                        help="also list every codec's round across the nodes (none: fp32 all_reduce; bf16, int8, "
+                             "int4: the two-phase compressed all-reduce) with the tau each needs, and recommend one "
+                             "(among the codecs whose accuracy was measured)")
     parser.add_argument("--overlap-delay", type=int, default=None,
                         help="steps after which an overlapped round's result is applied (default: --tau; "
                              "1..tau, needs --overlap)")
@@ -628,8 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     if beyond_measured(p.recommended_tau):
         remedies = ["raise the bandwidth (--bandwidth-gbit)",
                     "compress the rounds (the codecs below)" if args.compress else
-                    "compress the rounds on fewer than 8 nodes (--compress int8 lists each codec's tau; int8 saves "
-                    "about 8/N x on N nodes)",
+                    "compress the rounds (--compress int8 lists each codec's tau; int8 moves 3.9x fewer bytes, "
+                    "int4 7.5x, at any number of nodes)",
                     "use the node level (hier_recommended_tau below)" if node_level else
                     "use the node level (--ranks-per-node K, --overlap)",
                     f"accept a higher --target-share than {args.target_share:g}"]
@@ -644,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
                  if k > 1 else "") + f"; tau: the smallest with communication <= {pct} of an RI-SGD step, {target}:")
     for o in options:
         mark = " <- recommended" if o is pick else (" <- --compress" if o.compress == args.compress else "")
+        unmeasured = "" if CODECS[o.compress].accuracy_measured else "  (accuracy not measured: never recommended)"
         print(f"  {o.compress:<5} payload {o.payload_bytes / 2**20:8.2f} MiB  round {o.round_s:8.3f} s  "
-              f"tau {o.tau}{mark}")
+              f"tau {o.tau}{mark}{unmeasured}")
     far = [o for o in options if beyond_measured(o.tau)]
     if far:
         which = [f"{o.tau} ({o.compress}) " + ("is " if i == 0 else "") + f"{o.tau / MEASURED_TAU_MAX:.1f}x"

@@ -293,6 +293,7 @@ def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool) -
     state = torch.load(os.path.join(tag_dir, others[0]), map_location="cpu", weights_only=True)
     controller = dict(state["controller"])
     controller.pop("residual", None)  # the other worker's compression error is not this worker's
+    controller.pop("server_residual", None)  # nor are the sums of the chunks it owned
     engine.optimizer.state.clear()  # DeepSpeed's file carried rank 0's momentum: start without any
     ctl.load_state_dict(controller)
     torch.manual_seed(ctl.identity * 7919 + ctl.steps * 104729 + 1)

@@ -1,8 +1,14 @@
 """The collectives of a round: how buffers laid out as the flat model are summed over the ranks.
 
 Flat (no node level): one ``all_reduce`` per bucket-sized slice, in place, over the data-parallel
-group. With the node level a sum is hierarchical: optionally the node's ranks sum their buffers on
-the intra-node link (``node_sum``: needed when they differ; a synchronous node only brings its
+group. Compressed (``compress`` other than none): each bucket of the parameter displacement is summed
+by the two-phase compressed all-reduce of :mod:`risgd_ext.codec` (all_to_all of encoded chunks to
+their owners, fp32 sums there, one re-encoding, all_gather), with two residuals of error feedback:
+each rank's (what encoding its own chunks dropped) and each chunk owner's (what re-encoding the sum
+dropped); the fp32 rest (buffers, slot) is all-reduced.
+
+With the node level a sum is hierarchical: optionally the node's ranks sum their buffers on the
+intra-node link (``node_sum``: needed when they differ; a synchronous node only brings its
 BatchNorm statistics to the node's mean), then rank l of every node all-reduces slice l in its
 cross group (the only traffic between nodes), then each slice is broadcast inside the node from
 the rank that reduced it. Every call records what it did in the :class:`Traffic` it is given.
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .codec import Codec
+from .codec import Codec, chunk_len, two_phase_payload
 from .flat import FlatModel
 from .topology import NodeGroups, part
 
@@ -53,19 +59,58 @@ class Reducer:
         self.synchronize = synchronize or (lambda: None)
         self.codec, self.error_feedback = codec, error_feedback and codec is not None
         self.residual: list[torch.Tensor] | None = None  # error feedback: what compression dropped, per rank
+        # error feedback's second level: what re-encoding the sum of each chunk this rank owns dropped,
+        # by (flat buffer, bucket); kept with the group's size and this rank's place in it (an owner's
+        # chunk is another after the group changes: then it starts again from zero)
+        self.server_residual: dict[tuple[int, int], torch.Tensor] = {}
+        self.server_owner: tuple[int, int] | None = None
 
     def round_bytes(self, bufs: list[torch.Tensor]) -> int:
-        """Bytes one sum sends between nodes, per node (flat: per rank): fp32, or the compressed
-        parameter displacement (scales included) plus the fp32 buffers and slot."""
+        """Bytes one sum sends between nodes, per node (flat: per rank), counted as the payload of an
+        all_reduce (a ring moves 2(N-1)/N of it per rank): fp32, or the compressed parameter
+        displacement as the two-phase round counts it (N chunk payloads, scales and padding included)
+        plus the fp32 buffers and slot."""
         if self.codec is None:
             return tensor_bytes(bufs)
+        ranks = self._cross_size()
         total = 0
         for local in range(self.nodes.layout.node_size if self.nodes is not None else 1):
             for i, buf in enumerate(bufs):
                 head, tail, _ = self._split(buf, i, local)
-                total += sum(self.codec.nbytes(b.numel()) for b in slices(head, self.bucket_bytes))
+                total += sum(two_phase_payload(self.codec, b.numel(), ranks) for b in slices(head, self.bucket_bytes))
                 total += tail.numel() * tail.element_size()
         return total
+
+    def _cross_group(self) -> dist.ProcessGroup | None:
+        return self.nodes.cross_group if self.nodes is not None else self.group
+
+    def _cross_size(self) -> int:
+        return dist.get_world_size(self._cross_group()) if dist.is_initialized() else 1
+
+    def server_state(self) -> dict | None:
+        """The owners' residuals for a checkpoint (None without any)."""
+        if not self.server_residual:
+            return None
+        keys = sorted(self.server_residual)
+        return {"owner": list(self.server_owner), "keys": [list(k) for k in keys],
+                "values": [self.server_residual[k].detach().cpu() for k in keys]}
+
+    def load_server_state(self, state: dict | None) -> None:
+        self.server_residual, self.server_owner = {}, None
+        if state:
+            device = self.model.flats[0].buffer.device
+            self.server_owner = tuple(state["owner"])
+            self.server_residual = {tuple(k): v.to(device).clone() for k, v in zip(state["keys"], state["values"])}
+
+    def _server_residual(self, key: tuple[int, int], n: int, owner: tuple[int, int]) -> torch.Tensor:
+        """The owner's residual of bucket ``key`` (n values): zeros at first, or after the group changed."""
+        if self.server_owner != owner:
+            self.server_residual, self.server_owner = {}, owner
+        r = self.server_residual.get(key)
+        if r is None or r.numel() != n:
+            device = self.model.flats[0].buffer.device
+            r = self.server_residual[key] = torch.zeros(n, dtype=torch.float32, device=device)
+        return r
 
     def _split(self, buf: torch.Tensor, i: int, local: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This rank's cross-node piece of ``buf`` as (the parameter part, the rest, its offset)."""
@@ -140,31 +185,40 @@ class Reducer:
         return works
 
     def _cross_compressed(self, bufs: list[torch.Tensor], async_op: bool, traffic: Traffic, live_here: bool) -> list:
-        """The parameter displacement encoded bucket by bucket (with error feedback: plus the
-        residual, which keeps what the encoding dropped) and all-gathered; the fp32 rest (buffers,
-        slot) all-reduced. Returns works whose ``wait()`` also decodes and sums, in rank order."""
-        group = self.nodes.cross_group if self.nodes is not None else self.group
-        size = dist.get_world_size(group)
+        """The parameter displacement, bucket by bucket, through the two-phase compressed all-reduce (with
+        error feedback: plus this rank's residual, which keeps what the encoding dropped); the fp32 rest
+        (buffers, slot) all-reduced. Returns works whose ``wait()`` completes the sum in the bucket:
+        overlapped, the first phase (to the owners) runs in the background, the second at ``wait()``."""
+        group = self._cross_group()
+        size, me = dist.get_world_size(group), dist.get_rank(group)
         local = self.nodes.local if self.nodes is not None else 0
         step = max(1, self.bucket_bytes // 4)
+        codec = self.codec
         works = []
         for i, buf in enumerate(bufs):
             head, tail, offset = self._split(buf, i, local)
             for j, bucket in enumerate(slices(head, self.bucket_bytes)):
-                x = bucket
-                if self.error_feedback and live_here:
-                    residual = self._residual(i, offset + j * step, bucket.numel())
-                    x = bucket + residual
-                payload = self.codec.encode(x)
-                if self.error_feedback and live_here:
-                    torch.sub(x, self.codec.decode(payload, x.numel()), out=residual)
-                gathered = [torch.empty_like(payload) for _ in range(size)]
-                work = _Gathered(dist.all_gather(gathered, payload, group=group, async_op=async_op), gathered,
-                                 bucket, self.codec)
+                n = bucket.numel()
+                c = chunk_len(codec, n, size)
+                x = torch.zeros(size * c, dtype=torch.float32, device=bucket.device)
+                x[:n] = bucket
+                ef = self.error_feedback and live_here
+                if ef:
+                    residual = self._residual(i, offset + j * step, n)
+                    x[:n] += residual
+                payloads = [codec.encode(x[k * c:(k + 1) * c]) for k in range(size)]
+                if ef:  # what this rank's encoding dropped, kept for its next round
+                    sent = torch.cat([codec.decode(p, c) for p in payloads])
+                    torch.sub(x[:n], sent[:n], out=residual)
+                send = torch.cat(payloads)
+                recv = torch.empty_like(send)
+                work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
+                owned = self._server_residual((i, j), c, (size, me)) if self.error_feedback else None
+                phased = _TwoPhase(work, recv, bucket, codec, c, size, group, owned)
                 if not async_op:
-                    work.wait()
-                works.append(work)
-                traffic.inter_collectives += 1
+                    phased.wait()
+                works.append(phased)
+                traffic.inter_collectives += 2
             for bucket in slices(tail, self.bucket_bytes) if tail.numel() else ():
                 works.append(dist.all_reduce(bucket, group=group, async_op=async_op))
                 traffic.inter_collectives += 1
@@ -230,12 +284,20 @@ class Reducer:
         self.synchronize()
 
 
-class _Gathered:
-    """An all_gather of encoded payloads; ``wait()`` completes it and writes the decoded sum, in
-    rank order (the same fp32 additions on every rank), into the bucket."""
+# torch 2.14 names it all_gather_single (all_gather_into_tensor, deprecated there, before)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
-    def __init__(self, work, gathered: list[torch.Tensor], bucket: torch.Tensor, codec: Codec):
-        self.work, self.gathered, self.bucket, self.codec = work, gathered, bucket, codec
+
+class _TwoPhase:
+    """One bucket's two-phase compressed all-reduce after its first phase was launched (the all_to_all
+    that brought this rank the N payloads of the chunk it owns); ``wait()`` completes it: the owner's
+    fp32 sum in rank order, plus its residual, encoded once; the all_gather of every owner's encoded
+    sum; every rank decodes the same N payloads into the bucket (the same bits on every rank)."""
+
+    def __init__(self, work, recv: torch.Tensor, bucket: torch.Tensor, codec: Codec, chunk: int, size: int,
+                 group, owned: torch.Tensor | None):
+        self.work, self.recv, self.bucket, self.codec = work, recv, bucket, codec
+        self.chunk, self.size, self.group, self.owned = chunk, size, group, owned
         self.done = False
 
     def get_future(self):
@@ -246,11 +308,22 @@ class _Gathered:
             return
         if self.work is not None:
             self.work.wait()
+        codec, c = self.codec, self.chunk
+        parts = self.recv.view(self.size, -1)
+        total = codec.decode(parts[0], c).clone()
+        for payload in parts[1:]:  # in rank order: the same fp32 additions on every owner
+            total.add_(codec.decode(payload, c))
+        if self.owned is not None:
+            total.add_(self.owned)
+        mine = codec.encode(total)
+        if self.owned is not None:  # what re-encoding the sum dropped, added to the next round's sum
+            torch.sub(total, codec.decode(mine, c), out=self.owned)
+        gathered = torch.empty(self.size * mine.numel(), dtype=mine.dtype, device=mine.device)
+        _all_gather_single(gathered, mine, group=self.group)
         n = self.bucket.numel()
-        self.bucket.copy_(self.codec.decode(self.gathered[0], n))
-        for payload in self.gathered[1:]:
-            self.bucket.add_(self.codec.decode(payload, n))
-        self.gathered, self.done = [], True
+        out = torch.cat([codec.decode(p, c) for p in gathered.view(self.size, -1)])
+        self.bucket.copy_(out[:n])
+        self.recv, self.done = None, True
 
 
 class GradientAverager:

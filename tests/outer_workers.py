@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 from tests.engine_workers import build, ds_config, scenario_resume, state, train_step
 from tests.hier_workers import snapshot_rounds
@@ -40,16 +41,62 @@ SCENARIOS = {
     "plain": {"tau": 2},
     "int8": {"tau": 2, "compress": "int8"},
     "int8_node": {"tau": 2, "compress": "int8", "node_size": 2, "tau_intra": 1},
+    "int4": {"tau": 2, "compress": "int4"},
     "bf16_no_ef": {"tau": 2, "compress": "bf16", "error_feedback": False},
 }
 RESUMES = {
     "outer_int8_overlap": {"tau": 4, "overlap": True, "compress": "int8", **OUTER},
+    "int4_node_overlap": {"tau": 4, "overlap": True, "compress": "int4", "node_size": 2},
     "outer_bf16_node": {"tau": 4, "node_size": 2, "compress": "bf16", "outer_lr": 0.5, "outer_momentum": 0.5},
 }
 
 
+def scenario_two_phase(rank: int, world_size: int, rounds: int = 4) -> dict:
+    """The compressed round itself, at N = 2, 3 and 4 ranks (subgroups of this group) and with each codec:
+    a Linear(40, 30) (1,230 values) in buckets of 500 values (uneven buckets; chunks of ceil(500 / N)
+    values, the last padded), each rank moving its parameters by its own noise every round. Returns, per
+    (N, codec), each round's displacement and anchor change, and at the end both residuals."""
+    from risgd_common.layout import Layout
+    from risgd_ext.codec import CODECS
+    from risgd_ext.round import Averaging, Live
+
+    groups = {n: dist.new_group(list(range(n))) for n in (2, 3, 4) if n <= world_size}
+    out = {}
+    for n, group in groups.items():
+        if rank >= n:
+            continue
+        for name in ("int8", "int4", "bf16"):
+            torch.manual_seed(0)
+            lin = torch.nn.Linear(40, 30)
+            avg = Averaging.build(list(lin.parameters()), [], 500 * 4, Layout(n), rank, group=group,
+                                  codec=CODECS[name], error_feedback=True, measure_divergence=False)
+            everyone = Live.without(frozenset(), n)
+            g = torch.Generator().manual_seed(1000 + rank)
+            f = avg.model.flats[0].num_param_elems
+            sends, sums, moves = [], [], []
+            for _ in range(rounds):
+                with torch.no_grad():
+                    for p in lin.parameters():
+                        p.add_(torch.randn(p.shape, generator=g) * 10 ** torch.empty(p.shape).uniform_(-4, -1,
+                                                                                                     generator=g))
+                a = avg.model.anchors[0][:f].clone()
+                sends.append((avg.model.flats[0].params[:f] - a).clone())
+                r = avg.round(everyone)
+                r.start(), r.wait()
+                sums.append(r.sums[0][:f].clone())  # the round's sum, as every rank decoded it
+                r.apply()
+                moves.append((avg.model.anchors[0][:f] - a).clone())
+            reducer = avg.reducer
+            out[(n, name)] = {"sends": sends, "sums": sums, "moves": moves, "residual": reducer.residual[0][:f].clone(),
+                              "server": {k: v.clone() for k, v in reducer.server_residual.items()},
+                              "anchor": avg.model.anchors[0][:f].clone(), "bytes": reducer.round_bytes(
+                                  avg.model.buffers)}
+    return out
+
+
 def run_all(rank: int, world_size: int, ckpt_dir: str) -> dict:
     out = {name: scenario_outer(rank, block) for name, block in SCENARIOS.items()}
+    out["two_phase"] = scenario_two_phase(rank, world_size)
     for name, block in RESUMES.items():
         out["resume_" + name] = scenario_resume(rank, os.path.join(ckpt_dir, name), block, total=16)
     return out

@@ -58,7 +58,7 @@ def test_outer_defaults_are_plain_averaging(results):
     assert torch.allclose(plain["after"][0].double(), mean, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["int8", "int8_node", "bf16_no_ef"])
+@pytest.mark.parametrize("name", ["int8", "int8_node", "int4", "bf16_no_ef"])
 def test_compressed_rounds_agree_and_stay_near_the_mean(results, name):
     for k in range(len(results[0][name]["after"])):
         got = [results[r][name]["after"][k] for r in range(4)]
@@ -67,9 +67,83 @@ def test_compressed_rounds_agree_and_stay_near_the_mean(results, name):
     anchor = results[0][name]["anchor0"]
     mean = before.double().mean(0)
     # the first round has no residual yet: each payload is off by at most half a step of its codec
-    step = (before - anchor).abs().max().item() / 127 if "int8" in name else (before - anchor).abs().max().item() / 128
+    step = (before - anchor).abs().max().item() / {"int8": 127, "int4": 7, "bf16": 128}[name.split("_")[0]]
     assert (results[0][name]["after"][0].double() - mean).abs().max().item() <= step
     assert not torch.equal(results[0][name]["after"][0], results[0]["plain"]["after"][0])  # it did compress
+
+
+def _two_phase_reference(codec, sends: list[list[torch.Tensor]], bucket: int = 500) -> list[torch.Tensor]:
+    """The two-phase compressed all-reduce with both residuals, written out for one process: ``sends[r][t]``
+    is rank r's displacement in round t; returns each round's sum (what every rank must decode)."""
+    n, f = len(sends), sends[0][0].numel()
+    mine = [torch.zeros(f) for _ in range(n)]  # each rank's residual
+    owners: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, owner) -> the owner's residual
+    out = []
+    for t in range(len(sends[0])):
+        total = torch.zeros(f)
+        for j, start in enumerate(range(0, f, bucket)):
+            m = min(bucket, f - start)
+            c = -(-m // n)
+            decoded = []
+            for r in range(n):
+                x = torch.zeros(n * c)
+                x[:m] = sends[r][t][start:start + m]
+                x[:m] += mine[r][start:start + m]
+                d = torch.cat([codec.decode(codec.encode(x[k * c:(k + 1) * c]), c) for k in range(n)])
+                mine[r][start:start + m] = x[:m] - d[:m]
+                decoded.append(d)
+            result = torch.zeros(n * c)
+            for k in range(n):
+                s = decoded[0][k * c:(k + 1) * c].clone()
+                for r in range(1, n):
+                    s += decoded[r][k * c:(k + 1) * c]
+                s += owners.get((j, k), torch.zeros(c))
+                result[k * c:(k + 1) * c] = codec.decode(codec.encode(s), c)
+                owners[(j, k)] = s - result[k * c:(k + 1) * c]
+            total[start:start + m] = result[:m]
+        out.append(total)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("name", ["int8", "int4", "bf16"])
+def test_two_phase_round_against_its_reference_and_the_float64_sum(results, n, name):
+    from risgd_ext.codec import CODECS
+
+    runs = [results[r]["two_phase"][(n, name)] for r in range(n)]
+    rounds = len(runs[0]["sums"])
+    for t in range(rounds):  # every rank decoded the same bits
+        assert all(torch.equal(runs[0]["sums"][t], run["sums"][t]) for run in runs[1:]), (n, name, t)
+        assert all(torch.equal(runs[0]["moves"][t], run["moves"][t]) for run in runs[1:])
+    expected = _two_phase_reference(CODECS[name], [run["sends"] for run in runs])
+    for t in range(rounds):
+        assert torch.equal(runs[0]["sums"][t], expected[t]), (n, name, t)
+    # error feedback's two levels: after k rounds, what was applied plus every rank's residual plus every
+    # owner's residual is the uncompressed sum of everything sent (float64)
+    f = runs[0]["sends"][0].numel()
+    sent = sum(run["sends"][t].double() for run in runs for t in range(rounds))
+    applied = sum(runs[0]["sums"][t].double() for t in range(rounds))
+    residuals = sum(run["residual"].double() for run in runs)
+    owners = torch.zeros(f, dtype=torch.float64)
+    for j, start in enumerate(range(0, f, 500)):
+        m = min(500, f - start)
+        owners[start:start + m] = torch.cat([runs[k]["server"][(0, j)].double() for k in range(n)])[:m]
+    assert owners.abs().max() > 0 and residuals.abs().max() > 0
+    assert torch.allclose(applied + residuals + owners, sent, rtol=0, atol=1e-6), (applied + residuals + owners
+                                                                                     - sent).abs().max()
+    # the anchor moved by the mean of the sum
+    assert torch.allclose(runs[0]["moves"][-1].double(), runs[0]["sums"][-1].double() / n, atol=1e-7)
+
+
+def test_two_phase_bytes_ratio_at_every_number_of_ranks():
+    """The two-phase payload against fp32, from the registry's count, at 2, 4, 8 and 16 ranks: a bucket of
+    the product's default 25 MiB (6.55 M values; ResNet-50's 25.6 M values are four of them)."""
+    from risgd_ext.codec import CODECS, two_phase_payload
+
+    values = 25 * 2**20 // 4
+    for ranks in (2, 4, 8, 16):
+        for name, at_least in (("bf16", 1.95), ("int8", 3.9), ("int4", 7.0)):
+            assert 4 * values / two_phase_payload(CODECS[name], values, ranks) >= at_least, (name, ranks)
 
 
 def test_bytes_are_counted_with_scales(results):
@@ -77,8 +151,10 @@ def test_bytes_are_counted_with_scales(results):
     f = 435  # parameters of tests.engine_workers.make_model; then 48 BatchNorm floats and the slot
     rounds = plain["rounds"]
     assert plain["bytes_allreduced"] == rounds * 4 * (f + 48 + 1)
-    assert int8["bytes_allreduced"] == rounds * (f + 4 * -(-f // 256) + 4 * (48 + 1))
-    assert bf16["bytes_allreduced"] == rounds * (2 * f + 4 * (48 + 1))
+    # compressed: the two-phase round's 4 chunks of ceil(435 / 4) = 109 values (the last padded), each
+    # chunk's payload with its own scale; a ring all_reduce of that moves 2(N-1)/N of it, as the round does
+    assert int8["bytes_allreduced"] == rounds * (4 * (109 + 4) + 4 * (48 + 1))
+    assert bf16["bytes_allreduced"] == rounds * (4 * 2 * 109 + 4 * (48 + 1))
     assert int8["compress"] == "int8" and int8["error_feedback"] and not bf16["error_feedback"]
 
 
@@ -145,7 +221,7 @@ def test_error_feedback_keeps_what_compression_dropped(one_rank):
     ({"outer_lr": -0.1}, "risgd.outer_lr must be a number > 0"),
     ({"outer_momentum": 1.0}, r"risgd.outer_momentum must be a number in \[0, 1\)"),
     ({"outer_nesterov": True}, "outer_nesterov=true needs risgd.outer_momentum > 0"),
-    ({"compress": "int4"}, "risgd.compress must be one of none, bf16, int8"),
+    ({"compress": "int2"}, "risgd.compress must be one of none, bf16, int8, int4"),
     ({"compress": "int8", "bucket_mb": 0.0001}, "too small for compress=int8"),
     ({"error_feedback": "yes"}, "risgd.error_feedback must be true or false"),
 ])
