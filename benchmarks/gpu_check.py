@@ -24,7 +24,9 @@ For each dataset (CIFAR-10 format and ImageNet format, both synthetic: nothing i
 6. ImageNet format, both JPEG decode paths (recipe key ``data.decode``): train.py once more with
    ``data.decode=gpu`` (row ``imagenet/gpu``: nvJPEG on the device, the workers only read and draw
    the crops), and the train loader alone, img/s of one rank's batches for decode=cpu and decode=gpu
-   with the same workers (``--decode cpu`` leaves the GPU path out).
+   with the same workers (``--decode cpu`` leaves the GPU path out);
+7. the round codecs (bf16, int8, int4) on the GPU: encode + decode of ResNet-50's 25.6 M values, the
+   same code as on the CPU (``benchmarks/bench_codec.py --device cuda``).
 
 Exit status: 0 done (the goals are reported, not enforced), 2 bad input or no GPU (one line), 1 a
 launch or the work failed. ``--cpu-smoke`` runs the same plumbing on 2 CPU ranks with gloo and tiny
@@ -384,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
               f"batches on {device} (median of 3 blocks of {args.loader_steps} batches):")
         for decode, rate in rates.items():
             print(f"  data.decode={decode}: {rate:8.0f} img/s")
+    # 7. the round codecs on this device: encode + decode of ResNet-50's 25.6 M values (benchmarks/bench_codec.py)
+    codec_device = "cpu" if args.cpu_smoke else "cuda"
+    print(f"\nround codecs on {codec_device} (python benchmarks/bench_codec.py --device {codec_device}):", flush=True)
+    _run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_codec.py"), "--device", codec_device,
+          *(["--values", "100000", "--repeats", "1"] if args.cpu_smoke else [])],
+         os.path.join(args.work, "bench_codec.log"))
+    print(open(os.path.join(args.work, "bench_codec.log")).read().rstrip())
     if args.cpu_smoke:
         print("(--cpu-smoke: CPU ranks and tiny sizes; the plumbing works, the figures mean nothing; data.decode=gpu "
               "ran its code on the CPU in the loader measurement only)")
