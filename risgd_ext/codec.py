@@ -58,8 +58,29 @@ class Codec:
     def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(encode(x), decode(encode(x)))``, the second the same values without a decoding pass where
+        the codec has them at hand (error feedback needs what was sent)."""
+        payload = self.encode(x)
+        return payload, self.decode(payload, x.numel())
+
 
 CODECS: dict[str, Codec] = {}  # compress value -> codec, in registration order
+
+
+def _quantize(x: torch.Tensor, block: int, levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block scaling: one fp32 scale (absmax / levels) per ``block`` values and the values rounded to
+    integers in [-levels, levels] (as fp32, in rows of ``block``, zeros past ``x``)."""
+    import torch
+
+    n = x.numel()
+    blocks = -(-n // block)
+    padded = torch.zeros(blocks * block, dtype=torch.float32, device=x.device)
+    padded[:n] = x
+    rows = padded.view(blocks, block)
+    scale = rows.abs().amax(dim=1) / levels
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.round(rows / safe[:, None]).clamp_(-levels, levels)
 
 
 def _aligned(payload: torch.Tensor, size: int) -> torch.Tensor:
@@ -103,6 +124,12 @@ class BF16(Codec):
 
         return _aligned(payload, 2).view(torch.bfloat16).float()
 
+    def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        half = x.to(torch.bfloat16)
+        return half.view(torch.uint8), half.float()
+
 
 @register
 class Int8(Codec):
@@ -118,18 +145,22 @@ class Int8(Codec):
     def nbytes(self, n: float) -> float:
         return 4 * self._blocks(n) + n  # one fp32 scale per block (first: aligned), then the values
 
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 scale per block, the rounded values as fp32 in (blocks, block) rows, zeros past ``x``)."""
+        return _quantize(x, self.block, 127.0)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pack(*self._quantize(x), x.numel())
+
+    def _pack(self, scale: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
         import torch
 
-        n, b = x.numel(), self.block
-        blocks = self._blocks(n)
-        padded = torch.zeros(blocks * b, dtype=torch.float32, device=x.device)
-        padded[:n] = x
-        rows = padded.view(blocks, b)
-        scale = rows.abs().amax(dim=1) / 127.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        return torch.cat([scale.view(torch.uint8), q.view(-1)[:n].view(torch.uint8)])
+        return torch.cat([scale.view(torch.uint8), q.view(-1)[:n].to(torch.int8).view(torch.uint8)])
+
+    def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, q = self._quantize(x)
+        n = x.numel()
+        return self._pack(scale, q, n), (q * scale[:, None]).view(-1)[:n]
 
     def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
         import torch
@@ -161,20 +192,22 @@ class Int4(Codec):
         return 4 * self._blocks(n) + -(-n // 2)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        scale, q = _quantize(x, self.block, 7.0)
+        return self._pack(scale, q, x.numel())
+
+    def _pack(self, scale: torch.Tensor, q: torch.Tensor, n: int) -> torch.Tensor:
         import torch
 
-        n, b = x.numel(), self.block
-        blocks = self._blocks(n)
-        padded = torch.zeros(blocks * b, dtype=torch.float32, device=x.device)
-        padded[:n] = x
-        rows = padded.view(blocks, b)
-        scale = rows.abs().amax(dim=1) / 7.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = (torch.round(rows / safe[:, None]).clamp_(-7, 7) + 8).to(torch.uint8).view(-1)[:n]
+        q = (q.view(-1)[:n] + 8).to(torch.uint8)
         if n % 2:
             q = torch.cat([q, q.new_full((1,), 8)])  # an odd count: the last byte's high nibble is a zero
         packed = q[0::2] | (q[1::2] << 4)
         return torch.cat([scale.view(torch.uint8), packed])
+
+    def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale, q = _quantize(x, self.block, 7.0)
+        n = x.numel()
+        return self._pack(scale, q, n), (q * scale[:, None]).view(-1)[:n]
 
     def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
         import torch

@@ -206,10 +206,12 @@ class Reducer:
                 if ef:
                     residual = self._residual(i, offset + j * step, n)
                     x[:n] += residual
-                payloads = [codec.encode(x[k * c:(k + 1) * c]) for k in range(size)]
                 if ef:  # what this rank's encoding dropped, kept for its next round
-                    sent = torch.cat([codec.decode(p, c) for p in payloads])
-                    torch.sub(x[:n], sent[:n], out=residual)
+                    encoded = [codec.encode_lossy(x[k * c:(k + 1) * c]) for k in range(size)]
+                    payloads = [p for p, _ in encoded]
+                    torch.sub(x[:n], torch.cat([d for _, d in encoded])[:n], out=residual)
+                else:
+                    payloads = [codec.encode(x[k * c:(k + 1) * c]) for k in range(size)]
                 send = torch.cat(payloads)
                 recv = torch.empty_like(send)
                 work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
@@ -315,9 +317,11 @@ class _TwoPhase:
             total.add_(codec.decode(payload, c))
         if self.owned is not None:
             total.add_(self.owned)
-        mine = codec.encode(total)
         if self.owned is not None:  # what re-encoding the sum dropped, added to the next round's sum
-            torch.sub(total, codec.decode(mine, c), out=self.owned)
+            mine, sent = codec.encode_lossy(total)
+            torch.sub(total, sent, out=self.owned)
+        else:
+            mine = codec.encode(total)
         gathered = torch.empty(self.size * mine.numel(), dtype=mine.dtype, device=mine.device)
         _all_gather_single(gathered, mine, group=self.group)
         n = self.bucket.numel()

@@ -135,6 +135,21 @@ def test_two_phase_round_against_its_reference_and_the_float64_sum(results, n, n
     assert torch.allclose(runs[0]["moves"][-1].double(), runs[0]["sums"][-1].double() / n, atol=1e-7)
 
 
+@pytest.mark.parametrize("n", [1, 7, 128, 255, 256, 257, 1001])
+def test_encode_lossy_is_encode_and_decode_without_the_decode(n):
+    """Error feedback takes what was sent from encode_lossy: the same payload, and values equal to its
+    decoding, for every codec and at block edges."""
+    from risgd_ext.codec import CODECS
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-5, 0, n)
+    for name, codec in CODECS.items():
+        if name == "none":
+            continue
+        payload, sent = codec.encode_lossy(x)
+        assert torch.equal(payload, codec.encode(x)) and torch.equal(sent, codec.decode(payload, n)), name
+
+
 def test_two_phase_bytes_ratio_at_every_number_of_ranks():
     """The two-phase payload against fp32, from the registry's count, at 2, 4, 8 and 16 ranks: a bucket of
     the product's default 25 MiB (6.55 M values; ResNet-50's 25.6 M values are four of them)."""
