@@ -17,9 +17,12 @@ Nesterov: DiLoCo's); overlapped fp32 and overlapped int8 with the outer step; Sl
   time to SyncSGD's final accuracy of seed s is that clock at the step where seed s's trajectory
   first reaches it (median over seeds). SyncSGD times --sync-timed-steps steps below 100 Mbit/s.
 - Cross-host bytes per host: from each run's payload per round (``comm_bytes``, scales included),
-  times what the collective carries over the one link between the hosts: the fp32 ring all_reduce
-  2(N-1)/N per crossing edge (flat: N=4 ranks, one edge per host; node: N=2 nodes), the compressed
-  all_gather N-1 payloads per edge (flat: 3 x payload; node: 1 x payload).
+  times what the collective carries over the one link between the hosts: 2(N-1)/N per crossing edge
+  for the fp32 ring all_reduce and the two-phase compressed round alike (flat: N=4 ranks, one edge
+  per host; node: N=2 nodes). (Until the two-phase round, a compressed round all-gathered N-1
+  payloads per edge.)
+- ``--only LABEL ...`` runs those configurations (and SyncSGD, the target) and prints their table;
+  the goals and the plot need the whole sweep.
 
 Writes OUT/wan_sweep.json and OUT/wan_sweep.png (accuracy against cross-host bytes, the Pareto
 plot; time to SyncSGD's final accuracy against bandwidth).
@@ -40,7 +43,7 @@ import bench_nodes as N
 OUTER = ["outer_lr=0.7", "outer_momentum=0.9", "outer_nesterov=true"]
 SLOWMO = ["outer_lr=1.0", "outer_momentum=0.5"]  # SlowMo's slow momentum (beta 0.5, alpha 1), heavy-ball
 CODECS = {"fp32": [], "bf16": ["compress=bf16"], "int8": ["compress=int8"],
-          "int8 -ef": ["compress=int8", "error_feedback=false"]}
+          "int8 -ef": ["compress=int8", "error_feedback=false"], "int4": ["compress=int4"]}
 BASE = ["algorithm=risgd", "mu=0.25", "tau=60"]
 
 
@@ -67,15 +70,14 @@ SYNC = "SyncSGD"
 
 
 def compressed(label: str) -> bool:
-    return any(c in label for c in ("bf16", "int8"))
+    return any(c in label for c in ("bf16", "int8", "int4"))
 
 
 def cross_host_bytes_per_round(label: str, payload: float) -> float:
-    """What one host sends over the inter-host link in one round (see the module docstring)."""
+    """What one host sends over the inter-host link in one round (see the module docstring): the fp32
+    ring all_reduce and the two-phase compressed round both move 2(N-1)/N of the payload per rank."""
     node_size = CONFIGS[label][1]
     n = 2 if node_size > 1 else 4
-    if compressed(label):
-        return (n - 1) * payload if node_size == 1 else payload
     return 2 * (n - 1) / n * payload  # flat: one crossing edge per host; node: the cross groups' ring
 
 
@@ -183,6 +185,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global CONFIGS  # --only narrows the table every step below reads
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench_wan", help="output directory (default runs/bench_wan)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
@@ -190,7 +193,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="bandwidths of the timed runs, first seed only (default 100 10 1)")
     parser.add_argument("--sync-timed-steps", type=int, default=20,
                         help="SyncSGD's timed steps below 100 Mbit/s (its step time is constant; default 20)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help="run only these configurations (and SyncSGD), e.g. 'flat fp32 +slowmo'; "
+                             f"one of: {', '.join(CONFIGS)}")
     args = parser.parse_args(argv)
+    if args.only:
+        unknown = [label for label in args.only if label not in CONFIGS]
+        if unknown:
+            print(f"error: --only {unknown[0]!r} is not a configuration: use one of {', '.join(CONFIGS)}",
+                  file=sys.stderr)
+            return 2
+        CONFIGS = {label: CONFIGS[label] for label in [SYNC, *args.only]}
     if os.geteuid() != 0:
         print("error: the namespace hosts need root: run with sudo", file=sys.stderr)
         return 2
@@ -216,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
           f"run's model sha256): {'yes' if same else 'NO'}")
     print("SyncSGD final accuracy (the targets): " + ", ".join(f"seed {s}: {t:.2f}%"
                                                                for s, t in result["targets"].items()))
+    if args.only:
+        with open(os.path.join(out, "wan_sweep.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"\n(--only: the goals and the plot need the whole sweep); wrote {os.path.join(out, 'wan_sweep.json')}")
+        return 0
     print()
     print("\n".join(check_goals(result)))
     png = os.path.join(out, "wan_sweep.png")

@@ -70,14 +70,16 @@ class Progress:
         total = max(len(self.names), k)
         after = total - k  # runs still to come after this one
         per_run = (sum(self.done) / len(self.done)) if self.done else None
-        if left is not None and per_run is not None:
-            rest = f", about {_clock(left + after * per_run)} left in all"
+        if not self.names:  # the launch's runs are not known here (e.g. a plan read on another host)
+            rest, which = "", f"[run {k}]"
+        elif left is not None and per_run is not None:
+            rest, which = f", about {_clock(left + after * per_run)} left in all", f"[run {k}/{total}]"
         elif left is not None and after == 0:
-            rest = f", about {_clock(left)} left in all"
+            rest, which = f", about {_clock(left)} left in all", f"[run {k}/{total}]"
         else:
-            rest = ""
+            rest, which = "", f"[run {k}/{total}]"
         this = "" if left is None else f", {_clock(left)} left in it"
-        return f"[run {k}/{total}] {name}: step {step}/{steps}{this}{rest}"
+        return f"{which} {name}: step {step}/{steps}{this}{rest}"
 
     def poll(self) -> None:
         bar = _latest_bar(self.log_path)

@@ -62,3 +62,17 @@ def test_watch_says_a_real_processes_progress_until_it_ends(tmp_path):
     said = out.getvalue().splitlines()
     assert said and all(line.startswith("[run 1/1] gpu-check-cifar10: step ") for line in said)
     assert len(said) >= 2 and said[-1].split("step ")[1].startswith(("750/1000", "1000/1000"))
+
+
+def test_runs_not_known_are_counted_without_a_total(tmp_path):
+    """The namespace cluster reads host 0's log without the plan: no '[run 2/2]' it cannot know."""
+    log = tmp_path / "host0.log"
+    out = io.StringIO()
+    watch = Progress([], str(log), stream=out)
+    log.write_text(_bar("a", 500, 1000, "00:10"))
+    watch.poll()
+    with open(log, "a") as f:
+        f.write(_bar("b", 250, 1000, "00:30"))
+    watch.poll()
+    assert out.getvalue().splitlines() == ["[run 1] a: step 500/1000, 10 s left in it",
+                                           "[run 2] b: step 250/1000, 30 s left in it"]
