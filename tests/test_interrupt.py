@@ -52,3 +52,18 @@ def test_ctrl_c_then_resume_keeps_the_wandb_history(tmp_path, digits_dir):
     assert len(os.listdir(tmp_path / "r" / "wandb")) >= 2  # the resumed part wrote its own offline directory
     assert [h["step"] for h in history] == [m["step"] for m in rows]  # every step, the interrupted part's too
     assert history[-1]["test_acc"] == rows[-1]["test_acc"]
+
+
+def test_a_second_signal_while_stopping_is_noted_not_raised(monkeypatch):
+    """Seen on a loaded machine: Ctrl-C reaches every process of the group and DeepSpeed's launcher
+    forwards its own, so a rank can get a second SIGINT while it handles the first; raising again there
+    printed a traceback instead of the one `interrupted:` line."""
+    import signal as sig
+
+    from risgd_trainer import train
+
+    monkeypatch.setattr(train, "_INTERRUPTED", [])
+    with pytest.raises(KeyboardInterrupt):
+        train._on_interrupt(sig.SIGINT, None)
+    train._on_interrupt(sig.SIGINT, None)  # while stopping: no second KeyboardInterrupt
+    assert train._INTERRUPTED == [sig.SIGINT, sig.SIGINT]

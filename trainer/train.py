@@ -248,8 +248,12 @@ _INTERRUPTED: list[int] = []  # the signal that stopped this process (Ctrl-C, th
 
 
 def _on_interrupt(signum, frame) -> None:
+    """The first Ctrl-C (or SIGTERM) stops the run; one arriving while it stops (Ctrl-C reaches every
+    process of the group, and DeepSpeed's launcher forwards its own) is noted, not raised again: a
+    second KeyboardInterrupt inside the handling would print a traceback instead of the one line."""
     _INTERRUPTED.append(signum)
-    raise KeyboardInterrupt
+    if len(_INTERRUPTED) == 1:
+        raise KeyboardInterrupt
 
 
 def latest_checkpoint(run: Run) -> tuple[str, str | None]:
