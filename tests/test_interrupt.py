@@ -65,5 +65,8 @@ def test_a_second_signal_while_stopping_is_noted_not_raised(monkeypatch):
     monkeypatch.setattr(train, "_INTERRUPTED", [])
     with pytest.raises(KeyboardInterrupt):
         train._on_interrupt(sig.SIGINT, None)
-    train._on_interrupt(sig.SIGINT, None)  # while stopping: no second KeyboardInterrupt
+    try:
+        train._on_interrupt(sig.SIGINT, None)  # while stopping: no second KeyboardInterrupt
+    except KeyboardInterrupt:
+        pytest.fail("a second signal raised KeyboardInterrupt again while the run was stopping")
     assert train._INTERRUPTED == [sig.SIGINT, sig.SIGINT]
