@@ -141,6 +141,25 @@ class RISGDConfig:
     error_feedback: bool = key(True, _bool, "bool: with compress, each rank adds what encoding dropped to its "
                                "next payload, and each chunk's owner what re-encoding the sum dropped to its next "
                                "sum (both residuals are in the checkpoint)", "when_set")
+    fault_tolerance: str = key("none", _one_of(("none", "torchft")), "none | torchft: torchft keeps the nodes "
+                               "that are live (one replica group per node, a quorum at every round, a failed round "
+                               "retried among the survivors, a joiner healed from a live peer); the lighthouse's "
+                               "address in TORCHFT_LIGHTHOUSE; each node calls engine.risgd.go_live() (the engine "
+                               "API; not yet a recipe key: the trainer's elastic runs restart on torchrun)")
+    op_timeout_s: float = key(10.0, _positive_number, "number > 0: with torchft, each cross-node collective "
+                              "fails after this many seconds (gloo cannot abort one: a silent node costs about "
+                              "this); size it from the expected bucket time")
+    min_nodes: int = key(1, _int(1), "int >= 1: with torchft, the fewest live nodes a round may have; below it "
+                         "the round waits up to floor_wait_s, then the run stops")
+    floor_wait_s: float = key(60.0, _positive_number, "number > 0: with torchft, seconds a round waits below "
+                              "the floor for a node to come back before the run stops")
+    quorum_timeout_s: float = key(60.0, _positive_number, "number > 0: with torchft, seconds a quorum may take "
+                                  "before the lighthouse counts as lost")
+
+    @property
+    def live(self) -> bool:
+        """A fault-tolerant run: torchft decides which nodes take part in each round."""
+        return self.fault_tolerance == "torchft"
 
     @property
     def bucket_bytes(self) -> int:
@@ -293,6 +312,9 @@ def _check_combinations(cfg: RISGDConfig) -> None:
     if cfg.average_optimizer_state and cfg.compress != "none":
         raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with compress={cfg.compress}: leave "
                           "one of them out")
+    if cfg.average_optimizer_state and cfg.live:
+        raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with fault_tolerance=torchft: leave "
+                          "one of them out")
     if cfg.average_optimizer_state and (cfg.overlap or cfg.hierarchical):
         raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with node_size > 1 or overlap: "
                           "leave one of them out")
@@ -331,6 +353,11 @@ def check_layout(node_size: int, world_size: int) -> Layout:
 def check_world(cfg: RISGDConfig, world_size: int) -> None:
     """Checks that need the world size (known only once the process group exists)."""
     layout = check_layout(cfg.node_size, world_size)
+    if cfg.live:  # one DeepSpeed world per node: its ranks are the node; failures name nodes (checked later)
+        if world_size > 1 and cfg.node_size != world_size:
+            raise ConfigError(f"{BLOCK}.fault_tolerance=torchft runs one DeepSpeed world per node: set "
+                              f"{BLOCK}.node_size to its {world_size} ranks (or launch one rank per node)")
+        return
     unit = "ranks"
     if cfg.hierarchical:  # failures name workers (nodes), checked against their number
         world_size, unit = layout.workers, "workers (nodes)"

@@ -25,6 +25,7 @@ putting the local model back afterwards.
 from __future__ import annotations
 
 import atexit
+import os
 import time
 import warnings
 import weakref
@@ -43,6 +44,7 @@ from .codec import make_codec
 from .config import RISGDConfig, check_world
 from .failures import failed_workers
 from .flat import FlatModel
+from .live import BelowFloor, LiveNodes, MembershipEvent, Quorum
 from .reduce import GradientAverager, Traffic
 from .round import Averaging, Live, Round, RoundReport
 from .topology import NodeGroups, build_node_groups, inherit_world_timeout
@@ -56,6 +58,10 @@ _COUNTERS = (
 # Added with the node level and overlap: a checkpoint written before them lacks these (0 then).
 _COUNTERS_2 = ("intra_bytes", "intra_comm_seconds", "intra_collectives", "inter_collectives",
                "comm_wait_seconds", "view_wait_seconds")
+
+
+def live_nodes_below(live: LiveNodes, q: Quorum) -> str | None:
+    return live.below_floor(q.members)
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # controllers of this process, for the end-of-run check
@@ -149,6 +155,15 @@ class RISGDController:
                                              outer=(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov)
                                              if cfg.outer else None,
                                              codec=make_codec(cfg.compress), error_feedback=cfg.error_feedback)
+        # fault_tolerance=torchft: the live nodes (built by go_live), the rounds retried after a failure and
+        # the seconds they took, the membership changes seen, and the step at which this node was healed
+        self.live: LiveNodes | None = None
+        self.total_workers = self.layout.workers
+        self.retries = 0
+        self.retry_seconds = self.quorum_seconds = 0.0
+        self.events: list[MembershipEvent] = []
+        self.healed_at: int | None = None
+        self._members: frozenset[int] | None = None
         self.grad_averager: GradientAverager | None = None
         if self.nodes is not None and cfg.tau_intra == 0:
             self.grad_averager = GradientAverager(self.params(), self.nodes.node_group, cfg.node_size,
@@ -333,14 +348,151 @@ class RISGDController:
             if sync != was_sync:  # the engine is an nn.Module: set the flag only when it changes
                 engine.enable_backward_allreduce = sync
 
-    def live_of_round(self, round_index: int) -> Live:
-        """The workers taking part in round ``round_index``: the failure schedule's complement."""
-        return Live.without(failed_workers(self.cfg, round_index, self.layout.workers), self.layout.workers)
+    def live_of_round(self, round_index: int, members: frozenset[int] | None = None) -> Live:
+        """The workers taking part in round ``round_index``: the failure schedule's complement (of
+        ``members``, the quorum's nodes, in a fault-tolerant run)."""
+        down = failed_workers(self.cfg, round_index, self.total_workers)
+        if members is None:
+            return Live.without(down, self.total_workers)
+        return Live(frozenset(members) - down, self.total_workers)
+
+    # -- fault tolerance (torchft) -------------------------------------------------------------
+    def go_live(self, worker: int, workers: int, accept=None, lighthouse: str | None = None) -> bool:
+        """Join the run's live nodes (``fault_tolerance: torchft``), as the node serving manifest
+        worker ``worker`` of ``workers``: every rank of the node calls it once, after the engine is
+        built (and a checkpoint, if any, loaded). ``accept(members)``: None, or why those nodes are
+        below the run's floor (e.g. the data they hold). Returns whether this node was healed: it
+        joined a run in progress, took part in its current round and now holds its live state
+        (:attr:`healed_at`: the step it is at)."""
+        cfg = self.cfg
+        if cfg is None or not cfg.live:
+            raise RuntimeError("go_live() needs the risgd block's fault_tolerance: torchft")
+        bad = sorted({r for f in cfg.failures for r in getattr(f, "ranks", ())} - set(range(workers)))
+        if bad or any(getattr(f, "count", 0) >= workers for f in cfg.failures):
+            raise ValueError(f"risgd.failures name node(s) {bad or 'more than exist'} of the {workers} workers")
+        self.identity, self.total_workers = worker, workers
+        store = (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
+        self.live = LiveNodes(worker, workers, self.layout.local_of(self.rank), self.node_size, store,
+                              cfg.op_timeout_s, cfg.quorum_timeout_s, cfg.min_nodes, cfg.floor_wait_s, lighthouse,
+                              accept)
+        self.live.register_state("risgd", self._load_live_state, self._live_state)
+        self.averaging.worker = worker
+        self.averaging.reducer.cross = self.live
+        q = self._quorum()
+        deadline = time.perf_counter() + cfg.floor_wait_s
+        # a fresh start (every node at step 0) waits for all the nodes, or for the floor at most floor_wait_s:
+        # the lighthouse forms a quorum of whichever nodes already run, and the later ones would all be healed
+        while (not q.healing and self.steps == 0 and len(q.members) < workers
+               and (time.perf_counter() < deadline or live_nodes_below(self.live, q))):
+            if time.perf_counter() > deadline:
+                raise BelowFloor(f"below the floor at the start for floor_wait_s={cfg.floor_wait_s:g} s: "
+                                 f"{live_nodes_below(self.live, q)}")
+            time.sleep(0.1)
+            q = self._quorum()
+        if not q.healing:
+            return False
+        # the live nodes are at a round: take part in it (contributing nothing, blocking even if theirs is
+        # overlapped: the same collectives), take the live state at its commit, then its average
+        t0 = time.perf_counter()
+        self._live_round(q, join=True)
+        self._round_done(self.live_of_round(self.rounds, self._members), t0)
+        return True
+
+    def _live_state(self) -> dict[str, Any]:  # noqa: D401
+        """What a joiner receives from the live peer of its place (in torchft's quorum thread, while
+        this rank waits for the quorum: nothing changes it meanwhile)."""
+        state = self.state_dict()
+        for own in ("residual", "server_residual", "pending"):  # this rank's, not the joiner's
+            state.pop(own, None)
+        return {"controller": state, "module": self.engine.module.state_dict(),
+                "optimizer": self.engine.optimizer.state_dict()}
+
+    def _load_live_state(self, state: dict[str, Any]) -> None:
+        self.engine.module.load_state_dict(state["module"])
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+        self.load_state_dict(state["controller"])
+        self.healed_at = self.steps
+
+    def _quorum(self) -> Quorum:
+        """The next quorum, with this node's step as torchft's (a node behind the others is healed)."""
+        self.live.manager.load_state_dict({"step": self.steps, "batches_committed": 0})
+        q = self.live.quorum()
+        self.quorum_seconds += q.seconds
+        return q
+
+    def _live_round(self, q: Quorum | None = None, resend: Round | None = None, join: bool = False) -> None:
+        """One round among the live nodes, retried among the survivors until it commits; with
+        ``overlap`` (and no ``resend``) only started here. Below the floor it waits for a node to
+        come back, up to ``floor_wait_s``."""
+        cfg, live_nodes, reducer = self.cfg, self.live, self.averaging.reducer
+        attempts, failed_seconds, below_since = 0, 0.0, None
+        while True:
+            t_attempt = time.perf_counter()
+            q = q or self._quorum()
+            why = None if q.healing else live_nodes.below_floor(q.members)
+            if why is not None:
+                below_since = below_since or time.perf_counter()
+                if time.perf_counter() - below_since > cfg.floor_wait_s:
+                    raise BelowFloor(f"below the floor for floor_wait_s={cfg.floor_wait_s:g} s: {why}")
+                time.sleep(0.2)
+                q = None
+                continue
+            self._note_members(q, attempts, failed_seconds)
+            live = self.live_of_round(self.rounds, q.members)
+            here = not q.healing and self.identity in live.workers
+            # a joiner runs an overlapped round as its peers do (the same collectives in the same order), but
+            # waits for it at once: it has no progress of its own to keep, so it takes the average exactly
+            background = cfg.overlap and resend is None
+            r = self.averaging.round(live, apply_step=self.steps + cfg.delay if background else None,
+                                     live_here=here, counted=True, resend=resend)
+            saved = reducer.save_residuals()
+            reports = []
+            try:
+                reports.append(r.start())
+                if background and not join:  # waited for at its step (_apply_pending), where a failure is retried
+                    self.in_flight = r
+                    self._account(reports[0])
+                    return
+                reports.append(r.wait())
+            except Exception as e:  # a peer gone or silent (gloo's error or its timeout): not committed
+                live_nodes.report_error(e)
+            if live_nodes.commit():  # a joiner's live state is loaded here, before the average is applied
+                for report in (*reports, r.apply()):
+                    self._account(report)
+                self.retries += attempts
+                self.retry_seconds += failed_seconds
+                return
+            reducer.restore_residuals(saved)
+            attempts += 1
+            failed_seconds += time.perf_counter() - t_attempt
+            q = None
+
+    def _note_members(self, q: Quorum, attempts: int, failed_seconds: float) -> None:
+        """A membership event when the quorum's nodes differ from the last round's."""
+        if q.members == self._members and not q.healing:
+            return
+        before = self._members if self._members is not None else q.members
+        self.events.append(MembershipEvent(self.rounds, q.quorum_id, sorted(q.members), sorted(before - q.members),
+                                           sorted(q.members - before), q.healing, q.seconds, attempts,
+                                           failed_seconds))
+        self._members = q.members
+
+    def take_events(self) -> list[MembershipEvent]:
+        """The membership changes seen since the last call (for the run record)."""
+        events, self.events = self.events, []
+        return events
 
     def average(self) -> None:
         """One averaging round over the live workers (across nodes with the node level): blocking,
         or with ``overlap`` started in the background and applied ``delay`` steps later."""
         cfg = self.cfg
+        if self.live is not None:
+            if self.in_flight is not None:
+                raise RuntimeError("a round is still in flight: apply it before starting the next")
+            t0 = time.perf_counter()
+            self._live_round()
+            self._round_done(self.live_of_round(self.rounds, self._members), t0)
+            return
         live = self.live_of_round(self.rounds)
         t0 = time.perf_counter()
         if cfg.overlap:
@@ -352,10 +504,14 @@ class RISGDController:
             r = self.averaging.round(live)
             for report in (r.start(self.optimizer_state()), r.wait(), r.apply()):
                 self._account(report)
+        self._round_done(live, t0)
+
+    def _round_done(self, live: Live, t0: float) -> None:
         self.average_seconds += time.perf_counter() - t0
         self.live_ranks = len(live.workers) * self.node_size
-        self.down_ranks = frozenset(self.layout.ranks_of_workers(live.down))
-        self.rounds_down += 0 if self.worker in live.workers else 1
+        if self.live is None:
+            self.down_ranks = frozenset(self.layout.ranks_of_workers(live.down))
+        self.rounds_down += 0 if self.averaging.worker in live.workers else 1
         self.rounds += 1
         self.steps_in_round = 0
         self._collect_events(wait=False)  # the round waited for the device: read the steps' events
@@ -385,6 +541,20 @@ class RISGDController:
 
     def _apply_pending(self, scheduled: bool) -> None:
         t0 = time.perf_counter()
+        if self.live is not None:  # fault-tolerant: commit, or send it again among the survivors
+            r, failed = self.in_flight, None
+            try:
+                self._wait_pending(scheduled)
+            except Exception as e:
+                failed = e
+                self.live.report_error(e)
+            self.in_flight = None
+            if failed is None and self.live.commit():
+                self._account(r.apply())
+            else:
+                self._live_round(resend=r)
+            self.average_seconds += time.perf_counter() - t0
+            return
         self._wait_pending(scheduled)
         self._account(self.in_flight.apply())
         self.in_flight = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,9 @@ class Reducer:
                  nodes: NodeGroups | None = None, synchronize=None, codec: Codec | None = None,
                  error_feedback: bool = False):
         self.model, self.bucket_bytes, self.group, self.nodes = model, bucket_bytes, group, nodes
+        # the collectives between nodes (flat: between ranks): a torch.distributed group, or a
+        # fault-tolerant run's live cross-node group (risgd_ext.live.LiveNodes), set per run
+        self.cross: GroupOps | Any = GroupOps(nodes.cross_group if nodes is not None else group)
         self.synchronize = synchronize or (lambda: None)
         self.codec, self.error_feedback = codec, error_feedback and codec is not None
         self.residual: list[torch.Tensor] | None = None  # error feedback: what compression dropped, per rank
@@ -81,11 +85,8 @@ class Reducer:
                 total += tail.numel() * tail.element_size()
         return total
 
-    def _cross_group(self) -> dist.ProcessGroup | None:
-        return self.nodes.cross_group if self.nodes is not None else self.group
-
     def _cross_size(self) -> int:
-        return dist.get_world_size(self._cross_group()) if dist.is_initialized() else 1
+        return self.cross.size
 
     def server_state(self) -> dict | None:
         """The owners' residuals for a checkpoint (None without any)."""
@@ -101,6 +102,17 @@ class Reducer:
             device = self.model.flats[0].buffer.device
             self.server_owner = tuple(state["owner"])
             self.server_residual = {tuple(k): v.to(device).clone() for k, v in zip(state["keys"], state["values"])}
+
+    def save_residuals(self) -> tuple | None:
+        """Both residuals as they are (a fault-tolerant round that fails puts them back)."""
+        if self.codec is None or not self.error_feedback:
+            return None
+        mine = [r.clone() for r in self.residual] if self.residual is not None else None
+        return mine, {k: v.clone() for k, v in self.server_residual.items()}, self.server_owner
+
+    def restore_residuals(self, saved: tuple | None) -> None:
+        if saved is not None:
+            self.residual, self.server_residual, self.server_owner = saved
 
     def _server_residual(self, key: tuple[int, int], n: int, owner: tuple[int, int]) -> torch.Tensor:
         """The owner's residual of bucket ``key`` (n values): zeros at first, or after the group changed."""
@@ -172,15 +184,11 @@ class Reducer:
         nodes = self.nodes
         if self.codec is not None:
             return self._cross_compressed(bufs, async_op, traffic, live_here)
-        if nodes is None:
-            group, pieces = self.group, bufs
-        else:
-            k = nodes.layout.node_size
-            group, pieces = nodes.cross_group, [part(b, nodes.local, k) for b in bufs]
+        pieces = bufs if nodes is None else [part(b, nodes.local, nodes.layout.node_size) for b in bufs]
         works = []
         for piece in pieces:
             for bucket in slices(piece, self.bucket_bytes) if piece.numel() else ():
-                works.append(dist.all_reduce(bucket, group=group, async_op=async_op))
+                works.append(self.cross.all_reduce(bucket, async_op=async_op))
                 traffic.inter_collectives += 1
         return works
 
@@ -189,8 +197,8 @@ class Reducer:
         error feedback: plus this rank's residual, which keeps what the encoding dropped); the fp32 rest
         (buffers, slot) all-reduced. Returns works whose ``wait()`` completes the sum in the bucket:
         overlapped, the first phase (to the owners) runs in the background, the second at ``wait()``."""
-        group = self._cross_group()
-        size, me = dist.get_world_size(group), dist.get_rank(group)
+        cross = self.cross
+        size, me = cross.size, cross.rank
         local = self.nodes.local if self.nodes is not None else 0
         step = max(1, self.bucket_bytes // 4)
         codec = self.codec
@@ -214,16 +222,20 @@ class Reducer:
                     payloads = [codec.encode(x[k * c:(k + 1) * c]) for k in range(size)]
                 send = torch.cat(payloads)
                 recv = torch.empty_like(send)
-                work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
+                # launched in the background even for a blocking sum, whose second phases follow all the
+                # first ones: the same order of operations either way (a fault-tolerant round can be
+                # joined blocking by a node whose peers run it overlapped)
+                work = cross.all_to_all_single(recv, send, async_op=True)
                 owned = self._server_residual((i, j), c, (size, me)) if self.error_feedback else None
-                phased = _TwoPhase(work, recv, bucket, codec, c, size, group, owned)
-                if not async_op:
-                    phased.wait()
-                works.append(phased)
+                works.append(_TwoPhase(work, recv, bucket, codec, c, size, cross, owned))
                 traffic.inter_collectives += 2
             for bucket in slices(tail, self.bucket_bytes) if tail.numel() else ():
-                works.append(dist.all_reduce(bucket, group=group, async_op=async_op))
+                works.append(cross.all_reduce(bucket, async_op=async_op))
                 traffic.inter_collectives += 1
+        if not async_op:
+            for w in works:
+                if isinstance(w, _TwoPhase):
+                    w.wait()
         return works
 
     def spread(self, bufs: list[torch.Tensor], traffic: Traffic) -> None:
@@ -255,7 +267,7 @@ class Reducer:
             buckets = [s for b in bufs for s in slices(b, self.bucket_bytes)]
             t0 = time.perf_counter()
             for bucket in buckets:
-                dist.all_reduce(bucket, group=self.group)
+                self.cross.all_reduce(bucket)
             traffic.inter_collectives += len(buckets)
             self.synchronize()
             return time.perf_counter() - t0
@@ -290,6 +302,31 @@ class Reducer:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class GroupOps:
+    """The collectives between nodes over a torch.distributed group (a fixed run's cross group);
+    :class:`risgd_ext.live.LiveNodes` has the same four, over torchft's group of the live nodes."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    def all_reduce(self, t: torch.Tensor, async_op: bool = False):
+        return dist.all_reduce(t, group=self.group, async_op=async_op)
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+        return dist.all_to_all_single(out, inp, group=self.group, async_op=async_op)
+
+    def all_gather_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+        return _all_gather_single(out, inp, group=self.group, async_op=async_op)
+
+
 class _TwoPhase:
     """One bucket's two-phase compressed all-reduce after its first phase was launched (the all_to_all
     that brought this rank the N payloads of the chunk it owns); ``wait()`` completes it: the owner's
@@ -297,9 +334,9 @@ class _TwoPhase:
     sum; every rank decodes the same N payloads into the bucket (the same bits on every rank)."""
 
     def __init__(self, work, recv: torch.Tensor, bucket: torch.Tensor, codec: Codec, chunk: int, size: int,
-                 group, owned: torch.Tensor | None):
+                 cross, owned: torch.Tensor | None):
         self.work, self.recv, self.bucket, self.codec = work, recv, bucket, codec
-        self.chunk, self.size, self.group, self.owned = chunk, size, group, owned
+        self.chunk, self.size, self.cross, self.owned = chunk, size, cross, owned
         self.done = False
 
     def get_future(self):
@@ -323,7 +360,7 @@ class _TwoPhase:
         else:
             mine = codec.encode(total)
         gathered = torch.empty(self.size * mine.numel(), dtype=mine.dtype, device=mine.device)
-        _all_gather_single(gathered, mine, group=self.group)
+        self.cross.all_gather_single(gathered, mine)
         n = self.bucket.numel()
         out = torch.cat([codec.decode(p, c) for p in gathered.view(self.size, -1)])
         self.bucket.copy_(out[:n])

@@ -36,7 +36,7 @@ import torch
 from risgd_common.layout import Layout
 
 from .codec import Codec
-from .flat import FlatModel
+from .flat import FlatModel, sq_norm
 from .reduce import Reducer, Traffic
 
 
@@ -88,19 +88,31 @@ class Displacement:
                     f.params.sub_(a)
             model.slot.zero_()
 
-    def fill(self, model: FlatModel, out: list[torch.Tensor], live_here: bool, measure: bool) -> None:
-        """The payload written into ``out`` (laid out as the model's buffers); the model is kept."""
+    def fill(self, model: FlatModel, out: list[torch.Tensor], live_here: bool, measure: bool,
+             src: list[torch.Tensor] | None = None) -> None:
+        """The payload written into ``out`` (laid out as the model's buffers); the model is kept.
+        ``src``: buffers laid out as the model's to send instead of the model (a retried round
+        sends the model as it was at its first send)."""
         if not live_here:
             for s in out:
                 s.zero_()
             return
-        for s, f in zip(out, model.flats):
-            s[f.num_param_elems:].copy_(f.buffer[f.num_param_elems:])  # buffers (and slot) as they are
-        if measure:
-            model.displace(out=out)
+        src = src if src is not None else model.buffers
+        for s, b, f in zip(out, src, model.flats):
+            s[f.num_param_elems:].copy_(b[f.num_param_elems:])  # buffers (and slot) as they are
+        for s, b, f, a in zip(out, src, model.flats, model.anchors):
+            torch.sub(b[: f.num_param_elems], a, out=s[: f.num_param_elems])
+        if measure:  # ||d||² as FlatModel.displace sums it (the slot's dtype, flat by flat)
+            my_sq = None
+            for s, f in zip(out, model.flats):
+                if f.num_param_elems:
+                    sq = sq_norm(s[: f.num_param_elems]).to(model.slot.dtype)
+                    my_sq = sq if my_sq is None else my_sq + sq.to(my_sq.device)
+            if my_sq is None:
+                out[0][-1:].zero_()
+            else:
+                out[0][-1:].copy_(my_sq)
         else:
-            for s, f, a in zip(out, model.flats, model.anchors):
-                torch.sub(f.params, a, out=s[: f.num_param_elems])
             out[0][-1:].zero_()
 
 
@@ -164,9 +176,16 @@ class Averaging:
             return len(live.workers) * self.layout.node_size
         return len(live.workers)
 
-    def round(self, live: Live, apply_step: int | None = None) -> Round:
-        """A round over ``live``: blocking (``apply_step`` None) or overlapped, applied at that step."""
-        return Round(self, live, apply_step)
+    def round(self, live: Live, apply_step: int | None = None, live_here: bool | None = None,
+              counted: bool = False, resend: Round | None = None) -> Round:
+        """A round over ``live``: blocking (``apply_step`` None) or overlapped, applied at that step.
+
+        A fault-tolerant run's rounds are ``counted``: they run in scratch buffers (a failed round
+        leaves the model as it was) and each rank adds its contribution (1, or 0 when not
+        ``live_here``: a joiner, a node marked down) to a count summed with them, by which the
+        average divides. ``resend``: an overlapped round that failed, sent again (blocking) with the
+        model as it was at its first send, applied at its step as it would have been."""
+        return Round(self, live, apply_step if resend is None else resend.apply_step, live_here, counted, resend)
 
     def pack(self, extras: list[torch.Tensor], live_here: bool) -> torch.Tensor:
         total = sum(t.numel() for t in extras)
@@ -182,12 +201,17 @@ class Averaging:
 class Round:
     """One round; see the module docstring for its life."""
 
-    def __init__(self, avg: Averaging, live: Live, apply_step: int | None):
+    def __init__(self, avg: Averaging, live: Live, apply_step: int | None, live_here: bool | None = None,
+                 counted: bool = False, resend: Round | None = None):
         self.avg, self.live, self.apply_step = avg, live, apply_step
-        self.live_here = avg.worker in live.workers
+        self.live_here = avg.worker in live.workers if live_here is None else live_here
         self.num_live = avg.contributions(live)
         self.overlapped = apply_step is not None
         self.applies = KEEP_PROGRESS if self.overlapped else REPLACE
+        self.counted, self.resending = counted, resend is not None
+        self.in_scratch = self.overlapped or counted  # the model is never summed in place
+        self.background = self.overlapped and resend is None  # launched at start, waited for at its step
+        self.count: torch.Tensor | None = None  # counted: this rank's contribution, then their sum
         self.sent: list[torch.Tensor] = []   # overlapped: the model at the send
         self.sums: list[torch.Tensor] = []   # what is reduced, then the sum
         self.extras: list[torch.Tensor] = []
@@ -202,7 +226,7 @@ class Round:
         only): more tensors averaged with the model, such as optimizer state."""
         avg, model = self.avg, self.avg.model
         report = RoundReport()
-        if not self.overlapped:
+        if not self.in_scratch:
             self.sums = model.buffers
             if extras:
                 self.extras = extras
@@ -211,16 +235,26 @@ class Round:
             self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self.sums)
             return report
         if extras:
-            raise ValueError("an overlapped round averages no extra tensors")
+            raise ValueError("an overlapped or fault-tolerant round averages no extra tensors")
         self.sent, self.sums = model.scratch()
-        for s, b in zip(self.sent, model.buffers):
-            s.copy_(b)  # x at the send, buffers included
-        avg.sends.fill(model, self.sums, self.live_here, avg.measure)
-        self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self.sums)
-        self._started, self._works = avg.reducer.start(self.sums, avg.node_sum, report.traffic, self.live_here)
-        for work in self._works:
-            work.get_future().then(self._bucket_done)
+        if self.overlapped and not self.resending:
+            for s, b in zip(self.sent, model.buffers):
+                s.copy_(b)  # x at the send, buffers included (a resent round's is still there)
+        avg.sends.fill(model, self.sums, self.live_here, avg.measure, self.sent if self.overlapped else None)
+        if self.counted:
+            device = self.sums[0].device
+            self.count = torch.full((1,), 1.0 if self.live_here else 0.0, dtype=torch.float32, device=device)
+        self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self._reduced())
+        if self.background:
+            self._started, self._works = avg.reducer.start(self._reduced(), avg.node_sum, report.traffic,
+                                                           self.live_here)
+            for work in self._works:
+                work.get_future().then(self._bucket_done)
         return report
+
+    def _reduced(self) -> list[torch.Tensor]:
+        """What the collectives sum: the payload, and the count of a counted round."""
+        return self.sums + [self.count] if self.count is not None else self.sums
 
     def _bucket_done(self, fut):
         self._done_at.append(time.perf_counter())  # on the communication thread, when a bucket is done
@@ -234,9 +268,9 @@ class Round:
         if self.complete:
             return report
         reducer = self.avg.reducer
-        if not self.overlapped:
-            self.comm_seconds = report.comm_seconds = reducer.sum(self.sums, self.avg.node_sum, report.traffic,
-                                                                  self.live_here)
+        if not self.background:
+            self.comm_seconds = report.comm_seconds = reducer.sum(self._reduced(), self.avg.node_sum,
+                                                                  report.traffic, self.live_here)
         else:
             t0 = time.perf_counter()
             reducer.wait(self._works)
@@ -244,7 +278,11 @@ class Round:
             done = max(self._done_at) if self._done_at else time.perf_counter()
             self.comm_seconds = report.comm_seconds = max(done - self._started, 0.0)
             self._works = []
-            reducer.spread(self.sums, report.traffic)
+            reducer.spread(self._reduced(), report.traffic)
+        if self.count is not None:
+            self.num_live = int(round(float(self.count.item())))
+            if self.num_live < 1:
+                raise RuntimeError("a round with no contribution: every node in it was a joiner or marked down")
         self.complete = True
         return report
 
@@ -265,7 +303,7 @@ class Round:
         sums = self.sums[: len(model.flats)]
         if avg.measure:
             report.divergence = model.finish(sums, n)
-        elif self.overlapped or avg.displace_always:
+        elif self.in_scratch or avg.displace_always:
             model.finish_unmeasured(sums, n)
             report.divergence = float("nan")
         else:  # the model itself was summed in place: its mean, the anchor left as it is

@@ -1,0 +1,169 @@
+"""One node of a fault-tolerant run on the engine alone (``fault_tolerance: torchft``): a small model,
+deterministic data per (node, step), one JSON line per step in ``--log``.
+
+    TORCHFT_LIGHTHOUSE=http://HOST:PORT python -m risgd_hosts.live_node --worker 0 --workers 3 --port 29610 \\
+        --steps 200 --tau 2 --log node0.jsonl
+
+Started once per node (``--ranks K``: the node's DeepSpeed world of K ranks, spawned here); kill it
+to lose the node, start it again to bring it back (it is healed from a live peer and goes on from the
+live nodes' step). ``risgd_hosts.live_cluster`` starts and breaks nodes of it for the tests and
+``benchmarks/bench_live.py``. Exit status 2 and one ``error:`` line when the run cannot go on (below
+its floor, the lighthouse lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Environment: TORCHFT_LIGHTHOUSE.")
+    p.add_argument("--worker", type=int, required=True, help="the manifest worker this node serves")
+    p.add_argument("--workers", type=int, required=True, help="the run's workers (nodes)")
+    p.add_argument("--ranks", type=int, default=1, help="ranks of this node (its DeepSpeed world)")
+    p.add_argument("--port", type=int, required=True, help="this node's store port (MASTER_PORT)")
+    p.add_argument("--addr", default="127.0.0.1", help="this node's address, reachable from the other nodes")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--tau", type=int, default=2)
+    p.add_argument("--overlap", action="store_true")
+    p.add_argument("--compress", default="none")
+    p.add_argument("--width", type=int, default=64, help="hidden width of the model (its size)")
+    p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step (paces the run)")
+    p.add_argument("--op-timeout", type=float, default=2.0, help="risgd.op_timeout_s")
+    p.add_argument("--min-nodes", type=int, default=1, help="risgd.min_nodes")
+    p.add_argument("--floor-wait", type=float, default=30.0, help="risgd.floor_wait_s")
+    p.add_argument("--quorum-timeout", type=float, default=30.0, help="risgd.quorum_timeout_s")
+    p.add_argument("--freeze-at-round", type=int, default=-1,
+                   help="freeze this whole node (SIGSTOP to its process group) inside the cross-node collective of "
+                        "this round: a power cut mid-round, as seen by the others")
+    p.add_argument("--log", required=True, help="JSON lines: one per step (rank 0 of the node)")
+    return p.parse_args(argv)
+
+
+def _digest(module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _rank(local: int, args: argparse.Namespace) -> None:
+    os.environ.update(MASTER_ADDR=args.addr, MASTER_PORT=str(args.port), RANK=str(local), LOCAL_RANK=str(local),
+                      WORLD_SIZE=str(args.ranks), LOCAL_SIZE=str(args.ranks))
+    import torch
+
+    torch.set_num_threads(1)
+    import datetime
+
+    import torch.distributed as dist
+
+    import risgd_ext
+    from risgd_ext.live import LiveError
+
+    risgd_ext.init_distributed(timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, args.width), torch.nn.BatchNorm1d(args.width), torch.nn.ReLU(),
+                                torch.nn.Linear(args.width, 3))
+    block = {"tau": args.tau, "fault_tolerance": "torchft", "op_timeout_s": args.op_timeout,
+             "min_nodes": args.min_nodes, "floor_wait_s": args.floor_wait, "quorum_timeout_s": args.quorum_timeout,
+             "overlap": args.overlap, "compress": args.compress}
+    if args.ranks > 1:
+        block["node_size"] = args.ranks
+    cfg = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.05,
+           "momentum": 0.9}}, "steps_per_print": 10**9, "risgd": block}
+    engine, *_ = risgd_ext.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    ctl = engine.risgd
+    log = open(args.log, "a") if local == 0 else None
+
+    def write(**record) -> None:
+        if log is not None:
+            log.write(json.dumps({"t": time.time(), "worker": args.worker, **record}) + "\n")
+            log.flush()
+
+    if args.freeze_at_round >= 0 and local == 0:
+        _freeze_in_round(ctl, args.freeze_at_round, write)
+    try:
+        write(event="started")
+        healed = ctl.go_live(args.worker, args.workers)
+        start = ctl.healed_at if healed else 0
+        write(event="live", step=start, healed=healed, digest=_digest(engine.module) if healed else None)
+        for step in range(start + 1, args.steps + 1):
+            g = torch.Generator().manual_seed(1000 * step + 17 * args.worker + local)
+            x, y = torch.randn(8, 12, generator=g), torch.randint(0, 3, (8,), generator=g)
+            loss = torch.nn.functional.cross_entropy(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            if args.step_seconds:
+                time.sleep(args.step_seconds)
+            record = {"step": step, "rounds": ctl.rounds, "retries": ctl.retries,
+                      "members": sorted(ctl._members or ()), "loss": loss.item()}
+            if ctl.is_average() and ctl.in_flight is None:
+                record["digest"] = _digest(engine.module)
+            for e in ctl.take_events():
+                write(event="membership", step=step, **e.__dict__)
+            write(**record)
+        ctl.consensus()
+        write(event="done", step=args.steps, digest=_digest(engine.module), rounds=ctl.rounds,
+              retries=ctl.retries, retry_seconds=ctl.retry_seconds)
+    except LiveError as e:
+        write(event="stopped", error=str(e))
+        print(f"error: {e}" if local == 0 else f"error (rank {local} of the node): {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+    ctl.live.shutdown()
+    dist.destroy_process_group()
+
+
+def _freeze_in_round(ctl, round_index: int, write) -> None:
+    """SIGSTOP this node's process group at its first cross-node collective of round ``round_index``."""
+    import signal
+
+    go_live = ctl.go_live
+
+    def wrapped(*a, **kw):
+        result_holder = {}
+        original_quorum = ctl._quorum
+
+        def quorum():
+            q = original_quorum()
+            live = ctl.live
+            if not result_holder:
+                for name in ("all_reduce", "all_to_all_single"):
+                    result_holder[name] = getattr(live, name)
+
+                    def op(*args, _name=name, **kw):
+                        if ctl.rounds == round_index:
+                            write(event="freeze", round=round_index)
+                            os.killpg(os.getpgid(0), signal.SIGSTOP)
+                        return result_holder[_name](*args, **kw)
+                    setattr(live, name, op)
+            return q
+        ctl._quorum = quorum
+        return go_live(*a, **kw)
+
+    ctl.go_live = wrapped
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.ranks == 1:
+        _rank(0, args)
+        return 0
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_rank, args=(args,), nprocs=args.ranks, join=False, start_method="spawn")
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as e:
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Who takes part in each round of a fault-tolerant run: torchft's lighthouse decides, here only.
+
+A fault-tolerant run (``fault_tolerance: torchft``) is one DeepSpeed world per node (its ranks
+started by the stock launcher on that node) and one torchft replica group per node. Every round
+across nodes begins with a quorum (:meth:`LiveNodes.quorum`: torchft's ``Manager.start_quorum``,
+the lighthouse's heartbeats and its join timeout); the cross-node collectives of the round run in
+torchft's reconfigurable gloo process group of that quorum (rank l of every live node: the node
+level's cross group l); the round is applied only if every rank of the node commits
+(``Manager.should_commit``). Nothing here is a protocol of its own: membership, heartbeats,
+rendezvous of the cross-node groups and the transfer of a live state to a joiner are torchft's.
+
+What this layer adds to torchft (and why):
+
+- **No window thrown away.** torchft's LocalSGD and DiLoCo drop a sync window whose all-reduce
+  failed. Here a failed round is retried among the survivors at once, from the local models, which
+  a fault-tolerant round never overwrites before it commits (its sum runs in scratch buffers).
+- **Who contributes travels with the sum.** Each rank adds 1 (live) or 0 (a joiner being healed,
+  or a node the ``failures`` schedule marks down) to a count summed with the round, so the average
+  divides by exactly the contributions it holds, whatever the quorum looked like.
+- **A silent peer costs a bounded wait.** gloo cannot abort a pending collective; each operation
+  of the cross-node group has its own timeout (``op_timeout_s``, sized from the expected bucket
+  time), after which the round fails and is retried in the next quorum, which the lighthouse has
+  formed without the silent node (its heartbeat timeout).
+- **The floor.** ``min_workers`` live nodes (and the caller's ``accept`` check, e.g. the data
+  coverage of the live nodes): below it the round waits, retrying the quorum, up to ``floor_wait_s``,
+  then :class:`BelowFloor` is raised (the caller checkpoints and stops with one line).
+- **A lost lighthouse** (the single point of torchft) raises :class:`LighthouseLost`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own variable: the lighthouse's address, http://HOST:PORT
+REPLICA_PREFIX = "w"  # a replica group's id: w<manifest worker>, so torchft's global ranks follow the data
+
+
+class LiveError(RuntimeError):
+    """A fault-tolerant run cannot go on (one line says why)."""
+
+
+class BelowFloor(LiveError):
+    """Fewer live nodes than the floor for longer than ``floor_wait_s``."""
+
+
+class LighthouseLost(LiveError):
+    """The lighthouse cannot be reached: no quorum can be formed."""
+
+
+def worker_of_replica(replica_id: str) -> int:
+    """The manifest worker of a replica id ``w<worker>[:uuid]``."""
+    m = re.fullmatch(rf"{REPLICA_PREFIX}(\d+)", replica_id.split(":")[0])
+    if m is None:
+        raise ValueError(f"replica id {replica_id!r} is not {REPLICA_PREFIX}<worker>")
+    return int(m.group(1))
+
+
+@dataclass
+class Quorum:
+    """One quorum as this rank sees it."""
+
+    quorum_id: int
+    members: frozenset[int]      # manifest workers (nodes) in the quorum
+    rank: int                    # this node's place in the cross-node group
+    size: int                    # nodes in the cross-node group
+    healing: bool                # this node receives the live state in this quorum (contributes 0)
+    seconds: float               # how long the quorum took on this rank
+
+
+@dataclass
+class MembershipEvent:
+    """A change of the live nodes, seen at a round."""
+
+    round: int
+    quorum_id: int
+    members: list[int]
+    lost: list[int]
+    joined: list[int]
+    healed: bool                 # this node was healed from a peer in this quorum
+    seconds: float               # the quorum's time on this rank
+    failed_attempts: int = 0     # rounds of this step that failed before it committed
+    attempt_seconds: float = 0.0  # seconds spent in those failed attempts
+
+
+def _reconfigurable_gloo(timeout: datetime.timedelta):
+    """torchft's ProcessGroupGloo, recording the global ranks of each configuration (torchft passes
+    them to ``configure`` and keeps them private)."""
+    from torchft.process_group import ProcessGroupGloo
+
+    class Recorded(ProcessGroupGloo):
+        members: list[int] = []
+        rank: int = 0
+        world: int = 1
+
+        def configure(self, store_addr, replica_id, rank, world_size, quorum_id=None, group_rank=None,
+                      group_world_size=None, global_ranks=None):
+            self.rank, self.world = rank, world_size
+            self.members = list(global_ranks or [])
+            super().configure(store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size,
+                              global_ranks)
+
+    return Recorded(timeout=timeout)
+
+
+@dataclass
+class LiveNodes:
+    """This rank's torchft manager and the cross-node group of its node's place ``local``.
+
+    ``worker``: the manifest worker this node serves (its replica id); ``local``/``node_size``: this
+    rank's place in its node (torchft's group rank and group world size); ``store``: the node's
+    TCPStore (host, port), which the other nodes reach to rendezvous the cross-node group."""
+
+    worker: int
+    workers: int
+    local: int
+    node_size: int
+    store: tuple[str, int]
+    op_timeout_s: float
+    quorum_timeout_s: float = 60.0
+    min_workers: int = 1
+    floor_wait_s: float = 60.0
+    lighthouse: str | None = None
+    accept: Callable[[frozenset[int]], str | None] | None = None  # None, or why these nodes are below the floor
+    manager: Any = field(init=False, default=None)
+    pg: Any = field(init=False, default=None)
+    current: Quorum | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        from torchft import Manager
+
+        _quiet_torchft()
+        address = self.lighthouse or os.environ.get(LIGHTHOUSE_ENV)
+        if not address:
+            raise LiveError(f"fault_tolerance=torchft needs the lighthouse's address: set {LIGHTHOUSE_ENV}="
+                            "http://HOST:PORT on every node (start it with torchft_lighthouse, docs/faults.md)")
+        self.lighthouse = address
+        # the group's own timeout bounds building it (connecting every pair, slow on a loaded host); each
+        # operation carries op_timeout_s
+        self.pg = _reconfigurable_gloo(datetime.timedelta(seconds=max(self.quorum_timeout_s, self.op_timeout_s)))
+        self.manager = Manager(
+            pg=self.pg, load_state_dict=None, state_dict=None, min_replica_size=1, use_async_quorum=True,
+            timeout=datetime.timedelta(seconds=max(self.op_timeout_s, 10.0)),
+            quorum_timeout=datetime.timedelta(seconds=self.quorum_timeout_s),
+            connect_timeout=datetime.timedelta(seconds=10), rank=self.local, world_size=self.node_size,
+            store_addr=self.store[0], store_port=self.store[1], lighthouse_addr=address,
+            replica_id=f"{REPLICA_PREFIX}{self.worker}", init_sync=False)
+
+    def register_state(self, key: str, load: Callable[[Any], None], save: Callable[[], Any]) -> None:
+        """What a joiner receives from a live peer of its place (torchft's checkpoint transport)."""
+        self.manager.register_state_dict_fn(key, load, save)
+
+    # -- the quorum --------------------------------------------------------------------------------
+    def quorum(self) -> Quorum:
+        """The next quorum (blocking): the live nodes, the cross-node group rebuilt if they changed,
+        and the live state fetched from a peer if this node is behind (applied at :meth:`commit`)."""
+        m = self.manager
+        t0 = time.perf_counter()
+        try:
+            m.start_quorum(allow_heal=True, timeout=datetime.timedelta(seconds=self.quorum_timeout_s))
+            m.wait_quorum()
+        except Exception as e:  # the lighthouse (or this node's manager server) cannot form a quorum
+            raise LighthouseLost(f"no quorum from the lighthouse at {self.lighthouse} ({_first_line(e)})") from e
+        members = frozenset(r // self.node_size for r in self.pg.members) or frozenset({self.worker})
+        q = Quorum(m._quorum_id, members, self.pg.rank, self.pg.world, healing=not m.is_participating(),
+                   seconds=time.perf_counter() - t0)
+        self.current = q
+        return q
+
+    def below_floor(self, members: frozenset[int]) -> str | None:
+        """Why ``members`` cannot make a round (None: they can)."""
+        if len(members) < self.min_workers:
+            return (f"{len(members)} live node(s) {sorted(members)}, fewer than min_nodes={self.min_workers} (bring a "
+                    "node back, or lower risgd.min_nodes)")
+        return self.accept(members) if self.accept is not None else None
+
+    def report_error(self, error: BaseException) -> None:
+        """A collective of this round failed: the node will not commit it."""
+        self.manager.report_error(error if isinstance(error, Exception) else RuntimeError(str(error)))
+
+    def commit(self) -> bool:
+        """Whether every rank of this node completed the round (torchft's ``should_commit``); a
+        joiner's live state, fetched during the quorum, is loaded here."""
+        try:
+            return self.manager.should_commit()
+        except Exception as e:
+            raise LighthouseLost(f"the round's commit failed ({_first_line(e)})") from e
+
+    def shutdown(self) -> None:
+        if self.manager is not None:
+            self.manager.shutdown(wait=False)
+            self.manager = None
+
+    # -- the cross-node group's collectives ---------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.current.size if self.current is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.current.rank if self.current is not None else 0
+
+    def _opts(self, cls):
+        opts = cls()
+        opts.timeout = datetime.timedelta(seconds=self.op_timeout_s)  # this operation's, not the group's
+        return opts
+
+    def all_reduce(self, t: torch.Tensor, async_op: bool = False):
+        from torch.distributed.distributed_c10d import AllreduceOptions, ReduceOp
+
+        opts = self._opts(AllreduceOptions)
+        opts.reduceOp = ReduceOp.SUM
+        return _done(self.pg.allreduce([t], opts), async_op)
+
+    def all_to_all_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+        from torch.distributed.distributed_c10d import AllToAllOptions
+
+        return _done(self.pg.alltoall_base(out, inp, [], [], self._opts(AllToAllOptions)), async_op)
+
+    def all_gather_single(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+        from torch.distributed.distributed_c10d import AllgatherOptions
+
+        parts = list(out.view(self.size, -1).unbind(0))
+        return _done(self.pg.allgather([parts], [inp], self._opts(AllgatherOptions)), async_op)
+
+
+def _done(work, async_op: bool):
+    if async_op:
+        return work
+    work.wait()
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def _quiet_torchft() -> None:
+    """torchft logs every quorum and commit at INFO (Python and Rust): keep warnings and errors only."""
+    os.environ.setdefault("RUST_LOG", "error")
+    for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+        logging.getLogger(name).setLevel(logging.WARNING)
