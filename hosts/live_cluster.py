@@ -31,12 +31,17 @@ def lighthouse_command(port: int, min_replicas: int = 1, heartbeat_ms: int = 100
             "--quorum_tick_ms", str(tick_ms), "--heartbeat_timeout_ms", str(heartbeat_ms), "--bind", f"[::]:{port}"]
 
 
-def _wait_port(port: int, timeout: float = 20.0) -> None:
+def _wait_port(port: int, prefix: list[str], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+        if prefix:  # inside a test host's namespace
+            probe = subprocess.run([*prefix, "bash", "-c", f"</dev/tcp/127.0.0.1/{port}"], capture_output=True)
+            if probe.returncode == 0:
                 return
+        else:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
         time.sleep(0.05)
     raise TimeoutError(f"the lighthouse did not listen on port {port} within {timeout:g} s")
 
@@ -45,23 +50,39 @@ class LiveCluster:
     """``workers`` nodes of one run in ``work_dir`` (logs ``nK.jsonl``/``nK.err``), each started with
     ``node_args`` (live_node's options besides --worker, --workers, --port, --log)."""
 
-    def __init__(self, work_dir: str, workers: int, node_args: list[str], heartbeat_ms: int = 1000):
-        self.dir, self.workers, self.node_args = work_dir, workers, node_args
+    def __init__(self, work_dir: str, workers: int, node_args: list[str], heartbeat_ms: int = 1000, hosts=None):
+        self.dir, self.workers, self.node_args, self.hosts = work_dir, workers, node_args, hosts
         os.makedirs(work_dir, exist_ok=True)
+        for name in os.listdir(work_dir):  # a run's records start empty (the nodes append to them)
+            if name.endswith((".jsonl", ".err")):
+                os.unlink(os.path.join(work_dir, name))
         self.port = free_port()
-        self.lighthouse = subprocess.Popen(lighthouse_command(self.port, heartbeat_ms=heartbeat_ms),
-                                           stdout=subprocess.DEVNULL, stderr=open(self._path("lighthouse.err"), "a"))
-        _wait_port(self.port)
-        self.env = dict(os.environ, TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{self.port}", RUST_LOG="error",
+        command = [*self._prefix(0), *lighthouse_command(self.port, heartbeat_ms=heartbeat_ms)]
+        self.lighthouse = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                           stderr=open(self._path("lighthouse.err"), "a"))
+        _wait_port(self.port, self._prefix(0))
+        self.env = dict(os.environ, TORCHFT_LIGHTHOUSE=f"http://{self._addr(0)}:{self.port}", RUST_LOG="error",
                         OMP_NUM_THREADS="1")
+        if hosts is not None:  # collectives on the shaped interface
+            self.env.update(GLOO_SOCKET_IFNAME="eth0")
+
+    def _prefix(self, k: int) -> list[str]:
+        """Run on test host ``k`` (a network namespace of ``hosts``), or here."""
+        return self.hosts.exec_prefix(k) if self.hosts is not None else []
+
+    def _addr(self, k: int) -> str:
+        return self.hosts.addr(k) if self.hosts is not None else "127.0.0.1"
         self.nodes: dict[int, subprocess.Popen] = {}
 
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
     def start(self, worker: int, extra: list[str] | None = None) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "risgd_hosts.live_node", "--worker", str(worker), "--workers", str(self.workers),
-               "--port", str(free_port()), "--log", self._path(f"n{worker}.jsonl"), *self.node_args, *(extra or [])]
+        cmd = [*self._prefix(worker), sys.executable, "-m", "risgd_hosts.live_node", "--worker", str(worker),
+               "--workers", str(self.workers), "--port", str(free_port()), "--addr", self._addr(worker),
+               "--log", self._path(f"n{worker}.jsonl"), *self.node_args, *(extra or [])]
+        if self.hosts is not None:
+            subprocess.run(["ip", "-n", self.hosts.ns(worker), "link", "set", "eth0", "up"], check=True)
         p = subprocess.Popen(cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=open(self._path(f"n{worker}.err"), "a"))
         self.nodes[worker] = p
@@ -70,6 +91,14 @@ class LiveCluster:
     def kill(self, worker: int) -> float:
         """A crash: every process of the node killed (the others see their connections reset)."""
         t = time.time()
+        os.killpg(self.nodes[worker].pid, signal.SIGKILL)
+        self.nodes[worker].wait()
+        return t
+
+    def power_cut(self, worker: int) -> float:
+        """On a test host: its link down, then its processes killed (the others see silence, no reset)."""
+        t = time.time()
+        subprocess.run(["ip", "-n", self.hosts.ns(worker), "link", "set", "eth0", "down"], check=True)
         os.killpg(self.nodes[worker].pid, signal.SIGKILL)
         self.nodes[worker].wait()
         return t

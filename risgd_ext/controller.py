@@ -552,6 +552,8 @@ class RISGDController:
             if failed is None and self.live.commit():
                 self._account(r.apply())
             else:
+                self.retries += 1
+                self.retry_seconds += time.perf_counter() - t0
                 self._live_round(resend=r)
             self.average_seconds += time.perf_counter() - t0
             return
@@ -624,6 +626,9 @@ class RISGDController:
         # who was down in the last round: a pure function of the schedule, so it survives a resume
         last = self.rounds - 1
         down = self.live_of_round(last).down if self.cfg and last >= 0 else frozenset()
+        out["fault_tolerance"] = self.cfg.fault_tolerance if self.cfg else "none"
+        out["retries"], out["retry_seconds"], out["quorum_seconds"] = self.retries, self.retry_seconds, \
+            self.quorum_seconds
         out["down_workers"] = sorted(down)
         out["down_ranks"] = self.layout.ranks_of_workers(down)
         return out

@@ -111,6 +111,17 @@ def _reconfigurable_gloo(timeout: datetime.timedelta):
     return Recorded(timeout=timeout)
 
 
+def _addressed_http(host: str, timeout: datetime.timedelta):
+    """torchft's HTTP checkpoint transport, advertised at ``host`` (a node's routable address)."""
+    from torchft.checkpointing import HTTPTransport
+
+    class Addressed(HTTPTransport):
+        def address(self) -> str:
+            return f"http://{host}:{self._server.socket.getsockname()[1]}/checkpoint/"
+
+    return Addressed(timeout=timeout, num_chunks=0)
+
+
 @dataclass
 class LiveNodes:
     """This rank's torchft manager and the cross-node group of its node's place ``local``.
@@ -135,7 +146,11 @@ class LiveNodes:
     current: Quorum | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        from torchft import Manager
+        try:
+            from torchft import Manager
+        except ImportError:
+            raise LiveError("fault_tolerance=torchft needs torchft: pip install 'torchft>=0.2,<0.3' (or the "
+                            "package's [ft] extra)") from None
 
         _quiet_torchft()
         address = self.lighthouse or os.environ.get(LIGHTHOUSE_ENV)
@@ -146,9 +161,14 @@ class LiveNodes:
         # the group's own timeout bounds building it (connecting every pair, slow on a loaded host); each
         # operation carries op_timeout_s
         self.pg = _reconfigurable_gloo(datetime.timedelta(seconds=max(self.quorum_timeout_s, self.op_timeout_s)))
+        # the address the other nodes reach this one at: the node's store host (MASTER_ADDR), for torchft's
+        # manager server and its HTTP checkpoint server (torchft would advertise socket.gethostname())
+        host = self.store[0]
+        timeout = datetime.timedelta(seconds=max(self.op_timeout_s, 10.0))
         self.manager = Manager(
             pg=self.pg, load_state_dict=None, state_dict=None, min_replica_size=1, use_async_quorum=True,
-            timeout=datetime.timedelta(seconds=max(self.op_timeout_s, 10.0)),
+            hostname=host, checkpoint_transport=_addressed_http(host, timeout),
+            timeout=timeout,
             quorum_timeout=datetime.timedelta(seconds=self.quorum_timeout_s),
             connect_timeout=datetime.timedelta(seconds=10), rank=self.local, world_size=self.node_size,
             store_addr=self.store[0], store_port=self.store[1], lighthouse_addr=address,

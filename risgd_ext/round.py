@@ -1,8 +1,8 @@
 """One averaging round, its whole life in one place: send, wait, apply, view, state.
 
-A round is made by :meth:`Averaging.round` with the set of live workers (:class:`Live`: from the
-failure schedule today; from a rendezvous once membership is elastic) and, for an overlapped
-round, the optimizer step at which its average is applied:
+A round is made by :meth:`Averaging.round` with the set of live workers (:class:`Live`: the failure
+schedule's complement; in a fault-tolerant run, of the quorum's nodes, ``risgd_ext.live``) and, for
+an overlapped round, the optimizer step at which its average is applied:
 
 - :meth:`Round.start` fills what the round sends (seam 1, :class:`Displacement`: the fp32
   displacement ``x - a`` from the anchor, plus the float buffers and ``||x - a||²``; a rank of a
