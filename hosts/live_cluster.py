@@ -52,6 +52,7 @@ class LiveCluster:
 
     def __init__(self, work_dir: str, workers: int, node_args: list[str], heartbeat_ms: int = 1000, hosts=None):
         self.dir, self.workers, self.node_args, self.hosts = work_dir, workers, node_args, hosts
+        self.nodes: dict[int, subprocess.Popen] = {}
         os.makedirs(work_dir, exist_ok=True)
         for name in os.listdir(work_dir):  # a run's records start empty (the nodes append to them)
             if name.endswith((".jsonl", ".err")):
@@ -72,7 +73,6 @@ class LiveCluster:
 
     def _addr(self, k: int) -> str:
         return self.hosts.addr(k) if self.hosts is not None else "127.0.0.1"
-        self.nodes: dict[int, subprocess.Popen] = {}
 
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)

@@ -357,13 +357,15 @@ class RISGDController:
         return Live(frozenset(members) - down, self.total_workers)
 
     # -- fault tolerance (torchft) -------------------------------------------------------------
-    def go_live(self, worker: int, workers: int, accept=None, lighthouse: str | None = None) -> bool:
+    def go_live(self, worker: int, workers: int, accept=None, lighthouse: str | None = None,
+                state: dict[str, tuple] | None = None) -> bool:
         """Join the run's live nodes (``fault_tolerance: torchft``), as the node serving manifest
         worker ``worker`` of ``workers``: every rank of the node calls it once, after the engine is
         built (and a checkpoint, if any, loaded). ``accept(members)``: None, or why those nodes are
         below the run's floor (e.g. the data they hold). Returns whether this node was healed: it
         joined a run in progress, took part in its current round and now holds its live state
-        (:attr:`healed_at`: the step it is at)."""
+        (:attr:`healed_at`: the step it is at). ``state``: name -> (load, save) of more state a joiner
+        takes from its peer (the training loop's: its step, the learning-rate schedule)."""
         cfg = self.cfg
         if cfg is None or not cfg.live:
             raise RuntimeError("go_live() needs the risgd block's fault_tolerance: torchft")
@@ -376,6 +378,8 @@ class RISGDController:
                               cfg.op_timeout_s, cfg.quorum_timeout_s, cfg.min_nodes, cfg.floor_wait_s, lighthouse,
                               accept)
         self.live.register_state("risgd", self._load_live_state, self._live_state)
+        for name, (load, save) in (state or {}).items():
+            self.live.register_state(name, load, save)
         self.averaging.worker = worker
         self.averaging.reducer.cross = self.live
         q = self._quorum()
@@ -390,6 +394,7 @@ class RISGDController:
             time.sleep(0.1)
             q = self._quorum()
         if not q.healing:
+            self._members = q.members
             return False
         # the live nodes are at a round: take part in it (contributing nothing, blocking even if theirs is
         # overlapped: the same collectives), take the live state at its commit, then its average

@@ -159,8 +159,12 @@ class RISGDEngineMixin:
             risgd.settle()
         return super().destroy()
 
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, rank_state_only=False,
+                        **kwargs):
         tag = str(tag if tag is not None else f"global_step{self.global_steps}")
+        if rank_state_only:  # a fault-tolerant run's other nodes: their own state; one node writes the rest
+            save_rank_state(self, os.path.join(save_dir, tag))
+            return True
         # Ranks differ between rounds (and in momentum), but DeepSpeed writes rank 0's model and
         # optimizer only: each rank saves its own state first, so 'latest' (written last by
         # DeepSpeed) never points at a checkpoint that lacks it.
