@@ -91,9 +91,11 @@ def _rank(local: int, args: argparse.Namespace) -> None:
     try:
         write(event="started")
         healed = ctl.go_live(args.worker, args.workers)
-        start = ctl.healed_at if healed else 0
+        start = ctl.take_healed() if healed else 0
         write(event="live", step=start, healed=healed, digest=_digest(engine.module) if healed else None)
-        for step in range(start + 1, args.steps + 1):
+        step = start
+        while step < args.steps:
+            step += 1
             g = torch.Generator().manual_seed(1000 * step + 17 * args.worker + local)
             x, y = torch.randn(8, 12, generator=g), torch.randint(0, 3, (8,), generator=g)
             loss = torch.nn.functional.cross_entropy(engine(x), y)
@@ -101,6 +103,10 @@ def _rank(local: int, args: argparse.Namespace) -> None:
             engine.step()
             if args.step_seconds:
                 time.sleep(args.step_seconds)
+            healed_to = ctl.take_healed()  # behind the others at this round: healed to their step
+            if healed_to is not None:
+                write(event="healed", step=step, to=healed_to, digest=_digest(engine.module))
+                step = healed_to
             record = {"step": step, "rounds": ctl.rounds, "retries": ctl.retries,
                       "members": sorted(ctl._members or ()), "loss": loss.item()}
             if ctl.is_average() and ctl.in_flight is None:

@@ -46,7 +46,7 @@ from .failures import failed_workers
 from .flat import FlatModel
 from .live import BelowFloor, LiveNodes, MembershipEvent, Quorum
 from .reduce import GradientAverager, Traffic
-from .round import Averaging, Live, Round, RoundReport
+from .round import REPLACE, Averaging, Live, Round, RoundReport
 from .topology import NodeGroups, build_node_groups, inherit_world_timeout
 
 # Counters carried by checkpoints, in the order stats() reports them.
@@ -450,6 +450,8 @@ class RISGDController:
             background = cfg.overlap and resend is None
             r = self.averaging.round(live, apply_step=self.steps + cfg.delay if background else None,
                                      live_here=here, counted=True, resend=resend)
+            if q.healing:  # this node takes the live state at the commit, then the average itself: no progress
+                r.applies = REPLACE  # of its own to keep (its model is the peer's by then)
             saved = reducer.save_residuals()
             reports = []
             try:
@@ -481,6 +483,13 @@ class RISGDController:
                                            sorted(q.members - before), q.healing, q.seconds, attempts,
                                            failed_seconds))
         self._members = q.members
+
+    def take_healed(self) -> int | None:
+        """The step this node was healed to since the last call (None: it was not). A node behind the others
+        at a round (its commit failed where theirs succeeded, or it joined) takes their live state, step
+        included: the training loop goes on from this step (its data position too)."""
+        healed, self.healed_at = self.healed_at, None
+        return healed
 
     def take_events(self) -> list[MembershipEvent]:
         """The membership changes seen since the last call (for the run record)."""

@@ -183,3 +183,93 @@ class Membership:
                 "world_sizes": [g["world_size"] for g in self.history],
                 "seconds_lost": lost, "steps_redone": redone,
                 "goodput": max(0.0, 1.0 - wasted / elapsed) if elapsed > 0 else None}
+
+
+class LiveRecord:
+    """A live (torchft) run on this node: the floor over the quorum's nodes, which node writes the
+    record (the one serving the lowest live worker: it moves when that node is lost or one lower comes
+    back), and the membership events with the data their nodes hold."""
+
+    def __init__(self, run, manifest: dict, index: dict, worker: int):
+        self.run, self.manifest, self.index, self.worker = run, manifest, index, worker
+        self.workers = manifest["workers"]
+        self.recording = False
+        self.events: list[dict] = []
+        self._first: dict | None = None
+        self._coverage: dict[frozenset, float] = {}
+
+    def coverage(self, members) -> float:
+        from risgd_data.manifest import live_coverage
+
+        key = frozenset(members)
+        if key not in self._coverage:
+            self._coverage[key] = live_coverage(self.manifest, self.index, set(key))
+        return self._coverage[key]
+
+    def accept(self, members) -> str | None:
+        """Why ``members`` are below the run's floor (elastic.min_workers, elastic.min_coverage), or None."""
+        return floor_error(self.run.cfg, sorted(members), self.coverage(members), self.workers)
+
+    def members(self, ctl) -> frozenset:
+        return frozenset(ctl._members or {self.worker})
+
+    def started(self, ctl, start: int) -> None:
+        self.start, self.recording = start, self.worker == min(self.members(ctl))
+        members = sorted(self.members(ctl))
+        self._first = {"step": start, "event": "membership", "generation": ctl.live.current.quorum_id,
+                       "live_workers": members, "world_size": len(members), "data_coverage": self.coverage(members),
+                       "lost_workers": [], "joined_workers": [], "healed": bool(start and ctl.live.current.healing),
+                       "quorum_seconds": ctl.live.current.seconds, "failed_attempts": 0, "failed_seconds": 0.0,
+                       "steps_redone": 0}
+
+    def write_final(self, digest: str) -> None:
+        """This node's final model digest, beside the others' (``elastic/final-wNNNNN.json``)."""
+        path = os.path.join(self.run.run_dir, "elastic", f"final-w{self.worker:05d}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_text_atomic(path, json.dumps({"worker": self.worker, "model_sha256": digest}) + "\n")
+
+    def start_line(self, start: int) -> str:
+        how = f", healed from a live peer at step {start}" if start else ""
+        return (f"live: this node serves worker {self.worker} of {self.workers} (torchft; lighthouse "
+                f"{os.environ.get('TORCHFT_LIGHTHOUSE')}){how}")
+
+    def after_step(self, ctl, step: int, tracker, rank: int):
+        """Log the quorum's changes since the last step; hand the record over when its writer changes.
+        Returns the tracker to use from here."""
+        from risgd_trainer.tracking import RunTracker
+
+        if self._first is not None:  # this node's start: the quorum it joined
+            self.events.append(self._first)
+            tracker.log(self._first)
+            self._first = None
+        for e in ctl.take_events():
+            if not (e.lost or e.joined or e.healed):
+                continue
+            self.events.append({"step": step, "event": "membership", "generation": e.quorum_id,
+                                "live_workers": e.members, "world_size": len(e.members),
+                                "data_coverage": self.coverage(e.members), "lost_workers": e.lost,
+                                "joined_workers": e.joined, "healed": e.healed, "quorum_seconds": e.seconds,
+                                "failed_attempts": e.failed_attempts, "failed_seconds": e.attempt_seconds,
+                                "steps_redone": 0})
+            tracker.log(self.events[-1])
+        recording = self.worker == min(self.members(ctl))
+        if recording and not self.recording:
+            tracker = RunTracker(self.run.run_dir, self.run.cfg, active=rank == 0, resume_step=step)
+        elif self.recording and not recording:
+            tracker.hand_over()
+        self.recording = recording
+        return tracker
+
+    def summary(self, ctl, tracker) -> dict:
+        """The run's elastic record for summary.json (as the torchrun path's: ``restarts`` counts the
+        quorum's changes; nothing restarted)."""
+        events = tracker.events() or self.events
+        changes = [e for e in events if e.get("lost_workers") or e.get("joined_workers")]
+        lost = sum(e.get("quorum_seconds", 0.0) + e.get("failed_seconds", 0.0) for e in changes)
+        members = sorted(self.members(ctl))
+        return {"elastic_backend": "torchft", "elastic_workers": self.workers, "live_workers": members,
+                "restarts": len(changes), "retries": ctl.retries, "retry_seconds": ctl.retry_seconds,
+                "membership": [{"step": e["step"], "workers": e["live_workers"], "world_size": e["world_size"],
+                                "data_coverage": e["data_coverage"]} for e in events],
+                "world_sizes": [e["world_size"] for e in events], "seconds_lost": lost, "steps_redone": 0}
+

@@ -99,14 +99,19 @@ SCHEMA: dict[str, Any] = {
     # launch any number of ranks up to that; each rank serves the manifest worker its node's replica
     # records (data.shards, or the RISGD_REPLICA_DIR variable). It stops (exit 2) when fewer than
     # min_workers are live or their data covers less than min_coverage of the training set.
-    "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0},
+    # backend torchft: one launch per node (its ranks are the node), a quorum at every round, a lost node dropped
+    # and a returning one healed without restarting anyone (docs/faults.md, "Live recovery on torchft");
+    # floor_wait_s: how long a round below the floor waits for a node; op_timeout_s: each cross-node operation's.
+    "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0, "backend": "torchrun", "floor_wait_s": 60.0,
+                "op_timeout_s": 10.0},
 }
 
 # Keys that may change when a run is continued: where things are, how they are logged, how often
 # they are looked at. Every other key defines the experiment.
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
-               "data.verify", "data.global_batch", "elastic.min_workers", "elastic.min_coverage")
+               "data.verify", "data.global_batch", "elastic.min_workers", "elastic.min_coverage",
+               "elastic.floor_wait_s", "elastic.op_timeout_s")
 # The node level, overlap, the outer step and compression: written into the 'risgd' block only when set (a
 # flat run's block is unchanged by keys added after it).
 NODE_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["recipe"] == "when_set")
@@ -224,6 +229,11 @@ def validate(cfg: dict) -> None:
     if el["workers"] < 0 or el["min_workers"] < 1 or not 0 <= el["min_coverage"] <= 1:
         raise RecipeError("elastic.workers must be >= 0 (0: a fixed-size run), elastic.min_workers >= 1 and "
                           "elastic.min_coverage in [0, 1]")
+    if el["backend"] not in ("torchrun", "torchft"):
+        raise RecipeError(f"elastic.backend must be torchrun or torchft, got {el['backend']!r}")
+    for key in ("floor_wait_s", "op_timeout_s"):
+        if isinstance(el[key], bool) or not isinstance(el[key], (int, float)) or el[key] <= 0:
+            raise RecipeError(f"elastic.{key} must be a number of seconds > 0, got {el[key]!r}")
     if el["workers"] and el["min_workers"] > el["workers"]:
         raise RecipeError(f"elastic.min_workers={el['min_workers']} exceeds elastic.workers={el['workers']}: "
                           "lower it")
@@ -316,6 +326,11 @@ class Run:
     def elastic(self) -> bool:
         """An elastic run: the world size may change between restarts (``elastic.workers`` > 0)."""
         return self.cfg["elastic"]["workers"] > 0
+
+    @property
+    def live(self) -> bool:
+        """An elastic run on torchft: this launch is one node; a lost node never restarts the others."""
+        return self.elastic and self.cfg["elastic"]["backend"] == "torchft"
 
     @property
     def manifest_workers(self) -> int:
@@ -428,6 +443,14 @@ def check_elastic(cfg: dict, world_size: int) -> None:
     p = cfg["elastic"]["workers"]
     if not p:
         return
+    if cfg["elastic"]["backend"] == "torchft":  # a launch is one node: its ranks share the node's worker
+        if cfg["algorithm"] not in ("prsgd", "risgd"):
+            raise RecipeError(f"an elastic run needs algorithm prsgd or risgd, got {cfg['algorithm']!r}: change it "
+                              "or set elastic.workers=0")
+        if cfg["node_size"] not in (1, world_size):
+            raise RecipeError(f"with elastic.backend=torchft a launch is one node: node_size={cfg['node_size']} must "
+                              f"be its {world_size} ranks (or 1)")
+        return
     unsupported = [f"{k}={cfg[k]!r}" for k, bad in (("algorithm", cfg["algorithm"] not in ("prsgd", "risgd")),
                                                     ("node_size", cfg["node_size"] != 1),
                                                     ("overlap", bool(cfg["overlap"])),
@@ -470,6 +493,10 @@ def build_ds_config(cfg: dict, world_size: int, recipe: str | None = None) -> tu
     block = ds.pop("risgd", {})
     if cfg["algorithm"] != "sync":
         block.update(block_from_recipe(cfg))
+        el = cfg["elastic"]
+        if el["workers"] and el["backend"] == "torchft":
+            block.update(fault_tolerance="torchft", min_nodes=el["min_workers"], floor_wait_s=float(el["floor_wait_s"]),
+                         op_timeout_s=float(el["op_timeout_s"]))
         ds["risgd"] = block
     _, risgd = split_config(ds)
     if risgd is not None:
@@ -639,6 +666,8 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
         validate(cfg)
         check_elastic(cfg, world_size)
         workers = cfg["elastic"]["workers"]  # the manifest's, whatever the launch's world size
+        if cfg["elastic"]["backend"] == "torchft":
+            node_size = cfg["node_size"] = world_size  # the launch is one node
     try:
         if cfg["data"]["manifest"]:
             manifest = load_manifest(cfg["data"]["manifest"])

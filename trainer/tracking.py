@@ -118,6 +118,16 @@ class RunTracker:
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
 
+    def hand_over(self) -> None:
+        """Stop writing the record (a live run's record moved to another node): its wandb run ends here."""
+        if self.active and self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        self.active = False
+
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.active:
             return

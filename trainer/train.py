@@ -37,6 +37,7 @@ from risgd_common.atomic import write_text_atomic
 from risgd_common.cli import Parser
 from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, command, need
+from risgd_ext.live import LiveError
 from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_trainer import elastic
 from risgd_trainer.agree import USER_ERRORS, AgreedError, agree
@@ -161,8 +162,9 @@ def load_data(run: Run, rank: int) -> tuple[dict, dict, int, str]:
                                               mode="coop" if cfg["algorithm"] == "coop" else "risgd")
     check_same_manifest(run.run_dir, manifest)
     full = data["verify"] == "full"  # else a replica's stamp spares re-hashing unchanged shards
-    if run.elastic:
-        worker = elastic.worker_of_replica(manifest, shard_dir, int(os.environ.get("LOCAL_RANK", 0)))
+    if run.elastic:  # torchft: the node's ranks share its replica's (first) worker
+        local = 0 if run.live else int(os.environ.get("LOCAL_RANK", 0))
+        worker = elastic.worker_of_replica(manifest, shard_dir, local)
     else:
         worker, _ = run.worker_of(rank)  # with node_size > 1 a node's ranks share its worker's chunks
     verify_shards(index, shard_dir, manifest["ranks"][worker]["shards"], full=full)
@@ -349,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
         return refuse(e, dist.get_rank() == 0)
+    except LiveError as e:  # a live run below its floor, or its lighthouse lost: the latest checkpoint is kept
+        return refuse(e, dist.get_rank() == 0)
     except (*USER_ERRORS, MissingExtra) as e:  # one line naming the problem and the fix
         return refuse(e, first or dist.is_initialized())
     except BaseException as e:
@@ -390,7 +394,7 @@ def train(run: Run) -> None:
     index, manifest, worker, shard_dir = agree(lambda: load_data(run, rank))
     share = run.worker_of(rank)[1]
     membership = None
-    if run.elastic:  # who serves which worker, what the live workers hold, and the floor
+    if run.elastic and not run.live:  # who serves which worker, what the live workers hold, and the floor
         claims: list = [None] * run.world_size
         dist.all_gather_object(claims, (worker, os.path.abspath(shard_dir)))
         live_workers = [w for w, _ in claims]
@@ -430,6 +434,25 @@ def train(run: Run) -> None:
     elif rank == 0:
         print(f"{run.name}: resuming from step {start} of {total_steps} ({ckpt_dir})", file=sys.stderr, flush=True)
     last_ckpt = start
+    progress = {"best": best, "last_eval": last_eval, "wall": client.get("wall_seconds", 0.0)}
+    live = None
+    if run.live:  # join the live nodes: a quorum of torchft's lighthouse; a node behind the others is healed
+        live = elastic.LiveRecord(run, manifest, index, worker)
+
+        def trainer_state() -> dict:  # what a joiner takes from its peer, besides the engine's state
+            return {"best": progress["best"], "last_eval": progress["last_eval"], "scheduler": scheduler.state_dict(),
+                    "wall": time.perf_counter() - progress["t0"] if "t0" in progress else progress["wall"]}
+
+        healed_state: dict = {}
+        if engine.risgd.go_live(worker, manifest["workers"], accept=live.accept,
+                                state={"trainer": (healed_state.update, trainer_state)}):
+            start = last_ckpt = engine.risgd.take_healed()
+            scheduler.load_state_dict(healed_state["scheduler"])
+            best, last_eval = healed_state["best"], healed_state["last_eval"]
+            client["wall_seconds"] = healed_state["wall"]
+        live.started(engine.risgd, start)
+        if rank == 0:
+            print(live.start_line(start), file=sys.stderr, flush=True)
     if membership is not None:
         generation = [len(membership.history) and membership.history[-1]["generation"] + 1]
         dist.broadcast_object_list(generation, src=0)  # rank 0's record decides the number
@@ -443,10 +466,13 @@ def train(run: Run) -> None:
 
     cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
     transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
-    loader = make_train_loader(manifest, shard_dir, worker, data["base_batch"], policy=data["batch_policy"],
-                               transform=transform, seed=cfg["seed"], start_step=start,
-                               num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
-                               decode=data["decode"], device=device)  # gpu: batches come decoded on the device
+    def train_loader(first: int):
+        return make_train_loader(manifest, shard_dir, worker, data["base_batch"], policy=data["batch_policy"],
+                                 transform=transform, seed=cfg["seed"], start_step=first,
+                                 num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
+                                 decode=data["decode"], device=device)  # gpu: batches come decoded on the device
+
+    loader = train_loader(start)
     if start == 0:  # said once, at the start of a run (a resumed run said it then)
         batches_of: list = [None] * run.world_size  # what each rank draws per step under the batch policy
         dist.all_gather_object(batches_of, loader.batch_size)
@@ -456,7 +482,8 @@ def train(run: Run) -> None:
     eval_loader = make_eval_loader(shard_dir, data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))
     fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
-    tracker = RunTracker(run.run_dir, cfg, active=rank == 0, resume_step=start)
+    # a live run's record is written by the node of the lowest live worker (it moves when that node is lost)
+    tracker = RunTracker(run.run_dir, cfg, active=rank == 0 and (live is None or live.recording), resume_step=start)
     if rank == 0:
         write_text_atomic(os.path.join(run.run_dir, "ds_config.json"), json.dumps(run.ds_config, indent=2))
         if not os.path.exists(os.path.join(run.run_dir, "manifest.yaml")):
@@ -464,6 +491,7 @@ def train(run: Run) -> None:
             write_manifest(manifest, os.path.join(run.run_dir, "manifest.yaml"))
 
     t0 = time.perf_counter() - client.get("wall_seconds", 0.0)
+    progress["t0"] = t0
     # loss sum, steps, samples skipped since the last log; on the device, so NCCL can reduce it and
     # adding the loss does not wait for the GPU every step
     running = torch.zeros(3, dtype=torch.float64, device=device)
@@ -472,7 +500,9 @@ def train(run: Run) -> None:
     skipped_seen = loader.samples_skipped
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
     batches = iter(loader)
-    for step in range(start + 1, total_steps + 1):
+    step = start
+    while step < total_steps:
+        step += 1
         images, labels = next(batches)
         images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
         loss = F.cross_entropy(engine(images), labels.to(device, non_blocking=True))
@@ -485,6 +515,18 @@ def train(run: Run) -> None:
             if step == start + 1 and rank == 0:  # the first step of this membership: its event
                 tracker.log(membership.event(time.time()))
             membership.beat(step)
+        if live is not None:  # the quorum's changes, and who writes the record now
+            healed_to = engine.risgd.take_healed()
+            if healed_to is not None and healed_to != step:  # behind the others at this round: go on from their
+                step = last_ckpt = healed_to                  # step, with their schedule and the data from there
+                scheduler.load_state_dict(healed_state["scheduler"])
+                best, last_eval = healed_state["best"], healed_state["last_eval"]
+                loader = train_loader(step)
+                batches, skipped_seen = iter(loader), loader.samples_skipped
+                running.zero_()
+                bar.reset(total=total_steps)
+                bar.update(step)
+            tracker = live.after_step(engine.risgd, step, tracker, rank)
         # Log and evaluate only where every rank holds the averaged model: the first average at or
         # after each eval_every multiple, and the last step (which the config made an average).
         due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
@@ -502,17 +544,22 @@ def train(run: Run) -> None:
                 metrics["eval_seconds"] = time.perf_counter() - t_eval
             running.zero_()
             best = max(best, metrics["test_acc"])
+            progress.update(best=best, last_eval=step)
             if rank == 0:
-                live = (frozenset(membership.workers) if membership is not None
-                        else frozenset(range(run.workers)) - set(stats["down_workers"]))
-                if live not in coverage:
-                    coverage[live] = live_coverage(manifest, index, live)
-                metrics["data_coverage"] = coverage[live]  # of the training set, by the live ranks
+                if membership is not None:
+                    holders = frozenset(membership.workers)
+                elif live is not None:
+                    holders = live.members(engine.risgd)
+                else:
+                    holders = frozenset(range(run.workers)) - set(stats["down_workers"])
+                if holders not in coverage:
+                    coverage[holders] = live_coverage(manifest, index, holders)
+                metrics["data_coverage"] = coverage[holders]  # of the training set, by the live ranks
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
             tracker.log(metrics)
             last, last_eval = metrics, step
         every = cfg["checkpoint_every"]
-        if membership is not None:  # elastic: at averages only, so a worker without state can start from one
+        if run.elastic:  # elastic: at averages only, so a worker without state can start from one
             due = every and step >= (last_ckpt // every + 1) * every and engine.risgd.is_average()
         else:
             due = every and step % every == 0
@@ -520,7 +567,7 @@ def train(run: Run) -> None:
             last_ckpt = step
             engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={
                 "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best,
-                "last_eval": last_eval})
+                "last_eval": last_eval}, rank_state_only=live is not None and not live.recording)
     bar.close()
 
     # every rank takes the final average for good (with overlap: the last round, applied now)
@@ -542,6 +589,11 @@ def train(run: Run) -> None:
             if membership.history else 0.0
         summary.update(membership.summary(tracker.events(), per_step), elastic_workers=manifest["workers"],
                        live_workers=membership.workers)
+    if live is not None:
+        summary.update(live.summary(engine.risgd, tracker))
+        if rank == 0:
+            live.write_final(digest)
+        engine.risgd.live.shutdown()
     tracker.finish(summary)
     if rank == 0:
         print(finished_lines(run, summary), flush=True)
