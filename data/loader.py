@@ -289,7 +289,7 @@ def make_train_loader(
     manifest: dict | str, shard_dir: str, rank: int, base_batch: int, policy: str = "per_chunk",
     transform: Callable | None = None, seed: int = 0, start_step: int = 0, num_workers: int = 1,
     verify: bool = True, pin_memory: bool = False, share: tuple[int, int] = (0, 1), decode: str = "cpu",
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, chunk_scale: list[float] | None = None,
 ) -> RankLoader:
     """The rank's infinite train loader. Raises DataError (one line) on a missing/mismatched shard.
 
@@ -305,6 +305,9 @@ def make_train_loader(
     `transform` defaults to train_transform(dataset): for ImageNet-format data the fast path
     (transforms.FastTrainTransform, decoding into the batch), unless RISGD_FAST_DECODE=0; pass
     train_transform(dataset, fast=False) for timm's transform itself.
+
+    `chunk_scale`: one factor per chunk of the worker (manifest order) scaling its sub-batch, e.g.
+    manifest.chunk_draw_scales after workers are lost, so each chunk is still drawn at its share.
 
     `decode="gpu"` (recipe key data.decode): the workers draw the crops and flips and leave the JPEG
     decode to `device` (default cuda; DataError in one line without CUDA), see gpu_decode: the
@@ -333,6 +336,11 @@ def make_train_loader(
     chunk_ids = rank_chunk_ids(manifest, index, rank)
     sizes = sub_batch_sizes([c["fraction"] for c in r["chunks"]], [len(i) for i in chunk_ids], base_batch * k,
                             policy)
+    if chunk_scale is not None:
+        if len(chunk_scale) != len(sizes) or any(not f > 0 for f in chunk_scale):
+            raise DataError(f"chunk_scale {chunk_scale} must hold one factor > 0 per chunk of worker {rank} "
+                            f"({len(sizes)})")
+        sizes = [max(1, round(b * f)) if b else 0 for b, f in zip(sizes, chunk_scale)]
     epoch_steps = steps_per_epoch(manifest, base_batch * k)
     keep = [i for i, b in enumerate(sizes) if b > 0]  # split policy with a tiny batch can give 0
     kept = [sizes[i] for i in keep]

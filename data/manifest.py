@@ -73,6 +73,27 @@ def live_coverage(manifest: dict, index: dict, live_ranks: list[int] | set[int] 
     return len(np.unique(np.concatenate(held))) / index["splits"]["train"]["samples"]
 
 
+def chunk_draw_scales(manifest: dict, live: list[int] | set[int] | frozenset[int]) -> dict[int, list[float]]:
+    """Held and drawn: per live worker, one factor per chunk it holds (manifest order) by which it scales
+    its sub-batch of that chunk, so that every chunk a live worker still holds is drawn at its full share
+    of a step (the sum of all p workers' fractions of it), however many of its holders are lost.
+
+    With every worker live all factors are 1. At p=4, mu=0.5 every chunk is held in full by 3 workers
+    (cyclic); after worker 3 is lost chunk 2 keeps its 3 holders and chunks 0, 1 and 3 have 2 each: 3/9
+    of a step against 2/9 (a class skew on label-sorted data). With the factors the holders of chunks 0,
+    1 and 3 draw 1.5x of them, and every chunk is again a quarter of the step. The survivors' batches
+    grow by what the lost worker drew. A chunk no live worker holds is not drawn at all (its data is
+    lost: the coverage says so)."""
+    full: dict[int, float] = {}
+    held: dict[int, float] = {}
+    for w, r in enumerate(manifest["ranks"]):
+        for c in r["chunks"]:
+            full[c["chunk"]] = full.get(c["chunk"], 0.0) + c["fraction"]
+            if w in live:
+                held[c["chunk"]] = held.get(c["chunk"], 0.0) + c["fraction"]
+    return {w: [full[c["chunk"]] / held[c["chunk"]] for c in manifest["ranks"][w]["chunks"]] for w in sorted(live)}
+
+
 def _shards_of(ids: np.ndarray, starts: np.ndarray, names: list[str]) -> list[str]:
     pos = np.unique(np.searchsorted(starts, ids, side="right") - 1)
     return [names[i] for i in pos]

@@ -384,9 +384,10 @@ class RISGDController:
         self.averaging.reducer.cross = self.live
         q = self._quorum()
         deadline = time.perf_counter() + cfg.floor_wait_s
-        # a fresh start (every node at step 0) waits for all the nodes, or for the floor at most floor_wait_s:
-        # the lighthouse forms a quorum of whichever nodes already run, and the later ones would all be healed
-        while (not q.healing and self.steps == 0 and len(q.members) < workers
+        # a start (a fresh one, or the whole run resumed from a checkpoint) waits for all the nodes, or for the
+        # floor at most floor_wait_s: the lighthouse forms a quorum of whichever nodes already run, and the later
+        # ones would all be healed. A node behind live ones is healed at once (the run is going on without it).
+        while (not q.healing and len(q.members) < workers
                and (time.perf_counter() < deadline or live_nodes_below(self.live, q))):
             if time.perf_counter() > deadline:
                 raise BelowFloor(f"below the floor at the start for floor_wait_s={cfg.floor_wait_s:g} s: "

@@ -16,6 +16,7 @@ from risgd_data.index import load_index, split_arrays
 from risgd_data.manifest import (
     build_manifest,
     check_manifest,
+    chunk_draw_scales,
     load_manifest,
     rank_chunk_ids,
     steps_per_epoch,
@@ -347,3 +348,34 @@ def test_failed_write_keeps_old_manifest_and_leaves_no_temp(index, tmp_path):
     with pytest.raises(Exception, match="represent"):
         write_manifest(bad, str(path))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.yaml"]
+
+
+def test_a_lost_workers_chunks_are_still_drawn_at_their_share(index, digits_dir):
+    """Held and drawn (live recovery): after worker 3 of p=4, mu=0.5 is lost, each chunk a live worker holds
+    is drawn at its full share of a step again (the issue's skew: 3/9 of the step for some chunks against
+    2/9 for others is gone); with every worker live nothing changes; the loader takes the factors."""
+    from risgd_data.loader import make_train_loader
+
+    m = build_manifest(index, 4, 0.5, partition="label_sorted", seed=0)
+    assert all(f == 1.0 for fs in chunk_draw_scales(m, set(range(4))).values() for f in fs)
+
+    def drawn(live, scales):
+        out = {}
+        for w in live:
+            for c, f in zip(m["ranks"][w]["chunks"], scales[w]):
+                out[c["chunk"]] = out.get(c["chunk"], 0.0) + c["fraction"] * f
+        return out
+
+    full = drawn(range(4), chunk_draw_scales(m, set(range(4))))
+    plain = drawn({0, 1, 2}, {w: [1.0] * len(m["ranks"][w]["chunks"]) for w in range(3)})
+    assert len(set(plain.values())) > 1  # without the factors the chunks are drawn unequally
+    scaled = drawn({0, 1, 2}, chunk_draw_scales(m, {0, 1, 2}))
+    assert scaled == pytest.approx(full) and len(set(round(v, 9) for v in scaled.values())) == 1
+    scales = chunk_draw_scales(m, {0, 1, 2})
+    base = make_train_loader(m, digits_dir, 2, base_batch=16, num_workers=0)
+    more = make_train_loader(m, digits_dir, 2, base_batch=16, num_workers=0, chunk_scale=scales[2])
+    assert more.sub_batch_sizes == [max(1, round(b * f)) for b, f in zip(base.sub_batch_sizes, scales[2])]
+    assert more.batch_size > base.batch_size
+    with pytest.raises(DataError, match="one factor > 0 per chunk"):
+        make_train_loader(m, digits_dir, 2, base_batch=16, num_workers=0, chunk_scale=[1.0])
+

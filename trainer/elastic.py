@@ -196,6 +196,8 @@ class LiveRecord:
         self.recording = False
         self.events: list[dict] = []
         self._first: dict | None = None
+        self._drawn_for: frozenset | None = None  # the nodes the loader's draw was scaled for
+        self.redraw = False
         self._coverage: dict[frozenset, float] = {}
 
     def coverage(self, members) -> float:
@@ -212,6 +214,16 @@ class LiveRecord:
 
     def members(self, ctl) -> frozenset:
         return frozenset(ctl._members or {self.worker})
+
+    def draw_scales(self, ctl) -> list[float] | None:
+        """This node's factor per chunk it holds, for the nodes live now (None: all are, nothing to scale)."""
+        from risgd_data.manifest import chunk_draw_scales
+
+        members = self.members(ctl)
+        self._drawn_for = members
+        if len(members) == self.workers:
+            return None
+        return chunk_draw_scales(self.manifest, members)[self.worker]
 
     def started(self, ctl, start: int) -> None:
         self.start, self.recording = start, self.worker == min(self.members(ctl))
@@ -252,6 +264,7 @@ class LiveRecord:
                                 "failed_attempts": e.failed_attempts, "failed_seconds": e.attempt_seconds,
                                 "steps_redone": 0})
             tracker.log(self.events[-1])
+        self.redraw = self._drawn_for is not None and self.members(ctl) != self._drawn_for
         recording = self.worker == min(self.members(ctl))
         if recording and not self.recording:
             tracker = RunTracker(self.run.run_dir, self.run.cfg, active=rank == 0, resume_step=step)

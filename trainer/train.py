@@ -467,10 +467,13 @@ def train(run: Run) -> None:
     cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
     transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
     def train_loader(first: int):
+        # live: each chunk drawn at its share of a step by whichever nodes hold it now (held and drawn)
+        scale = live.draw_scales(engine.risgd) if live is not None else None
         return make_train_loader(manifest, shard_dir, worker, data["base_batch"], policy=data["batch_policy"],
                                  transform=transform, seed=cfg["seed"], start_step=first,
                                  num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
-                                 decode=data["decode"], device=device)  # gpu: batches come decoded on the device
+                                 decode=data["decode"], device=device,  # gpu: batches come decoded on the device
+                                 chunk_scale=scale)
 
     loader = train_loader(start)
     if start == 0:  # said once, at the start of a run (a resumed run said it then)
@@ -527,6 +530,10 @@ def train(run: Run) -> None:
                 bar.reset(total=total_steps)
                 bar.update(step)
             tracker = live.after_step(engine.risgd, step, tracker, rank)
+            if live.redraw:  # the live nodes changed: the chunks they hold are drawn at their shares again
+                loader = train_loader(step)
+                batches, skipped_seen = iter(loader), loader.samples_skipped
+                live.redraw = False
         # Log and evaluate only where every rank holds the averaged model: the first average at or
         # after each eval_every multiple, and the last step (which the config made an average).
         due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
