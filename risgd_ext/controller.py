@@ -457,7 +457,9 @@ class RISGDController:
             reports = []
             try:
                 reports.append(r.start())
-                if background and not join:  # waited for at its step (_apply_pending), where a failure is retried
+                # waited for at its step (_apply_pending), where a failure is retried; a joiner, or a node
+                # healed here, waits at once (the live state it takes is the peers' at this quorum)
+                if background and not join and not q.healing:
                     self.in_flight = r
                     self._account(reports[0])
                     return
