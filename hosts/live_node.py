@@ -86,11 +86,11 @@ def _rank(local: int, args: argparse.Namespace) -> None:
             log.write(json.dumps({"t": time.time(), "worker": args.worker, **record}) + "\n")
             log.flush()
 
-    if args.freeze_at_round >= 0 and local == 0:
-        _freeze_in_round(ctl, args.freeze_at_round, write)
     try:
         write(event="started")
         healed = ctl.go_live(args.worker, args.workers)
+        if args.freeze_at_round >= 0 and local == 0:
+            _freeze_in_round(ctl, args.freeze_at_round, write)
         start = ctl.take_healed() if healed else 0
         write(event="live", step=start, healed=healed, digest=_digest(engine.module) if healed else None)
         step = start
@@ -129,30 +129,16 @@ def _freeze_in_round(ctl, round_index: int, write) -> None:
     """SIGSTOP this node's process group at its first cross-node collective of round ``round_index``."""
     import signal
 
-    go_live = ctl.go_live
+    def frozen(original):
+        def op(*args, **kw):
+            if ctl.rounds == round_index:
+                write(event="freeze", round=round_index)
+                os.killpg(os.getpgid(0), signal.SIGSTOP)
+            return original(*args, **kw)
+        return op
 
-    def wrapped(*a, **kw):
-        result_holder = {}
-        original_quorum = ctl._quorum
-
-        def quorum():
-            q = original_quorum()
-            live = ctl.live
-            if not result_holder:
-                for name in ("all_reduce", "all_to_all_single"):
-                    result_holder[name] = getattr(live, name)
-
-                    def op(*args, _name=name, **kw):
-                        if ctl.rounds == round_index:
-                            write(event="freeze", round=round_index)
-                            os.killpg(os.getpgid(0), signal.SIGSTOP)
-                        return result_holder[_name](*args, **kw)
-                    setattr(live, name, op)
-            return q
-        ctl._quorum = quorum
-        return go_live(*a, **kw)
-
-    ctl.go_live = wrapped
+    for name in ("all_reduce", "all_to_all_single"):
+        setattr(ctl.live, name, frozen(getattr(ctl.live, name)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,10 +60,6 @@ _COUNTERS_2 = ("intra_bytes", "intra_comm_seconds", "intra_collectives", "inter_
                "comm_wait_seconds", "view_wait_seconds")
 
 
-def live_nodes_below(live: LiveNodes, q: Quorum) -> str | None:
-    return live.below_floor(q.members)
-
-
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # controllers of this process, for the end-of-run check
 
 
@@ -374,7 +370,7 @@ class RISGDController:
             raise ValueError(f"risgd.failures name node(s) {bad or 'more than exist'} of the {workers} workers")
         self.identity, self.total_workers = worker, workers
         store = (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
-        self.live = LiveNodes(worker, workers, self.layout.local_of(self.rank), self.node_size, store,
+        self.live = LiveNodes(worker, self.layout.local_of(self.rank), self.node_size, store,
                               cfg.op_timeout_s, cfg.quorum_timeout_s, cfg.min_nodes, cfg.floor_wait_s, lighthouse,
                               accept)
         self.live.register_state("risgd", self._load_live_state, self._live_state)
@@ -388,10 +384,10 @@ class RISGDController:
         # floor at most floor_wait_s: the lighthouse forms a quorum of whichever nodes already run, and the later
         # ones would all be healed. A node behind live ones is healed at once (the run is going on without it).
         while (not q.healing and len(q.members) < workers
-               and (time.perf_counter() < deadline or live_nodes_below(self.live, q))):
+               and (time.perf_counter() < deadline or self.live.below_floor(q.members))):
             if time.perf_counter() > deadline:
                 raise BelowFloor(f"below the floor at the start for floor_wait_s={cfg.floor_wait_s:g} s: "
-                                 f"{live_nodes_below(self.live, q)}")
+                                 f"{self.live.below_floor(q.members)}")
             time.sleep(0.1)
             q = self._quorum()
         if not q.healing:
@@ -404,7 +400,7 @@ class RISGDController:
         self._round_done(self.live_of_round(self.rounds, self._members), t0)
         return True
 
-    def _live_state(self) -> dict[str, Any]:  # noqa: D401
+    def _live_state(self) -> dict[str, Any]:
         """What a joiner receives from the live peer of its place (in torchft's quorum thread, while
         this rank waits for the quorum: nothing changes it meanwhile)."""
         state = self.state_dict()

@@ -138,15 +138,17 @@ class FlatModel:
             anchor.copy_(flat.params)
 
     @torch.no_grad()
-    def displace(self, out: list[torch.Tensor] | None = None) -> None:
-        """``d = x - a`` over the parameters (in place, or into ``out``) and ``||d||²`` into the slot."""
+    def displace(self, out: list[torch.Tensor] | None = None, src: list[torch.Tensor] | None = None) -> None:
+        """``d = x - a`` over the parameters (in place, or into ``out``) and ``||d||²`` into the slot;
+        ``src``: buffers laid out as the model's to take ``x`` from instead of the model (with ``out``)."""
         my_sq = None
         for i, (f, a) in enumerate(zip(self.flats, self.anchors)):
             if f.num_param_elems:
                 if out is None:
                     d = f.params.sub_(a)  # the displacement from the last average, in place
                 else:
-                    d = torch.sub(f.params, a, out=out[i][: f.num_param_elems])
+                    x = f.params if src is None else src[i][: f.num_param_elems]
+                    d = torch.sub(x, a, out=out[i][: f.num_param_elems])
                 sq = sq_norm(d).to(self.slot.dtype)
                 my_sq = sq if my_sq is None else my_sq + sq.to(my_sq.device)
         slot = self.slot if out is None else out[0][-1:]

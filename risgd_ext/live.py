@@ -131,7 +131,6 @@ class LiveNodes:
     TCPStore (host, port), which the other nodes reach to rendezvous the cross-node group."""
 
     worker: int
-    workers: int
     local: int
     node_size: int
     store: tuple[str, int]

@@ -36,7 +36,7 @@ import torch
 from risgd_common.layout import Layout
 
 from .codec import Codec
-from .flat import FlatModel, sq_norm
+from .flat import FlatModel
 from .reduce import Reducer, Traffic
 
 
@@ -97,22 +97,14 @@ class Displacement:
             for s in out:
                 s.zero_()
             return
-        src = src if src is not None else model.buffers
-        for s, b, f in zip(out, src, model.flats):
+        xs = src if src is not None else model.buffers
+        for s, b, f in zip(out, xs, model.flats):
             s[f.num_param_elems:].copy_(b[f.num_param_elems:])  # buffers (and slot) as they are
-        for s, b, f, a in zip(out, src, model.flats, model.anchors):
-            torch.sub(b[: f.num_param_elems], a, out=s[: f.num_param_elems])
-        if measure:  # ||d||² as FlatModel.displace sums it (the slot's dtype, flat by flat)
-            my_sq = None
-            for s, f in zip(out, model.flats):
-                if f.num_param_elems:
-                    sq = sq_norm(s[: f.num_param_elems]).to(model.slot.dtype)
-                    my_sq = sq if my_sq is None else my_sq + sq.to(my_sq.device)
-            if my_sq is None:
-                out[0][-1:].zero_()
-            else:
-                out[0][-1:].copy_(my_sq)
+        if measure:
+            model.displace(out=out, src=src)
         else:
+            for s, b, f, a in zip(out, xs, model.flats, model.anchors):
+                torch.sub(b[: f.num_param_elems], a, out=s[: f.num_param_elems])
             out[0][-1:].zero_()
 
 

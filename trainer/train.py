@@ -553,15 +553,14 @@ def train(run: Run) -> None:
             best = max(best, metrics["test_acc"])
             progress.update(best=best, last_eval=step)
             if rank == 0:
-                if membership is not None:
-                    holders = frozenset(membership.workers)
-                elif live is not None:
-                    holders = live.members(engine.risgd)
+                if live is not None:
+                    metrics["data_coverage"] = live.coverage(live.members(engine.risgd))
                 else:
-                    holders = frozenset(range(run.workers)) - set(stats["down_workers"])
-                if holders not in coverage:
-                    coverage[holders] = live_coverage(manifest, index, holders)
-                metrics["data_coverage"] = coverage[holders]  # of the training set, by the live ranks
+                    holders = (frozenset(membership.workers) if membership is not None
+                               else frozenset(range(run.workers)) - set(stats["down_workers"]))
+                    if holders not in coverage:
+                        coverage[holders] = live_coverage(manifest, index, holders)
+                    metrics["data_coverage"] = coverage[holders]  # of the training set, by the live ranks
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
             tracker.log(metrics)
             last, last_eval = metrics, step
