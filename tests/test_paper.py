@@ -301,12 +301,15 @@ def constructed_runs(grid, holds: bool, noisy_diversity: bool = False) -> dict[s
                 div *= 2.0
         rounds = s.steps if s.algorithm == "sync" else s.steps // s.tau
         n = 4
+        # RI-SGD climbs faster where the claims hold: it reaches SyncSGD's level early enough to be way sooner
+        # also where a round costs about a step's compute (the paper's regime), not only at 1 Gbit/s
+        climb = 5.0 if holds and s.algorithm == "risgd" else 30.0
         round_bytes = 1e6  # every round moves the model: SyncSGD's tau-fold rounds cost it time at 1 Gbit/s
         loss = 0.25 if s.algorithm == "sync" else 0.25 * 10 ** (-sign * 0.2)
         metrics = [{"step": s.steps * (k + 1) // n, "comm_rounds": rounds * (k + 1) // n,
                     "comm_bytes": round_bytes * (rounds * (k + 1) // n),
                     "round": rounds * (k + 1) // n, "wall_seconds": 1.0 + k, "train_loss": loss * 4 / (k + 1),
-                    "test_acc": final - 30.0 * (n - 1 - k) / n + jitter, "divergence": div} for k in range(n)]
+                    "test_acc": final - climb * (n - 1 - k) / n + jitter, "divergence": div} for k in range(n)]
         summary = {"algorithm": s.algorithm, "tau": s.tau, "mu": s.mu, "world_size": grid.ranks, "steps": s.steps,
                    "comm_rounds": rounds, "comm_bytes": round_bytes * rounds, "comm_seconds": 0.1,
                    "compute_seconds": 1e-4 * s.steps, "wall_seconds": 4.0,

@@ -69,6 +69,8 @@ def setting_run_name(setting: Any, seed: int) -> str:
         tags.append(f"down{'-'.join(map(str, s.down))}r{s.fail_round}")
     if getattr(s, "node_size", 1) > 1:
         tags.append(f"node{s.node_size}")
+    if getattr(s, "ranks", 0):  # trained in a launch of its own world size, not the grid's
+        tags.append(f"r{s.ranks}")
     head = PARTITION_TAGS.get(s.partition, s.partition.replace(":", ""))
     return _name(head, s.algorithm, tags, seed)
 

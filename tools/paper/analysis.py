@@ -34,13 +34,15 @@ class Analysis:
 
 
 class Context:
-    """The grid and its finished runs (``compare.load_run`` dicts) by run name."""
+    """The grid and its finished runs (``compare.load_run`` dicts) by run name; ``draw``: write the plots
+    (False: the verdicts only, e.g. between the sequential rule's stages)."""
 
-    def __init__(self, grid: Grid, runs: dict[str, dict], out_dir: str):
-        self.grid, self.runs, self.out_dir = grid, runs, out_dir
+    def __init__(self, grid: Grid, runs: dict[str, dict], out_dir: str, draw: bool = True):
+        self.grid, self.runs, self.out_dir, self.draw = grid, runs, out_dir, draw
 
     def of(self, setting: Setting, seeds) -> dict[int, dict]:
-        return {seed: self.runs[setting.run_name(seed)] for seed in seeds}
+        """The runs of ``setting`` at ``seeds`` and at the seeds the sequential rule added to it, by seed."""
+        return {seed: self.runs[setting.run_name(seed)] for seed in self.grid.with_seeds(setting, seeds)}
 
     def values(self, setting: Setting, seeds, fn: Callable[[dict], float]) -> dict[int, float]:
         return {seed: fn(run) for seed, run in self.of(setting, seeds).items()}
@@ -69,7 +71,7 @@ def setting_numbers(ctx: Context, setting: Setting, seeds) -> dict:
     """The summary numbers of one setting over its seeds."""
     runs = ctx.of(setting, seeds)
     s = {seed: r["summary"] for seed, r in runs.items()}
-    return {"label": setting.label(), "run_names": [setting.run_name(seed) for seed in seeds],
+    return {"label": setting.label(), "run_names": [setting.run_name(seed) for seed in runs],
             "per_rank_batch": setting.per_rank_batch(ctx.grid.ranks),
             **{key: spread({seed: v.get(key) for seed, v in s.items()})
                for key in ("final_test_acc", "best_test_acc", "final_train_loss", "comm_rounds", "comm_seconds",

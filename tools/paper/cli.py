@@ -35,6 +35,7 @@ import shlex
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 
 from risgd_data.errors import DataError
 from risgd_recipes.bundled import bundled_recipe
@@ -43,12 +44,16 @@ from risgd_trainer.run_config import RecipeError, load_recipe, resolve_run
 from .. import compare
 from ..launch import ROOT, launch
 from . import engine_stamp as stamp
-from .grid import GRID_KEYS, GRIDS, Grid, GridError, Setting, make_grid
+from . import verdict as V
+from .grid import GRID_KEYS, GRIDS, WIDE_P, Grid, GridError, Setting, make_grid
 
 DEFAULT_RECIPE = "recipes/digits.yaml"
 # Seconds on this 2-core machine for digits (ResNet-8) with 4 CPU ranks, measured on the demo's runs;
 # a grid with finished runs rescales them by measured / predicted.
 LAUNCH_S, RUN_SETUP_S, STEP_S, SAMPLE_S, ALLREDUCE_S, EVAL_S = 40.0, 1.0, 0.008, 0.00045, 0.012, 0.3
+# Runs the sequential rule may add to the full grid by default (about 33 s each here): what keeps `make
+# paper` within 90 min on 2 cores with the grid's 3 seeds and the 8-rank launch of p = 8.
+EXTRA_RUNS = 30
 
 
 class BadInput(Exception):
@@ -76,6 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="iterations per run (default: the recipe's for full, a fifth for quick, 20 for test); "
                         "a multiple of every tau of the sweep")
+    p.add_argument("--extra-runs", type=int, default=None,
+                   help=f"the most runs the sequential rule may add for inconclusive checks (seeds "
+                        f"{' -> '.join(map(str, V.LOOKS))}, the verdict module's rule; default {EXTRA_RUNS} for the "
+                        "full grid, 0 for quick and test; 0 turns it off)")
+    p.add_argument("--max-ranks", type=int, default=WIDE_P,
+                   help=f"the largest launch the grid may use (default {WIDE_P}: the number-of-workers experiment's "
+                        f"p={WIDE_P} gets a launch of {WIDE_P} ranks; below {WIDE_P} it is left out)")
     p.add_argument("--runs-dir", default=None, help="where the runs go (default runs/paper/NAME-GRID-pRANKS)")
     p.add_argument("--out", default=None,
                    help="where paper.md, paper.json and the PNGs go (default reports/; reports/NAME/ for a recipe "
@@ -107,6 +119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                            "--runs-dir or --grid instead, or run train.py yourself")
     if args.ranks is not None and args.ranks < 2:
         raise BadInput(f"--ranks {args.ranks} is invalid: the paper's comparisons need at least 2 ranks")
+    if args.extra_runs is not None and args.extra_runs < 0:
+        raise BadInput(f"--extra-runs {args.extra_runs} is invalid: use 0 (off) or a positive number of runs")
+    if args.max_ranks < 2:
+        raise BadInput(f"--max-ranks {args.max_ranks} is invalid: use at least 2")
     if args.steps is not None and args.steps < 1:
         raise BadInput(f"--steps {args.steps} is invalid: use a positive number of iterations")
     return args
@@ -116,7 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def predicted_seconds(setting: Setting, grid: Grid) -> float:
     """A run's wall-clock by the digits constants above (rescaled by finished runs, see estimate)."""
-    per_step = STEP_S + SAMPLE_S * setting.per_rank_batch(grid.ranks) * grid.ranks / 4
+    world = setting.world(grid.ranks)  # 4 ranks share the 2 cores the constants were measured on
+    per_step = STEP_S * max(1.0, world / 4) + SAMPLE_S * setting.per_rank_batch(grid.ranks) * world / 4
     rounds = setting.steps if setting.algorithm == "sync" else setting.steps // setting.tau
     if setting.node_size > 1:  # a node's ranks all-reduce their gradients every step
         rounds += setting.steps
@@ -157,8 +174,11 @@ def print_plan(grid: Grid, pending: list[tuple[Setting, int]], finished: dict[st
               f"{status:<8} {', '.join(dict.fromkeys(uses[name]))}")
     seconds, how = estimate(grid, pending, finished, dataset)
     est = "unknown" if seconds is None else f"{seconds / 60:.1f} min"
-    print(f"\n{len(grid.runs())} runs ({len(pending)} pending) on {grid.ranks} ranks in one launch; "
-          f"estimated {est} ({how})")
+    worlds = sorted({s.world(grid.ranks) for s, _ in grid.runs()}, key=lambda r: (r != grid.ranks, r))
+    where = (f"on {grid.ranks} ranks in one launch" if len(worlds) == 1 else
+             "in one launch per world size: " + ", ".join(
+                 f"{sum(s.world(grid.ranks) == r for s, _ in grid.runs())} on {r} ranks" for r in worlds))
+    print(f"\n{len(grid.runs())} runs ({len(pending)} pending) {where}; estimated {est} ({how})")
     if stale:
         print(f"{len(stale)} finished run(s) trained by another engine or without an engine stamp (stale): "
               + ("re-trained by --retrain-stale (counted as pending)" if retrain
@@ -184,6 +204,89 @@ class Progress(threading.Thread):
 
 # -- the command ------------------------------------------------------------------------------------
 
+@dataclass
+class _State:
+    """What the grid's runs are on disk: finished (summaries), pending, stale, directories by run name."""
+
+    finished: dict
+    pending: list
+    stale: dict
+    dirs: dict
+
+
+def _survey(grid: Grid, recipe: str, common: list[str], engine: dict, retrain_stale: bool) -> _State:
+    """Every planned run checked (and its directory compared) before any launch."""
+    st = _State({}, [], {}, {})
+    for setting, seed in grid.runs():
+        ranks = setting.world(grid.ranks)
+        run = resolve_run(recipe, [*common, *setting.overrides(seed)], ranks)
+        name = setting.run_name(seed)
+        st.dirs[name] = run.run_dir
+        if not run.finished:
+            st.pending.append((setting, seed))
+            continue
+        reason = stamp.stale_reason(stamp.read(run.run_dir), engine)
+        if reason:
+            st.stale[name] = reason
+        if reason and retrain_stale:
+            st.pending.append((setting, seed))
+            continue
+        with open(os.path.join(run.run_dir, "summary.json")) as f:
+            st.finished[name] = json.load(f)
+        if st.finished[name].get("world_size") != ranks:
+            raise BadInput(f"{run.run_dir} was trained on {st.finished[name].get('world_size')} ranks, not {ranks}: "
+                           "pick another --runs-dir")
+    return st
+
+
+def _train(grid: Grid, st: _State, recipe: str, common: list[str], runs_dir: str, engine: dict, dataset: str,
+           what: str) -> int:
+    """Train the pending runs: one launch per world size (the grid's first). Returns the launches made."""
+    os.makedirs(runs_dir, exist_ok=True)
+    moved = {}
+    for s, seed in st.pending:
+        name = s.run_name(seed)
+        if name in st.stale:  # --retrain-stale: kept, out of the way
+            moved[name] = f"{st.dirs[name]}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(st.dirs[name], moved[name])
+        stamp.append(st.dirs[name], engine)  # before the launch: a run cut short keeps its engine's stamp
+    if moved:
+        first = _shown(next(iter(moved.values())))
+        print(f"[paper] {len(moved)} stale run(s) moved aside to re-train them (e.g. {first})", flush=True)
+    worlds = sorted({s.world(grid.ranks) for s, _ in st.pending}, key=lambda r: (r != grid.ranks, r))
+    launches = 0
+    for ranks in worlds:
+        batch = [(s, seed) for s, seed in st.pending if s.world(grid.ranks) == ranks]
+        log = os.path.join(runs_dir, "paper.log" if ranks == grid.ranks else f"paper-r{ranks}.log")
+        seconds, how = estimate(grid, batch, st.finished, dataset)
+        est = "" if seconds is None else f", estimated {seconds / 60:.0f} min ({how})"
+        print(f"[paper] {what}: {len(batch)} run(s) to train, {ranks} ranks, one launch{est}; log: {log}", flush=True)
+        progress = Progress([os.path.join(runs_dir, s.run_name(seed)) for s, seed in batch])
+        progress.start()
+        try:  # one launch, one process group for every pending run of this world size
+            launch(recipe, ranks, common, log, plan=[s.overrides(seed) for s, seed in batch])
+        finally:
+            progress.stop.set()
+            progress.join()
+            try:  # the engine changed while the launch ran: its runs say so too
+                after = stamp.current()
+                if not stamp.same(after, engine):
+                    for s, seed in batch:
+                        stamp.append(st.dirs[s.run_name(seed)], after)
+            except OSError:
+                pass
+        launches += 1
+    return launches
+
+
+def _load(grid: Grid, runs_dir: str) -> dict[str, dict]:
+    """The grid's finished runs (``compare.load_run``) with their engine stamps, by run name."""
+    runs = {s.run_name(seed): compare.load_run(os.path.join(runs_dir, s.run_name(seed))) for s, seed in grid.runs()}
+    for run in runs.values():
+        run["engine"] = stamp.read(run["dir"])
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     started = time.perf_counter()
@@ -195,97 +298,78 @@ def main(argv: list[str] | None = None) -> int:
         recipe = os.path.abspath(recipe)
         cfg = load_recipe(recipe, args.overrides)
         ranks = args.ranks or (2 if args.grid == "test" else 4)
-        grid = make_grid(args.grid, cfg, ranks, steps=args.steps, seeds=tuple(args.seeds) if args.seeds else None)
+        grid = make_grid(args.grid, cfg, ranks, steps=args.steps, seeds=tuple(args.seeds) if args.seeds else None,
+                         max_ranks=args.max_ranks)
         runs_dir = os.path.abspath(args.runs_dir or os.path.join("runs", "paper",
                                                                  f"{cfg['name']}-{grid.name}-p{ranks}"))
         out = args.out or ("reports" if cfg["data"]["dataset"] == "digits" else os.path.join("reports", cfg["name"]))
         common = [f"runs_dir={runs_dir}", f"eval_every={grid.eval_every}", "wandb.enabled=false",
                   f"wandb.group=paper-{cfg['name']}", *args.overrides]  # the user's overrides win
-        planned = grid.runs()
+        extra_runs = args.extra_runs if args.extra_runs is not None else (EXTRA_RUNS if grid.name == "full" else 0)
         try:
             engine = stamp.current()
         except OSError as e:
             raise BadInput(f"cannot stamp the engine: {e}") from None
-        finished, pending, stale, dirs = {}, [], {}, {}
-        for setting, seed in planned:  # every run checked (and its directory compared) before any launch
-            run = resolve_run(recipe, [*common, *setting.overrides(seed)], ranks)
-            dirs[setting.run_name(seed)] = run.run_dir
-            if run.finished:
-                reason = stamp.stale_reason(stamp.read(run.run_dir), engine)
-                if reason:
-                    stale[setting.run_name(seed)] = reason
-                if reason and args.retrain_stale:
-                    pending.append((setting, seed))
-                    continue
-                with open(os.path.join(run.run_dir, "summary.json")) as f:
-                    finished[setting.run_name(seed)] = json.load(f)
-                if finished[setting.run_name(seed)].get("world_size") != ranks:
-                    raise BadInput(f"{run.run_dir} was trained on {finished[setting.run_name(seed)].get('world_size')}"
-                                   f" ranks, not {ranks}: pick another --runs-dir")
-            else:
-                pending.append((setting, seed))
+        st = _survey(grid, recipe, common, engine, args.retrain_stale)
+    except (BadInput, RecipeError, GridError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dataset = cfg["data"]["dataset"]
+
+    if args.plan_only:
+        print_plan(grid, st.pending, st.finished, dataset, st.stale, args.retrain_stale)
+        print(f"then up to {extra_runs} more run(s) where a check is inconclusive (the sequential rule: seeds "
+              f"{' -> '.join(map(str, V.LOOKS))}; --extra-runs)")
+        return 0
+    if args.report_only and st.pending:
+        name = st.pending[0][0].run_name(st.pending[0][1])
+        print(f"error: {len(st.pending)} of {len(grid.runs())} runs are not finished (e.g. "
+              f"{os.path.join(runs_dir, name)}): run the command without --report-only to train them", file=sys.stderr)
+        return 2
+
+    from . import report, sequential
+
+    trained, launches, base_runs = len(st.pending), 0, len(grid.runs())
+    try:
+        if st.pending:
+            launches += _train(grid, st, recipe, common, runs_dir, engine, dataset, "the grid")
+        else:
+            print(f"[paper] all {base_runs} runs of the grid are finished: no launch", flush=True)
+        # the sequential rule: more seeds for the checks they can decide, look by look, within --extra-runs
+        spent, stage = 0, 0
+        while spent < extra_runs:
+            analyses = report.analyse(grid, _load(grid, runs_dir), out, draw=False)
+            steps, more = sequential.more_seeds(grid, analyses, extra_runs - spent)
+            if not more:
+                break
+            wider = replace(grid, extra=grid.extra + tuple(more))
+            st = _survey(wider, recipe, common, engine, args.retrain_stale)
+            if st.pending and args.report_only:  # rebuild from what finished; train nothing
+                print(f"[paper] --report-only: the sequential rule's next {len(more)} run(s) are not all finished: "
+                      "the report stops at the look before", flush=True)
+                break
+            stage += 1
+            grid, spent = wider, spent + len(more)
+            looks = ", ".join(f"{st_.check[:60]}... {st_.seeds} -> {st_.look}" for st_ in steps[:3])
+            print(f"[paper] sequential rule, stage {stage}: {len(steps)} inconclusive check(s) to their next look "
+                  f"({looks}{', ...' if len(steps) > 3 else ''}); {len(more)} run(s)", flush=True)
+            if st.pending:
+                trained += len(st.pending)
+                launches += _train(grid, st, recipe, common, runs_dir, engine, dataset, f"sequential stage {stage}")
+    except KeyboardInterrupt:
+        print("[paper] interrupted: the finished runs are kept; the same command resumes", file=sys.stderr)
+        return 130
     except (BadInput, RecipeError, GridError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    if args.plan_only:
-        print_plan(grid, pending, finished, cfg["data"]["dataset"], stale, args.retrain_stale)
-        return 0
-    if args.report_only and pending:
-        print(f"error: {len(pending)} of {len(planned)} runs are not finished (e.g. "
-              f"{os.path.join(runs_dir, pending[0][0].run_name(pending[0][1]))}): run the command without "
-              "--report-only to train them", file=sys.stderr)
-        return 2
-
-    launches = 0
-    if pending:
-        os.makedirs(runs_dir, exist_ok=True)
-        moved = {}
-        for s, seed in pending:
-            name = s.run_name(seed)
-            if name in stale:  # --retrain-stale: kept, out of the way
-                moved[name] = f"{dirs[name]}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-                os.rename(dirs[name], moved[name])
-            stamp.append(dirs[name], engine)  # before the launch: a run cut short keeps its engine's stamp
-        if moved:
-            first = _shown(next(iter(moved.values())))
-            print(f"[paper] {len(moved)} stale run(s) moved aside to re-train them (e.g. {first})", flush=True)
-        log = os.path.join(runs_dir, "paper.log")
-        seconds, how = estimate(grid, pending, finished, cfg["data"]["dataset"])
-        est = "" if seconds is None else f", estimated {seconds / 60:.0f} min ({how})"
-        print(f"[paper] {len(pending)} of {len(planned)} runs to train, {ranks} ranks, one launch{est}; "
-              f"log: {log}", flush=True)
-        progress = Progress([os.path.join(runs_dir, s.run_name(seed)) for s, seed in pending])
-        progress.start()
-        try:  # one launch, one process group for every pending run
-            launch(recipe, ranks, common, log, plan=[s.overrides(seed) for s, seed in pending])
-        except KeyboardInterrupt:
-            print("[paper] interrupted: the finished runs are kept; the same command resumes", file=sys.stderr)
-            return 130
-        finally:
-            progress.stop.set()
-            progress.join()
-            try:  # the engine changed while the launch ran: its runs say so too
-                after = stamp.current()
-                if not stamp.same(after, engine):
-                    for s, seed in pending:
-                        stamp.append(dirs[s.run_name(seed)], after)
-            except OSError:
-                pass
-        launches = 1
-    else:
-        print(f"[paper] all {len(planned)} runs are finished: no launch; rebuilding the report", flush=True)
-
-    from . import report
-
     try:
-        runs = {s.run_name(seed): compare.load_run(os.path.join(runs_dir, s.run_name(seed))) for s, seed in planned}
-        for run in runs.values():
-            run["engine"] = stamp.read(run["dir"])
-        index = _index(runs[planned[0][0].run_name(planned[0][1])])
-        timing = {"runs_dir": _shown(runs_dir), "trained": len(pending), "launches": launches,
+        runs = _load(grid, runs_dir)
+        index = _index(runs[grid.runs()[0][0].run_name(grid.runs()[0][1])])
+        timing = {"runs_dir": _shown(runs_dir), "trained": trained, "launches": launches,
                   "seconds": time.perf_counter() - started,
-                  "run_seconds": sum(r["summary"]["wall_seconds"] for r in runs.values())}
+                  "run_seconds": sum(r["summary"]["wall_seconds"] for r in runs.values()),
+                  "grid_runs": base_runs, "extra_runs": len(grid.extra), "extra_budget": extra_runs}
         command = "python -m tools.paper " + " ".join(shlex.quote(a) for a in argv)
         analyses = report.write(grid, cfg, runs, out, command.strip(), index, timing, engine)
     except (OSError, KeyError, ValueError) as e:  # a run record that cannot be read or analysed

@@ -33,7 +33,8 @@ GRID_KEYS = ("algorithm", "mu", "tau", "steps", "epochs", "seed", "run_name", "r
 class Setting:
     """One configuration of train.py; ``down``: ranks that fail from round ``fail_round`` on; ``node_size``:
     ranks per worker (> 1: each node of that many ranks is one worker, its ranks synchronous, so a grid
-    of R ranks has R / node_size workers)."""
+    of R ranks has R / node_size workers); ``ranks``: the world size of its launch where it is not the
+    grid's (0: the grid's)."""
 
     algorithm: str
     mu: float
@@ -46,9 +47,14 @@ class Setting:
     down: tuple[int, ...] = ()
     fail_round: int = 2
     node_size: int = 1
+    ranks: int = 0
+
+    def world(self, grid_ranks: int) -> int:
+        """The world size this setting trains at."""
+        return self.ranks or grid_ranks
 
     def workers(self, ranks: int) -> int:
-        return ranks // self.node_size
+        return self.world(ranks) // self.node_size
 
     def run_name(self, seed: int) -> str:
         return setting_run_name(self, seed)
@@ -110,6 +116,13 @@ class Grid:
     eval_every: int
     hetero_std: float = HETERO_STD
     notes: tuple[str, ...] = field(default=())
+    wide_ranks: int = 0               # a second launch of this many ranks (the number of workers p = 8); 0: none
+    # seeds the sequential rule added (verdict.LOOKS), by setting: (setting, seed) beyond the experiment's seeds
+    extra: tuple[tuple[Setting, int], ...] = ()
+
+    def with_seeds(self, setting: Setting, seeds) -> tuple[int, ...]:
+        """``seeds`` and the seeds the sequential rule added to ``setting``, sorted."""
+        return tuple(sorted(set(seeds) | {seed for s, seed in self.extra if s == setting}))
 
     @property
     def full_mu(self) -> float:
@@ -130,7 +143,8 @@ class Grid:
         return [build(self) for _, build in builders()]
 
     def runs(self) -> list[tuple[Setting, int]]:
-        """Every (setting, seed) once, seed-major: an interrupted grid has every experiment's first seed."""
+        """Every (setting, seed) once, seed-major: an interrupted grid has every experiment's first seed;
+        then the seeds the sequential rule added, in the order it added them."""
         seen, out = set(), []
         seeds = sorted(set(self.seeds_main) | set(self.seeds_other))
         for seed in seeds:
@@ -139,6 +153,10 @@ class Grid:
                     if seed in exp.seeds_of(s) and (s, seed) not in seen:
                         seen.add((s, seed))
                         out.append((s, seed))
+        for run in self.extra:
+            if run not in seen:
+                seen.add(run)
+                out.append(run)
         return out
 
 
@@ -146,10 +164,14 @@ class GridError(ValueError):
     """A grid that cannot run (one line naming the option and the fix)."""
 
 
+WIDE_P = 8  # the number-of-workers experiment's largest p (the paper's 8 GPUs): a launch of its own below 8 ranks
+
+
 def make_grid(name: str, recipe_cfg: dict, ranks: int, steps: int | None = None,
-              seeds: tuple[int, ...] | None = None) -> Grid:
+              seeds: tuple[int, ...] | None = None, max_ranks: int = WIDE_P) -> Grid:
     """The grid ``name`` for a resolved recipe: the paper's grid at the recipe's iterations (full),
-    shorter and one seed (quick), or tiny (test: ~20 steps, for the test suite)."""
+    shorter and one seed (quick), or tiny (test: ~20 steps, for the test suite). Full and quick add a
+    launch of WIDE_P ranks for p = WIDE_P workers when ``ranks`` is below it and ``max_ranks`` allows it."""
     if name not in GRIDS:
         raise GridError(f"--grid {name!r} is unknown: use one of {', '.join(GRIDS)}")
     if ranks < 2:
@@ -186,5 +208,6 @@ def make_grid(name: str, recipe_cfg: dict, ranks: int, steps: int | None = None,
     eval_every = max(tau, min(recipe_cfg["eval_every"] or grid_steps, grid_steps // 20))
     partition = recipe_cfg["data"]["partition"]
     partitions = (partition, *[p for p in ("label_sorted", "iid") if p != partition])
+    wide = WIDE_P if name != "test" and ranks < WIDE_P <= max_ranks else 0
     return Grid(name, ranks, grid_steps, tau, mus, partitions, partition, taus, tau_mu, fail_counts, fail_mus,
-                fail_round, 4, base, main, other, eval_every)
+                fail_round, 4, base, main, other, eval_every, wide_ranks=wide)

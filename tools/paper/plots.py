@@ -34,6 +34,8 @@ def curves(ctx: Context, name: str, title: str, series: list[tuple[str, Setting,
     """Test accuracy (top) and training loss (bottom) against each x of ``axes``, one line per
     setting; the metrics lines of a setting's seeds are aligned by evaluation. An x of ``axes`` is a
     metrics key or a function (run, metrics line) -> x (e.g. the cost model's time)."""
+    if not ctx.draw:  # an analysis for its verdicts only (the sequential rule's stages)
+        return name
     plt = _plt()
     fig, grid = plt.subplots(2, len(axes), figsize=(4.2 * len(axes), 6.4), squeeze=False)
     colours = plt.get_cmap("tab10")
@@ -75,6 +77,8 @@ def _save(fig, ctx: Context, name: str) -> str:
 def xy_plot(ctx: Context, name: str, title: str, panels: list[dict]) -> str:
     """Panels of lines over a numeric x: each panel {'xlabel', 'ylabel', 'xlog', 'ylog', 'lines':
     [(label, xs, ys_by_seed)]}."""
+    if not ctx.draw:
+        return name
     plt = _plt()
     fig, axs = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     colours = plt.get_cmap("tab10")

@@ -55,15 +55,26 @@ report (`git log -p {VERDICT_FILE}` shows when it changed; whether that was befo
 looked at cannot be verified from the files, and is not claimed). Each claim is split into checks. A
 *measured* check takes per seed `diff`, the advantage of the setting the paper says is better
 (positive supports the claim; a paired check compares two settings trained with the same seed), and
-`margin`, the smallest advantage that counts as an effect. With n >= {V.MIN_SEEDS} seeds the 95% t
-interval of the mean diff, mean +- {t} * sd / sqrt(n), decides:
+`margin`, the smallest advantage that counts as an effect. With n >= {V.MIN_SEEDS} seeds the t
+interval of the mean diff, mean +- {t} * sd / sqrt(n) at 3 seeds, decides:
 
-| the 95% interval of the mean diff | verdict |
+| the interval of the mean diff | verdict |
 |---|---|
 | lies above the margin | confirmed |
 | lies at or below the margin | not confirmed |
 | spans the margin | inconclusive |
 | (fewer than {V.MIN_SEEDS} seeds) | inconclusive; the interval is shown from 2 seeds |
+
+**Seeds where they decide something.** A measured check still inconclusive at {V.LOOKS[0]} seeds gets more
+seeds for the settings it compares (paired by seed, as before) at the looks {', '.join(map(str, V.LOOKS))}, up to
+{V.SEED_CAP}, when the power estimate says the cap could decide it; the cheapest such checks first, within the
+command's budget of runs (`--extra-runs`). Looking again at judged data raises the chance of a false decision,
+so each look spends its own share of the error: one-sided {', '.join(f'{a:g}' for a in V.SPEND)} at
+{', '.join(map(str, V.LOOKS))} seeds (intervals of {', '.join(f'{1 - 2 * a:.1%}' for a in V.SPEND)}). By the union
+bound over the looks (Bonferroni), a false confirmation (or false "not confirmed") happens with probability at
+most {V.ALPHA:g} whatever decides that a check goes on; the 3-seed look is the fixed-sample rule unchanged. Each
+check states the seeds that decided it, or, undecided, about how many seeds a decision would need at its observed
+mean and spread (a power estimate for {V.POWER:.0%} power at the last look's level, stated as such).
 
 A *vote* (where the knee of the tau sweep lies, per seed) is confirmed when it holds on every seed,
 not confirmed when it holds on none, inconclusive otherwise or on fewer than {V.MIN_SEEDS} seeds. An
@@ -166,9 +177,9 @@ def device() -> str:
     return f"{torch.cuda.get_device_name(0)} GPUs" if torch.cuda.is_available() else "CPU processes, gloo"
 
 
-def analyse(grid: Grid, runs: dict[str, dict], out_dir: str) -> list[Analysis]:
-    """Every experiment's analysis (and plot, under ``out_dir``), in report order."""
-    ctx = Context(grid, runs, out_dir)
+def analyse(grid: Grid, runs: dict[str, dict], out_dir: str, draw: bool = True) -> list[Analysis]:
+    """Every experiment's analysis (and plot, under ``out_dir``, unless ``draw`` is False), in report order."""
+    ctx = Context(grid, runs, out_dir, draw)
     return [exp.analyse(ctx, exp) for exp in grid.experiments()]
 
 
@@ -181,7 +192,39 @@ def verdict_table(analyses: list[Analysis]) -> str:
         lines.append(f"{a.exp.title:<62} {a.verdict:<14} {counts[0]} / {counts[1]} / {counts[2]}")
         if a.headline:
             lines.append(f"    {a.headline}")
+        lines.append(f"    seeds per check: {seeds_summary(a.checks)}")
     return "\n".join(lines)
+
+
+def seed_note(c: V.Check) -> str:
+    """How many seeds decided a check, or why it stays undecided (with the power estimate)."""
+    n = len(c.votes) if c.votes is not None else len(c.diffs)
+    if c.verdict != V.INCONCLUSIVE:
+        return f"{n}"
+    if c.votes is not None:
+        return f"{n} (a vote split across seeds: more seeds cannot make it unanimous)"
+    if n < V.MIN_SEEDS:
+        return f"{n} (below {V.MIN_SEEDS})"
+    need = ("a decision needs more than 200 seeds at the observed spread" if c.needed is None else
+            f"about {c.needed} seeds would decide it at the observed mean and spread (a power estimate, "
+            f"{V.POWER:.0%})")
+    if n >= V.SEED_CAP:
+        return f"{n}, the cap: {need}"
+    if c.needed is None or c.needed > V.SEED_CAP:
+        return f"{n}, not extended: {need}, beyond the cap of {V.SEED_CAP}"
+    return f"{n}, not extended within the run budget (--extra-runs): {need}"
+
+
+def seeds_summary(checks: list[V.Check]) -> str:
+    """``3 seeds: 8 checks, 5: 2 (1 undecided at the cap)``: the seeds the checks were judged on."""
+    by_n: dict[int, list[V.Check]] = {}
+    for c in checks:
+        by_n.setdefault(len(c.votes) if c.votes is not None else len(c.diffs), []).append(c)
+    parts = []
+    for n in sorted(by_n):
+        undecided = sum(c.verdict == V.INCONCLUSIVE for c in by_n[n])
+        parts.append(f"{n}: {len(by_n[n])}" + (f" ({undecided} inconclusive)" if undecided else ""))
+    return "checks by seeds judged on, " + ", ".join(parts)
 
 
 def _check_rows(checks: list[V.Check]) -> str:
@@ -192,10 +235,10 @@ def _check_rows(checks: list[V.Check]) -> str:
         else:
             per_seed = ", ".join(f"{d:+.3g}" for d in c.diffs) if c.diffs else "-"
         mean = "-" if c.mean is None else f"{c.mean:+.3g}"
-        ci = "-" if c.low is None else f"{c.low:+.3g} .. {c.high:+.3g}"
+        ci = "-" if c.low is None else f"{c.low:+.3g} .. {c.high:+.3g} ({c.level:.1%})"
         margin = "-" if c.margin is None else f"{c.margin:.3g}"
-        rows.append([c.name, per_seed, mean, ci, margin, c.detail, f"**{c.verdict}**"])
-    return md_table(["check", "per seed", "mean", "95% interval", "margin", "diff is", "verdict"], rows)
+        rows.append([c.name, per_seed, mean, ci, margin, c.detail, seed_note(c), f"**{c.verdict}**"])
+    return md_table(["check", "per seed", "mean", "interval (level)", "margin", "diff is", "seeds", "verdict"], rows)
 
 
 def engine_section(runs: dict[str, dict], engine: dict | None, stale: dict[str, str]) -> list[str]:
@@ -252,7 +295,10 @@ def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: s
            "## The engine that trained the runs", "", *engine_section(runs, engine, stale)]
     for i, a in enumerate(analyses, start=1):
         md += [f"## {i}. {a.exp.title}", "", f"**Claim.** {a.exp.claim}", "", f"**Here.** {a.exp.setup}", "",
-               f"**Verdict: {a.verdict}.** Seeds: {', '.join(map(str, a.exp.seeds))}.", "", a.table, ""]
+               f"**Verdict: {a.verdict}.** Seeds: {', '.join(map(str, a.exp.seeds))}"
+               + (f", and up to {max(len(c.diffs) for c in a.checks)} for the checks the sequential rule took further"
+                  if any(len(c.diffs) > len(a.exp.seeds) for c in a.checks) else "")
+               + f"; {seeds_summary(a.checks)}.", "", a.table, ""]
         if a.plot:
             md += [f"![{a.exp.title}]({a.plot})", ""]
         md += [_check_rows(a.checks), ""]
@@ -263,7 +309,7 @@ def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: s
     def run_records(exp: Experiment) -> list[dict]:
         out = []
         for s in exp.settings:
-            for seed in exp.seeds_of(s):
+            for seed in grid.with_seeds(s, exp.seeds_of(s)):
                 name = s.run_name(seed)
                 out.append({"name": name, "dir": runs[name]["dir"], "setting": s.label(), "seed": seed,
                             "summary": runs[name]["summary"], "engine": runs[name].get("engine"),
@@ -273,6 +319,11 @@ def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: s
     doc = {"paper": "Haddadpour et al., ICML 2019 (RI-SGD)", "recipe": cfg["recipe"], "grid": grid.name,
            "ranks": grid.ranks, "steps": grid.steps, "command": command, "timing": timing,
            "rules": {"file": VERDICT_FILE, "sha256": rules_sha256(), "min_seeds": V.MIN_SEEDS, "confidence": 0.95,
+                     "looks": list(V.LOOKS), "spend_one_sided": list(V.SPEND), "alpha": V.ALPHA, "power": V.POWER,
+                     "paper_regime": {"ratio": V.paper_ratio(), "params": V.PAPER_PARAMS,
+                                      "workers": V.PAPER_WORKERS, "step_flop": V.PAPER_STEP_FLOP,
+                                      "gpu_flops": V.PAPER_GPU_FLOPS, "link_gbit": V.PAPER_LINK_GBIT,
+                                      "latency_us": V.PAPER_LATENCY_US},
                      "acc_margin": V.ACC_MARGIN, "target_gap": V.TARGET_GAP, "rounds_margin": V.ROUNDS_MARGIN,
                      "div_margin_log10": V.DIV_MARGIN, "loss_margin_log10": V.LOSS_MARGIN,
                      "way_sooner_log10": V.WAY_SOONER, "sooner_log10": V.SOONER, "knee_gap": V.KNEE_GAP,

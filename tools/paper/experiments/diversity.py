@@ -43,7 +43,8 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
     table = settings_table(ctx, exp, [("full_redundancy", d["full"]), ("coop", d["coop"])], numbers)
     checks = [V.paired(f"RI-SGD with full redundancy (mu={g.full_mu:g}) above cooperative SGD, final test accuracy "
                        f"(per-rank batch {d['coop'].base_batch} both)", ctx.values(d["full"], exp.seeds, final_acc),
-                       ctx.values(d["coop"], exp.seeds, final_acc), V.ACC_MARGIN, detail="points per seed")]
+                       ctx.values(d["coop"], exp.seeds, final_acc), V.ACC_MARGIN, detail="points per seed",
+                       on=(d["full"], d["coop"]))]
     plot = curves(ctx, "fig3_diversity.png", f"Fig. 3 here: full redundancy vs cooperative SGD, tau={g.tau}",
                   [(f"RI-SGD full redundancy (mu={g.full_mu:g})", d["full"], exp.seeds),
                    ("Coop-SGD (every rank samples the whole set)", d["coop"], exp.seeds)], compare.X_AXES[::2])

@@ -63,7 +63,7 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
             checks.append(V.paired(f"RI-SGD mu={mu:g} with the batch split ({g.base_batch} per rank) above PR-SGD at "
                                    f"the same {g.base_batch} per rank, final test accuracy",
                                    ctx.values(setting, exp.seeds, final_acc), prsgd, V.ACC_MARGIN,
-                                   detail="points per seed"))
+                                   detail="points per seed", on=(setting, split[0.0])))
     for mu, setting in ref.items():
         nums = setting_numbers(ctx, setting, exp.seeds)
         numbers["per_chunk"][f"mu={mu:g}"] = nums

@@ -50,7 +50,7 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
                 checks.append(V.paired(f"s={s_count}: {name} above PR-SGD, final test accuracy",
                                        ctx.values(f[(mu, s_count)], exp.seeds, final_acc),
                                        ctx.values(f[(0.0, s_count)], exp.seeds, final_acc), V.ACC_MARGIN,
-                                       detail="points per seed"))
+                                       detail="points per seed", on=(f[(mu, s_count)], f[(0.0, s_count)])))
     table = md_table(["s (ranks down)", "which ranks", "algorithm", "final test acc", "min data coverage"], rows)
     panels = []
     for metric, ylabel in (("final_test_acc", "final test accuracy (%)"),

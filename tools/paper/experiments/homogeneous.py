@@ -77,7 +77,8 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
             within = {seed: margin - abs(homo[seed] - hetero[seed]) for seed in seeds}
             checks.append(V.measured(
                 f"mu={mu:g}: homogeneous and heterogeneous agree in {what} (|difference| below {margin:.3g} {unit})",
-                within, 0.0, detail=f"margin - |homogeneous - heterogeneous| per seed ({unit})"))
+                within, 0.0, detail=f"margin - |homogeneous - heterogeneous| per seed ({unit})",
+                on=(s[(mu, "homo")], s[(mu, "hetero")])))
     table = md_table(["mu", "redundancy", "final test acc", "final train loss", "mean divergence"], rows)
     mus = mus_of(g)
     panels = []

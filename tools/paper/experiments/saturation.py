@@ -43,9 +43,10 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
     big = s["prsgd_big"].base_batch
     checks = [V.paired(f"RI-SGD mu={g.tau_mu:g} above PR-SGD at the same per-rank batch {big}, final test accuracy",
                        ctx.values(s["risgd_big"], exp.seeds, final_acc),
-                       ctx.values(s["prsgd_big"], exp.seeds, final_acc), V.ACC_MARGIN, detail="points per seed")]
-    premise = {k: a - b for (k, a), b in zip(ctx.values(s["prsgd_big"], exp.seeds, final_acc).items(),
-                                               ctx.values(s["prsgd"], exp.seeds, final_acc).values())}
+                       ctx.values(s["prsgd_big"], exp.seeds, final_acc), V.ACC_MARGIN, detail="points per seed",
+                       on=(s["risgd_big"], s["prsgd_big"]))]
+    big_acc, small_acc = (ctx.values(s[k], exp.seeds, final_acc) for k in ("prsgd_big", "prsgd"))
+    premise = {k: big_acc[k] - small_acc[k] for k in sorted(set(big_acc) & set(small_acc))}
     numbers["prsgd_big_minus_small_batch"] = spread(premise)
     notes = [f"Premise (not part of the verdict): PR-SGD at batch {big} minus PR-SGD at batch {g.base_batch}: "
              f"{fmt(spread(premise), '+.2f')} points. Saturation means the larger batch does not help."]

@@ -69,7 +69,7 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
         for a, b in zip(mus, mus[1:]):
             checks.append(V.paired(f"{part}, tau={g.tau}: divergence smaller at mu={b:g} than at mu={a:g} "
                                    "(at least 10%)", log_div(settings[b]), log_div(settings[a]), V.DIV_MARGIN,
-                                   lower_is_better=True,
+                                   lower_is_better=True, on=(settings[b], settings[a]),
                                    detail="log10(div at lower mu / div at higher mu) per seed"))
     split = equalcompute.settings_of(g)
     split_mus = sorted(split)
@@ -81,7 +81,7 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
         checks.append(V.paired(f"{g.partition}, tau={g.tau}, batch split (equal per-rank batch {g.base_batch}): "
                                f"divergence smaller at mu={b:g} than at mu={a:g} (at least 10%)",
                                log_div(split[b]), log_div(split[a]), V.DIV_MARGIN, lower_is_better=True,
-                               detail="log10(div at lower mu / div at higher mu) per seed"))
+                               on=(split[b], split[a]), detail="log10(div at lower mu / div at higher mu) per seed"))
     sweep, swept, taus = tau.settings_of(g), tau.swept_taus(g), tau.sweep_taus(g)
     for mu, name in against_prsgd([g.tau_mu]):
         for t in taus:
@@ -90,7 +90,7 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
         lo, hi = min(swept), max(swept)
         checks.append(V.paired(f"{name}: divergence grows with tau (tau={hi} above tau={lo}, at least 10%)",
                                log_div(sweep[(mu, hi)]), log_div(sweep[(mu, lo)]), V.DIV_MARGIN,
-                               detail="log10 ratio per seed"))
+                               on=(sweep[(mu, hi)], sweep[(mu, lo)]), detail="log10 ratio per seed"))
     table = md_table(["partition", "tau", "setting", "mean divergence before averaging"], rows)
     panels = []
     lines = [(part, mus, by_seed(ctx, [fig2.settings_of(g, part)[mu] for mu in mus], g.seeds_main,
