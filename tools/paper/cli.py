@@ -260,7 +260,8 @@ def _train(grid: Grid, st: _State, recipe: str, common: list[str], runs_dir: str
         log = os.path.join(runs_dir, "paper.log" if ranks == grid.ranks else f"paper-r{ranks}.log")
         seconds, how = estimate(grid, batch, st.finished, dataset)
         est = "" if seconds is None else f", estimated {seconds / 60:.0f} min ({how})"
-        print(f"[paper] {what}: {len(batch)} run(s) to train, {ranks} ranks, one launch{est}; log: {log}", flush=True)
+        print(f"[paper] {what}: {len(batch)} of {len(grid.runs())} runs to train, {ranks} ranks, one launch{est}; "
+              f"log: {log}", flush=True)
         progress = Progress([os.path.join(runs_dir, s.run_name(seed)) for s, seed in batch])
         progress.start()
         try:  # one launch, one process group for every pending run of this world size
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if st.pending:
             launches += _train(grid, st, recipe, common, runs_dir, engine, dataset, "the grid")
         else:
-            print(f"[paper] all {base_runs} runs of the grid are finished: no launch", flush=True)
+            print(f"[paper] all {base_runs} runs are finished: no launch; rebuilding the report", flush=True)
         # the sequential rule: more seeds for the checks they can decide, look by look, within --extra-runs
         spent, stage = 0, 0
         while spent < extra_runs:

@@ -159,12 +159,16 @@ def scale_table(grid: Grid, cfg: dict, index: dict | None) -> str:
         ["failures", "section 4.4 (the analysis); the authors' slides report CIFAR-10 runs with failed workers",
          f"s in {{{', '.join(map(str, grid.fail_counts))}}} ranks down from round {grid.fail_round}"],
         ["number of workers", "4 (CIFAR); 4 and 8 GPUs (ImageNet, Appendix A)",
-         f"p in {{{', '.join(map(str, workers_of(grid)))}}} in the one launch of {p} ranks (node_size = {p} / p: a "
-         "worker of several ranks is synchronous inside)"],
+         f"p in {{{', '.join(str(w) for w in workers_of(grid) if w <= p)}}} in the launch of {p} ranks (node_size = "
+         f"{p} / p: a worker of several ranks is synchronous inside)"
+         + (f"; p={grid.wide_ranks} in a launch of {grid.wide_ranks} ranks" if grid.wide_ranks else "")],
         ["seeds", "not stated (one curve per setting)", f"Fig. 2: {len(grid.seeds_main)} "
                                                         f"({', '.join(map(str, grid.seeds_main))}); elsewhere: "
                                                         f"{len(grid.seeds_other)} "
-                                                        f"({', '.join(map(str, grid.seeds_other))})"],
+                                                        f"({', '.join(map(str, grid.seeds_other))}); "
+                                                        f"{len(grid.extra)} more runs where the sequential rule "
+                                                        f"took an inconclusive check to {V.LOOKS[1]} or "
+                                                        f"{V.LOOKS[2]} seeds"],
         ["evaluation", "not stated", f"every {grid.eval_every} steps (at the first average at or after), on the "
                                      "whole test split"],
     ]
