@@ -24,7 +24,8 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     replica), RI-SGD mu=0.5 on label-sorted digits (p=2: each holds both chunks). Node 1 is killed mid-run:
     node 0 goes on at once (nothing restarted, coverage still 1.0, node 1's chunk drawn at its share); node 1
     is started again, healed from the live peer, and both end with the same model. The run record says so:
-    the membership events, restarts = 2, 0 steps redone."""
+    the membership events, restarts = 2 (more only where a starved node missed a heartbeat, each recorded), 0
+    steps redone."""
     manifest, replicas = prepare_replicas(digits_dir, str(tmp_path / "rep"), workers=2, mu=0.5,
                                           partition="label_sorted")
     port = free_port()
@@ -73,7 +74,11 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     joined = next(e for e in events if e["joined_workers"] == [1])
     assert lost["live_workers"] == [0] and lost["data_coverage"] == 1.0 and joined["step"] > lost["step"]
     summary = json.load(open(run_dir / "summary.json"))
-    assert summary["elastic_backend"] == "torchft" and summary["restarts"] == 2 and summary["steps_redone"] == 0
+    # restarts counts quorum changes: the loss and the rejoin, 2; on a starved machine (CI beside other jobs) a
+    # heartbeat missed by more than the lighthouse's 1 s drops a live node for a round and adds a pair: each one
+    # is in the record as a membership event, and no step is redone
+    assert summary["elastic_backend"] == "torchft" and summary["steps_redone"] == 0
+    assert summary["restarts"] >= 2 and summary["restarts"] == len(events), (summary["restarts"], events)
     assert summary["min_data_coverage"] == 1.0 and summary["final_test_acc"] > 90
     finals = {json.load(open(run_dir / "elastic" / f"final-w{k:05d}.json"))["model_sha256"] for k in range(2)}
     assert len(finals) == 1 and summary["model_sha256"] in finals
