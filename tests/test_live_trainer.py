@@ -78,7 +78,8 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     # heartbeat missed by more than the lighthouse's 1 s drops a live node for a round and adds a pair: each one
     # is in the record as a membership event, and no step is redone
     assert summary["elastic_backend"] == "torchft" and summary["steps_redone"] == 0
-    assert summary["restarts"] >= 2 and summary["restarts"] == len(events), (summary["restarts"], events)
+    changes = [e for e in events if e["lost_workers"] or e["joined_workers"]]
+    assert summary["restarts"] >= 2 and summary["restarts"] == len(changes), (summary["restarts"], events)
     assert summary["min_data_coverage"] == 1.0 and summary["final_test_acc"] > 90
     finals = {json.load(open(run_dir / "elastic" / f"final-w{k:05d}.json"))["model_sha256"] for k in range(2)}
     assert len(finals) == 1 and summary["model_sha256"] in finals
