@@ -51,9 +51,9 @@ DEFAULT_RECIPE = "recipes/digits.yaml"
 # Seconds on this 2-core machine for digits (ResNet-8) with 4 CPU ranks, measured on the demo's runs;
 # a grid with finished runs rescales them by measured / predicted.
 LAUNCH_S, RUN_SETUP_S, STEP_S, SAMPLE_S, ALLREDUCE_S, EVAL_S = 40.0, 1.0, 0.008, 0.00045, 0.012, 0.3
-# Runs the sequential rule may add to the full grid by default (about 33 s each here): what keeps `make
+# Runs the sequential rule may add to the full grid by default (about 45 s each here): what keeps `make
 # paper` within 90 min on 2 cores with the grid's 3 seeds and the 8-rank launch of p = 8.
-EXTRA_RUNS = 30
+EXTRA_RUNS = 20
 
 
 class BadInput(Exception):
