@@ -1,6 +1,6 @@
 """The RI-SGD paper, experiment by experiment: re-run every experiment, write a report with verdicts.
 
-    python -m tools.paper                      # `make paper`: the embedded digits, 4 ranks (~90 min on 2 cores)
+    python -m tools.paper                      # `make paper`: the embedded digits, 4 and 8 ranks (~90 min on 2 cores)
     python -m tools.paper --quick              # 1 seed, 200-step runs (~10 min)
     python -m tools.paper --plan-only          # the planned runs and an estimate of the time
     python -m tools.paper --report-only        # rebuild the report from the finished runs
@@ -11,10 +11,13 @@ Experiments: Fig. 2 (mu against SyncSGD, label-sorted and iid), Appendix A (the 
 averaging until the end), Fig. 3 (full redundancy against cooperative SGD), Fig. 4 (a 4x batch),
 section 4.4 (failed workers), Theorem 4.2's residual error (divergence before averaging, also at an
 equal per-rank batch), homogeneous against heterogeneous mu, RI-SGD at equal compute (the batch split)
-and the number of workers p (through the node level, at the one world size). All runs
-of the grid go into one ``deepspeed`` launch (``train.py --plan``: one process group trains them one
-after another). A run that has finished is never trained again, so re-running the command resumes
-and rebuilds the report. Writes ``OUT/paper.md``, ``OUT/paper.json`` and the PNGs next to them.
+and the number of workers p (through the node level, and p = 8 in a launch of 8 ranks). The runs of
+one world size go into one ``deepspeed`` launch (``train.py --plan``: one process group trains them one
+after another). Then the sequential rule (``tools/paper/verdict.py``): a check still inconclusive gets
+more seeds for the settings it compares (looks at 3, 5 and 8 seeds), within --extra-runs runs, one
+launch per stage. A run that has finished is never trained again, so re-running the command resumes,
+replays the rule's stages and rebuilds the report. Writes ``OUT/paper.md``, ``OUT/paper.json`` and the
+PNGs next to them.
 
 Each run it launches gets the stamp of the engine that trains it (``RUN/paper_engine.json``:
 :mod:`tools.paper.engine_stamp`). A finished run whose stamp names another engine, or that has none, is
