@@ -76,32 +76,30 @@ def test_a_clear_effect_is_decided_with_few_seeds_and_a_null_one_stays_open_to_t
     assert walk(null, 0.5) == (V.INCONCLUSIVE, V.SEED_CAP)
 
 
-def false_confirmations(spend, sims: int = 20000, seed: int = 7) -> float:
-    """The share of simulated null checks (the true effect is the margin) that :func:`walk` confirms: the
-    same intervals, vectorised over the simulations."""
-    diffs = np.random.default_rng(seed).normal(0.5, 1.0, size=(sims, V.SEED_CAP))
-    open_, confirmed = np.ones(sims, bool), np.zeros(sims, bool)
+def confirmed_by_walk(diffs: np.ndarray, spend) -> np.ndarray:
+    """Which rows of ``diffs`` (a simulated null per row) :func:`walk` confirms: the same intervals,
+    vectorised over the rows."""
+    open_, confirmed = np.ones(len(diffs), bool), np.zeros(len(diffs), bool)
     for look, a in zip(V.LOOKS, spend):
         x = diffs[:, :look]
         half = V.t_quantile(1.0 - a, look - 1) * x.std(axis=1, ddof=1) / math.sqrt(look)
         low, high = x.mean(axis=1) - half, x.mean(axis=1) + half
         confirmed |= open_ & (low > 0.5)
         open_ &= ~((low > 0.5) | (high <= 0.5))
-    return float(confirmed.mean())
+    return confirmed
+
+
+def false_confirmations(spend, sims: int = 20000, seed: int = 7) -> float:
+    """The share of simulated null checks (the true effect is the margin) that :func:`walk` confirms."""
+    diffs = np.random.default_rng(seed).normal(0.5, 1.0, size=(sims, V.SEED_CAP))
+    return float(confirmed_by_walk(diffs, spend).mean())
 
 
 def test_false_confirmations_on_simulated_nulls_stay_at_or_below_five_percent():
     rng = random.Random(3)  # the vectorised count is walk()'s, check by check
     sample = [[0.5 + rng.gauss(0, 1.0) for _ in range(V.SEED_CAP)] for _ in range(300)]
-    diffs = np.array(sample)
     for spend in (V.SPEND, (0.05, 0.05, 0.05)):
-        open_, confirmed = np.ones(len(sample), bool), np.zeros(len(sample), bool)
-        for look, a in zip(V.LOOKS, spend):
-            x = diffs[:, :look]
-            half = V.t_quantile(1.0 - a, look - 1) * x.std(axis=1, ddof=1) / math.sqrt(look)
-            low, high = x.mean(axis=1) - half, x.mean(axis=1) + half
-            confirmed |= open_ & (low > 0.5)
-            open_ &= ~((low > 0.5) | (high <= 0.5))
+        confirmed = confirmed_by_walk(np.array(sample), spend)
         assert list(confirmed) == [walk(d, 0.5, spend)[0] == V.CONFIRMED for d in sample]
     rate = false_confirmations(V.SPEND)
     se = math.sqrt(0.05 * 0.95 / 20000)
