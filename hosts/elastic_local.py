@@ -1,16 +1,15 @@
-"""Local "nodes" for elastic runs: one stock torchrun agent per node on one machine (loopback).
+"""Local "nodes" of an elastic run on one machine: replicas, one ``risgd-elastic`` per node, a node killed.
 
-    from risgd_hosts.elastic_local import prepare_replicas, start_agent, kill_node
+    from risgd_hosts.elastic_local import prepare_replicas, start_node, kill_node
     manifest, replicas = prepare_replicas(shards, out_dir, workers=3, mu=0.5, partition="label_sorted")
-    agents = [start_agent(k, replicas[k], port, train_args, log_dir, nnodes="2:3") for k in range(3)]
-    kill_node(agents[2])   # the agent and its workers (they run in sessions of their own), SIGKILL
+    nodes = [start_node(k, replicas[k], "http://127.0.0.1:29510", train_args, log_dir) for k in range(3)]
+    kill_node(nodes[2])   # the launcher and its ranks, SIGKILL
 
-Each agent is ``risgd-elastic --nnodes=MIN:MAX --nproc-per-node 1 --rdzv-backend=c10d
---rdzv-endpoint=127.0.0.1:PORT -- ARGS`` (torchrun's own agent; risgd_tools.elastic_launch),
-agent 0 hosting the c10d store
-(``is_host``), so killing another agent loses a node and not the rendezvous. Its node's replica
-is given by ``RISGD_REPLICA_DIR`` (on a real cluster: ``data.shards``, the node-local path). No
-agent or rendezvous of our own: this only starts the stock ones.
+Each node is ``risgd-elastic --nproc-per-node 1 --lighthouse URL -- ARGS`` (torchrun on that node
+alone; risgd_tools.elastic_launch) with its replica given by ``RISGD_REPLICA_DIR`` (on a real cluster:
+``data.shards``, the node-local path). The run's torchft lighthouse is started by the caller
+(``risgd_hosts.live_cluster.lighthouse_command``). No agent or protocol of our own: this only starts
+the stock ones.
 """
 
 from __future__ import annotations
@@ -49,30 +48,20 @@ def prepare_replicas(shards: str, out_dir: str, workers: int, mu: float, partiti
     return manifest, replicas
 
 
-def start_agent(k: int, replica: str, port: int, train_args: list[str], log_dir: str, nnodes: str,
-                max_restarts: int = 3, last_call_s: int = 5, keep_alive_s: int = 2,
-                env_extra: dict | None = None, host: str = "127.0.0.1", rdzv_extra: str = "",
-                prefix: list[str] | None = None, local_addr: str | None = None) -> subprocess.Popen:
-    """Agent ``k`` (0 hosts the rendezvous store) running the trainer with ``train_args`` on ``replica``.
+def start_node(k: int, replica: str, lighthouse: str, train_args: list[str], log_dir: str,
+               prefix: list[str] | None = None, addr: str = "127.0.0.1", env_extra: dict | None = None,
+               ranks: int = 1) -> subprocess.Popen:
+    """Node ``k`` of an elastic run: ``risgd-elastic`` (torchrun on this node alone) running the trainer
+    with ``train_args`` on ``replica``, meeting the others at ``lighthouse``; ``prefix``: what the command
+    runs under (``ip netns exec NS`` for a namespace host); ``addr``: the address the others reach it at."""
+    from risgd_common.ports import free_port
 
-    ``last_call_s``: how long a rendezvous that has MIN nodes waits for more (torch's default 30);
-    ``keep_alive_s``: the agents' heartbeat period; a node missing 3 is dropped from the rendezvous
-    (torch's default 5, so a dead node holds the next rendezvous up for 15 s). ``host``: the
-    rendezvous host's address; ``rdzv_extra``: more ``--rdzv-conf`` (``,key=value``); ``prefix``:
-    what the command runs under (``ip netns exec NS`` for a namespace host); ``local_addr``: the
-    address this node's workers are reached at (torchrun's ``--local-addr``)."""
     env = {key: v for key, v in os.environ.items() if not key.startswith("WANDB_")}
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torch 2.14 agents otherwise reuse the first round's shared store
-    # after a membership change and the restarted workers find the old workers' gloo addresses there
-    env.update({"RISGD_REPLICA_DIR": replica, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}, **(env_extra or {}))
-    cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", f"--nnodes={nnodes}", "--nproc-per-node=1",
-           f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}",
-           "--rdzv-id=risgd-elastic",
-           f"--rdzv-conf=is_host={int(k == 0)},last_call_timeout={last_call_s},keep_alive_interval={keep_alive_s}"
-           f"{rdzv_extra}", "--monitor-interval=1",
-           *([f"--local-addr={local_addr}"] if local_addr else []), "--", *train_args]
-    log = open(os.path.join(log_dir, f"agent{k}.log"), "w")
+    env.update({"RISGD_REPLICA_DIR": replica, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RUST_LOG": "error"},
+               **(env_extra or {}))
+    cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", "--nproc-per-node", str(ranks), "--master-addr", addr,
+           "--master-port", str(free_port()), "--lighthouse", lighthouse, "--", *train_args]
+    log = open(os.path.join(log_dir, f"node{k}.log"), "a")
     return subprocess.Popen([*(prefix or []), *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -87,8 +76,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def kill_node(agent: subprocess.Popen) -> None:
-    """SIGKILL the agent's process group and its workers' (torchrun starts each worker in a session
-    of its own): everything of that node at once, as a power cut would."""
+    """SIGKILL the launcher's process group and its ranks' (torchrun may start each in a session of
+    its own): everything of that node at once, as a crash would."""
     groups = {agent.pid}
     for pid in _descendants(agent.pid):
         try:

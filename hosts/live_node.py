@@ -108,7 +108,7 @@ def _rank(local: int, args: argparse.Namespace) -> None:
                 write(event="healed", step=step, to=healed_to, digest=_digest(engine.module))
                 step = healed_to
             record = {"step": step, "rounds": ctl.rounds, "retries": ctl.retries,
-                      "members": sorted(ctl._members or ()), "loss": loss.item()}
+                      "members": sorted(ctl.members()), "loss": loss.item()}
             if ctl.is_average() and ctl.in_flight is None:
                 record["digest"] = _digest(engine.module)
             for e in ctl.take_events():

@@ -346,11 +346,27 @@ class RISGDController:
 
     def live_of_round(self, round_index: int, members: frozenset[int] | None = None) -> Live:
         """The workers taking part in round ``round_index``: the failure schedule's complement (of
-        ``members``, the quorum's nodes, in a fault-tolerant run)."""
+        ``members``, the quorum's nodes, in a fault-tolerant run). The one place that decides who is
+        live: the round, the stats, the trainer's coverage and run record all ask here."""
         down = failed_workers(self.cfg, round_index, self.total_workers)
         if members is None:
             return Live.without(down, self.total_workers)
         return Live(frozenset(members) - down, self.total_workers)
+
+    def members(self) -> frozenset[int]:
+        """The workers whose nodes run now: the last quorum's (a fault-tolerant run), else all of them."""
+        if self._members is not None:
+            return self._members
+        if self.live is not None:
+            return frozenset({self.identity})
+        return frozenset(range(self.total_workers))
+
+    def live_workers(self) -> frozenset[int]:
+        """The workers that took part in the last round (before the first: those of the first):
+        :meth:`members` less those the ``failures`` schedule marks down."""
+        if self.cfg is None:
+            return frozenset(range(self.total_workers))
+        return self.live_of_round(max(self.rounds - 1, 0), self._members).workers
 
     # -- fault tolerance (torchft) -------------------------------------------------------------
     def go_live(self, worker: int, workers: int, accept=None, lighthouse: str | None = None,

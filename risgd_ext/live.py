@@ -56,6 +56,10 @@ class LighthouseLost(LiveError):
     """The lighthouse cannot be reached: no quorum can be formed."""
 
 
+class DuplicateWorker(LiveError):
+    """This node serves a manifest worker another live node already serves."""
+
+
 def worker_of_replica(replica_id: str) -> int:
     """The manifest worker of a replica id ``w<worker>[:uuid]``."""
     m = re.fullmatch(rf"{REPLICA_PREFIX}(\d+)", replica_id.split(":")[0])
@@ -188,8 +192,15 @@ class LiveNodes:
             m.wait_quorum()
         except Exception as e:  # the lighthouse (or this node's manager server) cannot form a quorum
             raise LighthouseLost(f"no quorum from the lighthouse at {self.lighthouse} ({_first_line(e)})") from e
-        members = frozenset(r // self.node_size for r in self.pg.members) or frozenset({self.worker})
-        q = Quorum(m._quorum_id, members, self.pg.rank, self.pg.world, healing=not m.is_participating(),
+        workers = [r // self.node_size for r in self.pg.members]
+        members = frozenset(workers) or frozenset({self.worker})
+        healing = not m.is_participating()
+        if workers.count(self.worker) > 1 and (healing or m.num_participants() == len(workers)):
+            # two nodes serve one worker (a replica copied twice, a node started twice): the one behind (a
+            # joiner, healing) is refused alone and the run goes on; two at the same step cannot be told apart
+            raise DuplicateWorker(f"another live node already serves manifest worker {self.worker}: give this node "
+                                  "the replica of a lost worker (python -m data.replicate --node-rank K) or stop it")
+        q = Quorum(m._quorum_id, members, self.pg.rank, self.pg.world, healing=healing,
                    seconds=time.perf_counter() - t0)
         self.current = q
         return q

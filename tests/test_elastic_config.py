@@ -1,6 +1,6 @@
-"""The recipe keys of an elastic run, checked before any process group: what it supports, how
-many ranks a launch may have, and the one-experiment rule (the world size may change only in an
-elastic run; the floor may be changed on a continued run)."""
+"""The recipe keys of an elastic run, checked before any process group: a launch is one node (its ranks
+the node level), what it refuses (torchrun's retired path among them), and the one-experiment rule (the
+floor may be changed on a continued run; an elastic run is not continued as a fixed one)."""
 
 from __future__ import annotations
 
@@ -18,24 +18,29 @@ def resolve(tmp_path, *overrides, world_size=3):
     return resolve_run(RECIPE, [f"runs_dir={tmp_path}", "run_name=el", *overrides], world_size)
 
 
-def test_an_elastic_run_resolves_at_any_world_size_up_to_its_workers(tmp_path):
+def test_an_elastic_launch_is_one_node_whatever_its_ranks(tmp_path):
     for world_size in (3, 2, 1):
         run = resolve(tmp_path, "elastic.workers=3", world_size=world_size)
         assert run.elastic and run.manifest_workers == 3 and run.world_size == world_size
+        assert run.risgd.node_size == world_size and run.risgd.fault_tolerance == "torchft"
     fixed = resolve(tmp_path, world_size=3)
-    assert not fixed.elastic and fixed.manifest_workers == 3
-    with pytest.raises(RecipeError, match="this launch has 4 ranks but the elastic run has elastic.workers=3"):
-        resolve(tmp_path, "elastic.workers=3", world_size=4)
+    assert not fixed.elastic and fixed.manifest_workers == 3 and fixed.risgd.fault_tolerance == "none"
+    # the node level, overlap, compression and simulated failures compose with it
+    run = resolve(tmp_path, "elastic.workers=3", "overlap=true", "compress=int8",
+                  "failures=[{ranks: [1], start_round: 1, end_round: 2}]", world_size=2)
+    assert run.risgd.overlap and run.risgd.compress == "int8" and run.risgd.failures
 
 
-@pytest.mark.parametrize("override, named", [("algorithm=sync", "algorithm='sync'"), ("node_size=3", "node_size=3"),
-                                             ("overlap=true", "overlap=True"),
-                                             ("failures=[{ranks: [1], start_round: 1}]", "failures=")])
-def test_what_an_elastic_run_does_not_support_yet_is_refused_in_one_line(tmp_path, override, named):
+@pytest.mark.parametrize("override, said", [
+    ("algorithm=sync", "an elastic run needs algorithm prsgd or risgd, got 'sync'"),
+    ("node_size=2", "an elastic run's launch is one node: node_size=2 must be its 4 ranks"),
+    ("elastic.backend=torchrun", "elastic.backend=torchrun was retired"),
+    ("elastic.backend=etcd", "elastic.backend must be torchft, got 'etcd'")])
+def test_what_an_elastic_run_refuses_is_one_line(tmp_path, override, said):
     with pytest.raises(RecipeError) as e:
-        resolve(tmp_path, "elastic.workers=3", override, "mu=0" if override == "algorithm=sync" else "mu=0.5")
-    assert "an elastic run (elastic.workers=3) needs" in str(e.value) and named in str(e.value)
-    assert "\n" not in str(e.value)
+        resolve(tmp_path, "elastic.workers=3", override, "mu=0" if override == "algorithm=sync" else "mu=0.5",
+                world_size=4)
+    assert said in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("override", ["elastic.workers=-1", "elastic.min_workers=0", "elastic.min_coverage=1.5",
@@ -45,13 +50,14 @@ def test_the_floor_keys_are_validated(tmp_path, override):
         resolve(tmp_path, "elastic.workers=3", override)
 
 
-def test_the_world_size_may_change_only_in_an_elastic_run(tmp_path):
+def test_a_continued_elastic_run_may_change_its_floor_but_not_become_fixed(tmp_path):
     run = resolve(tmp_path, "elastic.workers=3")
     os.makedirs(run.run_dir)
+    saved = dict(run.cfg, elastic=dict(run.cfg["elastic"], backend="torchrun"))  # saved before torchft was the only
     with open(os.path.join(run.run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(run.cfg, f)
-    # continued at fewer ranks, with another floor: the same experiment
-    assert not resolve(tmp_path, "elastic.workers=3", "elastic.min_coverage=0.5", world_size=2).finished
+        yaml.safe_dump(saved, f)
+    # continued with another floor (and a record that still says torchrun): the same experiment
+    assert not resolve(tmp_path, "elastic.workers=3", "elastic.min_coverage=0.5").finished
     # continued as a fixed-size run: another experiment
     with pytest.raises(RecipeError, match="elastic.workers: 3 -> 0"):
-        resolve(tmp_path, world_size=2)
+        resolve(tmp_path, world_size=3)

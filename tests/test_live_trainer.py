@@ -1,5 +1,7 @@
-"""Live recovery through the recipe trainer (elastic.backend=torchft): a real torchft_lighthouse, one
-deepspeed launch per node, each with its own replica; a node killed and started again."""
+"""Live recovery through the recipe trainer (an elastic run on torchft): a real torchft_lighthouse, one
+launch per node (node 0 through risgd-elastic, torchrun on that node alone; node 1 through deepspeed),
+each with its own replica; a node killed and started again, and a node serving a served worker refused
+alone."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -32,16 +35,22 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     lighthouse = subprocess.Popen(lighthouse_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "runs" / "live"
     overrides = ["algorithm=risgd", "mu=0.5", "data.partition=label_sorted", f"data.manifest={manifest}",
-                 "elastic.workers=2", "elastic.backend=torchft", "elastic.op_timeout_s=3", "steps=900", "tau=10",
+                 "elastic.workers=2", "elastic.op_timeout_s=3", "steps=900", "tau=10",
                  "eval_every=100", "checkpoint_every=100", f"runs_dir={tmp_path / 'runs'}", "run_name=live",
                  "wandb.enabled=false"]
 
-    def node(k: int) -> subprocess.Popen:
-        env = clean_env(RISGD_REPLICA_DIR=replicas[k], TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{port}",
-                        OMP_NUM_THREADS="1", RUST_LOG="error")
-        return subprocess.Popen(trainer_command(overrides, ranks=1, port=free_port()), cwd=ROOT, env=env,
-                                start_new_session=True, stdout=open(tmp_path / f"n{k}.log", "a"),
-                                stderr=subprocess.STDOUT)
+    def node(k: int, log: str | None = None, replica: int | None = None) -> subprocess.Popen:
+        env = clean_env(RISGD_REPLICA_DIR=replicas[k if replica is None else replica], OMP_NUM_THREADS="1",
+                        RUST_LOG="error")
+        if k == 0:  # the per-node launcher: torchrun on this node alone, the lighthouse passed to it
+            cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", "--nproc-per-node", "1", "--master-port",
+                   str(free_port()), "--lighthouse", f"http://127.0.0.1:{port}", "--", "--recipe",
+                   "recipes/digits.yaml", *overrides]
+        else:
+            env["TORCHFT_LIGHTHOUSE"] = f"http://127.0.0.1:{port}"
+            cmd = trainer_command(overrides, ranks=1, port=free_port())
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                                stdout=open(tmp_path / (log or f"n{k}.log"), "a"), stderr=subprocess.STDOUT)
 
     def logged_step() -> int:
         try:
@@ -56,11 +65,15 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
         while logged_step() < 200:
             assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "no progress to step 200"
             time.sleep(0.2)
+        # a second node with worker 0's replica joins the run in progress: refused alone (exit 2, one line)
+        twin = node(1, log="twin.log", replica=0)
+        nodes.append(twin)
+        assert twin.wait(timeout=120) == 2
         os.killpg(nodes[1].pid, signal.SIGKILL)
         nodes[1].wait()
         time.sleep(2)
         nodes[1] = node(1)
-        codes = [p.wait(timeout=300) for p in nodes]
+        codes = [p.wait(timeout=300) for p in nodes[:2]]
     finally:
         for p in nodes:
             if p.poll() is None:
@@ -68,6 +81,8 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
         lighthouse.kill()
     logs = [open(tmp_path / f"n{k}.log").read() for k in range(2)]
     assert codes == [0, 0], logs[0][-3000:]
+    twin_says = [line for line in open(tmp_path / "twin.log") if line.startswith("error:")]
+    assert len(twin_says) == 1 and "another live node already serves manifest worker 0" in twin_says[0], twin_says
     assert "healed from a live peer at step" in logs[1]
     events = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"membership"' in line]
     lost = next(e for e in events if e["lost_workers"] == [1])

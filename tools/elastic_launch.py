@@ -1,159 +1,122 @@
-"""Launch an elastic run on this node: torch's stock elastic agent (torchrun), with one line for what
-it cannot survive.
+"""Start one node of an elastic run: torchrun on this node alone, its ranks the trainer's, meeting the
+other nodes in torchft's quorum.
 
-    risgd-elastic --nnodes=2:3 --nproc-per-node=1 --max-restarts=3 --rdzv-backend=c10d \\
-        --rdzv-endpoint=HOST0:29400 --rdzv-id=RUN -- --recipe digits mu=0.5 elastic.workers=3 ...
+    risgd-elastic --nproc-per-node 8 --master-addr THIS_NODE --lighthouse http://LIGHTHOUSE:29510 -- \\
+        --recipe imagenet_resnet50 elastic.workers=8 data.shards=/local/replica ...
 
-Everything before ``--`` is torchrun's own options (``torchrun --help``), everything after it the
-trainer's (``risgd-train --help``); the trainer is run as ``--module risgd_trainer.train``. This is
-torchrun itself (``torch.distributed.run.run``: its agent, its c10d rendezvous, its restarts), with
-three things added:
+Everything after ``--`` is the trainer's (``risgd-train --help``); it runs as ``--module
+risgd_trainer.train`` under torch's stock launcher (``torch.distributed.run``) with ``--nnodes=1``:
+this node's ranks are one DeepSpeed world and the node level of the run. The nodes never rendezvous
+with each other through torchrun: a lost node is dropped at the next round by torchft's lighthouse
+and the others go on; the same command started again (here or on a replacement with the lost node's
+replica) is healed from a live peer (docs/faults.md, "Live recovery on torchft").
 
-- ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` unless set: with torch 2.14's default, every restarted
-  gloo group fails after a membership change (docs/faults.md, "Elastic runs").
-- ``--rdzv-conf`` defaults ``last_call_timeout=5,keep_alive_interval=2`` unless given (torch's are
-  30 s and 5 s: a lost node then holds the next rendezvous up for about 45 s).
-- the end of the agent is one line on stderr and an exit status:
+- ``--master-addr`` is the address the other nodes reach this one at (its store and torchft's
+  servers are advertised there); ``--master-port`` its store's port.
+- ``--lighthouse`` (or ``TORCHFT_LIGHTHOUSE``) is the run's ``torchft_lighthouse``.
+- ``--max-restarts K`` lets torchrun restart this node's ranks when one crashes (K times); they
+  come back healed from a live peer, as a new node would. The others never restart.
 
-  ==  =====================================================================================
-  0   the run finished
-  2   the trainer refused to go on (the live workers below ``elastic.min_workers`` /
-      ``elastic.min_coverage``, two nodes claiming one worker, a replica of no slot): its
-      line, once, however many times torchrun restarted it
-  1   the job cannot go on: the rendezvous host is lost, fewer than MIN nodes joined within
-      ``join_timeout``, the rendezvous was closed by another node, or the workers kept failing
-      until ``--max-restarts`` was used up
-  ==  =====================================================================================
+Exit status: 0 the run finished; 2 bad input or the trainer refused (its one ``error:`` line above:
+below the floor, the lighthouse lost, a worker already served); 1 this node's ranks failed.
 
-The latest checkpoint is kept in every case; the same command on every node resumes from it.
+This command started torchrun's elastic agent across nodes (``--nnodes=MIN:MAX``) until the torchrun
+path was retired; those options are refused with the way over.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
-from risgd_trainer.elastic import STOP_FILE_ENV
+from risgd_common.cli import Parser
 
 from .launch import TRAINER
 
-DEFAULT_RDZV_CONF = {"last_call_timeout": "5", "keep_alive_interval": "2"}
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own variable
+RETIRED = ("--nnodes", "--rdzv-backend", "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id",
+           "--rdzv_id", "--rdzv-conf", "--rdzv_conf", "--standalone")
 
 
 class LaunchError(Exception):
     """Bad arguments to this command (exit 2)."""
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(torchrun options, trainer arguments), split at the first ``--``."""
+def parse(argv: list[str]):
+    """(this command's options, the trainer's arguments)."""
     if "--" not in argv:
-        raise LaunchError("put the trainer's arguments after '--': risgd-elastic [torchrun options] -- --recipe R "
-                          "key=value ...")
+        raise LaunchError("put the trainer's arguments after '--': risgd-elastic [options] -- --recipe R "
+                          "elastic.workers=P key=value ...")
     cut = argv.index("--")
-    torch_opts, trainer = argv[:cut], argv[cut + 1:]
-    for opt in torch_opts:
-        if opt in ("-m", "--module", "--no-python", "--no_python") or not opt.startswith("-"):
-            raise LaunchError(f"'{opt}' before '--': risgd-elastic runs the trainer itself (--module "
-                              f"{TRAINER}); give only torchrun's options before '--'")
-    return torch_opts, trainer
+    own, trainer = argv[:cut], argv[cut + 1:]
+    for opt in own:
+        if opt.split("=", 1)[0] in RETIRED:
+            raise LaunchError(f"{opt.split('=', 1)[0]}: risgd-elastic now starts one node of a run on torchft (the "
+                              "torchrun path that restarted every node was retired): drop the --nnodes/--rdzv-* "
+                              "options, pass --lighthouse URL, and start the command on every node "
+                              "(docs/faults.md, \"Live recovery on torchft\")")
+    args = parser().parse_args(own)
+    args.lighthouse = args.lighthouse or os.environ.get(LIGHTHOUSE_ENV)
+    if not args.lighthouse:
+        raise LaunchError(f"no lighthouse: pass --lighthouse http://HOST:PORT or set {LIGHTHOUSE_ENV} (start one "
+                          "with torchft_lighthouse; docs/faults.md)")
+    if args.nproc_per_node < 1 or args.max_restarts < 0:
+        raise LaunchError("--nproc-per-node must be >= 1 and --max-restarts >= 0")
+    if not any(a.startswith("elastic.workers=") for a in trainer):
+        raise LaunchError("the trainer's arguments need elastic.workers=P (the run's nodes, one per manifest "
+                          "worker): without it the launch is a fixed-size run of this node alone")
+    return args, trainer
 
 
-def with_rdzv_defaults(torch_opts: list[str]) -> list[str]:
-    """``torch_opts`` with DEFAULT_RDZV_CONF added to --rdzv-conf for each key not given."""
-    out, given = [], {}
-    it = iter(torch_opts)
-    for opt in it:
-        if opt.split("=", 1)[0] in ("--rdzv-conf", "--rdzv_conf"):
-            value = opt.split("=", 1)[1] if "=" in opt else next(it, "")
-            given.update(kv.split("=", 1) for kv in value.split(",") if "=" in kv)
-        else:
-            out.append(opt)
-    conf = {**DEFAULT_RDZV_CONF, **given}
-    return [*out, "--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in conf.items())]
+def parser() -> Parser:
+    p = Parser(prog="risgd-elastic", description="Start one node of an elastic run (torchft). "
+               "Usage: risgd-elastic [options] -- --recipe R elastic.workers=P key=value ...")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, help="this node's ranks (default 1)")
+    p.add_argument("--master-addr", "--master_addr", default="127.0.0.1",
+                   help="this node's address, reachable from the other nodes (default 127.0.0.1: one machine)")
+    p.add_argument("--master-port", "--master_port", type=int, default=29500, help="this node's store port")
+    p.add_argument("--lighthouse", default=None, help=f"the run's torchft_lighthouse (default ${LIGHTHOUSE_ENV})")
+    p.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
+                   help="restart this node's ranks up to this many times when one crashes (default 0)")
+    return p
 
 
-def _endpoint(args) -> str:
-    return args.rdzv_endpoint or f"{args.master_addr or '127.0.0.1'}:{args.master_port}"
-
-
-def _conf(args) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in (args.rdzv_conf or "").split(",") if "=" in kv)
-
-
-def outcome(exc: BaseException | None, args, stop_line: str | None) -> tuple[int, str | None]:
-    """(exit status, the one line) for how torchrun's agent ended: ``exc`` is what it raised."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import (
-        RendezvousClosedError,
-        RendezvousConnectionError,
-        RendezvousError,
-        RendezvousTimeoutError,
-    )
-    from torch.distributed.run import parse_min_max_nnodes
-
-    if exc is None:
-        return 0, None
-    if stop_line:  # the trainer refused to go on: its own line
-        return 2, stop_line
-    endpoint, (min_nodes, _) = _endpoint(args), parse_min_max_nnodes(args.nnodes)
-    keep = "the latest checkpoint is kept"
-    if isinstance(exc, RendezvousTimeoutError):
-        wait = _conf(args).get("join_timeout", "600")
-        return 1, (f"error: elastic rendezvous {args.rdzv_id} at {endpoint}: fewer than {min_nodes} node(s) (the MIN "
-                   f"of --nnodes={args.nnodes}) joined within join_timeout={wait} s; {keep}: start the missing nodes "
-                   "with the same --rdzv-endpoint and --rdzv-id, or lower MIN")
-    if isinstance(exc, RendezvousConnectionError):
-        return 1, (f"error: the rendezvous host {endpoint} cannot be reached: an elastic run cannot survive the loss "
-                   "of the node that hosts its c10d store (a single point, like torchft's Lighthouse); "
-                   f"{keep}: start every node again with --rdzv-endpoint on a live node and the run resumes from "
-                   "it (or use an external store: --rdzv-backend=etcd-v2)")
-    if isinstance(exc, RendezvousClosedError):
-        return 1, (f"error: elastic rendezvous {args.rdzv_id} at {endpoint} was closed by another node (it gave up "
-                   f"or finished): see that node's log; {keep}")
-    if isinstance(exc, RendezvousError):
-        return 1, f"error: elastic rendezvous {args.rdzv_id} at {endpoint} failed: {exc}; {keep}"
-    if isinstance(exc, ChildFailedError):
-        rank, failure = min(exc.failures.items())
-        how = (f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit status {failure.exitcode}")
-        return 1, (f"error: the trainer failed on this node (rank {rank}: {how}) after torchrun's "
-                   f"--max-restarts={args.max_restarts} restart(s); {keep}: its traceback is above")
-    raise exc
+def torchrun_argv(args, trainer: list[str]) -> list[str]:
+    """torchrun's arguments for this node."""
+    return ["--nnodes=1", "--node-rank=0", f"--nproc-per-node={args.nproc_per_node}",
+            f"--max-restarts={args.max_restarts}", f"--master-addr={args.master_addr}",
+            f"--master-port={args.master_port}", "--module", TRAINER, *trainer]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: risgd-elastic [torchrun options] -- [trainer options]\n")
-        print(__doc__.strip())
+        parser().print_help()
+        print("\n" + __doc__.strip())
         return 0
     try:
-        torch_opts, trainer = split_argv(argv)
+        args, trainer = parse(argv)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args([*with_rdzv_defaults(torch_opts), "--module", TRAINER, *trainer])
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    fd, stop_file = tempfile.mkstemp(prefix="risgd-elastic-stop-", suffix=".txt")
-    os.close(fd)
-    os.environ[STOP_FILE_ENV] = stop_file  # inherited by the workers torchrun starts
-    exc: BaseException | None = None
+    os.environ[LIGHTHOUSE_ENV] = args.lighthouse
     try:
-        run(args)
+        run(parse_args(torchrun_argv(args, trainer)))
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # how the agent ended, told in one line below
-        exc = e
-    finally:
-        with open(stop_file) as f:
-            stop_line = f.read().strip() or None
-        os.unlink(stop_file)
-    status, line = outcome(exc, args, stop_line)
-    if line:
-        print(line, file=sys.stderr, flush=True)
-    return status
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        if codes == {2}:  # the trainer refused: its one line is above
+            return 2
+        rank, failure = min(e.failures.items())
+        how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+        print(f"error: this node's ranks failed (rank {rank}: {how}, after --max-restarts={args.max_restarts}); "
+              "the other nodes go on without it: start the same command to bring it back", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,26 +1,24 @@
-"""Elastic continuation of a run: identity by data, the live workers' coverage, the floor, and the
-record of each membership change.
+"""Who trains, seen from the trainer: a fixed run's ranks, or the live nodes of an elastic run.
 
-An elastic run (recipe key ``elastic.workers`` = p > 0) is launched by torchrun with
-``--nnodes=MIN:MAX``; when a node is lost, torch's elastic agent stops the survivors' workers and
-starts them again with new RANK/WORLD_SIZE. Rank numbers therefore mean nothing across restarts:
-each rank learns which manifest worker it serves from its node's replica (``data.replicate``
-records it in ``.risgd-replica.json``: the replica directory is ``data.shards``, or the
-``RISGD_REPLICA_DIR`` variable, e.g. for several "nodes" on one machine), so its chunks, its loader
-position and its optimizer state (the engine keys checkpoint state by worker) follow the node.
+:func:`nodes_for` gives the training loop one object either way, so ``train()`` has no elastic
+branches: :class:`FixedNodes` (every worker for the whole run) or :class:`ElasticNodes` (one node of
+an elastic run on torchft: a quorum at every round, a lost node dropped, a returning one healed
+from a live peer; nobody restarted). Who is live is decided by the engine alone
+(``RISGDController.live_workers``: the quorum's nodes less the ``failures`` schedule's); this
+module only turns it into the data's coverage, the floor and the run record.
 
-The run directory keeps ``elastic/membership.json`` (one entry per start: step, workers, world
-size, coverage) and one heartbeat file per worker (``elastic/beat-wNNNNN.json``, the time of its
-last step, written at most every half second). After a restart, the earliest last heartbeat of the
-previous members is when the failure happened; the seconds from it to the first step of the new
-membership are logged in the membership event (``metrics.jsonl``, ``"event": "membership"``).
+Identity is by data, not by rank: each node learns which manifest worker it serves from its
+replica (``data.replicate`` records it in ``.risgd-replica.json``: the replica directory is
+``data.shards``, or the ``RISGD_REPLICA_DIR`` variable, e.g. for several "nodes" on one machine).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from typing import Any
 
 import yaml
 
@@ -29,9 +27,7 @@ from risgd_data.errors import DataError
 from risgd_data.manifest import load_manifest
 from risgd_data.replicate import read_replica
 
-STOP_FILE_ENV = "RISGD_ELASTIC_STOP_FILE"  # risgd-elastic names a file here: the trainer writes its refusal to it
 REPLICA_ENV = "RISGD_REPLICA_DIR"
-BEAT_EVERY_S = 0.5
 
 
 def replica_dir(cfg: dict) -> str:
@@ -68,17 +64,6 @@ def worker_of_replica(manifest: dict, shard_dir: str, local_rank: int) -> int:
     return record["workers"][local_rank]
 
 
-def duplicate_claims(workers: list[int], dirs: list[str]) -> str | None:
-    """One line if two ranks claim one manifest worker (None: every worker served at most once)."""
-    for r, w in enumerate(workers):
-        other = workers.index(w)
-        if other != r:
-            return (f"ranks {other} and {r} both serve manifest worker {w} (replicas {dirs[other]} and {dirs[r]}): "
-                    "every node needs its own replica (python -m data.replicate --node-rank K, one K per node); "
-                    f"on one machine give each agent its own {REPLICA_ENV}")
-    return None
-
-
 def floor_error(cfg: dict, workers: list[int], coverage: float, p: int) -> str | None:
     """One line if the live workers are below the run's floor (None: the run goes on)."""
     el = cfg["elastic"]
@@ -94,113 +79,70 @@ def floor_error(cfg: dict, workers: list[int], coverage: float, p: int) -> str |
             f"worker(s) {lost} (python -m data.replicate --node-rank K ...) or lower the floor to go on")
 
 
-class Membership:
-    """This start's membership (rank 0 records it; every rank beats)."""
+class FixedNodes:
+    """A fixed-size run: every worker's ranks for the whole run (the ``failures`` schedule may mark
+    some down in a round; the engine says which)."""
 
-    def __init__(self, run_dir: str, workers: list[int], coverage: float, worker: int, rank: int):
-        self.dir = os.path.join(run_dir, "elastic")
-        self.workers, self.coverage, self.worker, self.rank = sorted(workers), coverage, worker, rank
-        self.generation = 0
-        self.history: list[dict] = []
-        self._last_beat = 0.0
-        self._path = os.path.join(self.dir, "membership.json")
-        os.makedirs(self.dir, exist_ok=True)
-        if os.path.exists(self._path):
-            with open(self._path) as f:
-                self.history = json.load(f)
-
-    def start(self, step: int, generation: int, restored: dict[int, str] | None = None) -> None:
-        """Record this start (rank 0), before its first step. ``restored``: per worker, whether it
-        resumed from its "own" state or from the "average" (it had none in the checkpoint)."""
-        self.generation, self.step = generation, step
-        self.restored = {int(w): how for w, how in sorted((restored or {}).items())}
-        self.previous = next((g for g in reversed(self.history) if g["generation"] < generation), None)
-        self.failed_at = self._failure_time(self.previous)
-        if self.rank == 0:
-            self.history = [g for g in self.history if g["generation"] < generation]
-            self.history.append({"generation": generation, "step": step, "workers": self.workers,
-                                 "world_size": len(self.workers), "data_coverage": self.coverage,
-                                 "started": time.time(),
-                                 "torchelastic_restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))})
-            write_text_atomic(self._path, json.dumps(self.history, indent=1) + "\n")
-
-    def _failure_time(self, previous: dict | None) -> tuple[float, int] | None:
-        """(time, step) of the earliest last heartbeat of the previous members: when the first one stopped."""
-        if previous is None:
-            return None
-        beats = []
-        for w in previous["workers"]:
-            try:
-                with open(self._beat_path(w)) as f:
-                    beat = json.load(f)
-            except (OSError, ValueError):
-                continue
-            if beat.get("generation") == previous["generation"]:
-                beats.append((beat["time"], beat["step"]))
-        return min(beats) if beats else None
-
-    def _beat_path(self, worker: int) -> str:
-        return os.path.join(self.dir, f"beat-w{worker:05d}.json")
-
-    def beat(self, step: int, force: bool = False) -> None:
-        """This worker's heartbeat: the time of its latest step (at most every BEAT_EVERY_S)."""
-        now = time.time()
-        if force or now - self._last_beat >= BEAT_EVERY_S:
-            self._last_beat = now
-            path = self._beat_path(self.worker)
-            tmp = f"{path}.tmp"  # replaced whole, but not fsync'ed: a beat is worth no disk flush in the loop
-            with open(tmp, "w") as f:
-                f.write(json.dumps({"time": now, "step": step, "generation": self.generation}))
-            os.replace(tmp, path)
-
-    def event(self, first_step_time: float) -> dict:
-        """The membership event of this start, logged at its first step."""
-        prev = self.previous
-        event = {"step": self.step, "event": "membership", "generation": self.generation,
-                 "live_workers": self.workers, "world_size": len(self.workers), "data_coverage": self.coverage,
-                 "lost_workers": sorted(set(prev["workers"]) - set(self.workers)) if prev else [],
-                 "joined_workers": sorted(set(self.workers) - set(prev["workers"])) if prev else [],
-                 "torchelastic_restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
-                 "restored": {str(w): how for w, how in self.restored.items()}}
-        if self.failed_at is not None:
-            failed_time, failed_step = self.failed_at
-            event["seconds_from_failure_to_step"] = first_step_time - failed_time
-            event.update(failed_at=failed_time, first_step_at=first_step_time)
-            event["steps_redone"] = max(failed_step - self.step, 0)
-        return event
-
-    def summary(self, events: list[dict], seconds_per_step: float) -> dict:
-        """The run's elastic record for summary.json. ``goodput``: the share of the wall time since
-        the first start that was not lost to restarts (seconds from each failure to the next step)
-        or to steps trained again (``steps_redone`` at ``seconds_per_step``)."""
-        lost = sum(e.get("seconds_from_failure_to_step", 0.0) for e in events)
-        redone = sum(e.get("steps_redone", 0) for e in events)
-        elapsed = time.time() - self.history[0]["started"] if self.history else 0.0
-        wasted = lost + redone * seconds_per_step
-        return {"elastic_workers": None, "restarts": max(len(self.history) - 1, 0),
-                "membership": [{k: g[k] for k in ("step", "workers", "world_size", "data_coverage")}
-                               for g in self.history],
-                "world_sizes": [g["world_size"] for g in self.history],
-                "seconds_lost": lost, "steps_redone": redone,
-                "goodput": max(0.0, 1.0 - wasted / elapsed) if elapsed > 0 else None}
-
-
-class LiveRecord:
-    """A live (torchft) run on this node: the floor over the quorum's nodes, which node writes the
-    record (the one serving the lowest live worker: it moves when that node is lost or one lower comes
-    back), and the membership events with the data their nodes hold."""
+    recording = True  # rank 0 writes the run record
+    identity: int | None = None  # checkpoint state by rank
 
     def __init__(self, run, manifest: dict, index: dict, worker: int):
         self.run, self.manifest, self.index, self.worker = run, manifest, index, worker
+        self._coverage: dict[frozenset, float] = {}
+
+    def rng_id(self, rank: int) -> int:
+        """Whose per-rank random stream this rank draws (dropout): its rank's."""
+        return rank
+
+    def coverage(self, ctl) -> float:
+        """The share of the training set the live workers hold (the engine decides who is live)."""
+        from risgd_data.manifest import live_coverage
+
+        key = frozenset(ctl.live_workers())
+        if key not in self._coverage:
+            self._coverage[key] = live_coverage(self.manifest, self.index, set(key))
+        return self._coverage[key]
+
+    def join(self, engine, scheduler, progress: dict) -> None:
+        """Take part in the run from ``progress['step']`` (a fixed run: nothing to meet)."""
+
+    def draw_scales(self, ctl) -> list[float] | None:
+        return None
+
+    def after_step(self, ctl, step: int, tracker, rank: int, scheduler, progress: dict) -> tuple[Any, int | None]:
+        """(the tracker to use from here, the step the loader must restart at, or None)."""
+        return tracker, None
+
+    def checkpoint_due(self, ctl, step: int, last: int, every: int) -> bool:
+        return bool(every) and step % every == 0
+
+    def summary(self, ctl, tracker, wall_seconds: float) -> dict:
+        return {}
+
+    def finish(self, ctl, digest: str, rank: int) -> None:
+        """After the final average."""
+
+
+class ElasticNodes(FixedNodes):
+    """This launch is one node of an elastic run on torchft (``elastic.workers`` > 0): the floor
+    over the quorum's nodes, which node writes the record (the one serving the lowest live worker: it
+    moves when that node is lost or one lower comes back), the membership events with the data their
+    nodes hold, healing a node that is behind, and each chunk drawn at its share by the live nodes."""
+
+    def __init__(self, run, manifest: dict, index: dict, worker: int):
+        super().__init__(run, manifest, index, worker)
         self.workers = manifest["workers"]
+        self.identity = worker  # checkpoint state by manifest worker: it follows the node
         self.recording = False
         self.events: list[dict] = []
         self._first: dict | None = None
         self._drawn_for: frozenset | None = None  # the nodes the loader's draw was scaled for
-        self.redraw = False
-        self._coverage: dict[frozenset, float] = {}
+        self._healed: dict = {}  # the trainer's state taken from a live peer, until the loop takes it
 
-    def coverage(self, members) -> float:
+    def rng_id(self, rank: int) -> int:
+        return self.worker
+
+    def _coverage_of(self, members) -> float:
         from risgd_data.manifest import live_coverage
 
         key = frozenset(members)
@@ -210,46 +152,62 @@ class LiveRecord:
 
     def accept(self, members) -> str | None:
         """Why ``members`` are below the run's floor (elastic.min_workers, elastic.min_coverage), or None."""
-        return floor_error(self.run.cfg, sorted(members), self.coverage(members), self.workers)
+        return floor_error(self.run.cfg, sorted(members), self._coverage_of(members), self.workers)
 
-    def members(self, ctl) -> frozenset:
-        return frozenset(ctl._members or {self.worker})
+    def join(self, engine, scheduler, progress: dict) -> None:
+        """Meet the live nodes in torchft's quorum; a node behind them (it joins a run in progress) is
+        healed from a live peer: its model, optimizer and round state, and the trainer's schedule, best
+        accuracy and wall clock, at their step (``progress`` is updated)."""
+        def trainer_state() -> dict:  # what a joiner takes from its peer, besides the engine's state
+            return {"best": progress["best"], "last_eval": progress["last_eval"], "scheduler": scheduler.state_dict(),
+                    "wall": time.perf_counter() - progress["t0"] if "t0" in progress else progress["wall"]}
+
+        ctl = engine.risgd
+        if ctl.go_live(self.worker, self.workers, accept=self.accept,
+                       state={"trainer": (self._healed.update, trainer_state)}):
+            self._take_healed(ctl.take_healed(), scheduler, progress)
+        start = progress["step"]
+        self.recording = self.worker == min(ctl.members())
+        members = sorted(ctl.members())
+        self._first = {"step": start, "event": "membership", "generation": ctl.live.current.quorum_id,
+                       "live_workers": members, "world_size": len(members), "data_coverage": self._coverage_of(members),
+                       "lost_workers": [], "joined_workers": [], "healed": bool(start and ctl.live.current.healing),
+                       "quorum_seconds": ctl.live.current.seconds, "failed_attempts": 0, "failed_seconds": 0.0,
+                       "steps_redone": 0}
+        if engine.global_rank == 0:
+            how = f", healed from a live peer at step {start}" if start and ctl.live.current.healing else ""
+            print(f"live: this node serves worker {self.worker} of {self.workers} (torchft; lighthouse "
+                  f"{os.environ.get('TORCHFT_LIGHTHOUSE')}){how}", file=sys.stderr, flush=True)
+
+    def _take_healed(self, step: int | None, scheduler, progress: dict) -> None:
+        scheduler.load_state_dict(self._healed["scheduler"])
+        progress.update(step=step, best=self._healed["best"], last_eval=self._healed["last_eval"],
+                        wall=self._healed["wall"])
+        if "t0" in progress:
+            progress["t0"] = time.perf_counter() - self._healed["wall"]
 
     def draw_scales(self, ctl) -> list[float] | None:
         """This node's factor per chunk it holds, for the nodes live now (None: all are, nothing to scale)."""
         from risgd_data.manifest import chunk_draw_scales
 
-        members = self.members(ctl)
+        members = ctl.members()
         self._drawn_for = members
         if len(members) == self.workers:
             return None
         return chunk_draw_scales(self.manifest, members)[self.worker]
 
-    def started(self, ctl, start: int) -> None:
-        self.start, self.recording = start, self.worker == min(self.members(ctl))
-        members = sorted(self.members(ctl))
-        self._first = {"step": start, "event": "membership", "generation": ctl.live.current.quorum_id,
-                       "live_workers": members, "world_size": len(members), "data_coverage": self.coverage(members),
-                       "lost_workers": [], "joined_workers": [], "healed": bool(start and ctl.live.current.healing),
-                       "quorum_seconds": ctl.live.current.seconds, "failed_attempts": 0, "failed_seconds": 0.0,
-                       "steps_redone": 0}
-
-    def write_final(self, digest: str) -> None:
-        """This node's final model digest, beside the others' (``elastic/final-wNNNNN.json``)."""
-        path = os.path.join(self.run.run_dir, "elastic", f"final-w{self.worker:05d}.json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text_atomic(path, json.dumps({"worker": self.worker, "model_sha256": digest}) + "\n")
-
-    def start_line(self, start: int) -> str:
-        how = f", healed from a live peer at step {start}" if start else ""
-        return (f"live: this node serves worker {self.worker} of {self.workers} (torchft; lighthouse "
-                f"{os.environ.get('TORCHFT_LIGHTHOUSE')}){how}")
-
-    def after_step(self, ctl, step: int, tracker, rank: int):
-        """Log the quorum's changes since the last step; hand the record over when its writer changes.
-        Returns the tracker to use from here."""
+    def after_step(self, ctl, step: int, tracker, rank: int, scheduler, progress: dict) -> tuple[Any, int | None]:
+        """Follow a heal (this node was behind the others at a round: go on from their step, with their
+        schedule), log the quorum's changes, hand the record over when its writer changes, and say when
+        the loader must be rebuilt (from the step returned: the healed step, or this one when the live
+        nodes changed and the chunks they hold are drawn at their shares again)."""
         from risgd_trainer.tracking import RunTracker
 
+        restart = None
+        healed_to = ctl.take_healed()
+        if healed_to is not None and healed_to != step:
+            self._take_healed(healed_to, scheduler, progress)
+            restart = step = healed_to
         if self._first is not None:  # this node's start: the quorum it joined
             self.events.append(self._first)
             tracker.log(self._first)
@@ -259,30 +217,49 @@ class LiveRecord:
                 continue
             self.events.append({"step": step, "event": "membership", "generation": e.quorum_id,
                                 "live_workers": e.members, "world_size": len(e.members),
-                                "data_coverage": self.coverage(e.members), "lost_workers": e.lost,
+                                "data_coverage": self._coverage_of(e.members), "lost_workers": e.lost,
                                 "joined_workers": e.joined, "healed": e.healed, "quorum_seconds": e.seconds,
                                 "failed_attempts": e.failed_attempts, "failed_seconds": e.attempt_seconds,
                                 "steps_redone": 0})
             tracker.log(self.events[-1])
-        self.redraw = self._drawn_for is not None and self.members(ctl) != self._drawn_for
-        recording = self.worker == min(self.members(ctl))
+        if restart is None and self._drawn_for is not None and ctl.members() != self._drawn_for:
+            restart = step
+        recording = self.worker == min(ctl.members())
         if recording and not self.recording:
             tracker = RunTracker(self.run.run_dir, self.run.cfg, active=rank == 0, resume_step=step)
         elif self.recording and not recording:
             tracker.hand_over()
         self.recording = recording
-        return tracker
+        return tracker, restart
 
-    def summary(self, ctl, tracker) -> dict:
-        """The run's elastic record for summary.json (as the torchrun path's: ``restarts`` counts the
-        quorum's changes; nothing restarted)."""
+    def checkpoint_due(self, ctl, step: int, last: int, every: int) -> bool:
+        """At averages only, so a worker without state (a lost node's, at a resume) can start from one."""
+        return bool(every) and step >= (last // every + 1) * every and ctl.is_average()
+
+    def summary(self, ctl, tracker, wall_seconds: float) -> dict:
+        """The run's elastic record for summary.json: ``restarts`` counts the quorum's changes (nothing
+        restarted); ``goodput`` is 1 - ``seconds_lost`` / the run's wall seconds (no step is redone)."""
         events = tracker.events() or self.events
         changes = [e for e in events if e.get("lost_workers") or e.get("joined_workers")]
         lost = sum(e.get("quorum_seconds", 0.0) + e.get("failed_seconds", 0.0) for e in changes)
-        members = sorted(self.members(ctl))
+        members = sorted(ctl.members())
         return {"elastic_backend": "torchft", "elastic_workers": self.workers, "live_workers": members,
                 "restarts": len(changes), "retries": ctl.retries, "retry_seconds": ctl.retry_seconds,
                 "membership": [{"step": e["step"], "workers": e["live_workers"], "world_size": e["world_size"],
                                 "data_coverage": e["data_coverage"]} for e in events],
-                "world_sizes": [e["world_size"] for e in events], "seconds_lost": lost, "steps_redone": 0}
+                "world_sizes": [e["world_size"] for e in events], "seconds_lost": lost, "steps_redone": 0,
+                "goodput": max(0.0, 1.0 - lost / wall_seconds) if wall_seconds > 0 else None}
 
+    def finish(self, ctl, digest: str, rank: int) -> None:
+        """This node's final model digest, beside the others' (``elastic/final-wNNNNN.json``), and
+        this node leaves the live set."""
+        if rank == 0:
+            path = os.path.join(self.run.run_dir, "elastic", f"final-w{self.worker:05d}.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_text_atomic(path, json.dumps({"worker": self.worker, "model_sha256": digest}) + "\n")
+        ctl.live.shutdown()
+
+
+def nodes_for(run, manifest: dict, index: dict, worker: int) -> FixedNodes:
+    """The training loop's view of who trains: :class:`ElasticNodes` in an elastic run, else :class:`FixedNodes`."""
+    return (ElasticNodes if run.elastic else FixedNodes)(run, manifest, index, worker)

@@ -95,14 +95,14 @@ SCHEMA: dict[str, Any] = {
     # For the cost model's advice in summary.json: the link bandwidth between nodes (0: estimate it
     # from this run's measured collectives) and the per-message latency.
     "network": {"bandwidth_gbit": 0.0, "latency_us": 50.0, "target_comm_share": 0.1},
-    # An elastic run (launched by torchrun --nnodes=MIN:MAX): the manifest has `workers` workers, a
-    # launch any number of ranks up to that; each rank serves the manifest worker its node's replica
-    # records (data.shards, or the RISGD_REPLICA_DIR variable). It stops (exit 2) when fewer than
-    # min_workers are live or their data covers less than min_coverage of the training set.
-    # backend torchft: one launch per node (its ranks are the node), a quorum at every round, a lost node dropped
-    # and a returning one healed without restarting anyone (docs/faults.md, "Live recovery on torchft");
-    # floor_wait_s: how long a round below the floor waits for a node; op_timeout_s: each cross-node operation's.
-    "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0, "backend": "torchrun", "floor_wait_s": 60.0,
+    # An elastic run: the manifest has `workers` workers; each node is one launch (its ranks are the node level)
+    # serving the manifest worker its replica records (data.shards, or the RISGD_REPLICA_DIR variable). Its
+    # nodes meet in torchft's quorum at every round: a lost node is dropped and a returning one healed from a
+    # live peer, nobody restarted (docs/faults.md, "Live recovery on torchft"). Below min_workers live nodes,
+    # or below min_coverage of the training set, a round waits floor_wait_s for a node, then every node stops
+    # (exit 2); op_timeout_s: each cross-node operation's timeout. backend: torchft, the only one (torchrun's
+    # restart-everyone path was retired; the value torchrun is refused with the way over).
+    "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0, "backend": "torchft", "floor_wait_s": 60.0,
                 "op_timeout_s": 10.0},
 }
 
@@ -111,7 +111,9 @@ SCHEMA: dict[str, Any] = {
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
                "data.verify", "data.global_batch", "elastic.min_workers", "elastic.min_coverage",
-               "elastic.floor_wait_s", "elastic.op_timeout_s")
+               "elastic.floor_wait_s", "elastic.op_timeout_s", "elastic.backend")
+# elastic.backend: how nodes meet, not what is trained (and runs saved before torchft was the only backend say
+# torchrun there, elastic or not)
 # The node level, overlap, the outer step and compression: written into the 'risgd' block only when set (a
 # flat run's block is unchanged by keys added after it).
 NODE_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["recipe"] == "when_set")
@@ -229,8 +231,13 @@ def validate(cfg: dict) -> None:
     if el["workers"] < 0 or el["min_workers"] < 1 or not 0 <= el["min_coverage"] <= 1:
         raise RecipeError("elastic.workers must be >= 0 (0: a fixed-size run), elastic.min_workers >= 1 and "
                           "elastic.min_coverage in [0, 1]")
-    if el["backend"] not in ("torchrun", "torchft"):
-        raise RecipeError(f"elastic.backend must be torchrun or torchft, got {el['backend']!r}")
+    if el["backend"] == "torchrun":
+        raise RecipeError("elastic.backend=torchrun was retired (a lost node restarted every node from the "
+                          "last checkpoint, 35-37 s): drop the key (torchft is the default) and start one launch "
+                          "per node with TORCHFT_LIGHTHOUSE set (risgd-elastic or deepspeed; docs/faults.md, "
+                          "\"Live recovery on torchft\")")
+    if el["backend"] != "torchft":
+        raise RecipeError(f"elastic.backend must be torchft, got {el['backend']!r}")
     for key in ("floor_wait_s", "op_timeout_s"):
         if isinstance(el[key], bool) or not isinstance(el[key], (int, float)) or el[key] <= 0:
             raise RecipeError(f"elastic.{key} must be a number of seconds > 0, got {el[key]!r}")
@@ -324,13 +331,14 @@ class Run:
 
     @property
     def elastic(self) -> bool:
-        """An elastic run: the world size may change between restarts (``elastic.workers`` > 0)."""
+        """An elastic run (``elastic.workers`` > 0): this launch is one node of a run on torchft, whose
+        nodes come and go without restarting the others."""
         return self.cfg["elastic"]["workers"] > 0
 
     @property
     def live(self) -> bool:
-        """An elastic run on torchft: this launch is one node; a lost node never restarts the others."""
-        return self.elastic and self.cfg["elastic"]["backend"] == "torchft"
+        """The same as :attr:`elastic` (torchft is the only elastic backend)."""
+        return self.elastic
 
     @property
     def manifest_workers(self) -> int:
@@ -438,30 +446,16 @@ def check_world_size(manifest: dict, world_size: int, path: str = "the manifest"
 
 
 def check_elastic(cfg: dict, world_size: int) -> None:
-    """What an elastic run supports (for now): one rank per manifest worker, a flat layout, blocking
-    rounds, no simulated failures, and at most ``elastic.workers`` ranks."""
-    p = cfg["elastic"]["workers"]
-    if not p:
+    """What an elastic run needs: local SGD (prsgd or risgd), and a launch that is one node (its ranks,
+    ``world_size``, are the node level, so ``node_size`` is 1 or all of them)."""
+    if not cfg["elastic"]["workers"]:
         return
-    if cfg["elastic"]["backend"] == "torchft":  # a launch is one node: its ranks share the node's worker
-        if cfg["algorithm"] not in ("prsgd", "risgd"):
-            raise RecipeError(f"an elastic run needs algorithm prsgd or risgd, got {cfg['algorithm']!r}: change it "
-                              "or set elastic.workers=0")
-        if cfg["node_size"] not in (1, world_size):
-            raise RecipeError(f"with elastic.backend=torchft a launch is one node: node_size={cfg['node_size']} must "
-                              f"be its {world_size} ranks (or 1)")
-        return
-    unsupported = [f"{k}={cfg[k]!r}" for k, bad in (("algorithm", cfg["algorithm"] not in ("prsgd", "risgd")),
-                                                    ("node_size", cfg["node_size"] != 1),
-                                                    ("overlap", bool(cfg["overlap"])),
-                                                    ("failures", bool(cfg["failures"]))) if bad]
-    if unsupported:
-        raise RecipeError(f"an elastic run (elastic.workers={p}) needs algorithm prsgd or risgd, node_size=1, no "
-                          f"overlap and no simulated failures; this one has {', '.join(unsupported)}: change them "
+    if cfg["algorithm"] not in ("prsgd", "risgd"):
+        raise RecipeError(f"an elastic run needs algorithm prsgd or risgd, got {cfg['algorithm']!r}: change it "
                           "or set elastic.workers=0")
-    if world_size > p:
-        raise RecipeError(f"this launch has {world_size} ranks but the elastic run has elastic.workers={p} manifest "
-                          f"workers: launch at most {p} (torchrun --nnodes=MIN:{p} --nproc-per-node 1)")
+    if cfg["node_size"] not in (1, world_size):
+        raise RecipeError(f"an elastic run's launch is one node: node_size={cfg['node_size']} must be its "
+                          f"{world_size} ranks (or 1)")
 
 
 def find_ds_config(path: str, recipe: str | None) -> str:
@@ -494,7 +488,7 @@ def build_ds_config(cfg: dict, world_size: int, recipe: str | None = None) -> tu
     if cfg["algorithm"] != "sync":
         block.update(block_from_recipe(cfg))
         el = cfg["elastic"]
-        if el["workers"] and el["backend"] == "torchft":
+        if el["workers"]:
             block.update(fault_tolerance="torchft", min_nodes=el["min_workers"], floor_wait_s=float(el["floor_wait_s"]),
                          op_timeout_s=float(el["op_timeout_s"]))
         ds["risgd"] = block
@@ -666,8 +660,7 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
         validate(cfg)
         check_elastic(cfg, world_size)
         workers = cfg["elastic"]["workers"]  # the manifest's, whatever the launch's world size
-        if cfg["elastic"]["backend"] == "torchft":
-            node_size = cfg["node_size"] = world_size  # the launch is one node
+        node_size = cfg["node_size"] = world_size  # the launch is one node
     try:
         if cfg["data"]["manifest"]:
             manifest = load_manifest(cfg["data"]["manifest"])

@@ -162,9 +162,8 @@ def load_data(run: Run, rank: int) -> tuple[dict, dict, int, str]:
                                               mode="coop" if cfg["algorithm"] == "coop" else "risgd")
     check_same_manifest(run.run_dir, manifest)
     full = data["verify"] == "full"  # else a replica's stamp spares re-hashing unchanged shards
-    if run.elastic:  # torchft: the node's ranks share its replica's (first) worker
-        local = 0 if run.live else int(os.environ.get("LOCAL_RANK", 0))
-        worker = elastic.worker_of_replica(manifest, shard_dir, local)
+    if run.elastic:  # a launch is one node: its ranks share its replica's (first) worker
+        worker = elastic.worker_of_replica(manifest, shard_dir, 0)
     else:
         worker, _ = run.worker_of(rank)  # with node_size > 1 a node's ranks share its worker's chunks
     verify_shards(index, shard_dir, manifest["ranks"][worker]["shards"], full=full)
@@ -276,42 +275,10 @@ def interrupted_line(runs: list[Run]) -> str:
 
 
 def refuse(error: Exception, speak: bool) -> int:
-    """Exit status 2 after one ``error:`` line: on stderr (from ``speak``ing ranks), or, under
-    risgd-elastic, into its stop file, which it prints once however often torchrun restarts us."""
-    stop_file = os.environ.get(elastic.STOP_FILE_ENV)
-    if stop_file:
-        write_text_atomic(stop_file, f"error: {error}\n")
-    elif speak:
+    """Exit status 2 after one ``error:`` line on stderr (from ``speak``ing ranks)."""
+    if speak:
         print(f"error: {error}", file=sys.stderr)
     return 2
-
-
-def lost_peer(error: BaseException, runs: list[Run]) -> bool:
-    """Whether ``error`` is an elastic run's collective failing because a peer is gone (a killed or
-    silent node): the event an elastic run handles by torchrun restarting the survivors. Anything
-    else keeps its traceback."""
-    if not any(run.elastic for run in runs) or not dist.is_initialized():
-        return False
-    if isinstance(error, dist.DistError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(w in text for w in LOST_PEER_WORDS)
-
-
-# what gloo (and NCCL) say when a peer of a collective is gone or silent
-LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "gloo",
-                   "NCCL", "Broken pipe")
-
-
-def lost_peer_line(error: BaseException, runs: list[Run]) -> str:
-    """One line for a lost peer: what the backend said (its first line, without the C++ frames) and
-    where the run goes on."""
-    said = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-    run = next(run for run in runs if run.elastic)
-    _, tag = latest_checkpoint(run)
-    where = f"checkpoint {tag}" if tag else "the start (no checkpoint yet)"
-    return (f"elastic: a peer of this rank's collective is gone ({type(error).__name__}: {said[:200]}); this worker "
-            f"exits for torchrun to restart the survivors from {where} of {run.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,18 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
         return refuse(e, dist.get_rank() == 0)
-    except LiveError as e:  # a live run below its floor, or its lighthouse lost: the latest checkpoint is kept
-        return refuse(e, dist.get_rank() == 0)
+    except LiveError as e:  # an elastic run below its floor, its lighthouse lost, a node serving a served worker:
+        return refuse(e, dist.get_rank() == 0)  # the latest checkpoint is kept; the same commands resume
     except (*USER_ERRORS, MissingExtra) as e:  # one line naming the problem and the fix
         return refuse(e, first or dist.is_initialized())
     except BaseException as e:
         if isinstance(e, KeyboardInterrupt) and not _INTERRUPTED:  # another handler turned the signal into it
             _INTERRUPTED.append(signal.SIGINT)
         if not _INTERRUPTED:
-            if lost_peer(e, runs):  # handled: torchrun restarts the survivors; one line, no traceback
-                print(lost_peer_line(e, runs), file=sys.stderr, flush=True)
-                sys.stdout.flush()
-                os._exit(1)  # no teardown: the group is broken, destroying it would wait or fail loudly
             raise
         if first:
             print(interrupted_line(runs), file=sys.stderr, flush=True)
@@ -380,7 +343,7 @@ def train(run: Run) -> None:
 
     import risgd_models
     from risgd_data.loader import make_eval_loader, make_train_loader
-    from risgd_data.manifest import live_coverage, steps_per_epoch
+    from risgd_data.manifest import steps_per_epoch
     from risgd_data.transforms import eval_transform, train_transform
 
     cfg, data = run.cfg, run.cfg["data"]
@@ -393,17 +356,7 @@ def train(run: Run) -> None:
         agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
     index, manifest, worker, shard_dir = agree(lambda: load_data(run, rank))
     share = run.worker_of(rank)[1]
-    membership = None
-    if run.elastic and not run.live:  # who serves which worker, what the live workers hold, and the floor
-        claims: list = [None] * run.world_size
-        dist.all_gather_object(claims, (worker, os.path.abspath(shard_dir)))
-        live_workers = [w for w, _ in claims]
-        problem = elastic.duplicate_claims(live_workers, [d for _, d in claims])
-        coverage_now = live_coverage(manifest, index, set(live_workers))
-        problem = problem or elastic.floor_error(cfg, live_workers, coverage_now, manifest["workers"])
-        if problem:
-            raise AgreedError(problem)  # the same on every rank: rank 0 says it, every rank exits 2
-        membership = elastic.Membership(run.run_dir, live_workers, coverage_now, worker, rank)
+    nodes = elastic.nodes_for(run, manifest, index, worker)  # who trains: this run's ranks, or the live nodes
     epoch_steps = steps_per_epoch(manifest, run.worker_batch())
     total_steps = run.total_steps(epoch_steps)
 
@@ -419,56 +372,29 @@ def train(run: Run) -> None:
         optimizer, scheduler = build_optimizer(cfg, model, total_steps)
         engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=run.ds_config, risgd=run.risgd)
-        if run.elastic:  # checkpoint state keyed by the manifest worker this rank serves
-            engine.risgd.identity = worker
+        engine.risgd.identity = nodes.identity  # an elastic run's state is keyed by its manifest worker
         client = {}
         if os.path.exists(os.path.join(ckpt_dir, "latest")):
             _, client = engine.load_checkpoint(ckpt_dir)
         return engine, scheduler, client
 
     engine, scheduler, client = agree(build_engine)
-    start, best = client.get("step", 0), client.get("best_test_acc", 0.0)
-    last_eval = client.get("last_eval", start)
-    if start == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
-        torch.manual_seed(cfg["seed"] * 100003 + (worker if run.elastic else rank) * 7919)
+    progress = {"step": client.get("step", 0), "best": client.get("best_test_acc", 0.0),
+                "last_eval": client.get("last_eval", client.get("step", 0)), "wall": client.get("wall_seconds", 0.0)}
+    if progress["step"] == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
+        torch.manual_seed(cfg["seed"] * 100003 + nodes.rng_id(rank) * 7919)
     elif rank == 0:
-        print(f"{run.name}: resuming from step {start} of {total_steps} ({ckpt_dir})", file=sys.stderr, flush=True)
-    last_ckpt = start
-    progress = {"best": best, "last_eval": last_eval, "wall": client.get("wall_seconds", 0.0)}
-    live = None
-    if run.live:  # join the live nodes: a quorum of torchft's lighthouse; a node behind the others is healed
-        live = elastic.LiveRecord(run, manifest, index, worker)
-
-        def trainer_state() -> dict:  # what a joiner takes from its peer, besides the engine's state
-            return {"best": progress["best"], "last_eval": progress["last_eval"], "scheduler": scheduler.state_dict(),
-                    "wall": time.perf_counter() - progress["t0"] if "t0" in progress else progress["wall"]}
-
-        healed_state: dict = {}
-        if engine.risgd.go_live(worker, manifest["workers"], accept=live.accept,
-                                state={"trainer": (healed_state.update, trainer_state)}):
-            start = last_ckpt = engine.risgd.take_healed()
-            scheduler.load_state_dict(healed_state["scheduler"])
-            best, last_eval = healed_state["best"], healed_state["last_eval"]
-            client["wall_seconds"] = healed_state["wall"]
-        live.started(engine.risgd, start)
-        if rank == 0:
-            print(live.start_line(start), file=sys.stderr, flush=True)
-    if membership is not None:
-        generation = [len(membership.history) and membership.history[-1]["generation"] + 1]
-        dist.broadcast_object_list(generation, src=0)  # rank 0's record decides the number
-        restored: list = [None] * run.world_size  # per worker: its own state, or the average (none of its own)
-        dist.all_gather_object(restored, (worker, engine.risgd.restored))
-        membership.start(start, generation[0], {w: how for w, how in restored if how})
-        if rank == 0:
-            how = "" if not start else f", resumed at step {start} (state: {membership.restored})"
-            print(f"elastic: workers {membership.workers} of {manifest['workers']} live (world size "
-                  f"{run.world_size}), data coverage {coverage_now:.4f}{how}", file=sys.stderr, flush=True)
+        print(f"{run.name}: resuming from step {progress['step']} of {total_steps} ({ckpt_dir})", file=sys.stderr,
+              flush=True)
+    nodes.join(engine, scheduler, progress)  # an elastic run: meet the live nodes (healed if behind them)
+    start = last_ckpt = progress["step"]
+    best, last_eval = progress["best"], progress["last_eval"]
 
     cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
     transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
     def train_loader(first: int):
-        # live: each chunk drawn at its share of a step by whichever nodes hold it now (held and drawn)
-        scale = live.draw_scales(engine.risgd) if live is not None else None
+        # elastic: each chunk drawn at its share of a step by whichever nodes hold it now (held and drawn)
+        scale = nodes.draw_scales(engine.risgd)
         return make_train_loader(manifest, shard_dir, worker, data["base_batch"], policy=data["batch_policy"],
                                  transform=transform, seed=cfg["seed"], start_step=first,
                                  num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
@@ -485,21 +411,19 @@ def train(run: Run) -> None:
     eval_loader = make_eval_loader(shard_dir, data["eval_batch"], rank=rank, world_size=run.world_size,
                                    transform=eval_transform(index["dataset"], data["image_size"]))
     fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
-    # a live run's record is written by the node of the lowest live worker (it moves when that node is lost)
-    tracker = RunTracker(run.run_dir, cfg, active=rank == 0 and (live is None or live.recording), resume_step=start)
+    # an elastic run's record is written by the node of the lowest live worker (it moves when that node is lost)
+    tracker = RunTracker(run.run_dir, cfg, active=rank == 0 and nodes.recording, resume_step=start)
     if rank == 0:
         write_text_atomic(os.path.join(run.run_dir, "ds_config.json"), json.dumps(run.ds_config, indent=2))
         if not os.path.exists(os.path.join(run.run_dir, "manifest.yaml")):
             from risgd_data.manifest import write_manifest
             write_manifest(manifest, os.path.join(run.run_dir, "manifest.yaml"))
 
-    t0 = time.perf_counter() - client.get("wall_seconds", 0.0)
-    progress["t0"] = t0
+    t0 = progress["t0"] = time.perf_counter() - progress["wall"]
     # loss sum, steps, samples skipped since the last log; on the device, so NCCL can reduce it and
     # adding the loss does not wait for the GPU every step
     running = torch.zeros(3, dtype=torch.float64, device=device)
     last = tracker.last_logged() or {"train_loss": float("nan")}
-    coverage: dict[frozenset, float] = {}
     skipped_seen = loader.samples_skipped
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
     batches = iter(loader)
@@ -514,26 +438,16 @@ def train(run: Run) -> None:
         running[0] += loss.detach()
         running[1] += 1
         bar.update(1)
-        if membership is not None:
-            if step == start + 1 and rank == 0:  # the first step of this membership: its event
-                tracker.log(membership.event(time.time()))
-            membership.beat(step)
-        if live is not None:  # the quorum's changes, and who writes the record now
-            healed_to = engine.risgd.take_healed()
-            if healed_to is not None and healed_to != step:  # behind the others at this round: go on from their
-                step = last_ckpt = healed_to                  # step, with their schedule and the data from there
-                scheduler.load_state_dict(healed_state["scheduler"])
-                best, last_eval = healed_state["best"], healed_state["last_eval"]
-                loader = train_loader(step)
-                batches, skipped_seen = iter(loader), loader.samples_skipped
+        tracker, restart = nodes.after_step(engine.risgd, step, tracker, rank, scheduler, progress)
+        if restart is not None:  # elastic: healed to the others' step, or the live nodes changed (their draw)
+            if restart != step:  # go on from the others' step, with their schedule and the data from there
+                step = last_ckpt = restart
+                best, last_eval, t0 = progress["best"], progress["last_eval"], progress["t0"]
                 running.zero_()
                 bar.reset(total=total_steps)
                 bar.update(step)
-            tracker = live.after_step(engine.risgd, step, tracker, rank)
-            if live.redraw:  # the live nodes changed: the chunks they hold are drawn at their shares again
-                loader = train_loader(step)
-                batches, skipped_seen = iter(loader), loader.samples_skipped
-                live.redraw = False
+            loader = train_loader(step)
+            batches, skipped_seen = iter(loader), loader.samples_skipped
         # Log and evaluate only where every rank holds the averaged model: the first average at or
         # after each eval_every multiple, and the last step (which the config made an average).
         due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
@@ -553,27 +467,15 @@ def train(run: Run) -> None:
             best = max(best, metrics["test_acc"])
             progress.update(best=best, last_eval=step)
             if rank == 0:
-                if live is not None:
-                    metrics["data_coverage"] = live.coverage(live.members(engine.risgd))
-                else:
-                    holders = (frozenset(membership.workers) if membership is not None
-                               else frozenset(range(run.workers)) - set(stats["down_workers"]))
-                    if holders not in coverage:
-                        coverage[holders] = live_coverage(manifest, index, holders)
-                    metrics["data_coverage"] = coverage[holders]  # of the training set, by the live ranks
+                metrics["data_coverage"] = nodes.coverage(engine.risgd)  # of the training set, by the live workers
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
             tracker.log(metrics)
             last, last_eval = metrics, step
-        every = cfg["checkpoint_every"]
-        if run.elastic:  # elastic: at averages only, so a worker without state can start from one
-            due = every and step >= (last_ckpt // every + 1) * every and engine.risgd.is_average()
-        else:
-            due = every and step % every == 0
-        if due or step == total_steps:
+        if nodes.checkpoint_due(engine.risgd, step, last_ckpt, cfg["checkpoint_every"]) or step == total_steps:
             last_ckpt = step
             engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={
                 "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best,
-                "last_eval": last_eval}, rank_state_only=live is not None and not live.recording)
+                "last_eval": last_eval}, rank_state_only=not nodes.recording)
     bar.close()
 
     # every rank takes the final average for good (with overlap: the last round, applied now)
@@ -590,16 +492,8 @@ def train(run: Run) -> None:
                "samples_skipped": loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
                "model_sha256": digest, "min_data_coverage": tracker.min_logged("data_coverage"),
                "rank_model_sha256": digests, "cost_model": cost_advice(cfg, stats)}
-    if membership is not None:
-        per_step = summary["wall_seconds"] / max(total_steps - membership.history[0]["step"], 1) \
-            if membership.history else 0.0
-        summary.update(membership.summary(tracker.events(), per_step), elastic_workers=manifest["workers"],
-                       live_workers=membership.workers)
-    if live is not None:
-        summary.update(live.summary(engine.risgd, tracker))
-        if rank == 0:
-            live.write_final(digest)
-        engine.risgd.live.shutdown()
+    summary.update(nodes.summary(engine.risgd, tracker, summary["wall_seconds"]))
+    nodes.finish(engine.risgd, digest, rank)
     tracker.finish(summary)
     if rank == 0:
         print(finished_lines(run, summary), flush=True)
