@@ -408,6 +408,12 @@ class RISGDController:
             q = self._quorum()
         if not q.healing:
             self._members = q.members
+            if self.steps_in_round and cfg.is_average_step(self.steps):
+                # resumed from a checkpoint written where a round was due but could not be formed (the lighthouse
+                # was lost at its quorum): that round first, among the nodes resumed with it, as it would have been
+                t0 = time.perf_counter()
+                self._live_round(q)
+                self._round_done(self.live_of_round(self.rounds, self._members), t0)
             return False
         # the live nodes are at a round: take part in it (contributing nothing, blocking even if theirs is
         # overlapped: the same collectives), take the live state at its commit, then its average

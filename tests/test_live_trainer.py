@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
         lighthouse.kill()
     logs = [open(tmp_path / f"n{k}.log").read() for k in range(2)]
     assert codes == [0, 0], logs[0][-3000:]
-    twin_says = [line for line in open(tmp_path / "twin.log") if line.startswith("error:")]
+    twin_says = [line for line in re.split(r"[\r\n]", open(tmp_path / "twin.log").read()) if "error:" in line]
     assert len(twin_says) == 1 and "another live node already serves manifest worker 0" in twin_says[0], twin_says
     assert "healed from a live peer at step" in logs[1]
     events = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"membership"' in line]
@@ -98,3 +99,74 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     assert summary["min_data_coverage"] == 1.0 and summary["final_test_acc"] > 90
     finals = {json.load(open(run_dir / "elastic" / f"final-w{k:05d}.json"))["model_sha256"] for k in range(2)}
     assert len(finals) == 1 and summary["model_sha256"] in finals
+
+
+def test_a_lost_lighthouse_stops_every_node_with_a_checkpoint_and_the_same_commands_resume_it_bitwise(digits_dir,
+                                                                                                       tmp_path):
+    """The lighthouse is torchft's single point: lost mid-run, every node stops with one line and exit 2, after
+    writing a checkpoint at its step (a round was due there and could not be formed). The lighthouse and the same
+    node commands started again resume the whole run from it (the owed round first) and end on the model an
+    uninterrupted run of the same commands ends on, bit for bit."""
+    manifest, replicas = prepare_replicas(digits_dir, str(tmp_path / "rep"), workers=2, mu=0.5,
+                                          partition="label_sorted")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def lighthouse() -> subprocess.Popen:  # a long heartbeat: no node of a bitwise comparison may be dropped
+        return subprocess.Popen(lighthouse_command(port, heartbeat_ms=10000), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    def nodes(name: str) -> list[subprocess.Popen]:
+        overrides = ["algorithm=risgd", "mu=0.5", "data.partition=label_sorted", f"data.manifest={manifest}",
+                     "elastic.workers=2", "elastic.op_timeout_s=5", "elastic.quorum_timeout_s=15", "steps=300",
+                     "tau=10", "eval_every=100", "checkpoint_every=100", f"runs_dir={tmp_path / 'runs'}",
+                     f"run_name={name}", "wandb.enabled=false"]
+        return [subprocess.Popen(trainer_command(overrides, ranks=1, port=free_port()), cwd=ROOT,
+                                 env=clean_env(RISGD_REPLICA_DIR=replicas[k], TORCHFT_LIGHTHOUSE=url,
+                                               OMP_NUM_THREADS="1", RUST_LOG="error"),
+                                 start_new_session=True, stdout=open(tmp_path / f"{name}-n{k}.log", "a"),
+                                 stderr=subprocess.STDOUT) for k in range(2)]
+
+    def wait(procs: list[subprocess.Popen], house: subprocess.Popen) -> list[int]:
+        try:
+            return [p.wait(timeout=240) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            house.kill()
+            house.wait()
+
+    house = lighthouse()
+    assert wait(nodes("ref"), house) == [0, 0]
+    reference = json.load(open(tmp_path / "runs" / "ref" / "summary.json"))["model_sha256"]
+
+    house, run_dir = lighthouse(), tmp_path / "runs" / "stop"
+    procs = nodes("stop")
+    deadline = time.monotonic() + 240
+    while not any('"test_acc"' in line and '"step": 100' in line for line in _lines(run_dir / "metrics.jsonl")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no progress to step 100"
+        time.sleep(0.1)
+    house.kill()
+    assert wait(procs, house) == [2, 2]
+    for k in range(2):
+        said = [line for line in re.split(r"[\r\n]", open(tmp_path / f"stop-n{k}.log").read())
+                if "error:" in line]  # after the progress bar's last \r, as a terminal shows it
+        assert len(said) == 1 and "no quorum from the lighthouse" in said[0], said
+    tag = open(run_dir / "checkpoints" / "latest").read().strip()
+    assert tag.startswith("step") and int(tag[4:]) % 100 and 100 < int(tag[4:]) < 300  # written at the loss
+    assert not os.path.exists(run_dir / "summary.json")
+
+    house = lighthouse()
+    assert wait(nodes("stop"), house) == [0, 0]
+    assert f"resuming from step {tag[4:]}" in open(tmp_path / "stop-n0.log").read()
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["model_sha256"] == reference and summary["steps"] == 300
+
+
+def _lines(path) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except OSError:
+        return []

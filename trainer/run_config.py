@@ -100,10 +100,11 @@ SCHEMA: dict[str, Any] = {
     # nodes meet in torchft's quorum at every round: a lost node is dropped and a returning one healed from a
     # live peer, nobody restarted (docs/faults.md, "Live recovery on torchft"). Below min_workers live nodes,
     # or below min_coverage of the training set, a round waits floor_wait_s for a node, then every node stops
-    # (exit 2); op_timeout_s: each cross-node operation's timeout. backend: torchft, the only one (torchrun's
-    # restart-everyone path was retired; the value torchrun is refused with the way over).
+    # (exit 2); op_timeout_s: each cross-node operation's timeout; quorum_timeout_s: how long a round waits
+    # for the lighthouse's quorum (a lost lighthouse is noticed after it: every node checkpoints and stops).
+    # backend: torchft, the only one (torchrun's restart-everyone path was retired; torchrun is refused).
     "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0, "backend": "torchft", "floor_wait_s": 60.0,
-                "op_timeout_s": 10.0},
+                "op_timeout_s": 10.0, "quorum_timeout_s": 60.0},
 }
 
 # Keys that may change when a run is continued: where things are, how they are logged, how often
@@ -111,7 +112,7 @@ SCHEMA: dict[str, Any] = {
 OPERATIONAL = ("recipe", "runs_dir", "run_name", "dist_timeout_s", "eval_every", "checkpoint_every", "wandb",
                "network", "data.shards", "data.src", "data.manifest", "data.num_workers", "data.eval_batch",
                "data.verify", "data.global_batch", "elastic.min_workers", "elastic.min_coverage",
-               "elastic.floor_wait_s", "elastic.op_timeout_s", "elastic.backend")
+               "elastic.floor_wait_s", "elastic.op_timeout_s", "elastic.quorum_timeout_s", "elastic.backend")
 # elastic.backend: how nodes meet, not what is trained (and runs saved before torchft was the only backend say
 # torchrun there, elastic or not)
 # The node level, overlap, the outer step and compression: written into the 'risgd' block only when set (a
@@ -238,7 +239,7 @@ def validate(cfg: dict) -> None:
                           "\"Live recovery on torchft\")")
     if el["backend"] != "torchft":
         raise RecipeError(f"elastic.backend must be torchft, got {el['backend']!r}")
-    for key in ("floor_wait_s", "op_timeout_s"):
+    for key in ("floor_wait_s", "op_timeout_s", "quorum_timeout_s"):
         if isinstance(el[key], bool) or not isinstance(el[key], (int, float)) or el[key] <= 0:
             raise RecipeError(f"elastic.{key} must be a number of seconds > 0, got {el[key]!r}")
     if el["workers"] and el["min_workers"] > el["workers"]:
@@ -490,7 +491,7 @@ def build_ds_config(cfg: dict, world_size: int, recipe: str | None = None) -> tu
         el = cfg["elastic"]
         if el["workers"]:
             block.update(fault_tolerance="torchft", min_nodes=el["min_workers"], floor_wait_s=float(el["floor_wait_s"]),
-                         op_timeout_s=float(el["op_timeout_s"]))
+                         op_timeout_s=float(el["op_timeout_s"]), quorum_timeout_s=float(el["quorum_timeout_s"]))
         ds["risgd"] = block
     _, risgd = split_config(ds)
     if risgd is not None:

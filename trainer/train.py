@@ -37,7 +37,7 @@ from risgd_common.atomic import write_text_atomic
 from risgd_common.cli import Parser
 from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, command, need
-from risgd_ext.live import LiveError
+from risgd_ext.live import LighthouseLost, LiveError
 from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_trainer import elastic
 from risgd_trainer.agree import USER_ERRORS, AgreedError, agree
@@ -425,6 +425,11 @@ def train(run: Run) -> None:
     running = torch.zeros(3, dtype=torch.float64, device=device)
     last = tracker.last_logged() or {"train_loss": float("nan")}
     skipped_seen = loader.samples_skipped
+    def save(at: int) -> None:  # an elastic run's other nodes write their own state; the recording one the rest
+        engine.save_checkpoint(ckpt_dir, tag=f"step{at}", client_state={
+            "step": at, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best, "last_eval": last_eval},
+            rank_state_only=not nodes.recording)
+
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
     batches = iter(loader)
     step = start
@@ -434,7 +439,11 @@ def train(run: Run) -> None:
         images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
         loss = F.cross_entropy(engine(images), labels.to(device, non_blocking=True))
         engine.backward(loss)
-        engine.step()
+        try:
+            engine.step()
+        except LighthouseLost:  # an elastic run's single point: checkpoint here; the same commands resume (the
+            save(step)          # round due at this step is done first then)
+            raise
         running[0] += loss.detach()
         running[1] += 1
         bar.update(1)
@@ -473,9 +482,7 @@ def train(run: Run) -> None:
             last, last_eval = metrics, step
         if nodes.checkpoint_due(engine.risgd, step, last_ckpt, cfg["checkpoint_every"]) or step == total_steps:
             last_ckpt = step
-            engine.save_checkpoint(ckpt_dir, tag=f"step{step}", client_state={
-                "step": step, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best,
-                "last_eval": last_eval}, rank_state_only=not nodes.recording)
+            save(step)
     bar.close()
 
     # every rank takes the final average for good (with overlap: the last round, applied now)
