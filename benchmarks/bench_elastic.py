@@ -236,13 +236,17 @@ def report(rows: list[dict], a) -> list[str]:
     if not kills:
         return out
     secs = sorted(r["loss_to_round_s"] for r in kills if r["loss_to_round_s"] is not None)
+    stalls = sorted(r["seconds_lost"] for r in kills if r["seconds_lost"] is not None)
     redone = max((r["steps_redone"] or 0) for r in kills)
     verdict = {True: "met", False: "NOT met"}
     limit = 1.0 if a.fault == "crash" else 3.0
-    if secs:
-        out.append(f"goal: {a.fault} -> first round without the node <= {limit:g} s (bench clock, includes the steps "
-                   f"to the next round): median {statistics.median(secs):.2f} s, range {secs[0]:.2f}-{secs[-1]:.2f} s: "
-                   f"{verdict[secs[-1] <= limit]}")
+    if stalls:
+        bound = (f"; bench clock from the loss to the round without it (the steps up to that round included, an "
+                 f"upper bound): median {statistics.median(secs):.2f} s, range {secs[0]:.2f}-{secs[-1]:.2f} s"
+                 if secs else "")
+        out.append(f"goal: {a.fault} -> the survivors' stall <= {limit:g} s (the record's seconds lost to the change: "
+                   f"its quorum and failed attempts): median {statistics.median(stalls):.2f} s, range "
+                   f"{stalls[0]:.2f}-{stalls[-1]:.2f} s: {verdict[stalls[-1] <= limit]}{bound}")
     out.append(f"goal: steps redone 0: at most {redone}: {verdict[redone == 0]}")
     for algorithm, want in (("risgd", 1.0), ("prsgd", 1 - 1 / max(a.nodes, 1))):
         cov = sorted({r["coverage_after"] for r in kills if r["algorithm"] == algorithm})
