@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--tau", type=int, default=2)
     p.add_argument("--overlap", action="store_true")
+    p.add_argument("--warmup", type=int, default=0, help="risgd.warmup_sync_steps")
     p.add_argument("--compress", default="none")
     p.add_argument("--width", type=int, default=64, help="hidden width of the model (its size)")
     p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step (paces the run)")
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--freeze-at-round", type=int, default=-1,
                    help="freeze this whole node (SIGSTOP to its process group) inside the cross-node collective of "
                         "this round: a power cut mid-round, as seen by the others")
+    p.add_argument("--drop-commit-at-round", type=int, default=-1,
+                   help="this node's commit of this round fails once where the others' succeed (a split commit): it "
+                        "is healed to the others' step at the next quorum")
+    p.add_argument("--nudge-anchor", action="store_true",
+                   help="move this node's anchor once it is live, as a node resumed from another timeline would hold")
     p.add_argument("--log", required=True, help="JSON lines: one per step (rank 0 of the node)")
     return p.parse_args(argv)
 
@@ -72,7 +78,7 @@ def _rank(local: int, args: argparse.Namespace) -> None:
                                 torch.nn.Linear(args.width, 3))
     block = {"tau": args.tau, "fault_tolerance": "torchft", "op_timeout_s": args.op_timeout,
              "min_nodes": args.min_nodes, "floor_wait_s": args.floor_wait, "quorum_timeout_s": args.quorum_timeout,
-             "overlap": args.overlap, "compress": args.compress}
+             "overlap": args.overlap, "compress": args.compress, "warmup_sync_steps": args.warmup}
     if args.ranks > 1:
         block["node_size"] = args.ranks
     cfg = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.05,
@@ -91,6 +97,11 @@ def _rank(local: int, args: argparse.Namespace) -> None:
         healed = ctl.go_live(args.worker, args.workers)
         if args.freeze_at_round >= 0 and local == 0:
             _freeze_in_round(ctl, args.freeze_at_round, write)
+        if args.drop_commit_at_round >= 0:
+            _drop_commit(ctl, args.drop_commit_at_round, write)
+        if args.nudge_anchor:
+            with torch.no_grad():
+                ctl.model.anchors[0].add_(1e-3)
         start = ctl.take_healed() if healed else 0
         write(event="live", step=start, healed=healed, digest=_digest(engine.module) if healed else None)
         step = start
@@ -139,6 +150,21 @@ def _freeze_in_round(ctl, round_index: int, write) -> None:
 
     for name in ("all_reduce", "all_to_all_single"):
         setattr(ctl.live, name, frozen(getattr(ctl.live, name)))
+
+
+def _drop_commit(ctl, round_index: int, write) -> None:
+    """This node's commit of round ``round_index`` (torchft's, which succeeded) reported failed, once."""
+    commit, dropped = ctl.live.commit, []
+
+    def dropping() -> bool:
+        ok = commit()
+        if ok and ctl.rounds == round_index and not dropped:
+            dropped.append(round_index)
+            write(event="commit dropped", round=round_index, step=ctl.steps)
+            return False
+        return ok
+
+    ctl.live.commit = dropping
 
 
 def main(argv: list[str] | None = None) -> int:

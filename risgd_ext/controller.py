@@ -44,7 +44,7 @@ from .codec import make_codec
 from .config import RISGDConfig, check_world
 from .failures import failed_workers
 from .flat import FlatModel
-from .live import BelowFloor, LiveNodes, MembershipEvent, Quorum
+from .live import AnchorsDiffer, BelowFloor, LiveNodes, MembershipEvent, Quorum
 from .reduce import GradientAverager, Traffic
 from .round import REPLACE, Averaging, Live, Round, RoundReport
 from .topology import NodeGroups, build_node_groups, inherit_world_timeout
@@ -325,6 +325,10 @@ class RISGDController:
         self._end_step()  # the step's compute ends here; a round is accounted on its own
         if was_sync:
             self.sync_steps += 1
+            if self.live is not None:  # DeepSpeed's gradient all-reduce spans this node only: the nodes' models
+                t0 = time.perf_counter()  # are made one by a blocking round after every warm-up step
+                self._live_round(blocking=True)
+                self._round_done(self.live_of_round(self.rounds, self._members), t0)
         else:
             self.local_steps += 1
             self.steps_in_round += 1
@@ -408,11 +412,12 @@ class RISGDController:
             q = self._quorum()
         if not q.healing:
             self._members = q.members
-            if self.steps_in_round and cfg.is_average_step(self.steps):
+            warming = 0 < self.steps <= cfg.warmup_sync_steps and self.rounds < self.steps  # a warm-up step's round
+            if warming or (self.steps_in_round and cfg.is_average_step(self.steps)):
                 # resumed from a checkpoint written where a round was due but could not be formed (the lighthouse
                 # was lost at its quorum): that round first, among the nodes resumed with it, as it would have been
                 t0 = time.perf_counter()
-                self._live_round(q)
+                self._live_round(q, blocking=warming)
                 self._round_done(self.live_of_round(self.rounds, self._members), t0)
             return False
         # the live nodes are at a round: take part in it (contributing nothing, blocking even if theirs is
@@ -444,7 +449,8 @@ class RISGDController:
         self.quorum_seconds += q.seconds
         return q
 
-    def _live_round(self, q: Quorum | None = None, resend: Round | None = None, join: bool = False) -> None:
+    def _live_round(self, q: Quorum | None = None, resend: Round | None = None, join: bool = False,
+                    blocking: bool = False) -> None:
         """One round among the live nodes, retried among the survivors until it commits; with
         ``overlap`` (and no ``resend``) only started here. Below the floor it waits for a node to
         come back, up to ``floor_wait_s``."""
@@ -466,7 +472,7 @@ class RISGDController:
             here = not q.healing and self.identity in live.workers
             # a joiner runs an overlapped round as its peers do (the same collectives in the same order), but
             # waits for it at once: it has no progress of its own to keep, so it takes the average exactly
-            background = cfg.overlap and resend is None
+            background = cfg.overlap and resend is None and not blocking
             r = self.averaging.round(live, apply_step=self.steps + cfg.delay if background else None,
                                      live_here=here, counted=True, resend=resend)
             if q.healing:  # this node takes the live state at the commit, then the average itself: no progress
@@ -482,6 +488,8 @@ class RISGDController:
                     self._account(reports[0])
                     return
                 reports.append(r.wait())
+            except AnchorsDiffer:  # every contributor sees the same sums: all stop, with one line
+                raise
             except Exception as e:  # a peer gone or silent (gloo's error or its timeout): not committed
                 live_nodes.report_error(e)
             if live_nodes.commit():  # a joiner's live state is loaded here, before the average is applied
@@ -580,6 +588,8 @@ class RISGDController:
             r, failed = self.in_flight, None
             try:
                 self._wait_pending(scheduled)
+            except AnchorsDiffer:
+                raise
             except Exception as e:
                 failed = e
                 self.live.report_error(e)

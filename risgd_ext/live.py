@@ -60,6 +60,10 @@ class DuplicateWorker(LiveError):
     """This node serves a manifest worker another live node already serves."""
 
 
+class AnchorsDiffer(LiveError):
+    """The live nodes do not hold the same anchor (the last average) at a round."""
+
+
 def worker_of_replica(replica_id: str) -> int:
     """The manifest worker of a replica id ``w<worker>[:uuid]``."""
     m = re.fullmatch(rf"{REPLICA_PREFIX}(\d+)", replica_id.split(":")[0])

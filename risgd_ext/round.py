@@ -26,6 +26,7 @@ fixes, never when the network finished, so the trajectory does not depend on the
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,7 +38,15 @@ from risgd_common.layout import Layout
 
 from .codec import Codec
 from .flat import FlatModel
+from .live import AnchorsDiffer
 from .reduce import Reducer, Traffic
+
+# A counted round's count carries each contributing node's vote on its anchor: NIBBLES 4-bit pieces f
+# of a fingerprint, as f and f^2. All contributors hold one anchor iff n * sum(f^2) == sum(f)^2 for
+# every piece (n: the count); fp32 sums of these small integers are exact up to 74,565 contributing
+# ranks. 6 pieces: a 24-bit fingerprint.
+NIBBLES = 6
+ANCHOR_SAMPLE = 1024  # values per flat buffer's anchor, strided over it
 
 
 @dataclass(frozen=True)
@@ -234,8 +243,7 @@ class Round:
                 s.copy_(b)  # x at the send, buffers included (a resent round's is still there)
         avg.sends.fill(model, self.sums, self.live_here, avg.measure, self.sent if self.overlapped else None)
         if self.counted:
-            device = self.sums[0].device
-            self.count = torch.full((1,), 1.0 if self.live_here else 0.0, dtype=torch.float32, device=device)
+            self.count = anchor_vote(model, self.live_here).to(self.sums[0].device)
         self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self._reduced())
         if self.background:
             self._started, self._works = avg.reducer.start(self._reduced(), avg.node_sum, report.traffic,
@@ -272,9 +280,15 @@ class Round:
             self._works = []
             reducer.spread(self._reduced(), report.traffic)
         if self.count is not None:
-            self.num_live = int(round(float(self.count.item())))
+            votes = self.count.tolist()
+            self.num_live = int(round(votes[0]))
             if self.num_live < 1:
                 raise RuntimeError("a round with no contribution: every node in it was a joiner or marked down")
+            if not anchors_agree(votes):
+                raise AnchorsDiffer(f"the {self.num_live} contributions to this round come from nodes holding "
+                                    "different anchors (their last averages differ): a node resumed from another "
+                                    "checkpoint or timeline, or nodes trained apart; refusing to go on: resume every "
+                                    "node from one checkpoint tag")
         self.complete = True
         return report
 
@@ -344,3 +358,27 @@ class Round:
         for mine, saved in zip(r.sent + r.sums, list(state["sent"]) + list(state["sums"])):
             mine.copy_(saved)
         return r
+
+
+def anchor_vote(model: FlatModel, contributes: bool) -> torch.Tensor:
+    """This rank's count and anchor vote for a counted round: ``[c, c*f_1, c*f_1^2, ...]`` with c = 1
+    (it contributes) or 0 (a joiner, a node marked down: no vote) and f_k the 4-bit pieces of a
+    fingerprint of a strided sample of the anchor (cheap: ANCHOR_SAMPLE values per flat buffer)."""
+    vote = torch.zeros(1 + 2 * NIBBLES, dtype=torch.float32)
+    if not contributes:
+        return vote
+    sample = torch.cat([a[:: max(1, a.numel() // ANCHOR_SAMPLE)][:ANCHOR_SAMPLE].detach().float().cpu()
+                        for a in model.anchors if a.numel()])
+    digest = hashlib.blake2b(sample.numpy().tobytes(), digest_size=NIBBLES // 2 + 1).digest()
+    pieces = [(digest[i // 2] >> (4 * (i % 2))) & 15 for i in range(NIBBLES)]
+    vote[0] = 1.0
+    for i, f in enumerate(pieces):
+        vote[1 + 2 * i], vote[2 + 2 * i] = float(f), float(f * f)
+    return vote
+
+
+def anchors_agree(votes: list[float]) -> bool:
+    """Whether the summed votes say every contributor held one anchor (Cauchy-Schwarz: n * sum(f^2) ==
+    sum(f)^2 only when all f are equal); a count without votes (an old peer's) agrees."""
+    n = votes[0]
+    return all(abs(n * votes[2 + 2 * i] - votes[1 + 2 * i] ** 2) < 0.5 for i in range((len(votes) - 1) // 2))

@@ -73,3 +73,35 @@ def test_power_cut_mid_round_rejoin_by_healing_crash_and_lost_lighthouse(tmp_pat
     assert survivor[-1]["event"] == "stopped"
     errors = _errors(floor, 0)
     assert len(errors) == 1 and "below the floor at the start" in errors[0] and "min_nodes=2" in errors[0], errors
+
+
+def test_a_split_commit_is_healed_and_nodes_holding_different_anchors_are_refused(tmp_path):
+    """Two runs side by side. In one (4 synchronous warm-up steps first: DeepSpeed's gradient all-reduce spans
+    a node only, so a round after each makes the nodes one), node 1's commit of round 6 fails where node 0's
+    succeeds (torchft agrees a commit only within a node): node 1 is behind, is healed to node 0's step at the
+    next quorum and goes on from there, and both end on the same model. In the other, node 1 holds another
+    anchor than node 0 (as a node resumed from another timeline's checkpoint would): the first round's anchor
+    votes disagree and both nodes stop with one line, exit 2, instead of averaging around two anchors for the
+    rest of the run."""
+    split = LiveCluster(str(tmp_path / "split"), 2, ["--steps", "40", *PACE, "--warmup", "4"])
+    apart = LiveCluster(str(tmp_path / "apart"), 2, ["--steps", "40", *PACE])
+    try:
+        split.start(0)
+        split.start(1, ["--drop-commit-at-round", "6"])
+        apart.start(0)
+        apart.start(1, ["--nudge-anchor"])
+        assert apart.wait_all(120) == {0: 2, 1: 2}
+        assert split.wait_all(180) == {0: 0, 1: 0}
+    finally:
+        split.close()
+        apart.close()
+    for k in range(2):
+        errors = _errors(apart, k)
+        assert len(errors) == 1 and "different anchors" in errors[0], errors
+    first, behind = split.records(0), split.records(1)
+    dropped = next(r for r in behind if r.get("event") == "commit dropped")
+    healed = next(r for r in behind if r.get("event") == "healed")
+    assert healed["to"] > dropped["step"] and healed["digest"] == _digest_at(first, healed["to"]), (dropped, healed)
+    assert _steps(first) == list(range(1, 41))
+    done = [next(r for r in recs if r.get("event") == "done") for recs in (first, behind)]
+    assert done[0]["digest"] == done[1]["digest"]
