@@ -144,8 +144,8 @@ class RISGDConfig:
     fault_tolerance: str = key("none", _one_of(("none", "torchft")), "none | torchft: torchft keeps the nodes "
                                "that are live (one replica group per node, a quorum at every round, a failed round "
                                "retried among the survivors, a joiner healed from a live peer); the lighthouse's "
-                               "address in TORCHFT_LIGHTHOUSE; each node calls engine.risgd.go_live() (the engine "
-                               "API; not yet a recipe key: the trainer's elastic runs restart on torchrun)")
+                               "address in TORCHFT_LIGHTHOUSE; each node calls engine.risgd.go_live() (the trainer "
+                               "sets it for elastic.workers > 0)")
     op_timeout_s: float = key(10.0, _positive_number, "number > 0: with torchft, each cross-node collective "
                               "fails after this many seconds (gloo cannot abort one: a silent node costs about "
                               "this); size it from the expected bucket time")

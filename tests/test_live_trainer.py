@@ -40,9 +40,8 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
                  "eval_every=100", "checkpoint_every=100", f"runs_dir={tmp_path / 'runs'}", "run_name=live",
                  "wandb.enabled=false"]
 
-    def node(k: int, log: str | None = None, replica: int | None = None) -> subprocess.Popen:
-        env = clean_env(RISGD_REPLICA_DIR=replicas[k if replica is None else replica], OMP_NUM_THREADS="1",
-                        RUST_LOG="error")
+    def node(k: int, log: str | None = None) -> subprocess.Popen:
+        env = clean_env(RISGD_REPLICA_DIR=replicas[k], OMP_NUM_THREADS="1", RUST_LOG="error")
         if k == 0:  # the per-node launcher: torchrun on this node alone, the lighthouse passed to it
             cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", "--nproc-per-node", "1", "--master-port",
                    str(free_port()), "--lighthouse", f"http://127.0.0.1:{port}", "--", "--recipe",
@@ -66,8 +65,9 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
         while logged_step() < 200:
             assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "no progress to step 200"
             time.sleep(0.2)
-        # a second node with worker 0's replica joins the run in progress: refused alone (exit 2, one line)
-        twin = node(1, log="twin.log", replica=0)
+        # a second node with worker 0's replica joins the run in progress (through risgd-elastic): refused alone,
+        # exit 2 and one line, however torchrun reports its rank's exit
+        twin = node(0, log="twin.log")
         nodes.append(twin)
         assert twin.wait(timeout=120) == 2
         os.killpg(nodes[1].pid, signal.SIGKILL)
