@@ -65,7 +65,7 @@ class LoopbackNodes:
         return "127.0.0.1"
 
     def start(self, k: int, algorithm: str, lighthouse: str, args: list[str], logs: str):
-        return start_node(k, self.dirs[algorithm][k], lighthouse, args, logs)
+        return start_node(k, self.dirs[algorithm][k], lighthouse, args, logs, ranks=self.ranks)
 
     def lose(self, k: int, agent, fault: str) -> None:
         kill_node(agent)
@@ -91,7 +91,7 @@ class NetnsNodes:
 
         work = os.path.join(self.out, f"netns-{algorithm}")
         manifest = write_run_manifest(shards, work, self.nodes, mu, "label_sorted")
-        self.dirs[algorithm] = replicate_data(self.cluster, work, manifest, shards, ranks_per_host=1)
+        self.dirs[algorithm] = replicate_data(self.cluster, work, manifest, shards, ranks_per_host=self.ranks)
         return manifest
 
     @property
@@ -103,7 +103,7 @@ class NetnsNodes:
 
     def start(self, k: int, algorithm: str, lighthouse: str, args: list[str], logs: str):
         c = self.cluster
-        return start_node(k, self.dirs[algorithm][k], lighthouse, args, logs, prefix=c.exec_prefix(k),
+        return start_node(k, self.dirs[algorithm][k], lighthouse, args, logs, ranks=self.ranks, prefix=c.exec_prefix(k),
                           addr=c.addr(k), env_extra={"GLOO_SOCKET_IFNAME": "eth0"})
 
     def _link(self, k: int, state: str) -> None:
@@ -153,7 +153,8 @@ def run(name: str, algorithm: str, mu: float, nodes, manifest: str, out: str, a)
     args = ["--recipe", "recipes/digits.yaml", f"algorithm={algorithm}", f"mu={mu}", f"steps={a.steps}",
             f"tau={a.tau}", f"eval_every={a.eval_every}", f"checkpoint_every={a.checkpoint_every}",
             f"seed={a.seed}", "wandb.enabled=false", f"elastic.workers={n}", "elastic.min_coverage=0",
-            f"elastic.op_timeout_s={a.op_timeout}", f"data.manifest={manifest}", f"runs_dir={out}", f"run_name={name}"]
+            f"elastic.op_timeout_s={a.op_timeout}", f"data.manifest={manifest}", f"runs_dir={out}", f"run_name={name}",
+            *a.set]
     run_dir, logs = os.path.join(out, name), os.path.join(out, f"{name}-logs")
     os.makedirs(logs, exist_ok=True)
     port = free_port()
@@ -304,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--netns", action="store_true", help="namespace hosts with shaped links (root), not loopback")
     ap.add_argument("--nodes", type=int, default=None, help="nodes (default 4 with --netns, else 3)")
     ap.add_argument("--bandwidth-mbit", type=float, default=1000.0, help="--netns: each host's link")
+    ap.add_argument("--ranks-per-node", type=int, default=1,
+                    help="each node's ranks (the node level: node_size is the launch's ranks)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more trainer overrides for every run, e.g. overlap=true compress=int8")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--kill-at", type=int, default=None,
                     help="the step at which the node is lost (default: drawn per seed from 20-40%% of the run)")
@@ -333,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(os.path.join(shards, "index.json")):
         make_shards("digits", shards, shard_size=250, seed=0, progress=False)
     nodes = NetnsNodes(a.nodes, out, a.bandwidth_mbit) if a.netns else LoopbackNodes(a.nodes, out)
+    nodes.ranks = a.ranks_per_node
     where = (f"{a.nodes} namespace hosts at {a.bandwidth_mbit:g} Mbit/s" if a.netns else f"{a.nodes} loopback nodes")
+    where += f" x {a.ranks_per_node} rank(s){' ' + ' '.join(a.set) if a.set else ''}"
     if a.fault == "power" and not a.netns:
         raise SystemExit("error: --fault power needs --netns (a link to take down)")
     print(f"{where}; digits label-sorted, {a.steps} steps, tau={a.tau}, checkpoint_every={a.checkpoint_every}, "
