@@ -11,6 +11,7 @@ import argparse
 import copy
 import datetime
 import os
+import sys
 import time
 from typing import Any
 
@@ -173,6 +174,8 @@ class RISGDEngineMixin:
         client_state["risgd"] = self.risgd.stats()
         # every rank holds the same averaged model here: a worker without state can start from it
         client_state["risgd_at_average"] = self.risgd.is_average() and self.risgd.in_flight is None
+        if self.risgd.identity is not None:  # an elastic run: the stamp of this checkpoint's timeline
+            client_state["risgd_anchor_stamp"] = anchor_stamp(self.risgd)
         result = super().save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False, **kwargs)
         if save_latest:
             # DeepSpeed writes 'latest' in place; a crash mid-write would leave it empty. Replace it
@@ -188,7 +191,8 @@ class RISGDEngineMixin:
         self.checkpoint_engine.load = _safe_load
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
-            load_rank_state(self, os.path.dirname(load_path), at_average=bool(client_state.get("risgd_at_average")))
+            load_rank_state(self, os.path.dirname(load_path), at_average=bool(client_state.get("risgd_at_average")),
+                            stamp=client_state.get("risgd_anchor_stamp"))
         return load_path, client_state
 
 
@@ -232,6 +236,7 @@ def save_rank_state(engine: Any, tag_dir: str) -> None:
                              "controller": ctl.state_dict(), "rng_cpu": torch.get_rng_state()}
     if ctl.identity is not None:
         state["worker"] = ctl.identity
+        state["anchor_stamp"] = anchor_stamp(ctl)
     rng_device = device_rng_state()
     if rng_device is not None:
         state["rng_device"] = rng_device
@@ -241,11 +246,21 @@ def save_rank_state(engine: Any, tag_dir: str) -> None:
     atomic_write(state_path(tag_dir, ctl), lambda f: torch.save(state, f))
 
 
-def load_rank_state(engine: Any, tag_dir: str, at_average: bool = False) -> None:
+def anchor_stamp(ctl: Any) -> str | None:
+    """A checkpoint's timeline: the fingerprint of the anchor (the last average, the same on every live
+    node) as the round's anchor vote takes it (None: no local steps, no anchor)."""
+    if ctl.model is None:
+        return None
+    from .round import anchor_vote
+
+    return ",".join(str(int(v)) for v in anchor_vote(ctl.model, True).tolist()[1::2])
+
+
+def load_rank_state(engine: Any, tag_dir: str, at_average: bool = False, stamp: str | None = None) -> None:
     ctl = engine.risgd
     path = state_path(tag_dir, ctl)
     if ctl.identity is not None:
-        return _load_worker_state(engine, tag_dir, path, at_average)
+        return _load_worker_state(engine, tag_dir, path, at_average, stamp)
     if not os.path.exists(path):
         if ctl.active:
             raise ConfigError(f"{path} is missing: this checkpoint was not written by risgd_ext with "
@@ -264,7 +279,7 @@ def load_rank_state(engine: Any, tag_dir: str, at_average: bool = False) -> None
         set_device_rng_state(state["rng_device"])
 
 
-def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool) -> None:
+def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool, stamp: str | None = None) -> None:
     """An elastic run: this rank's manifest worker's state, whatever world size wrote it.
 
     A worker with a file gets its model, optimizer state, schedule counters and RNG back. A worker
@@ -272,10 +287,23 @@ def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool) -
     model (DeepSpeed's model file: every rank held the average at an averaging step) with fresh
     optimizer state; it takes the schedule's counters and anchor from another worker's file,
     without that worker's error-feedback residual, and a fresh RNG stream of its own.
+
+    A worker file stamped with another timeline than the checkpoint's (``stamp``, the model files'
+    anchor fingerprint: a node that wrote ``stepN`` and was lost before ``latest`` moved, then the run
+    wrote ``stepN`` again from an earlier checkpoint without it) is not this worker's state here: it
+    is left alone and the worker starts from the average, as a worker without a file.
     """
     ctl = engine.risgd
     if os.path.exists(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if stamp is not None and state.get("anchor_stamp") not in (None, stamp):
+            print(f"risgd: {path} belongs to another timeline of this run (its anchor differs from the "
+                  f"checkpoint's model files): worker {ctl.identity} starts from the average instead",
+                  file=sys.stderr, flush=True)
+            state = None
+    else:
+        state = None
+    if state is not None:
         if state.get("worker") != ctl.identity:
             raise ConfigError(f"{path} holds worker {state.get('worker')}'s state, not worker {ctl.identity}'s: "
                               "the checkpoint directory was altered; restore it or start a new run")
@@ -287,14 +315,21 @@ def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool) -
             set_device_rng_state(state["rng_device"])
         ctl.restored = "own"
         return
-    others = sorted(n for n in os.listdir(tag_dir) if n.startswith("risgd_worker") and n.endswith(".pt"))
+    own = os.path.basename(path)
+    others = sorted(n for n in os.listdir(tag_dir) if n.startswith("risgd_worker") and n.endswith(".pt") and n != own)
     if not others:
         raise ConfigError(f"{tag_dir} holds no worker state (risgd_worker*.pt): it was not written by an elastic "
                           "run; resume it with the world size that wrote it")
     if not at_average:
         raise ConfigError(f"{tag_dir} was written inside a round, so it holds no averaged model for worker "
                           f"{ctl.identity}, which has no state there: resume from a checkpoint at an averaging step")
-    state = torch.load(os.path.join(tag_dir, others[0]), map_location="cpu", weights_only=True)
+    for name in others:  # the counters and anchor of a worker of this checkpoint's timeline
+        state = torch.load(os.path.join(tag_dir, name), map_location="cpu", weights_only=True)
+        if stamp is None or state.get("anchor_stamp") in (None, stamp):
+            break
+    else:
+        raise ConfigError(f"{tag_dir}: no worker file there belongs to the checkpoint's timeline (each one's anchor "
+                          "differs from the model files'): resume from another checkpoint tag")
     controller = dict(state["controller"])
     controller.pop("residual", None)  # the other worker's compression error is not this worker's
     controller.pop("server_residual", None)  # nor are the sums of the chunks it owned

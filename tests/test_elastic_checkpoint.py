@@ -2,12 +2,14 @@
 
 Written at 4 workers, loaded at 3 (workers 0, 1, 3: worker 2 is lost), then at 4 again: every
 worker with state gets its model, momentum, counters and RNG back; the worker without state
-(2, absent from the 3-worker checkpoint) starts from the average with fresh optimizer state.
+(2, absent from the 3-worker checkpoint but for a stale file of another timeline) starts from the
+average with fresh optimizer state.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -40,6 +42,10 @@ def test_a_checkpoint_written_at_4_workers_loads_at_3_and_then_at_4(tmp_path):
     assert all(_equal(r["saved_model"], three[0]["saved_model"]) for r in three)
     assert not _equal(three[0]["saved_model"], four[0]["saved_model"])  # it trained on
 
+    # a stale file of worker 2 in the 3-worker checkpoint (as a node lost after writing stepN, before `latest` moved,
+    # leaves when the run writes stepN again from an earlier checkpoint): stamped with another timeline, it is not
+    # taken as worker 2's own state; worker 2 starts from the average as without a file
+    shutil.copy(os.path.join(ckpt, "at4", "risgd_worker00002.pt"), os.path.join(ckpt, "at3"))
     again = run_ranks(scenario_phase, 4, [0, 1, 2, 3], ckpt, True, "back4", timeout=300)
     by_worker = {r["worker"]: r for r in three}
     for r in again:
