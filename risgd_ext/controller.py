@@ -374,14 +374,17 @@ class RISGDController:
 
     # -- fault tolerance (torchft) -------------------------------------------------------------
     def go_live(self, worker: int, workers: int, accept=None, lighthouse: str | None = None,
-                state: dict[str, tuple] | None = None) -> bool:
+                state: dict[str, tuple] | None = None, resume=None) -> bool:
         """Join the run's live nodes (``fault_tolerance: torchft``), as the node serving manifest
         worker ``worker`` of ``workers``: every rank of the node calls it once, after the engine is
         built (and a checkpoint, if any, loaded). ``accept(members)``: None, or why those nodes are
         below the run's floor (e.g. the data they hold). Returns whether this node was healed: it
         joined a run in progress, took part in its current round and now holds its live state
         (:attr:`healed_at`: the step it is at). ``state``: name -> (load, save) of more state a joiner
-        takes from its peer (the training loop's: its step, the learning-rate schedule)."""
+        takes from its peer (the training loop's: its step, the learning-rate schedule). ``resume()``:
+        called when this node is not behind live ones (a start of the whole run), before its first
+        round, to load the run's checkpoint; a node healed from a peer never calls it (it would read a
+        file, and one written while it was away holds no state of its own)."""
         cfg = self.cfg
         if cfg is None or not cfg.live:
             raise RuntimeError("go_live() needs the risgd block's fault_tolerance: torchft")
@@ -412,6 +415,8 @@ class RISGDController:
             q = self._quorum()
         if not q.healing:
             self._members = q.members
+            if resume is not None:
+                resume()
             warming = 0 < self.steps <= cfg.warmup_sync_steps and self.rounds < self.steps  # a warm-up step's round
             if warming or (self.steps_in_round and cfg.is_average_step(self.steps)):
                 # resumed from a checkpoint written where a round was due but could not be formed (the lighthouse

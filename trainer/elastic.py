@@ -103,8 +103,10 @@ class FixedNodes:
             self._coverage[key] = live_coverage(self.manifest, self.index, set(key))
         return self._coverage[key]
 
-    def join(self, engine, scheduler, progress: dict) -> None:
-        """Take part in the run from ``progress['step']`` (a fixed run: nothing to meet)."""
+    def join(self, engine, scheduler, progress: dict, resume) -> None:
+        """Take part in the run: a fixed run has nothing to meet, and ``resume()``s from its latest
+        checkpoint (if any) at once."""
+        resume()
 
     def draw_scales(self, ctl) -> list[float] | None:
         return None
@@ -154,16 +156,17 @@ class ElasticNodes(FixedNodes):
         """Why ``members`` are below the run's floor (elastic.min_workers, elastic.min_coverage), or None."""
         return floor_error(self.run.cfg, sorted(members), self._coverage_of(members), self.workers)
 
-    def join(self, engine, scheduler, progress: dict) -> None:
-        """Meet the live nodes in torchft's quorum; a node behind them (it joins a run in progress) is
+    def join(self, engine, scheduler, progress: dict, resume) -> None:
+        """Meet the live nodes in torchft's quorum. A node behind them (it joins a run in progress) is
         healed from a live peer: its model, optimizer and round state, and the trainer's schedule, best
-        accuracy and wall clock, at their step (``progress`` is updated)."""
+        accuracy and wall clock, at their step (``progress`` is updated); no checkpoint file is read. A
+        start of the whole run (nobody ahead) ``resume()``s from the run's latest checkpoint, if any."""
         def trainer_state() -> dict:  # what a joiner takes from its peer, besides the engine's state
             return {"best": progress["best"], "last_eval": progress["last_eval"], "scheduler": scheduler.state_dict(),
                     "wall": time.perf_counter() - progress["t0"] if "t0" in progress else progress["wall"]}
 
         ctl = engine.risgd
-        if ctl.go_live(self.worker, self.workers, accept=self.accept,
+        if ctl.go_live(self.worker, self.workers, accept=self.accept, resume=resume,
                        state={"trainer": (self._healed.update, trainer_state)}):
             self._take_healed(ctl.take_healed(), scheduler, progress)
         start = progress["step"]

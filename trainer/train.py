@@ -373,20 +373,25 @@ def train(run: Run) -> None:
         engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                        config=run.ds_config, risgd=run.risgd)
         engine.risgd.identity = nodes.identity  # an elastic run's state is keyed by its manifest worker
-        client = {}
-        if os.path.exists(os.path.join(ckpt_dir, "latest")):
-            _, client = engine.load_checkpoint(ckpt_dir)
-        return engine, scheduler, client
+        return engine, scheduler
 
-    engine, scheduler, client = agree(build_engine)
-    progress = {"step": client.get("step", 0), "best": client.get("best_test_acc", 0.0),
-                "last_eval": client.get("last_eval", client.get("step", 0)), "wall": client.get("wall_seconds", 0.0)}
-    if progress["step"] == 0:  # per-rank randomness (dropout); a resumed run gets its RNG back from the checkpoint
-        torch.manual_seed(cfg["seed"] * 100003 + nodes.rng_id(rank) * 7919)
-    elif rank == 0:
-        print(f"{run.name}: resuming from step {progress['step']} of {total_steps} ({ckpt_dir})", file=sys.stderr,
-              flush=True)
-    nodes.join(engine, scheduler, progress)  # an elastic run: meet the live nodes (healed if behind them)
+    engine, scheduler = agree(build_engine)
+    torch.manual_seed(cfg["seed"] * 100003 + nodes.rng_id(rank) * 7919)  # per-rank randomness (dropout)
+    progress = {"step": 0, "best": 0.0, "last_eval": 0, "wall": 0.0}
+
+    def resume() -> None:  # the run's latest checkpoint, if any (its RNG too): every rank, then agreed
+        def load() -> dict:
+            return engine.load_checkpoint(ckpt_dir)[1] if os.path.exists(os.path.join(ckpt_dir, "latest")) else {}
+        client = agree(load)
+        progress.update(step=client.get("step", 0), best=client.get("best_test_acc", 0.0),
+                        last_eval=client.get("last_eval", client.get("step", 0)), wall=client.get("wall_seconds", 0.0))
+        if progress["step"] and rank == 0:
+            print(f"{run.name}: resuming from step {progress['step']} of {total_steps} ({ckpt_dir})",
+                  file=sys.stderr, flush=True)
+
+    # a fixed run resumes at once; an elastic one meets the live nodes first and resumes only when they are not
+    # going on without it (a node behind them is healed from a live peer: no checkpoint file is read)
+    nodes.join(engine, scheduler, progress, resume)
     start = last_ckpt = progress["step"]
     best, last_eval = progress["best"], progress["last_eval"]
 
