@@ -85,6 +85,7 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     twin_says = [line for line in re.split(r"[\r\n]", open(tmp_path / "twin.log").read()) if "error:" in line]
     assert len(twin_says) == 1 and "another live node already serves manifest worker 0" in twin_says[0], twin_says
     assert "healed from a live peer at step" in logs[1]
+    assert "resuming from step" not in logs[1]  # healed over the network: no checkpoint file read
     events = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"membership"' in line]
     lost = next(e for e in events if e["lost_workers"] == [1])
     joined = next(e for e in events if e["joined_workers"] == [1])
