@@ -259,7 +259,12 @@ class ElasticNodes(FixedNodes):
         if rank == 0:
             path = os.path.join(self.run.run_dir, "elastic", f"final-w{self.worker:05d}.json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_text_atomic(path, json.dumps({"worker": self.worker, "model_sha256": digest}) + "\n")
+            from risgd_ext.engine import anchor_stamp
+
+            write_text_atomic(path, json.dumps({"worker": self.worker, "model_sha256": digest, "steps": ctl.steps,
+                                                "rounds": ctl.rounds, "retries": ctl.retries,
+                                                "anchor_stamp": anchor_stamp(ctl),
+                                                "members": sorted(ctl.members())}) + "\n")
         ctl.live.shutdown()
 
 
