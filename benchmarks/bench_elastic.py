@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="each node's ranks (the node level: node_size is the launch's ranks)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more trainer overrides for every run, e.g. overlap=true compress=int8")
+    ap.add_argument("--algorithm", choices=[alg for alg, _ in ALGORITHMS], default=None,
+                    help="only this algorithm (default both)")
+    ap.add_argument("--losses-only", action="store_true", help="only the runs with a loss (no uninterrupted ones)")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--kill-at", type=int, default=None,
                     help="the step at which the node is lost (default: drawn per seed from 20-40%% of the run)")
@@ -350,11 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     from risgd_hosts.netns_cluster import torn_down_on_exit
 
     with torn_down_on_exit(nodes.cluster) if a.netns else contextlib.nullcontext():
-        manifests = {alg: nodes.prepare(alg, shards, mu) for alg, mu in ALGORITHMS}
+        manifests = {alg: nodes.prepare(alg, shards, mu) for alg, mu in ALGORITHMS if a.algorithm in (None, alg)}
         for seed in seeds:
             kill = fixed_kill if fixed_kill is not None else random.Random(seed).randint(a.steps // 5, 2 * a.steps // 5)
             for algorithm, mu in ALGORITHMS:
-                for k in (None, kill):
+                if a.algorithm and algorithm != a.algorithm:
+                    continue
+                for k in ((kill,) if a.losses_only else (None, kill)):
                     a.seed, a.kill_at = seed, k
                     name = f"{algorithm}-{'kill' if k is not None else 'straight'}-s{seed}"
                     rows.append(run(name, algorithm, mu, nodes, manifests[algorithm], out, a))

@@ -182,8 +182,12 @@ class LiveNodes:
             replica_id=f"{REPLICA_PREFIX}{self.worker}", init_sync=False)
 
     def register_state(self, key: str, load: Callable[[Any], None], save: Callable[[], Any]) -> None:
-        """What a joiner receives from a live peer of its place (torchft's checkpoint transport)."""
-        self.manager.register_state_dict_fn(key, load, save)
+        """What a joiner receives from a live peer of its place (torchft's checkpoint transport), as
+        it was when the peer's quorum took it: a copy. torchft's HTTP transport copies device tensors
+        to the CPU at once but serves CPU tensors by reference when the joiner's request comes, and
+        with overlap the peer is back at its local steps by then: the joiner got a torn state (found
+        by bench_elastic: the rejoined node's final model differed in 2 of 6 runs of 2x2 with overlap)."""
+        self.manager.register_state_dict_fn(key, load, lambda: snapshot(save()))
 
     # -- the quorum --------------------------------------------------------------------------------
     def quorum(self) -> Quorum:
@@ -264,6 +268,19 @@ class LiveNodes:
 
         parts = list(out.view(self.size, -1).unbind(0))
         return _done(self.pg.allgather([parts], [inp], self._opts(AllgatherOptions)), async_op)
+
+
+def snapshot(state: Any) -> Any:
+    """``state`` with every tensor copied to the CPU (containers rebuilt, other values deep-copied)."""
+    import copy
+
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return type(state)((k, snapshot(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return copy.deepcopy(state)
 
 
 def _done(work, async_op: bool):
