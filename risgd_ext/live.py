@@ -25,6 +25,12 @@ What this layer adds to torchft (and why):
   coverage of the live nodes): below it the round waits, retrying the quorum, up to ``floor_wait_s``,
   then :class:`BelowFloor` is raised (the caller checkpoints and stops with one line).
 - **A lost lighthouse** (the single point of torchft) raises :class:`LighthouseLost`.
+- **Healing from a snapshot.** torchft's HTTP transport serves CPU tensors by reference when the
+  joiner asks; an overlapped peer is back at its local steps by then. What a peer serves is copied
+  when its quorum takes it (:func:`snapshot`).
+- **Who may join.** A node serving a worker a live node already serves is refused alone
+  (:class:`DuplicateWorker`); nodes holding different anchors stop (:class:`AnchorsDiffer`, from the
+  anchor votes each counted round carries: ``risgd_ext.round.anchor_vote``).
 """
 
 from __future__ import annotations

@@ -105,3 +105,22 @@ def test_a_split_commit_is_healed_and_nodes_holding_different_anchors_are_refuse
     assert _steps(first) == list(range(1, 41))
     done = [next(r for r in recs if r.get("event") == "done") for recs in (first, behind)]
     assert done[0]["digest"] == done[1]["digest"]
+
+
+def test_the_live_state_a_joiner_fetches_is_a_copy_taken_at_the_quorum():
+    """torchft's HTTP transport serves CPU tensors by reference when the joiner asks; an overlapped peer is back
+    at its local steps by then. What a peer registers is served as a snapshot: later steps do not reach it."""
+    import torch
+
+    from risgd_ext.live import snapshot
+
+    weight, momentum, lr = torch.ones(4), {"buf": torch.zeros(4)}, [0.1]
+    state = {"module": {"w": weight}, "optimizer": {"state": {0: momentum}, "lrs": lr}, "steps": 875}
+    served = snapshot(state)
+    weight.add_(1.0)  # the peer's next local steps, in place
+    momentum["buf"].add_(2.0)
+    lr[0] = 0.2
+    assert torch.equal(served["module"]["w"], torch.ones(4))
+    assert torch.equal(served["optimizer"]["state"][0]["buf"], torch.zeros(4))
+    assert served["optimizer"]["lrs"] == [0.1] and served["steps"] == 875
+    assert not torch.equal(state["module"]["w"], served["module"]["w"])  # the check can fail: by reference it would
