@@ -200,15 +200,19 @@ def run(name: str, algorithm: str, mu: float, nodes, manifest: str, out: str, a)
     rows = _rows(metrics)
     events = [e for e in rows if e.get("event") == "membership"]
     lost = next((e for e in events if e["lost_workers"]), {})
-    finals = {_read_json(os.path.join(run_dir, "elastic", f"final-w{k:05d}.json"), {}).get("model_sha256")
-              for k in range(n) if k != victim or a.kill_at is None or a.rejoin_after is not None}
+    back = next((e for e in events if victim in e["joined_workers"]), None)
+    # every node that finished (the lost one only if it rejoined before the end: started too late, it finds the
+    # others gone and the run's last checkpoint, and stops)
+    finals = [_read_json(os.path.join(run_dir, "elastic", f"final-w{k:05d}.json"), {}).get("model_sha256")
+              for k in range(n) if k != victim or a.kill_at is None or back is not None]
     return {"run": name, "algorithm": algorithm, "seed": a.seed, "killed_at": killed_step,
             "lost_at_round": lost.get("step"),
             "loss_to_round_s": None if lost_event_t is None else lost_event_t - lost_t,
             "steps_redone": summary.get("steps_redone"), "coverage_after": lost.get("data_coverage", 1.0),
             "rejoin_to_round_s": None if joined_event_t is None else joined_event_t - back_t,
             "world_sizes": summary["world_sizes"], "seconds_lost": summary.get("seconds_lost"),
-            "goodput": summary.get("goodput"), "digests_equal": len(finals) == 1 and None not in finals,
+            "goodput": summary.get("goodput"), "rejoined": None if a.kill_at is None else back is not None,
+            "digests_equal": len(set(finals)) == 1 and None not in finals,
             "final_acc": summary["final_test_acc"], "best_acc": summary["best_test_acc"],
             "wall_s": time.time() - t0,
             "curve": [(r["step"], r["test_acc"]) for r in rows if "test_acc" in r and "event" not in r],
@@ -270,8 +274,9 @@ def report(rows: list[dict], a) -> list[str]:
                    f"over runs of {statistics.median(r['wall_s'] for r in kills):.0f} s wall{need}: "
                    f"{verdict[statistics.median(good) >= 0.97]}")
     equal = [r["digests_equal"] for r in kills]
+    late = sum(1 for r in kills if not r["rejoined"])
     out.append(f"goal: every node's final model equal (the rejoined one too): {sum(equal)}/{len(equal)} runs: "
-               f"{verdict[all(equal)]}")
+               f"{verdict[all(equal)]}" + (f" ({late} run(s) ended before the lost node was back)" if late else ""))
     return out
 
 
@@ -365,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(run(name, algorithm, mu, nodes, manifests[algorithm], out, a))
                     print(json.dumps({c: v for c, v in rows[-1].items() if c not in ("curve", "events")}), flush=True)
     cols = ("run", "killed_at", "lost_at_round", "loss_to_round_s", "steps_redone", "coverage_after",
-            "rejoin_to_round_s", "world_sizes", "seconds_lost", "goodput", "digests_equal", "final_acc", "best_acc",
-            "wall_s")
+            "rejoin_to_round_s", "world_sizes", "seconds_lost", "goodput", "rejoined", "digests_equal", "final_acc",
+            "best_acc", "wall_s")
     print("  ".join(f"{c:>16}" for c in cols))
     for r in rows:
         print("  ".join(f"{_fmt(r[c]):>16}" for c in cols))
