@@ -191,7 +191,7 @@ def test_node_level_manifest_replicates_one_worker_per_host(tmp_path, digits_dir
 def test_torn_down_on_interrupt_and_failure(tmp_path, how):
     work = str(tmp_path / "cluster")
     if how == "interrupt":
-        proc = _cluster(["--hosts", "2", "--", "--no_python", "--no_local_rank", "sleep", "300"], work)
+        proc = _cluster(["--hosts", "2", "--", "--no_python", "--no_local_rank", "sleep", "317.5"], work)
         deadline = time.monotonic() + 120
         while not any("sleep" in open(f"/proc/{pid}/cmdline").read()
                       for ns in _namespaces(proc.pid)
@@ -209,5 +209,5 @@ def test_torn_down_on_interrupt_and_failure(tmp_path, how):
         assert proc.returncode == 1
         assert err.strip().count("\n") == 0 and "exited with" in err and "host" in err, err
     assert _namespaces(proc.pid) == []
-    left = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-f", "sleep 317.5"], capture_output=True, text=True).stdout.split()
     assert left == []
