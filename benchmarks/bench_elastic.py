@@ -41,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from risgd_hosts.elastic_local import kill_node, prepare_replicas, start_node, write_run_manifest  # noqa: E402
-from risgd_hosts.live_cluster import _wait_port, lighthouse_command  # noqa: E402
+from risgd_hosts.live_cluster import lighthouse_command, read_jsonl, wait_port  # noqa: E402
 from risgd_hosts.local import free_port  # noqa: E402
 
 ALGORITHMS = (("risgd", 0.5), ("prsgd", 0.0))
@@ -132,21 +132,6 @@ def _read_json(path: str, default):
         return default
 
 
-def _rows(path: str) -> list[dict]:
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line being written
-            pass
-    return out
-
-
 def run(name: str, algorithm: str, mu: float, nodes, manifest: str, out: str, a) -> dict:
     """One elastic run (a lighthouse and one launch per node); ``a.kill_at`` None: uninterrupted."""
     n, victim = nodes.nodes, nodes.nodes - 1
@@ -160,7 +145,7 @@ def run(name: str, algorithm: str, mu: float, nodes, manifest: str, out: str, a)
     port = free_port()
     lighthouse = subprocess.Popen([*nodes.prefix, *lighthouse_command(port, heartbeat_ms=a.heartbeat_ms)],
                                   stdout=subprocess.DEVNULL, stderr=open(os.path.join(logs, "lighthouse.err"), "a"))
-    _wait_port(port, nodes.prefix)
+    wait_port(port, nodes.prefix)
     url = f"http://{nodes.addr(0)}:{port}"
     t0 = time.time()
     agents = [nodes.start(k, algorithm, url, args, logs) for k in range(n)]
@@ -170,7 +155,7 @@ def run(name: str, algorithm: str, mu: float, nodes, manifest: str, out: str, a)
     try:
         while any(x.poll() is None for x in agents[:victim]) or (phase == "back" and agents[victim].poll() is None):
             time.sleep(0.02)
-            rows = _rows(metrics)
+            rows = read_jsonl(metrics)
             step = max((r["step"] for r in rows if "test_acc" in r), default=0)
             events = [r for r in rows if r.get("event") == "membership"]
             if phase == "kill" and step >= a.kill_at:
@@ -197,7 +182,7 @@ def run(name: str, algorithm: str, mu: float, nodes, manifest: str, out: str, a)
     summary = _read_json(os.path.join(run_dir, "summary.json"), None)
     if summary is None:
         raise SystemExit(f"error: run {name} did not finish: see the nodes' logs in {logs}")
-    rows = _rows(metrics)
+    rows = read_jsonl(metrics)
     events = [e for e in rows if e.get("event") == "membership"]
     lost = next((e for e in events if e["lost_workers"]), {})
     back = next((e for e in events if victim in e["joined_workers"]), None)

@@ -31,7 +31,7 @@ def lighthouse_command(port: int, min_replicas: int = 1, heartbeat_ms: int = 100
             "--quorum_tick_ms", str(tick_ms), "--heartbeat_timeout_ms", str(heartbeat_ms), "--bind", f"[::]:{port}"]
 
 
-def _wait_port(port: int, prefix: list[str], timeout: float = 20.0) -> None:
+def wait_port(port: int, prefix: list[str], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if prefix:  # inside a test host's namespace
@@ -61,7 +61,7 @@ class LiveCluster:
         command = [*self._prefix(0), *lighthouse_command(self.port, heartbeat_ms=heartbeat_ms)]
         self.lighthouse = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                            stderr=open(self._path("lighthouse.err"), "a"))
-        _wait_port(self.port, self._prefix(0))
+        wait_port(self.port, self._prefix(0))
         self.env = dict(os.environ, TORCHFT_LIGHTHOUSE=f"http://{self._addr(0)}:{self.port}", RUST_LOG="error",
                         OMP_NUM_THREADS="1")
         if hosts is not None:  # collectives on the shaped interface
@@ -116,18 +116,7 @@ class LiveCluster:
         return t
 
     def records(self, worker: int) -> list[dict]:
-        try:
-            with open(self._path(f"n{worker}.jsonl")) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line being written
-                pass
-        return out
+        return read_jsonl(self._path(f"n{worker}.jsonl"))
 
     def step(self, worker: int) -> int:
         steps = [r["step"] for r in self.records(worker) if "loss" in r]
@@ -171,6 +160,22 @@ class LiveCluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON lines of a file being appended to (none if it is not there yet; a line being written is skipped)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            pass
+    return out
 
 
 def first_step_after(records: list[dict], t: float) -> dict | None:
