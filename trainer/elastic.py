@@ -96,9 +96,12 @@ class FixedNodes:
 
     def coverage(self, ctl) -> float:
         """The share of the training set the live workers hold (the engine decides who is live)."""
+        return self._coverage_of(ctl.live_workers())
+
+    def _coverage_of(self, members) -> float:
         from risgd_data.manifest import live_coverage
 
-        key = frozenset(ctl.live_workers())
+        key = frozenset(members)
         if key not in self._coverage:
             self._coverage[key] = live_coverage(self.manifest, self.index, set(key))
         return self._coverage[key]
@@ -143,14 +146,6 @@ class ElasticNodes(FixedNodes):
 
     def rng_id(self, rank: int) -> int:
         return self.worker
-
-    def _coverage_of(self, members) -> float:
-        from risgd_data.manifest import live_coverage
-
-        key = frozenset(members)
-        if key not in self._coverage:
-            self._coverage[key] = live_coverage(self.manifest, self.index, set(key))
-        return self._coverage[key]
 
     def accept(self, members) -> str | None:
         """Why ``members`` are below the run's floor (elastic.min_workers, elastic.min_coverage), or None."""
