@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launcher")
     args = parser.parse_args(argv)
 
+    import os
+
     import torch
     import torch.distributed as dist
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from risgd_common.layout import Layout
     from risgd_ext.round import Averaging, Live
 
+    if "OMP_NUM_THREADS" not in os.environ:  # as train.py: ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
     dist.init_process_group("gloo")
     n = dist.get_world_size()
     torch.manual_seed(0)  # the same model on every rank, as DeepSpeed's broadcast leaves it (the first anchor)

@@ -40,7 +40,14 @@ INT4_BLOCK = 128  # values per fp32 scale of the int4 codec
 
 
 class Codec:
-    """One ``compress`` value: a payload of ``nbytes(n)`` bytes for ``n`` fp32 values."""
+    """One ``compress`` value: a payload of ``nbytes(n)`` bytes for ``n`` fp32 values.
+
+    The work is done on rows: :meth:`encode_rows` encodes R chunks of ``c`` values at once, each
+    chunk on its own (its own blocks and scales), into R payloads, and :meth:`decode_rows` decodes
+    them, into buffers the caller keeps between rounds (no allocation of a bucket's size per round:
+    a fresh 100 MB tensor costs the CPU more than the arithmetic on it). A chunk's rows are
+    ``padded(c)`` long with zeros past ``c``. :meth:`encode`, :meth:`decode` and :meth:`encode_lossy`
+    are the same code for one chunk in fresh buffers."""
 
     name = ""
     block = 1  # values that share one scale (a bucket must hold one block with its scale)
@@ -52,41 +59,65 @@ class Codec:
         """Payload bytes of a bucket of ``n`` fp32 values (an int for an int ``n``)."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def padded(self, c: int) -> int:
+        """The length of a chunk of ``c`` values in rows: whole blocks."""
+        return -(-c // self.block) * self.block
+
+    def encode_rows(self, x: torch.Tensor, c: int, out: torch.Tensor, tmp: torch.Tensor,
+                    lossy: bool = False) -> torch.Tensor | None:
+        """Encode the rows of ``x`` ((R, padded(c)) fp32, zeros past ``c``) into ``out`` ((R, nbytes(c))
+        uint8), using ``tmp`` (like ``x``); ``lossy``: return the values the payloads decode to, in
+        ``tmp`` (error feedback needs what was sent)."""
         raise NotImplementedError
 
-    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+    def decode_rows(self, payload: torch.Tensor, c: int, out: torch.Tensor) -> torch.Tensor:
+        """Decode the rows of ``payload`` ((R, nbytes(c)) uint8) into ``out`` ((R, padded(c)) fp32;
+        zeros past ``c``); returns ``out``."""
         raise NotImplementedError
+
+    def _row(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        import torch
+
+        n = x.numel()
+        row = torch.zeros(1, self.padded(n), dtype=torch.float32, device=x.device)
+        row[0, :n] = x.reshape(-1)
+        out = torch.empty(1, int(self.nbytes(n)), dtype=torch.uint8, device=x.device)
+        return row, out, torch.empty_like(row)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        row, out, tmp = self._row(x)
+        self.encode_rows(row, x.numel(), out, tmp)
+        return out.view(-1)
 
     def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(encode(x), decode(encode(x)))``, the second the same values without a decoding pass where
-        the codec has them at hand (error feedback needs what was sent)."""
-        payload = self.encode(x)
-        return payload, self.decode(payload, x.numel())
+        """``(encode(x), decode(encode(x)))``, the second from the encoder's own values (no decoding pass)."""
+        row, out, tmp = self._row(x)
+        sent = self.encode_rows(row, x.numel(), out, tmp, lossy=True)
+        return out.view(-1), sent[0, :x.numel()]
+
+    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        import torch
+
+        out = torch.empty(1, self.padded(n), dtype=torch.float32, device=payload.device)
+        return self.decode_rows(_aligned(payload, 4).view(1, -1), n, out)[0, :n]
 
 
 CODECS: dict[str, Codec] = {}  # compress value -> codec, in registration order
-
-
-def _quantize(x: torch.Tensor, block: int, levels: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block scaling: one fp32 scale (absmax / levels) per ``block`` values and the values rounded to
-    integers in [-levels, levels] (as fp32, in rows of ``block``, zeros past ``x``)."""
-    import torch
-
-    n = x.numel()
-    blocks = -(-n // block)
-    padded = torch.zeros(blocks * block, dtype=torch.float32, device=x.device)
-    padded[:n] = x
-    rows = padded.view(blocks, block)
-    scale = rows.abs().amax(dim=1) / levels
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, torch.round(rows / safe[:, None]).clamp_(-levels, levels)
 
 
 def _aligned(payload: torch.Tensor, size: int) -> torch.Tensor:
     """``payload`` where its bytes can be viewed as ``size``-byte values (a payload inside a received
     buffer of several may start anywhere: then a copy)."""
     return payload if payload.storage_offset() % size == 0 else payload.clone()
+
+
+def _as_floats(raw: torch.Tensor) -> torch.Tensor:
+    """The (R, 4k) bytes ``raw`` as (R, k) fp32 (a copy where rows or start are not 4-byte aligned)."""
+    import torch
+
+    if raw.stride(0) % 4 or raw.storage_offset() % 4 or raw.stride(-1) != 1:
+        raw = raw.clone(memory_format=torch.contiguous_format)  # the scales: 1/64 of the payload or less
+    return raw.view(torch.float32)
 
 
 def register(cls: type[Codec]) -> type[Codec]:
@@ -109,31 +140,38 @@ class FP32(Codec):
 
 @register
 class BF16(Codec):
+    """bf16, round to nearest even: 2 bytes a value."""
+
     name = "bf16"
 
     def nbytes(self, n: float) -> float:
         return 2 * n
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_rows(self, x, c, out, tmp, lossy=False):
         import torch
 
-        return x.to(torch.bfloat16).view(torch.uint8)
+        half = out.view(torch.bfloat16)  # (R, c)
+        half.copy_(x[:, :c])
+        if not lossy:
+            return None
+        tmp[:, :c].copy_(half)
+        return tmp
 
-    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+    def decode_rows(self, payload, c, out):
         import torch
 
-        return _aligned(payload, 2).view(torch.bfloat16).float()
-
-    def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
-
-        half = x.to(torch.bfloat16)
-        return half.view(torch.uint8), half.float()
+        if payload.stride(0) % 2 or payload.storage_offset() % 2:
+            payload = payload.clone()
+        out.copy_(payload.view(torch.bfloat16))
+        return out
 
 
 class _BlockScaled(Codec):
-    """Integers in [-levels, levels] with one fp32 scale (absmax / levels) per ``block`` values: the
-    scales first (aligned), then the values as the subclass packs them (``_pack`` / ``_unpack``)."""
+    """Integers in [-levels, levels] with one fp32 scale (absmax / levels) per ``block`` values: per
+    chunk, its scales first, then its values as the subclass packs them (``_pack`` / ``_unpack``).
+    Encoding: |x| into ``tmp``, the blocks' absmax, ``round(x * levels / absmax)`` into ``tmp``
+    (within [-levels, levels] without a clamp), packed into the payload: 4 passes over the values
+    and no allocation of their size."""
 
     levels = 0.0
 
@@ -146,44 +184,48 @@ class _BlockScaled(Codec):
     def _value_bytes(self, n: float) -> float:
         raise NotImplementedError
 
-    def _pack(self, q: torch.Tensor) -> torch.Tensor:
-        """The rounded values (fp32 integers) as payload bytes."""
+    def _pack(self, q: torch.Tensor, c: int, out: torch.Tensor) -> None:
+        """The rounded values ``q`` ((R, padded(c)) fp32 integers; may be changed) into the value bytes
+        ``out`` ((R, _value_bytes(c)) uint8)."""
         raise NotImplementedError
 
-    def _unpack(self, values: torch.Tensor, n: int) -> torch.Tensor:
-        """Payload bytes back to the ``n`` rounded values, as fp32."""
+    def _unpack(self, values: torch.Tensor, c: int, out: torch.Tensor) -> None:
+        """The value bytes back to the rounded values, as fp32, into ``out`` ((R, padded(c)), zeros past c)."""
         raise NotImplementedError
 
     def nbytes(self, n: float) -> float:
         return 4 * self._blocks(n) + self._value_bytes(n)  # one fp32 scale per block, then the values
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the payload, the scales, the rounded values in rows of a block)."""
+    def encode_rows(self, x, c, out, tmp, lossy=False):
         import torch
 
-        scale, q = _quantize(x, self.block, self.levels)
-        return torch.cat([scale.view(torch.uint8), self._pack(q.view(-1)[:x.numel()])]), scale, q
+        b, rows = self.block, x.shape[0]
+        sb = 4 * self._blocks(c)
+        torch.abs(x, out=tmp)
+        amax = tmp.view(-1, b).amax(dim=1)
+        scale = amax / self.levels
+        inv = torch.where(amax > 0, self.levels / amax, torch.zeros_like(amax))
+        torch.mul(x.view(-1, b), inv[:, None], out=tmp.view(-1, b))
+        tmp.round_()  # |x * levels / absmax| <= levels (1 + eps): within [-levels, levels] once rounded
+        out[:, :sb].copy_(scale.view(rows, -1).view(torch.uint8))
+        self._pack(tmp, c, out[:, sb:])
+        if not lossy:
+            return None
+        tmp.view(-1, b).mul_(scale[:, None])
+        return tmp
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._encode(x)[0]
-
-    def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        payload, scale, q = self._encode(x)
-        return payload, (q * scale[:, None]).view(-1)[:x.numel()]
-
-    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
-        import torch
-
-        b, blocks = self.block, self._blocks(n)
-        payload = _aligned(payload, 4)
-        scale = payload[:4 * blocks].view(torch.float32)
-        padded = torch.zeros(blocks * b, dtype=torch.float32, device=payload.device)
-        padded[:n] = self._unpack(payload[4 * blocks:4 * blocks + int(self._value_bytes(n))], n)
-        return (padded.view(blocks, b) * scale[:, None]).view(-1)[:n]
+    def decode_rows(self, payload, c, out):
+        sb = 4 * self._blocks(c)
+        scale = _as_floats(payload[:, :sb])
+        self._unpack(payload[:, sb:], c, out)
+        out.view(-1, self.block).mul_(scale.reshape(-1, 1))
+        return out
 
 
 @register
 class Int8(_BlockScaled):
+    """One int8 a value, one fp32 scale (absmax / 127) per :data:`INT8_BLOCK` values."""
+
     name = "int8"
     levels = 127.0
 
@@ -193,21 +235,22 @@ class Int8(_BlockScaled):
     def _value_bytes(self, n: float) -> float:
         return n
 
-    def _pack(self, q: torch.Tensor) -> torch.Tensor:
+    def _pack(self, q, c, out):
         import torch
 
-        return q.to(torch.int8).view(torch.uint8)
+        out.view(torch.int8).copy_(q[:, :c])
 
-    def _unpack(self, values: torch.Tensor, n: int) -> torch.Tensor:
+    def _unpack(self, values, c, out):
         import torch
 
-        return values.view(torch.int8).float()
+        out[:, :c].copy_(values.view(torch.int8))
+        out[:, c:].zero_()
 
 
 @register
 class Int4(_BlockScaled):
     """Two 4-bit values a byte (low nibble first), each ``round(x / scale) + 8`` in [1, 15], and one fp32
-    scale (absmax / 7) per block."""
+    scale (absmax / 7) per block; an odd chunk's last high nibble is an 8 (a zero)."""
 
     name = "int4"
     levels = 7.0
@@ -219,18 +262,23 @@ class Int4(_BlockScaled):
     def _value_bytes(self, n: float) -> float:
         return -(-n // 2)
 
-    def _pack(self, q: torch.Tensor) -> torch.Tensor:
+    def _pack(self, q, c, out):
         import torch
 
-        q = (q + 8).to(torch.uint8)
-        if q.numel() % 2:
-            q = torch.cat([q, q.new_full((1,), 8)])  # an odd count: the last byte's high nibble is a zero
-        return q[0::2] | (q[1::2] << 4)
+        nb = out.shape[1]
+        q.add_(8)  # past c: zeros, i.e. an 8
+        pairs = q.view(q.shape[0], -1, 2)[:, :nb]
+        low = pairs[..., 0].to(torch.uint8)
+        torch.bitwise_or(low, pairs[..., 1].to(torch.uint8).bitwise_left_shift_(4), out=out)
+        q.sub_(8)
 
-    def _unpack(self, values: torch.Tensor, n: int) -> torch.Tensor:
-        import torch
-
-        return torch.stack([values & 15, values >> 4], dim=1).view(-1)[:n].to(torch.float32) - 8.0
+    def _unpack(self, values, c, out):
+        nb = values.shape[1]
+        pairs = out.view(out.shape[0], -1, 2)
+        pairs[:, :nb, 0].copy_(values & 15)
+        pairs[:, :nb, 1].copy_(values >> 4)
+        pairs[:, nb:].fill_(8)
+        out.sub_(8)
 
 
 def chunk_len(codec: Codec, n: int, ranks: int) -> int:

@@ -27,7 +27,6 @@ fixes, never when the network finished, so the trajectory does not depend on the
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from risgd_common.layout import Layout
 from .codec import Codec
 from .flat import FlatModel
 from .live import AnchorsDiffer
-from .reduce import Reducer, Traffic
+from .reduce import Pending, Reducer, Traffic
 
 # A counted round's count carries each contributing node's vote on its anchor: NIBBLES 4-bit pieces f
 # of a fingerprint, as f and f^2. All contributors hold one anchor iff n * sum(f^2) == sum(f)^2 for
@@ -218,7 +217,7 @@ class Round:
         self.extras: list[torch.Tensor] = []
         self.complete = False
         self.nbytes, self.comm_seconds = 0, 0.0
-        self._started, self._works, self._done_at = 0.0, [], []
+        self._pending: Pending | None = None  # an overlapped round's sum in flight
 
     # -- send --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,19 +245,13 @@ class Round:
             self.count = anchor_vote(model, self.live_here).to(self.sums[0].device)
         self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self._reduced())
         if self.background:
-            self._started, self._works = avg.reducer.start(self._reduced(), avg.node_sum, report.traffic,
-                                                           self.live_here)
-            for work in self._works:
-                work.get_future().then(self._bucket_done)
+            self._pending = avg.reducer.launch(self._reduced(), avg.node_sum, report.traffic, self.live_here,
+                                               background=True)
         return report
 
     def _reduced(self) -> list[torch.Tensor]:
         """What the collectives sum: the payload, and the count of a counted round."""
         return self.sums + [self.count] if self.count is not None else self.sums
-
-    def _bucket_done(self, fut):
-        self._done_at.append(time.perf_counter())  # on the communication thread, when a bucket is done
-        return None
 
     # -- wait --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,18 +260,13 @@ class Round:
         report = RoundReport()
         if self.complete:
             return report
-        reducer = self.avg.reducer
-        if not self.background:
-            self.comm_seconds = report.comm_seconds = reducer.sum(self._reduced(), self.avg.node_sum,
-                                                                  report.traffic, self.live_here)
+        if self.background:  # launched at start
+            self.comm_seconds, report.waited = self._pending.finish(report.traffic)
+            self._pending = None
         else:
-            t0 = time.perf_counter()
-            reducer.wait(self._works)
-            report.waited = time.perf_counter() - t0
-            done = max(self._done_at) if self._done_at else time.perf_counter()
-            self.comm_seconds = report.comm_seconds = max(done - self._started, 0.0)
-            self._works = []
-            reducer.spread(self._reduced(), report.traffic)
+            pending = self.avg.reducer.launch(self._reduced(), self.avg.node_sum, report.traffic, self.live_here)
+            self.comm_seconds = pending.finish(report.traffic)[0]
+        report.comm_seconds = self.comm_seconds
         if self.count is not None:
             votes = self.count.tolist()
             self.num_live = int(round(votes[0]))

@@ -17,6 +17,11 @@ def _params_of(flats_snapshot: list[torch.Tensor], ctl) -> torch.Tensor:
     return flats_snapshot[0][: f.num_param_elems]
 
 
+def _buffers_of(flats_snapshot: list[torch.Tensor], ctl) -> torch.Tensor:
+    f = ctl.model.flats[0]
+    return flats_snapshot[0][f.num_param_elems: f.buffer.numel() - 1]  # BatchNorm's floats (the slot last)
+
+
 def scenario_outer(rank: int, block: dict, rounds: int = 3) -> dict:
     """Each round's models before (every rank's x_j) and after (the new anchor), for a float64
     reference of the outer step built in the test."""
@@ -30,6 +35,8 @@ def scenario_outer(rank: int, block: dict, rounds: int = 3) -> dict:
     ctl.consensus()
     return {"anchor0": first_anchor, "before": [_params_of(b, ctl) for b in seen["before"]],
             "after": [_params_of(a, ctl) for a in seen["after"]], "final": state(engine),
+            "buffers_before": [_buffers_of(b, ctl) for b in seen["before"]],
+            "buffers_after": [_buffers_of(a, ctl) for a in seen["after"]],
             "live": ctl.stats()["live_ranks"], "stats": ctl.stats()}
 
 

@@ -82,9 +82,10 @@ def test_a_split_commit_is_healed_and_nodes_holding_different_anchors_are_refuse
     next quorum and goes on from there, and both end on the same model. In the other, node 1 holds another
     anchor than node 0 (as a node resumed from another timeline's checkpoint would): the first round's anchor
     votes disagree and both nodes stop with one line, exit 2, instead of averaging around two anchors for the
-    rest of the run."""
-    split = LiveCluster(str(tmp_path / "split"), 2, ["--steps", "40", *PACE, "--warmup", "4"])
-    apart = LiveCluster(str(tmp_path / "apart"), 2, ["--steps", "40", *PACE])
+    rest of the run. Both rounds are compressed (int8): the count and the anchor votes ride in the
+    two-phase round's fp32 rest, and the healed node, with no residuals of its own, decodes the same bits."""
+    split = LiveCluster(str(tmp_path / "split"), 2, ["--steps", "40", *PACE, "--warmup", "4", "--compress", "int8"])
+    apart = LiveCluster(str(tmp_path / "apart"), 2, ["--steps", "40", *PACE, "--compress", "int8"])
     try:
         split.start(0)
         split.start(1, ["--drop-commit-at-round", "6"])

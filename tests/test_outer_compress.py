@@ -70,6 +70,12 @@ def test_compressed_rounds_agree_and_stay_near_the_mean(results, name):
     step = (before - anchor).abs().max().item() / {"int8": 127, "int4": 7, "bf16": 128}[name.split("_")[0]]
     assert (results[0][name]["after"][0].double() - mean).abs().max().item() <= step
     assert not torch.equal(results[0][name]["after"][0], results[0]["plain"]["after"][0])  # it did compress
+    # the fp32 rest (BatchNorm's floats) rides in the chunks uncompressed: its exact mean, the same bits everywhere
+    for k in range(len(results[0][name]["buffers_after"])):
+        got = [results[r][name]["buffers_after"][k] for r in range(4)]
+        assert got[0].numel() == 48 and all(torch.equal(got[0], g) for g in got)
+        mean = torch.stack([results[r][name]["buffers_before"][k] for r in range(4)]).double().mean(0)
+        assert torch.allclose(got[0].double(), mean, rtol=1e-6, atol=1e-7), (got[0].double() - mean).abs().max()
 
 
 def _two_phase_reference(codec, sends: list[list[torch.Tensor]], bucket: int = 500) -> list[torch.Tensor]:
@@ -167,9 +173,10 @@ def test_bytes_are_counted_with_scales(results):
     rounds = plain["rounds"]
     assert plain["bytes_allreduced"] == rounds * 4 * (f + 48 + 1)
     # compressed: the two-phase round's 4 chunks of ceil(435 / 4) = 109 values (the last padded), each
-    # chunk's payload with its own scale; a ring all_reduce of that moves 2(N-1)/N of it, as the round does
-    assert int8["bytes_allreduced"] == rounds * (4 * (109 + 4) + 4 * (48 + 1))
-    assert bf16["bytes_allreduced"] == rounds * (4 * 2 * 109 + 4 * (48 + 1))
+    # chunk's payload with its own scale; a ring all_reduce of that moves 2(N-1)/N of it, as the round does.
+    # The fp32 rest (48 + 1 values) rides in the same chunks, ceil(49 / 4) = 13 values each
+    assert int8["bytes_allreduced"] == rounds * (4 * (109 + 4) + 4 * 4 * 13)
+    assert bf16["bytes_allreduced"] == rounds * (4 * 2 * 109 + 4 * 4 * 13)
     assert int8["compress"] == "int8" and int8["error_feedback"] and not bf16["error_feedback"]
 
 
