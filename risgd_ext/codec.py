@@ -3,7 +3,7 @@
 A codec turns fp32 values into a flat ``uint8`` payload of a size fixed by their number (so every
 rank's payload for the same piece has the same shape, and gloo and NCCL carry it alike), and back.
 
-The compressed round is a two-phase all-reduce (:func:`risgd_ext.reduce.Reducer`; torchft's
+The compressed round is a two-phase all-reduce (:class:`risgd_ext.reduce.TwoPhase`; torchft's
 ``allreduce_quantized`` and DeepSpeed's 1-bit compressed all-reduce do it the same way): each bucket
 is cut into N chunks, one per rank of the cross-node group; every rank encodes its N chunks and sends
 chunk j to rank j (all_to_all); rank j decodes the N payloads of its chunk and sums them in fp32 in
@@ -17,11 +17,14 @@ to nearest; 4/256 = 1.6% of scales, 3.94x fewer bytes than fp32. int4: two value
 by 8, in [1, 15]), one fp32 scale (absmax / 7) per block of :data:`INT4_BLOCK` = 128 values: 7.53x
 fewer bytes. Blocks rather than one scale per bucket because a bucket spans many layers whose
 displacements differ by orders of magnitude. bf16: round to nearest even, 2x fewer bytes. Encoding
-and decoding are whole-tensor operations (no Python loop over blocks), on the tensor's own device.
+and decoding are whole-tensor operations on rows of chunks (no Python loop over blocks or chunks), on
+the tensor's own device, into buffers the round keeps (``encode_rows``/``decode_rows``): int8 encodes
+in 4 passes over the values and decodes in 2, and allocates nothing of their size (a fresh tensor of
+100 MB costs a CPU more than the arithmetic: ``benchmarks/bench_codec.py`` prints both ways).
 
 Where codecs plug in: :data:`CODECS`, the one registry. A codec is a :class:`Codec` subclass with a
-``name`` (the ``compress`` value), its ``block``, its byte count ``nbytes(n)`` and ``encode``/
-``decode``, registered by :func:`register`; the ``risgd`` block's validator (``compress`` must name
+``name`` (the ``compress`` value), its ``block``, its byte count ``nbytes(n)`` and ``encode_rows``/
+``decode_rows``, registered by :func:`register`; the ``risgd`` block's validator (``compress`` must name
 one), the engine, the stats and the cost model (``risgd_ext.cost_model.payload_bytes``) all read it,
 so the byte formulas are written once, here. ``none`` is the fp32 all_reduce (no payload to encode).
 torch is imported when a codec encodes or decodes, so the validator and the cost model import none

@@ -251,3 +251,30 @@ def test_bad_values_are_refused_with_one_line(block, message):
     with pytest.raises(ConfigError, match=message) as e:
         parse_block(block)
     assert "\n" not in str(e.value)
+
+
+def test_the_wide_area_goals_can_fail(monkeypatch):
+    """bench_wan's goal (3), 2x sooner than node fp32 + overlap at the slowest link, judged on constructed rows:
+    met at 2x, NOT met at 1.5x, and not judged when the configuration did not run."""
+    import math
+    import os
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "benchmarks"))
+    wan = __import__("bench_wan")
+    sys.modules.pop("bench_wan", None)
+
+    def row(config, t):
+        return {"config": config, "tta_s": {1.0: {"median": t}, 100.0: {"median": t / 50}},
+                "cross_mb_to_target": {"median": 1.0 if config != "SyncSGD" else 200.0}}
+
+    def goal3(rows):
+        lines = wan.check_goals({"rows": rows, "bandwidths": [100.0, 1.0]})
+        return next((line for line in lines if line.startswith("(3)")), None)
+
+    base = [row("SyncSGD", 100.0), row("node fp32 +ov", 10.0)]
+    assert goal3(base + [row("node int8 +ov", 5.0)]).endswith("(2.00x): met (goal: 2x sooner)")
+    assert "NOT met" in goal3(base + [row("node int8 +ov", 6.7)])
+    assert "NOT met" in goal3(base + [row("node int8 +ov", math.inf)])
+    assert goal3([row("SyncSGD", 100.0), row("node int8 +ov", 5.0)]) is None
