@@ -332,6 +332,8 @@ class RISGDController:
         else:
             self.local_steps += 1
             self.steps_in_round += 1
+            if self.in_flight is not None and not self.in_flight.complete:
+                self.in_flight.advance()  # a compressed round's second phase, once its first is done
             if self.in_flight is not None and self.in_flight.apply_step == self.steps:
                 self._apply_pending(scheduled=True)
             if self.cfg.is_average_step(self.steps):

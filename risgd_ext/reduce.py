@@ -200,6 +200,15 @@ class Pending:
         self.done_at.append(time.perf_counter())  # on the communication thread, when a bucket is done
         return None
 
+    def advance(self) -> None:
+        """Between an overlapped round's start and its apply step: launch in the background what is ready
+        (a compressed bucket's second phase once its first is done), in bucket order, so that every rank
+        issues the collectives in the same order whenever each gets to them."""
+        for work in self.works:
+            ready = getattr(work, "advance", None)
+            if ready is not None and not ready(self._bucket_done):
+                break
+
     def finish(self, traffic: Traffic) -> tuple[float, float]:
         """Wait for the collectives (and the device with them), then spread the slices inside the node.
         Returns (seconds of the cross-node collectives, from the launch to the last one done; seconds
@@ -210,7 +219,8 @@ class Pending:
                 work.wait()
         self.reducer.synchronize()
         now = time.perf_counter()
-        comm = max((max(self.done_at) if self.done_at else now) - self.started, 0.0)
+        late = any(getattr(w, "in_wait", False) for w in self.works)  # a second phase run by this wait
+        comm = max((max(self.done_at) if self.done_at and not late else now) - self.started, 0.0)
         self.works = []
         self.reducer._spread(self.bufs, traffic)
         return comm, now - t0
@@ -463,22 +473,38 @@ class _Rest:
 
 class _SecondPhase:
     """One bucket's two-phase compressed all-reduce after its first phase was launched (the all_to_all
-    that brings this rank the N payloads of the chunk it owns); ``wait()`` completes it: the owner's
-    fp32 sum in rank order, plus its residual, encoded once; the all_gather of every owner's encoded
-    sum; every rank decodes the same N payloads into the bucket (the same bits on every rank)."""
+    that brings this rank the N payloads of the chunk it owns). The second phase: the owner's fp32 sum
+    in rank order, plus its residual, encoded once; the all_gather of every owner's encoded sum; every
+    rank decodes the same N payloads into the bucket (the same bits on every rank). :meth:`advance`
+    starts it in the background once the first phase is done (an overlapped round, between local
+    steps); :meth:`wait` completes it (starting it first if nothing did)."""
 
     def __init__(self, reducer: TwoPhase, work, recv: torch.Tensor, bucket: torch.Tensor, chunk: int,
                  owned: torch.Tensor | None, rest: _Rest | None = None):
         self.reducer, self.work, self.recv, self.bucket = reducer, work, recv, bucket
         self.chunk, self.owned, self.rest = chunk, owned, rest
-        self.done = False
+        self.gather, self.gathered = None, None  # the all_gather (launched in the background) and its output
+        self.launched = self.in_wait = self.done = False
+        self.error: BaseException | None = None  # the first phase's failure, seen by advance(), raised by wait()
 
     def get_future(self):
         return self.work.get_future()
 
-    def wait(self) -> None:
-        if self.done:
-            return
+    def advance(self, on_done=None) -> bool:
+        """Launch the second phase in the background if the first is done; returns whether it is launched
+        (or failed: :meth:`wait` raises it). ``on_done``: a callback for the all_gather's future."""
+        if self.launched or self.error is not None:
+            return True
+        completed = getattr(self.work, "is_completed", None)
+        if completed is None or not completed():
+            return False
+        try:
+            self._second(background=True, on_done=on_done)
+        except Exception as e:  # a peer gone: the round's wait() raises it, where a failed round is handled
+            self.error = e
+        return True
+
+    def _second(self, background: bool, on_done=None) -> None:
         self.work.wait()
         reducer, codec, c = self.reducer, self.reducer.codec, self.chunk
         size, pb = self.recv.shape[0], int(codec.nbytes(c))
@@ -498,13 +524,31 @@ class _SecondPhase:
             torch.sub(total[0, :c], sent[0, :c], out=self.owned)
         if self.rest is not None:
             mine[0, pb:].copy_(self.rest.owner_sum(self.recv[:, pb:]))
-        gathered = torch.empty_like(self.recv)
-        reducer.cross.all_gather_single(gathered.view(-1), mine.view(-1))
-        codec.decode_rows(gathered[:, :pb], c, decoded)
+        self.gathered = torch.empty_like(self.recv)
+        self.launched = True
+        self.gather = reducer.cross.all_gather_single(self.gathered.view(-1), mine.view(-1), async_op=background)
+        if background and on_done is not None:
+            self.gather.get_future().then(on_done)
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        if self.error is not None:
+            raise self.error
+        if not self.launched:
+            self.in_wait = True  # the second phase ran here, not behind the steps
+            self._second(background=False)
+        if self.gather is not None:
+            self.gather.wait()
+        codec, c = self.reducer.codec, self.chunk
+        pb = int(codec.nbytes(c))
+        decoded, _ = self.reducer._rows(self.recv.shape[0], codec.padded(c))
+        codec.decode_rows(self.gathered[:, :pb], c, decoded)
         _from_rows(decoded, c, self.bucket)
         if self.rest is not None:
-            self.rest.unpack(gathered[:, pb:])
-        self.recv, self.done = None, True
+            self.rest.unpack(self.gathered[:, pb:])
+        self.recv = self.gathered = self.gather = None
+        self.done = True
 
 
 class GradientAverager:

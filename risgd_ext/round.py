@@ -8,6 +8,8 @@ an overlapped round, the optimizer step at which its average is applied:
   displacement ``x - a`` from the anchor, plus the float buffers and ``||x - a||²``; a rank of a
   down worker sends zeros) and, overlapped, launches its collectives in the background; with a
   ``compress`` codec the reducer encodes the displacement's cross-node part (``risgd_ext.codec``);
+- :meth:`Round.advance` (overlapped, after each local step) launches what of the sum is ready in the
+  background (a compressed round's second phase once its first is done); it changes no bits;
 - :meth:`Round.wait` completes the sum (blocking: runs it whole);
 - :meth:`Round.apply` turns the sum into the new model (seam 2: :data:`REPLACE`, the average
   replaces the model; overlapped, :data:`KEEP_PROGRESS`, ``x <- x̄ + (x - x_sent)``) and moves the
@@ -252,6 +254,13 @@ class Round:
     def _reduced(self) -> list[torch.Tensor]:
         """What the collectives sum: the payload, and the count of a counted round."""
         return self.sums + [self.count] if self.count is not None else self.sums
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Between an overlapped round's start and its apply step (after each local step): launch in the
+        background what of its sum is ready (a compressed round's second phase). Changes no bits."""
+        if self._pending is not None:
+            self._pending.advance()
 
     # -- wait --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -382,7 +382,7 @@ def test_advise_hierarchy_and_overlap():
         advise({**STATS, "node_size": 3}, 8.0, 0.0, 0.1, 10)
 
 
-def test_compressed_payloads_and_their_collective():
+def test_compressed_payloads_and_their_collective(monkeypatch):
     from risgd_ext.cost_model import payload_bytes, recommend_rounds, ring_allreduce_seconds, round_seconds
 
     s = 4 * 1024 * 256  # 262,144 values
@@ -398,8 +398,13 @@ def test_compressed_payloads_and_their_collective():
             assert ratio == pytest.approx(s / payload_bytes(s, codec), rel=1e-9) and ratio >= at_least
     _, two = recommend_rounds(0.1, 98 * 2**20, 2, 0.1, 50e-6)
     _, eight = recommend_rounds(0.1, 98 * 2**20, 8, 0.1, 50e-6)
-    # the smallest measured payload wins at every number of nodes; int4 (accuracy not measured) is never picked
-    assert two.compress == eight.compress == "int8"
+    # the smallest measured payload wins at every number of nodes
+    assert two.compress == eight.compress == "int4"
+    from risgd_ext.codec import CODECS
+
+    monkeypatch.setattr(CODECS["int4"], "accuracy_measured", False)  # a codec whose accuracy was not measured
+    options, eight = recommend_rounds(0.1, 98 * 2**20, 8, 0.1, 50e-6)  # is listed, never picked
+    assert eight.compress == "int8" and "int4" in [o.compress for o in options]
 
 
 # -- what each printed number assumes; taus beyond the measured range; the node level's tau ---------------
@@ -470,10 +475,12 @@ def test_cli_node_level_recommends_a_tau(capsys):
     assert [w for w in lines if w.startswith(f"warning: hier_recommended_tau {tau} is {factor} beyond the largest tau "
                                              "measured for accuracy (200, where accuracy already falls)")]
     # each codec's cross-node tau beyond 200 is flagged as well: fp32 and bf16 here; int8's two-phase round
-    # (3.9x fewer bytes at any number of nodes) needs tau 122 at 8 nodes, within the measured range
+    # (3.9x fewer bytes at any number of nodes) needs tau 122 at 8 nodes, within the measured range, and
+    # int4's (7.5x) tau 64: the recommendation
     flagged = [w for w in lines if w.startswith("warning: tau ") and "beyond the largest tau" in w]
     assert flagged and "(bf16)" in flagged[0] and "(int8)" not in flagged[0]
-    assert [w for w in lines if w.split()[:2] == ["int8", "payload"] and w.endswith("tau 122 <- recommended")]
+    assert [w for w in lines if w.split()[:2] == ["int8", "payload"] and " tau 122 " in w + " "]
+    assert [w for w in lines if w.split()[:2] == ["int4", "payload"] and w.endswith("tau 64 <- recommended")]
     # overlapped behind tau steps of compute: the round hides, the node level's tau is within the measured range
     over = _main_lines(capsys, *node, "--target-share", "0.2", "--overlap")
     tau = int(_line(over, "hier_recommended_tau").split()[1])
