@@ -24,7 +24,8 @@ in 4 passes over the values and decodes in 2, and allocates nothing of their siz
 
 Where codecs plug in: :data:`CODECS`, the one registry. A codec is a :class:`Codec` subclass with a
 ``name`` (the ``compress`` value), its ``block``, its byte count ``nbytes(n)`` and ``encode_rows``/
-``decode_rows``, registered by :func:`register`; the ``risgd`` block's validator (``compress`` must name
+``decode_rows`` (or just ``encode``/``decode``: the rows then run chunk by chunk), registered by
+:func:`register`; the ``risgd`` block's validator (``compress`` must name
 one), the engine, the stats and the cost model (``risgd_ext.cost_model.payload_bytes``) all read it,
 so the byte formulas are written once, here. ``none`` is the fp32 all_reduce (no payload to encode).
 torch is imported when a codec encodes or decodes, so the validator and the cost model import none
@@ -70,13 +71,23 @@ class Codec:
                     lossy: bool = False) -> torch.Tensor | None:
         """Encode the rows of ``x`` ((R, padded(c)) fp32, zeros past ``c``) into ``out`` ((R, nbytes(c))
         uint8), using ``tmp`` (like ``x``); ``lossy``: return the values the payloads decode to, in
-        ``tmp`` (error feedback needs what was sent)."""
-        raise NotImplementedError
+        ``tmp`` (error feedback needs what was sent). This default encodes row by row with the
+        subclass's own :meth:`encode` (a new codec may define just ``nbytes``, ``encode`` and ``decode``)."""
+        if type(self).encode is Codec.encode:
+            raise NotImplementedError(f"codec {self.name!r} defines neither encode_rows nor encode")
+        for r in range(x.shape[0]):
+            out[r].copy_(self.encode(x[r, :c]))
+        return self.decode_rows(out, c, tmp) if lossy else None
 
     def decode_rows(self, payload: torch.Tensor, c: int, out: torch.Tensor) -> torch.Tensor:
         """Decode the rows of ``payload`` ((R, nbytes(c)) uint8) into ``out`` ((R, padded(c)) fp32;
-        zeros past ``c``); returns ``out``."""
-        raise NotImplementedError
+        zeros past ``c``); returns ``out``. This default decodes row by row with :meth:`decode`."""
+        if type(self).decode is Codec.decode:
+            raise NotImplementedError(f"codec {self.name!r} defines neither decode_rows nor decode")
+        for r in range(payload.shape[0]):
+            out[r, :c].copy_(self.decode(payload[r], c))
+        out[:, c:].zero_()
+        return out
 
     def _row(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import torch

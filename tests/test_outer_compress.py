@@ -278,3 +278,46 @@ def test_the_wide_area_goals_can_fail(monkeypatch):
     assert "NOT met" in goal3(base + [row("node int8 +ov", 6.7)])
     assert "NOT met" in goal3(base + [row("node int8 +ov", math.inf)])
     assert goal3([row("SyncSGD", 100.0), row("node int8 +ov", 5.0)]) is None
+
+
+def test_a_codec_of_nbytes_encode_and_decode_alone_works_on_rows():
+    """The plug-in seam: a new codec may define just nbytes, encode and decode; the round's row functions
+    then run it chunk by chunk, with the same bytes and values; one defining neither says so."""
+    from risgd_ext.codec import CODECS, Codec, register
+
+    @register
+    class Half(Codec):
+        name = "half_for_test"
+
+        def nbytes(self, n: float) -> float:
+            return 2 * n
+
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to(torch.float16).view(torch.uint8)
+
+        def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+            return payload.clone().view(torch.float16).float()
+
+    @register
+    class Empty(Codec):
+        name = "empty_for_test"
+
+        def nbytes(self, n: float) -> float:
+            return n
+
+    try:
+        half = CODECS["half_for_test"]
+        x = torch.randn(3, 70)
+        out, tmp = torch.empty(3, 140, dtype=torch.uint8), torch.full((3, 70), 7.0)
+        sent = half.encode_rows(x, 70, out, tmp, lossy=True)
+        for r in range(3):
+            assert torch.equal(out[r], half.encode(x[r]))
+            assert torch.equal(sent[r], x[r].half().float())
+        odd = torch.empty(3, 138, dtype=torch.uint8)  # chunks of 69 values in rows of 70
+        half.encode_rows(x, 69, odd, tmp)
+        back = half.decode_rows(odd, 69, torch.full((3, 70), 7.0))  # values past c are zeros
+        assert torch.equal(back[:, :69], x[:, :69].half().float()) and not back[:, 69:].any()
+        with pytest.raises(NotImplementedError, match="'empty_for_test' defines neither encode_rows nor encode"):
+            CODECS["empty_for_test"].encode_rows(x, 70, out, tmp)
+    finally:
+        del CODECS["half_for_test"], CODECS["empty_for_test"]
