@@ -105,12 +105,15 @@ class RoundParts(NamedTuple):
 
 def hierarchical_round_parts(nbytes: float, nodes: int, ranks_per_node: int, inter_bandwidth_bytes_s: float,
                              inter_latency_s: float, intra_bandwidth_bytes_s: float = math.inf,
-                             intra_latency_s: float = 0.0, node_synchronous: bool = True) -> RoundParts:
-    """``hierarchical_round_seconds`` by phase: ``RoundParts(intra, cross, bcast)``, which sum to it."""
+                             intra_latency_s: float = 0.0, node_synchronous: bool = True,
+                             compress: str = "none") -> RoundParts:
+    """``hierarchical_round_seconds`` by phase: ``RoundParts(intra, cross, bcast)``, which sum to it. With a
+    ``compress`` codec the cross-node phase moves the codec's payload (``round_seconds``: the two-phase
+    compressed all-reduce); the phases inside the node stay fp32, as the engine runs them."""
     _check_count("nodes", nodes, 1)
     _check_count("ranks_per_node", ranks_per_node, 1)
     k = ranks_per_node
-    cross = ring_seconds(nbytes, nodes, inter_bandwidth_bytes_s, inter_latency_s)
+    cross = round_seconds(nbytes, nodes, inter_bandwidth_bytes_s, inter_latency_s, compress)
     if k == 1:
         return RoundParts(0.0, cross, 0.0)
     intra = 0.0 if node_synchronous else ring_seconds(nbytes, k, intra_bandwidth_bytes_s, intra_latency_s)
@@ -119,7 +122,8 @@ def hierarchical_round_parts(nbytes: float, nodes: int, ranks_per_node: int, int
 
 def hierarchical_round_seconds(nbytes: float, nodes: int, ranks_per_node: int, inter_bandwidth_bytes_s: float,
                                inter_latency_s: float, intra_bandwidth_bytes_s: float = math.inf,
-                               intra_latency_s: float = 0.0, node_synchronous: bool = True) -> float:
+                               intra_latency_s: float = 0.0, node_synchronous: bool = True,
+                               compress: str = "none") -> float:
     """One hierarchical all-reduce of ``nbytes`` (S) over ``nodes`` (M) nodes of ``ranks_per_node`` (k) ranks.
 
     With B, L the inter-node link and b, l the intra-node link (all terms of a ring over 1 rank are 0)::
@@ -138,7 +142,7 @@ def hierarchical_round_seconds(nbytes: float, nodes: int, ranks_per_node: int, i
     inter_latency_s)``, the flat ring over the nodes. ``hierarchical_round_parts`` gives the phases.
     """
     return sum(hierarchical_round_parts(nbytes, nodes, ranks_per_node, inter_bandwidth_bytes_s, inter_latency_s,
-                                        intra_bandwidth_bytes_s, intra_latency_s, node_synchronous))
+                                        intra_bandwidth_bytes_s, intra_latency_s, node_synchronous, compress))
 
 
 def exposed_seconds(round_s: float, hide_s: float) -> float:
@@ -263,7 +267,7 @@ def predict_hierarchical(compute_s: float, model_bytes: float, nodes: int, ranks
                          intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6, overlap: bool = False,
                          overlap_delay: int | None = None, round_overhead_s: float = 0.0,
                          risgd_compute_s: float | None = None, grad_bytes: float | None = None,
-                         ) -> HierarchicalPrediction:
+                         compress: str = "none") -> HierarchicalPrediction:
     """Predicted steady-state step time on ``nodes`` (M) nodes of ``ranks_per_node`` (k) ranks.
 
     ``bandwidth_gbit``/``latency_s`` are the inter-node link's (B, L), ``intra_*`` the intra-node
@@ -295,7 +299,7 @@ def predict_hierarchical(compute_s: float, model_bytes: float, nodes: int, ranks
     _check_count("overlap_delay", delay, 0)
     inter_bw, intra_bw = bandwidth_gbit * 1e9 / 8, intra_bandwidth_gbit * 1e9 / 8
     parts = hierarchical_round_parts(model_bytes, nodes, k, inter_bw, latency_s, intra_bw, intra_latency_s,
-                                     node_synchronous=tau_intra == 0)
+                                     node_synchronous=tau_intra == 0, compress=compress)
     round_s = sum(parts)
     if tau_intra == 0:
         intra = ring_seconds(model_bytes if grad_bytes is None else grad_bytes, k, intra_bw, intra_latency_s)
@@ -334,7 +338,8 @@ def recommend_hierarchical_tau(compute_s: float, model_bytes: float, nodes: int,
                                tau_intra: int = 0, intra_bandwidth_gbit: float = 100.0,
                                intra_latency_s: float = 5e-6, overlap: bool = False,
                                overlap_delay: int | None = None, round_overhead_s: float = 0.0,
-                               risgd_compute_s: float | None = None, grad_bytes: float | None = None) -> int | None:
+                               risgd_compute_s: float | None = None, grad_bytes: float | None = None,
+                               compress: str = "none") -> int | None:
     """Smallest tau whose ``predict_hierarchical(...).hier_comm_share`` is <= ``target_share``, or None
     where no tau reaches it (``hierarchical_share_floor`` is at or above it).
 
@@ -358,7 +363,7 @@ def recommend_hierarchical_tau(compute_s: float, model_bytes: float, nodes: int,
                                     tau_intra=tau_intra, intra_bandwidth_gbit=intra_bandwidth_gbit,
                                     intra_latency_s=intra_latency_s, overlap=overlap, overlap_delay=delay,
                                     round_overhead_s=round_overhead_s, risgd_compute_s=risgd_compute_s,
-                                    grad_bytes=grad_bytes).hier_comm_share
+                                    grad_bytes=grad_bytes, compress=compress).hier_comm_share
 
     if share(1) <= target_share:
         return step
@@ -488,7 +493,8 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
 # What the sweep on the namespace hosts measured for the outer step (docs/wide-area.md, "Rounds for wide-area
 # links"); the cost model has no accuracy term, so this is advice from that measurement, not a model.
 OUTER_ADVICE = ("none (outer_lr 1.0, outer_momentum 0): in the sweep the outer Nesterov step (0.7, 0.9) lost "
-                "3-6 points at 20-30 rounds; see docs/wide-area.md's sweep")
+                "3-6 points and SlowMo's (1.0, 0.5) up to 6; an extrapolating (1.2, 0) gained 0.65 point flat, "
+                "nothing at the node level and lost 2.1 with overlap; see docs/wide-area.md's sweep")
 
 
 def format_prediction(p: Prediction) -> str:
@@ -656,13 +662,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{'them' if len(far) > 1 else 'it'}, {_either(remedies)}")
     if node_level:
         net = dict(tau_intra=args.tau_intra, intra_bandwidth_gbit=args.intra_bandwidth_gbit,
-                   intra_latency_s=args.intra_latency_us / 1e6, overlap=args.overlap, risgd_compute_s=risgd_compute_s)
+                   intra_latency_s=args.intra_latency_us / 1e6, overlap=args.overlap, risgd_compute_s=risgd_compute_s,
+                   compress=args.compress or "none")
         h = predict_hierarchical(args.compute_ms / 1e3, nbytes, m, k, args.bandwidth_gbit, args.latency_us / 1e6, tau,
                                  overlap_delay=delay, **net)
         inside = "node-synchronous (tau_intra 0)" if args.tau_intra == 0 else f"tau_intra {args.tau_intra}"
         print(f"hierarchical/overlapped: {m} nodes x {k} ranks, "
               f"{args.intra_bandwidth_gbit:g} Gbit/s and {args.intra_latency_us:g} us latency inside a node, "
-              f"{inside}, tau {tau}, " + (f"overlap delay {delay} steps" if args.overlap else "no overlap"))
+              f"{inside}, tau {tau}, " + (f"overlap delay {delay} steps" if args.overlap else "no overlap")
+              + (f", cross-node payload {args.compress}" if args.compress and args.compress != "none" else ""))
         hier_tau = recommend_hierarchical_tau(args.compute_ms / 1e3, nbytes, m, k, args.bandwidth_gbit,
                                               args.latency_us / 1e6, args.target_share,
                                               overlap_delay=args.overlap_delay, **net)
@@ -687,8 +695,8 @@ def main(argv: list[str] | None = None) -> int:
                             and args.overlap_delay is None else "")
                          + (f", each behind min(--overlap-delay {args.overlap_delay}, tau) steps of compute"
                             if args.overlap_delay is not None else "")
-                         + ("; fp32, the model has no codec for the hierarchical round: the codec lines above are "
-                            "the cross-node round alone" if args.compress else ""))
+                         + (f"; the cross-node phase compressed with --compress {args.compress}, the phases inside "
+                            "the node fp32" if args.compress and args.compress != "none" else ""))
         elif floor >= args.target_share:
             what = ("the node's gradient all-reduce every step" if args.tau_intra == 0 else
                     f"the average inside the node every --tau-intra {args.tau_intra} steps")

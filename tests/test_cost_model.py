@@ -468,9 +468,14 @@ def test_cli_node_level_recommends_a_tau(capsys):
     lines = _main_lines(capsys, *node, "--target-share", "0.2")
     line = _line(lines, "hier_recommended_tau")
     tau = int(line.split()[1])
-    share = lambda t: predict_hierarchical(0.12, RESNET50_BYTES, 8, 8, 0.1, 50e-6, t).hier_comm_share  # noqa: E731
-    assert share(tau) <= 0.2 < share(tau - 1)
+    # the node level's cross-node phase moves --compress's payload (the phases inside the node stay fp32)
+    share = lambda t, c="int8": predict_hierarchical(0.12, RESNET50_BYTES, 8, 8, 0.1, 50e-6, t,  # noqa: E731
+                                                     compress=c).hier_comm_share
+    assert share(tau) <= 0.2 < share(tau - 1) and share(tau, "none") > 0.2
     assert "hier_comm_share <= 20%" in line and "--target-share 0.2" in line and "among the 8 nodes of 8 ranks" in line
+    assert "the cross-node phase compressed with --compress int8, the phases inside the node fp32" in line
+    assert tau == 235 and int(_line(_main_lines(capsys, *node[:-1], "none", "--target-share", "0.2"),
+                                    "hier_recommended_tau").split()[1]) == 921
     factor = f"{tau / 200:.1f}x"
     assert [w for w in lines if w.startswith(f"warning: hier_recommended_tau {tau} is {factor} beyond the largest tau "
                                              "measured for accuracy (200, where accuracy already falls)")]
@@ -485,7 +490,7 @@ def test_cli_node_level_recommends_a_tau(capsys):
     over = _main_lines(capsys, *node, "--target-share", "0.2", "--overlap")
     tau = int(_line(over, "hier_recommended_tau").split()[1])
     hidden = lambda t: predict_hierarchical(0.12, RESNET50_BYTES, 8, 8, 0.1, 50e-6, t,  # noqa: E731
-                                            overlap=True).hier_comm_share
+                                            overlap=True, compress="int8").hier_comm_share
     assert tau <= 200 and hidden(tau) <= 0.2 < hidden(tau - 1)
     assert not [w for w in over if w.startswith("warning: hier_recommended_tau")]
 
