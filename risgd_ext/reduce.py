@@ -1,11 +1,17 @@
-"""The collectives of a round: how buffers laid out as the flat model are summed over the ranks.
+"""The collectives of a round: how buffers laid out as the flat model are summed over the ranks. One
+strategy per run, chosen by ``Reducer(...)`` from its arguments:
 
-Flat (no node level): one ``all_reduce`` per bucket-sized slice, in place, over the data-parallel
-group. Compressed (``compress`` other than none): each bucket of the parameter displacement is summed
-by the two-phase compressed all-reduce of :mod:`risgd_ext.codec` (all_to_all of encoded chunks to
-their owners, fp32 sums there, one re-encoding, all_gather), with two residuals of error feedback:
-each rank's (what encoding its own chunks dropped) and each chunk owner's (what re-encoding the sum
-dropped); the fp32 rest (buffers, slot) is all-reduced.
+- :class:`AllReduce` (fp32): one ``all_reduce`` per bucket-sized slice, in place;
+- :class:`TwoPhase` (``compress`` other than none): each bucket of the parameter displacement is
+  summed by the two-phase compressed all-reduce of :mod:`risgd_ext.codec` (all_to_all of encoded
+  chunks to their owners, fp32 sums there, one re-encoding, all_gather), with two residuals of error
+  feedback: each rank's (what encoding its own chunks dropped) and each chunk owner's (what
+  re-encoding the sum dropped); the fp32 rest (buffers, slot, a counted round's count) rides in the
+  last bucket's chunks, summed exactly by their owners.
+
+A sum's life: :meth:`Reducer.launch` (the node's phase, then the cross-node collectives started),
+:meth:`Pending.advance` (overlapped: what is ready started in the background), :meth:`Pending.finish`
+(wait, then the node's spread).
 
 With the node level a sum is hierarchical: optionally the node's ranks sum their buffers on the
 intra-node link (``node_sum``: needed when they differ; a synchronous node only brings its
