@@ -179,6 +179,22 @@ class BF16(Codec):
         out.copy_(payload.view(torch.bfloat16))
         return out
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # no blocks: no padded row to build
+        import torch
+
+        return x.reshape(-1).to(torch.bfloat16).view(torch.uint8)
+
+    def decode(self, payload: torch.Tensor, n: int) -> torch.Tensor:
+        import torch
+
+        return _aligned(payload, 2).view(torch.bfloat16).float()
+
+    def encode_lossy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        half = x.reshape(-1).to(torch.bfloat16)
+        return half.view(torch.uint8), half.float()
+
 
 class _BlockScaled(Codec):
     """Integers in [-levels, levels] with one fp32 scale (absmax / levels) per ``block`` values: per
