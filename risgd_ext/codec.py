@@ -215,7 +215,7 @@ class _BlockScaled(Codec):
         raise NotImplementedError
 
     def _pack(self, q: torch.Tensor, c: int, out: torch.Tensor) -> None:
-        """The rounded values ``q`` ((R, padded(c)) fp32 integers; may be changed) into the value bytes
+        """The rounded values ``q`` ((R, padded(c)) fp32 integers, left as they are) into the value bytes
         ``out`` ((R, _value_bytes(c)) uint8)."""
         raise NotImplementedError
 
@@ -296,11 +296,11 @@ class Int4(_BlockScaled):
         import torch
 
         nb = out.shape[1]
-        q.add_(8)  # past c: zeros, i.e. an 8
-        pairs = q.view(q.shape[0], -1, 2)[:, :nb]
-        low = pairs[..., 0].to(torch.uint8)
-        torch.bitwise_or(low, pairs[..., 1].to(torch.uint8).bitwise_left_shift_(4), out=out)
-        q.sub_(8)
+        pairs = q.view(q.shape[0], -1, 2)[:, :nb]  # past c: zeros, i.e. an 8
+        # q + 8 in [1, 15] as bytes: through int8 (a negative float to uint8 is undefined), + 8 mod 256
+        low = pairs[..., 0].to(torch.int8).view(torch.uint8).add_(8)
+        high = pairs[..., 1].to(torch.int8).view(torch.uint8).add_(8).bitwise_left_shift_(4)
+        torch.bitwise_or(low, high, out=out)
 
     def _unpack(self, values, c, out):
         nb = values.shape[1]

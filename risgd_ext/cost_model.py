@@ -32,7 +32,8 @@ the smallest tau whose ``hier_comm_share`` is <= --target-share (a multiple of -
 --overlap each round behind tau steps of compute, or min(--overlap-delay, tau)), or ``none`` where
 the communication inside the node alone, every step or every --tau-intra steps, is over the target
 at any tau. ``--compress`` lists each codec's cross-node round among the --nodes nodes and the tau
-it needs (the hierarchical round is modelled in fp32):
+it needs, and prices the hierarchical section's cross-node phase with that codec's payload (the
+phases inside a node stay fp32, as the engine runs them):
 
     python -m risgd_ext.cost_model --nodes 4 --ranks-per-node 8 --model resnet50 --bandwidth-gbit 10 \\
         --compute-ms 120 --intra-bandwidth-gbit 100 --tau-intra 0 --overlap --overlap-delay 10
@@ -566,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compress", choices=tuple(CODECS), default=None,
                         help="also list every codec's round across the nodes (none: fp32 all_reduce; bf16, int8, "
                              "int4: the two-phase compressed all-reduce) with the tau each needs, and recommend one "
-                             "(among the codecs whose accuracy was measured)")
+                             "(among the codecs whose accuracy was measured); with --ranks-per-node, the node "
+                             "level's cross-node phase is priced with this codec")
     parser.add_argument("--overlap-delay", type=int, default=None,
                         help="steps after which an overlapped round's result is applied (default: --tau; "
                              "1..tau, needs --overlap)")

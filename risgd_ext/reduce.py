@@ -62,7 +62,7 @@ class Reducer:
 
     - :class:`AllReduce`: fp32, one ``all_reduce`` per bucket (flat, or per node's slice at the node level);
     - :class:`TwoPhase`: the parameter displacement through the two-phase compressed all-reduce of a
-      ``codec``, with two-level error feedback; the fp32 rest (buffers, slot) all-reduced.
+      ``codec``, with two-level error feedback; the fp32 rest (buffers, slot) in the same chunks.
 
     The node level (``nodes``) wraps either: the sum inside the node first, then the cross-node sum of this
     rank's slice, then the slices broadcast inside the node. A sum's whole life is :meth:`launch` (the
@@ -276,7 +276,9 @@ class TwoPhase(Reducer):
             rest = sum(tail.numel() for _, tail, _ in pieces)
             for head, _, _ in pieces:
                 total += sum(two_phase_payload(self.codec, b.numel(), ranks) for b in slices(head, self.bucket_bytes))
-            if rest:
+            if not any(head.numel() for head, _, _ in pieces):  # no parameters here: the rest all-reduced (_cross)
+                total += 4 * rest
+            elif rest:
                 total += two_phase_payload(CODECS["none"], rest, ranks)
         return total
 
@@ -296,6 +298,12 @@ class TwoPhase(Reducer):
             device = self.model.flats[0].buffer.device
             self._work = [torch.empty(need, dtype=torch.float32, device=device) for _ in range(2)]
         return tuple(w[:size * cp].view(size, cp) for w in self._work)
+
+    def _owner_rows(self, cp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An owner's sum and its encoding's scratch, (1, cp) each, in the second workspace (the first
+        holds the decoded payloads meanwhile)."""
+        pair = self._work[1][:2 * cp].view(2, cp)
+        return pair[:1], pair[1:]
 
     def _cross(self, bufs, background, traffic, live_here):
         """Each bucket's first phase (encode, all_to_all to the chunks' owners) is launched here; its
@@ -517,7 +525,7 @@ class _SecondPhase:
         cp = codec.padded(c)
         decoded, _ = reducer._rows(size, cp)
         codec.decode_rows(self.recv[:, :pb], c, decoded)
-        total, scratch = reducer._work[1][:2 * cp].view(2, cp)[:1], reducer._work[1][cp:2 * cp].view(1, cp)
+        total, scratch = reducer._owner_rows(cp)
         total.copy_(decoded[:1])
         for r in range(1, size):  # in rank order: the same fp32 additions on every owner
             total.add_(decoded[r:r + 1])
