@@ -57,7 +57,7 @@ _COUNTERS = (
 )
 # Added with the node level and overlap: a checkpoint written before them lacks these (0 then).
 _COUNTERS_2 = ("intra_bytes", "intra_comm_seconds", "intra_collectives", "inter_collectives",
-               "comm_wait_seconds", "view_wait_seconds")
+               "comm_wait_seconds", "view_wait_seconds", "non_finite_left_out", "non_finite_healed")
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # controllers of this process, for the end-of-run check
@@ -128,6 +128,9 @@ class RISGDController:
         # than the steps behind it), and seconds waited to look at an average early (averaged(),
         # consensus(), a checkpoint)
         self.intra_comm_seconds = self.comm_wait_seconds = self.view_wait_seconds = 0.0
+        # contributions left out of rounds because they were not finite (seen by every rank), and the rounds
+        # in which this rank's own was (it took the average; its optimizer state's non-finite values restart)
+        self.non_finite_left_out = self.non_finite_healed = 0
         self._consensus_step = -1  # the step at which consensus() last averaged BatchNorm statistics
         # compute_seconds: each step from its forward to the end of its optimizer step, minus the
         # communication inside it. On a device whose work is done when the host call returns (the
@@ -582,6 +585,25 @@ class RISGDController:
         if report.divergence is not None:
             self.divergence = report.divergence
             self.divergence_sum += report.divergence
+        if report.left_out:
+            self.non_finite_left_out += report.left_out
+            if self.rank == 0:
+                warnings.warn(f"risgd_ext: step {self.steps}: {report.left_out} non-finite contribution(s) (NaN or "
+                              "inf) left out of the round; the others' average goes on", RuntimeWarning, stacklevel=2)
+        if report.healed:
+            self.non_finite_healed += 1
+            self._heal_optimizer_state()
+            warnings.warn(f"risgd_ext: step {self.steps}: worker {self.averaging.worker} (rank {self.rank}) held a "
+                          "non-finite model; it was left out of the round and took the average", RuntimeWarning,
+                          stacklevel=2)
+
+    def _heal_optimizer_state(self) -> None:
+        """A worker healed from a non-finite model: its optimizer state's non-finite values (momentum built
+        from NaN gradients) restart from zero, or the next step would bring the NaN back."""
+        for state in self.engine.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    value.masked_fill_(~torch.isfinite(value), 0.0)
 
     def _wait_pending(self, scheduled: bool = False) -> None:
         """Wait for the round in flight; ``scheduled``: at its apply step (a wait the schedule

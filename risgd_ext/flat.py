@@ -3,8 +3,10 @@
 At start the parameters (and floating-point buffers such as BatchNorm statistics) are re-pointed
 into one flat buffer per dtype and device, as DeepSpeed's and Apex's flat master weights do. Each
 flat buffer is laid out ``[params | buffers | (slot)]``: the parameter prefix, over which the
-divergence is measured, then the buffers, and one extra float at the end of the first one (the
-slot) that carries ``||d_j||²`` through the round's collective.
+divergence is measured, then the buffers, and :data:`SLOT` extra floats at the end of the first one
+(the slot) that carry ``||d_j||²`` and the rank's count (1: it contributes; 0: it is down or its
+contribution is not finite, and sends zeros) through the round's collective: every rank divides by
+the summed count, so a contribution left out needs no other message.
 
 The anchor ``a`` is the previous average, bit-identical on every rank (the parameters DeepSpeed
 broadcast at start, then each round's result). A round reduces each rank's displacement
@@ -26,9 +28,12 @@ are small, also loses less precision than summing the parameters.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
+
+SLOT = 2  # floats at the end of the first flat buffer: ||d||² and the contribution count
 
 
 @dataclass
@@ -90,10 +95,10 @@ class FlatModel:
         for i, kind in enumerate(kinds):
             ps = [p for p in params if (p.dtype, p.device) == kind]
             bs = [b for b in buffers if (b.dtype, b.device) == kind]
-            slot = 1 if i == 0 else 0
+            slot = SLOT if i == 0 else 0
             self.flats.append(Flat(_flatten_into(ps + bs, slot), sum(p.numel() for p in ps)))
         self.anchors = [f.params.clone() for f in self.flats]
-        self.slot = self.flats[0].buffer[-1:]
+        self.slot = self.flats[0].buffer[-SLOT:]  # [||d||², count]
         self.outer: torch.optim.SGD | None = None  # the outer step on the anchors (None: a <- x̄)
         self._scratch: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -151,7 +156,7 @@ class FlatModel:
                     d = torch.sub(x, a, out=out[i][: f.num_param_elems])
                 sq = sq_norm(d).to(self.slot.dtype)
                 my_sq = sq if my_sq is None else my_sq + sq.to(my_sq.device)
-        slot = self.slot if out is None else out[0][-1:]
+        slot = self.slot[:1] if out is None else out[0][-SLOT:-SLOT + 1]
         if my_sq is None:
             slot.zero_()
         else:
@@ -173,13 +178,15 @@ class FlatModel:
             norms.append(sq_norm(mean_d))
             means.append(mean_d)
         self._move_anchors(means)
-        scalars = [sums[0][-1], *drift, *norms]
+        scalars = [sums[0][-SLOT], *drift, *norms]
         dev = scalars[0].device
         values = torch.stack([s.to(device=dev, dtype=torch.float64) for s in scalars]).tolist()  # one readback
         mean_sq, k = values[0], len(drift)  # mean_j ||x_j - a||²
         drift_sq, norm = sum(values[1:1 + k]), sum(values[1 + k:])
         # mean_j ||x_j - x̄||² = mean_j ||x_j - a||² - ||x̄ - a||²  (clamped: rounding can dip below 0)
         spread = max(mean_sq - drift_sq, 0.0)
+        if not math.isfinite(mean_sq + drift_sq + norm):
+            return float("nan")  # not computable: never reported as 0
         return spread / norm if norm > 0 else 0.0
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .codec import CODECS, Codec, chunk_len, two_phase_payload
-from .flat import FlatModel
+from .flat import SLOT, FlatModel
 from .topology import NodeGroups, part
 
 
@@ -142,7 +142,7 @@ class Reducer:
         if node_sum:
             self._node_sum(bufs, traffic)
             return
-        segments = [b[f.num_param_elems: f.buffer.numel() - (1 if i == 0 else 0)]
+        segments = [b[f.num_param_elems: f.buffer.numel() - (SLOT if i == 0 else 0)]
                     for i, (b, f) in enumerate(zip(bufs, self.model.flats))]
         segments = [s for s in segments if s.numel()]
         if segments:

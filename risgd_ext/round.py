@@ -38,7 +38,7 @@ import torch
 from risgd_common.layout import Layout
 
 from .codec import Codec
-from .flat import FlatModel
+from .flat import SLOT, FlatModel, sq_norm
 from .live import AnchorsDiffer
 from .reduce import Pending, Reducer, Traffic
 
@@ -48,6 +48,10 @@ from .reduce import Pending, Reducer, Traffic
 # ranks. 6 pieces: a 24-bit fingerprint.
 NIBBLES = 6
 ANCHOR_SAMPLE = 1024  # values per flat buffer's anchor, strided over it
+
+
+class NoFiniteContribution(RuntimeError):
+    """A round in which no contribution was finite: there is no average to go on from."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class RoundReport:
     comm_seconds: float = 0.0    # the collectives between nodes
     waited: float = 0.0          # seconds this rank blocked for an overlapped round's sum
     divergence: float | None = None  # set by apply: mean_j ||x_j - x̄||² / ||x̄||² (nan: not measured)
+    left_out: int = 0            # set by wait: contributions left out because they were not finite
+    healed: bool = False         # set by apply: this rank's own contribution was not finite; it took the average
     traffic: Traffic = field(default_factory=Traffic)
 
 
@@ -115,7 +121,26 @@ class Displacement:
         else:
             for s, b, f, a in zip(out, xs, model.flats, model.anchors):
                 torch.sub(b[: f.num_param_elems], a, out=s[: f.num_param_elems])
-            out[0][-1:].zero_()
+            out[0][-SLOT:].zero_()
+
+    def seal(self, model: FlatModel, out: list[torch.Tensor], live_here: bool, measure: bool) -> bool:
+        """Check the filled payload ``out`` and write this rank's count into the slot: 1 when it contributes,
+        0 when it is down or its payload is not finite (NaN or inf: then it is replaced by zeros, and the
+        worker is left out as a down one is). Returns whether it contributes. One dot product over what the
+        measurement did not already cover (the parameters' ``||d||²`` is in the slot when measured)."""
+        ok = live_here
+        if live_here:
+            parts = [out[0][-SLOT:-SLOT + 1].float()] if measure else []
+            for i, (o, f) in enumerate(zip(out, model.flats)):
+                start, end = (f.num_param_elems if measure else 0), o.numel() - (SLOT if i == 0 else 0)
+                if end > start:
+                    parts.append(sq_norm(o[start:end]).reshape(1).float().to(parts[0].device if parts else o.device))
+            ok = bool(torch.isfinite(torch.cat(parts)).all()) if parts else True
+            if not ok:
+                for o in out:
+                    o.zero_()
+        out[0][-1:].fill_(1.0 if ok else 0.0)
+        return ok
 
 
 # -- seam 2: how a round's result is applied -----------------------------------------------------
@@ -218,6 +243,7 @@ class Round:
         self.sums: list[torch.Tensor] = []   # what is reduced, then the sum
         self.extras: list[torch.Tensor] = []
         self.complete = False
+        self.contributes, self.non_finite = self.live_here, False
         self.nbytes, self.comm_seconds = 0, 0.0
         self._pending: Pending | None = None  # an overlapped round's sum in flight
 
@@ -234,6 +260,7 @@ class Round:
                 self.extras = extras
                 self.sums = self.sums + [avg.pack(extras, self.live_here)]
             avg.sends.fill_in_place(model, self.live_here, avg.measure, avg.displace_always)
+            self._seal(self.sums)
             self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self.sums)
             return report
         if extras:
@@ -243,13 +270,25 @@ class Round:
             for s, b in zip(self.sent, model.buffers):
                 s.copy_(b)  # x at the send, buffers included (a resent round's is still there)
         avg.sends.fill(model, self.sums, self.live_here, avg.measure, self.sent if self.overlapped else None)
+        self._seal(self.sums)
         if self.counted:
-            self.count = anchor_vote(model, self.live_here).to(self.sums[0].device)
+            self.count = anchor_vote(model, self.contributes).to(self.sums[0].device)
         self.nbytes = report.bytes_sent = avg.reducer.round_bytes(self._reduced())
         if self.background:
-            self._pending = avg.reducer.launch(self._reduced(), avg.node_sum, report.traffic, self.live_here,
+            self._pending = avg.reducer.launch(self._reduced(), avg.node_sum, report.traffic, self.contributes,
                                                background=True)
         return report
+
+    def _seal(self, payload: list[torch.Tensor]) -> None:
+        """This rank's count, once its payload is checked; a non-finite one is left out and, at apply, takes
+        the average whole (its own progress is not finite either)."""
+        avg = self.avg
+        self.contributes = avg.sends.seal(avg.model, payload[: len(avg.model.flats)], self.live_here, avg.measure)
+        if self.live_here and not self.contributes:
+            self.non_finite = True
+            self.applies = REPLACE
+            if len(payload) > len(avg.model.flats):  # the packed extras (optimizer state)
+                payload[-1].zero_()
 
     def _reduced(self) -> list[torch.Tensor]:
         """What the collectives sum: the payload, and the count of a counted round."""
@@ -273,10 +312,16 @@ class Round:
             self.comm_seconds, report.waited = self._pending.finish(report.traffic)
             self._pending = None
         else:
-            pending = self.avg.reducer.launch(self._reduced(), self.avg.node_sum, report.traffic, self.live_here)
+            pending = self.avg.reducer.launch(self._reduced(), self.avg.node_sum, report.traffic, self.contributes)
             self.comm_seconds = pending.finish(report.traffic)[0]
         report.comm_seconds = self.comm_seconds
-        if self.count is not None:
+        if self.count is None:  # the summed counts of the slot: the contributions that were finite
+            expected = self.num_live
+            self.num_live = int(round(float(self.sums[0][-1])))
+            report.left_out = max(expected - self.num_live, 0)
+            if self.num_live < 1:
+                raise NoFiniteContribution("every contribution to this round was non-finite (NaN or inf)")
+        else:
             votes = self.count.tolist()
             self.num_live = int(round(votes[0]))
             if self.num_live < 1:
@@ -314,6 +359,7 @@ class Round:
                 s.div_(n)
             report.divergence = float("nan")
         self.applies.apply(model, sums, self.sent)
+        report.healed = self.non_finite
         return report
 
     # -- view --------------------------------------------------------------------------------------
@@ -341,7 +387,7 @@ class Round:
         return {"apply_step": self.apply_step, "num_live": self.num_live, "nbytes": self.nbytes,
                 "comm_seconds": self.comm_seconds, "sent": [t.detach().cpu() for t in self.sent],
                 "sums": [t.detach().cpu() for t in self.sums],
-                "live_workers": sorted(self.live.workers), "workers": self.live.total}
+                "live_workers": sorted(self.live.workers), "workers": self.live.total, "non_finite": self.non_finite}
 
     @classmethod
     def from_state(cls, avg: Averaging, state: dict) -> Round:
@@ -351,6 +397,8 @@ class Round:
         r = cls(avg, live, state["apply_step"])
         r.num_live = state["num_live"]  # as saved (a checkpoint written before the live set was)
         r.nbytes, r.comm_seconds, r.complete = state["nbytes"], state["comm_seconds"], True
+        if state.get("non_finite"):
+            r.non_finite, r.contributes, r.applies = True, False, REPLACE
         r.sent, r.sums = avg.model.scratch()
         for mine, saved in zip(r.sent + r.sums, list(state["sent"]) + list(state["sums"])):
             mine.copy_(saved)
