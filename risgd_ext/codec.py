@@ -234,7 +234,10 @@ class _BlockScaled(Codec):
         torch.abs(x, out=tmp)
         amax = tmp.view(-1, b).amax(dim=1)
         scale = amax / self.levels
-        inv = torch.where(amax > 0, self.levels / amax, torch.zeros_like(amax))
+        inv = self.levels / amax
+        # a block of zeros, or one whose absmax is so small (subnormal) that levels/absmax overflows, is sent
+        # as zeros: inf * 0 would be NaN, and error feedback would carry it into every later round
+        inv = torch.where(torch.isfinite(inv), inv, torch.zeros_like(inv))
         torch.mul(x.view(-1, b), inv[:, None], out=tmp.view(-1, b))
         tmp.round_()  # |x * levels / absmax| <= levels (1 + eps): within [-levels, levels] once rounded
         out[:, :sb].copy_(scale.view(rows, -1).view(torch.uint8))

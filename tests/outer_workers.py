@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from risgd_ext.flat import SLOT
+
 from tests.engine_workers import build, ds_config, scenario_resume, state, train_step
 from tests.hier_workers import snapshot_rounds
 
@@ -19,7 +21,7 @@ def _params_of(flats_snapshot: list[torch.Tensor], ctl) -> torch.Tensor:
 
 def _buffers_of(flats_snapshot: list[torch.Tensor], ctl) -> torch.Tensor:
     f = ctl.model.flats[0]
-    return flats_snapshot[0][f.num_param_elems: f.buffer.numel() - 1]  # BatchNorm's floats (the slot last)
+    return flats_snapshot[0][f.num_param_elems: f.buffer.numel() - SLOT]  # BatchNorm's floats (the slot last)
 
 
 def scenario_outer(rank: int, block: dict, rounds: int = 3) -> dict:

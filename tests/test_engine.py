@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from risgd_hosts.local import run_ranks
+from risgd_ext.flat import SLOT
 from tests.engine_workers import run_all
 
 WORLD = 3
@@ -79,9 +80,9 @@ def test_accounting(results):
                  and p.is_floating_point())
     assert stats["rounds"] == 2 and stats["local_steps"] == 8 and stats["sync_steps"] == 0
     assert stats["comm_rounds"] == 2 and stats["steps_in_round"] == 0
-    # parameters + BatchNorm running stats + the divergence slot, fp32, per round
+    # parameters + BatchNorm running stats + the slot (||d||² and the count), fp32, per round
     buffers = 2 * 24
-    assert stats["bytes_allreduced"] == 2 * 4 * (params + buffers + 1)
+    assert stats["bytes_allreduced"] == 2 * 4 * (params + buffers + SLOT)
     assert stats["comm_seconds"] > 0 and stats["compute_seconds"] > 0
     assert stats["average_seconds"] >= stats["comm_seconds"]
     assert stats["divergence"] > 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from risgd_hosts.local import run_ranks
+from risgd_ext.flat import SLOT
 from tests.hier_workers import run_all
 
 WORLD, NODE = 4, 2
@@ -67,11 +68,11 @@ def test_a_round_across_nodes_is_the_mean_of_the_nodes(results):
     for i in range(3):
         before = [rd["before"][i][0].double() for rd in rounds]
         params = (before[0][:n_params] + before[2][:n_params]) / 2  # one model per node
-        bn = sum(b[n_params:-1] for b in before) / WORLD  # BatchNorm statistics: every rank's
+        bn = sum(b[n_params:-SLOT] for b in before) / WORLD  # BatchNorm statistics: every rank's
         for rd in rounds:
             after = rd["after"][i][0].double()
             torch.testing.assert_close(after[:n_params], params, rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(after[n_params:-1], bn, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(after[n_params:-SLOT], bn, rtol=1e-6, atol=1e-6)
 
 
 def test_intra_node_averages_every_tau_intra(results):
@@ -93,11 +94,11 @@ def test_intra_node_averages_every_tau_intra(results):
 def test_a_failed_node_has_weight_zero_and_takes_the_average(results):
     rounds = [r["node_failure"]["rounds"] for r in results]
     for i, live_nodes in enumerate(([0, 1], [0], [0, 1])):
-        before = [rd["before"][i][0].double()[:-1] for rd in rounds]
+        before = [rd["before"][i][0].double()[:-SLOT] for rd in rounds]
         # synchronous nodes: the node's first rank stands for its parameters; statistics: every live rank's
         expected = sum(before[NODE * n] for n in live_nodes) / len(live_nodes)
         for rd in rounds:
-            after = rd["after"][i][0].double()[:-1]
+            after = rd["after"][i][0].double()[:-SLOT]
             n = after.numel() - 24 * 2  # the BatchNorm1d(24) running mean and variance at the end
             torch.testing.assert_close(after[:n], expected[:n], rtol=1e-6, atol=1e-7)
     assert [r["node_failure"]["stats"]["rounds_down"] for r in results] == [0, 0, 1, 1]
@@ -130,14 +131,14 @@ def test_overlap_delayed_update_against_a_single_process_reference(results, name
     applied = len(rounds[0]["applied_after"])
     assert applied == len(rounds[0]["sent_steps"])  # every round applied (the last by consensus())
     for i in range(applied):
-        sent = [rd["before"][i][0].double()[:-1] for rd in rounds]
+        sent = [rd["before"][i][0].double()[:-SLOT] for rd in rounds]
         n_params = sent[0].numel() - 48
         mean = sum(sent) / WORLD
         if node > 1:  # synchronous nodes: parameters from one rank per node
             mean[:n_params] = sum(sent[k][:n_params] for k in range(0, WORLD, node)) / (WORLD // node)
         for rd, x_sent in zip(rounds, sent):
-            before = rd["applied_before"][i][0].double()[:-1]
-            after = rd["applied_after"][i][0].double()[:-1]
+            before = rd["applied_before"][i][0].double()[:-SLOT]
+            after = rd["applied_after"][i][0].double()[:-SLOT]
             torch.testing.assert_close(after, mean + (before - x_sent), rtol=1e-6, atol=1e-6)
     # the average is applied at a step fixed by the schedule, never by the network
     delay = 1 if name == "overlap_flat_delay" else 4
@@ -147,11 +148,11 @@ def test_overlap_delayed_update_against_a_single_process_reference(results, name
 def test_overlap_with_a_failed_rank(results):
     rounds = [r["overlap_failure"]["rounds"] for r in results]
     for i, live in enumerate(([0, 1, 2, 3], [0, 2, 3], [0, 1, 2, 3])):
-        sent = [rd["before"][i][0].double()[:-1] for rd in rounds]
+        sent = [rd["before"][i][0].double()[:-SLOT] for rd in rounds]
         mean = sum(sent[j] for j in live) / len(live)
         for rd, x_sent in zip(rounds, sent):  # the failed rank too takes the live average
-            before = rd["applied_before"][i][0].double()[:-1]
-            after = rd["applied_after"][i][0].double()[:-1]
+            before = rd["applied_before"][i][0].double()[:-SLOT]
+            after = rd["applied_after"][i][0].double()[:-SLOT]
             torch.testing.assert_close(after, mean + (before - x_sent), rtol=1e-6, atol=1e-6)
     assert all(same(results[0]["overlap_failure"]["final"], r["overlap_failure"]["final"]) for r in results[1:])
     assert [r["overlap_failure"]["stats"]["rounds_down"] for r in results] == [0, 1, 0, 0]

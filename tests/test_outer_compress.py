@@ -10,6 +10,7 @@ import torch.distributed as dist
 from risgd_common.layout import Layout
 from risgd_ext.codec import BF16, Int8
 from risgd_ext.config import ConfigError, parse_block
+from risgd_ext.flat import SLOT
 from risgd_ext.round import Averaging, Live
 from risgd_hosts.local import run_ranks
 from tests import outer_workers as W
@@ -169,12 +170,12 @@ def test_two_phase_bytes_ratio_at_every_number_of_ranks():
 
 def test_bytes_are_counted_with_scales(results):
     plain, int8, bf16 = (results[0][n]["stats"] for n in ("plain", "int8", "bf16_no_ef"))
-    f = 435  # parameters of tests.engine_workers.make_model; then 48 BatchNorm floats and the slot
+    f = 435  # parameters of tests.engine_workers.make_model; then 48 BatchNorm floats and the slot's SLOT
     rounds = plain["rounds"]
-    assert plain["bytes_allreduced"] == rounds * 4 * (f + 48 + 1)
+    assert plain["bytes_allreduced"] == rounds * 4 * (f + 48 + SLOT)
     # compressed: the two-phase round's 4 chunks of ceil(435 / 4) = 109 values (the last padded), each
     # chunk's payload with its own scale; a ring all_reduce of that moves 2(N-1)/N of it, as the round does.
-    # The fp32 rest (48 + 1 values) rides in the same chunks, ceil(49 / 4) = 13 values each
+    # The fp32 rest (48 + SLOT = 50 values) rides in the same chunks, ceil(50 / 4) = 13 values each
     assert int8["bytes_allreduced"] == rounds * (4 * (109 + 4) + 4 * 4 * 13)
     assert bf16["bytes_allreduced"] == rounds * (4 * 2 * 109 + 4 * 4 * 13)
     assert int8["compress"] == "int8" and int8["error_feedback"] and not bf16["error_feedback"]

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from risgd_common.layout import Layout, LayoutError
-from risgd_ext.flat import FlatModel
+from risgd_ext.flat import SLOT, FlatModel
 from risgd_ext.round import DISPLACEMENT, KEEP_PROGRESS, REPLACE, Averaging, Live, Round
 from risgd_hosts.local import run_ranks
 
@@ -79,8 +79,8 @@ def test_seam_what_a_round_sends_is_the_displacement(one_rank):
     f = model.flats[0]
     d = f.params - anchor[0]
     assert torch.equal(out[0][: f.num_param_elems], d)
-    assert torch.equal(out[0][f.num_param_elems:-1], f.buffer[f.num_param_elems:-1])  # buffers as they are
-    assert out[0][-1].item() == pytest.approx(torch.dot(d, d).item())  # ||d||² in the slot
+    assert torch.equal(out[0][f.num_param_elems:-SLOT], f.buffer[f.num_param_elems:-SLOT])  # buffers as they are
+    assert out[0][-SLOT].item() == pytest.approx(torch.dot(d, d).item())  # ||d||² in the slot
     DISPLACEMENT.fill(model, out, live_here=False, measure=True)
     assert all(not o.any() for o in out)  # a down worker sends zeros
 
@@ -93,7 +93,7 @@ def test_seam_how_a_result_is_applied():
     sent = [b - 0.25 for b in x]  # progress since the send: 0.25 everywhere
     KEEP_PROGRESS.apply(model, mean, sent)
     expected = torch.add(mean[0], torch.sub(x[0], x[0] - 0.25))
-    assert torch.equal(model.buffers[0][:-1], expected[:-1]) and model.slot.item() == 0.0
+    assert torch.equal(model.buffers[0][:-SLOT], expected[:-SLOT]) and not model.slot.any()
     REPLACE.apply(model, mean, [])
     assert torch.equal(model.buffers[0], mean[0])  # the average replaces the model
 
@@ -108,7 +108,7 @@ def test_blocking_round_on_one_rank(one_rank):
     n_elems = sum(b.numel() for b in x)
     assert sent.bytes_sent == 4 * n_elems and waited.traffic.inter_collectives >= 1
     assert applied.divergence == 0.0  # one worker: no spread
-    assert torch.allclose(avg.model.buffers[0][:-1], x[0][:-1], atol=1e-6)
+    assert torch.allclose(avg.model.buffers[0][:-SLOT], x[0][:-SLOT], atol=1e-6)
     p = avg.model.flats[0].num_param_elems
     assert torch.equal(avg.model.anchors[0], avg.model.buffers[0][:p])  # the anchor moved to the average
     with pytest.raises(RuntimeError, match="apply\\(\\) before wait\\(\\)"):
@@ -128,14 +128,14 @@ def test_overlapped_round_on_one_rank_view_state_and_progress(one_rank):
     with r.viewed():
         view = [b.clone() for b in avg.model.buffers]
     assert all(torch.equal(a, b) for a, b in zip(avg.model.buffers, x_now))  # put back exactly
-    assert torch.allclose(view[0][:-1], x_sent[0][:-1], atol=1e-6)  # the average of one is x at the send
+    assert torch.allclose(view[0][:-SLOT], x_sent[0][:-SLOT], atol=1e-6)  # the average of one is x at the send
     state = r.state_dict()
     again = Round.from_state(avg, state)
     assert again.apply_step == 8 and again.live == r.live and again.num_live == 1
     again.apply()
     progress = x_now[0] - x_sent[0]
-    assert torch.allclose(avg.model.buffers[0][:-1], view[0][:-1] + progress[:-1], atol=1e-6)
-    assert avg.model.slot.item() == 0.0
+    assert torch.allclose(avg.model.buffers[0][:-SLOT], view[0][:-SLOT] + progress[:-SLOT], atol=1e-6)
+    assert not avg.model.slot.any()
 
 
 def _four_ranks(rank: int, world: int) -> dict:
@@ -173,19 +173,19 @@ def four():
 def test_four_ranks_blocking_round_is_the_mean_and_bit_identical(four):
     for name in ("all", "down3", "overlap", "node"):
         assert all(torch.equal(four[0][name][0], r[name][0]) for r in four), name  # every rank, the same bits
-    before = torch.stack([r["all_before"][0][:-1].double() for r in four])
-    assert torch.allclose(four[0]["all"][0][:-1].double(), before.mean(0), atol=1e-6)
-    live = torch.stack([r["down3_before"][0][:-1].double() for r in four[:3]])
-    assert torch.allclose(four[3]["down3"][0][:-1].double(), live.mean(0), atol=1e-6)  # the down rank takes it
+    before = torch.stack([r["all_before"][0][:-SLOT].double() for r in four])
+    assert torch.allclose(four[0]["all"][0][:-SLOT].double(), before.mean(0), atol=1e-6)
+    live = torch.stack([r["down3_before"][0][:-SLOT].double() for r in four[:3]])
+    assert torch.allclose(four[3]["down3"][0][:-SLOT].double(), live.mean(0), atol=1e-6)  # the down rank takes it
     assert four[0]["all_divergence"] > 0
 
 
 def test_four_ranks_overlapped_round_applied_at_once_equals_blocking(four):
     # no step between send and apply: x - x_sent is exactly 0, so x̄ + 0 is the blocking round's x̄
-    assert torch.equal(four[0]["overlap"][0][:-1], four[0]["all"][0][:-1])
+    assert torch.equal(four[0]["overlap"][0][:-SLOT], four[0]["all"][0][:-SLOT])
     assert four[0]["overlap_divergence"] == four[0]["all_divergence"]
 
 
 def test_four_ranks_node_level_round_is_the_same_mean(four):
-    assert torch.allclose(four[0]["node"][0][:-1], four[0]["all"][0][:-1], atol=1e-6)
+    assert torch.allclose(four[0]["node"][0][:-SLOT], four[0]["all"][0][:-SLOT], atol=1e-6)
     assert four[0]["node_intra_bytes"] > 0  # the node's ranks summed on the intra-node link first

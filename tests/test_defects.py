@@ -1,0 +1,42 @@
+"""The composition issue's defects, each with a test that failed on the code before its fix (the
+composed cases themselves are in tests/test_reference.py, against the reference)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from risgd_ext.codec import CODECS
+from risgd_ext.flat import SLOT, FlatModel
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_tiny_block_never_turns_error_feedback_into_nan(name):
+    """Defect 1: a block whose absmax is subnormal made levels/absmax inf, and the lossy value (what error
+    feedback subtracts) NaN; a displacement that moved and then stopped reached such blocks by itself."""
+    codec = CODECS[name]
+    x = torch.zeros(300)
+    x[5], x[7] = 1e-40, -3e-41
+    _, sent = codec.encode_lossy(x)
+    assert torch.isfinite(sent).all()
+    residual, d = torch.zeros(300), torch.zeros(300)
+    d[:4] = torch.tensor([1e-3, -2e-5, 3e-7, 1e-38])
+    for _ in range(300):  # it moved once, then stays: the residual is all that is sent
+        _, sent = codec.encode_lossy(d + residual)
+        residual = d + residual - sent
+        d = torch.zeros(300)
+        assert torch.isfinite(residual).all() and torch.isfinite(sent).all()
+
+
+def test_divergence_is_nan_when_it_cannot_be_computed():
+    """Defect 9 (its measurement): a NaN in the sums gave divergence 0.0 (``nan > 0`` is False)."""
+    p = torch.nn.Parameter(torch.ones(8))
+    model = FlatModel([p], [])
+    sums = [torch.zeros_like(model.buffers[0])]
+    sums[0][2] = float("nan")
+    sums[0][-SLOT] = 1.0
+    assert math.isnan(model.finish(sums, 1))
+    fresh = FlatModel([torch.nn.Parameter(torch.ones(8))], [])
+    assert fresh.finish([torch.zeros_like(fresh.buffers[0])], 1) == 0.0  # no spread: 0, not NaN
