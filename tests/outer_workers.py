@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from risgd_ext.flat import SLOT
-
 from tests.engine_workers import build, ds_config, scenario_resume, state, train_step
 from tests.hier_workers import snapshot_rounds
 

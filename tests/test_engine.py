@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from risgd_hosts.local import run_ranks
 from risgd_ext.flat import SLOT
+from risgd_hosts.local import run_ranks
 from tests.engine_workers import run_all
 
 WORLD = 3

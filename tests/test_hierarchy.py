@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from risgd_hosts.local import run_ranks
 from risgd_ext.flat import SLOT
+from risgd_hosts.local import run_ranks
 from tests.hier_workers import run_all
 
 WORLD, NODE = 4, 2

@@ -11,8 +11,8 @@ import itertools
 
 import pytest
 import torch
-
 from matrix_workers import batch, make_model, optimizer_params, run_cases
+
 from risgd_ext import reference as ref
 from risgd_hosts.local import run_ranks
 
@@ -113,7 +113,8 @@ def engine_runs() -> dict:
         ranks = run_ranks(run_cases, world, cases, timeout=600)
         for c in cases:
             k = LAYOUTS[c["axes"]["layout"]][1]
-            out[c["name"]] = [ranks[w * k] for w in range(world // k)], [ranks[w * k + k - 1] for w in range(world // k)]
+            nodes = range(world // k)  # each worker's first and last rank
+            out[c["name"]] = [ranks[w * k] for w in nodes], [ranks[w * k + k - 1] for w in nodes]
     return out
 
 
