@@ -29,6 +29,8 @@ RANK_STATE = "risgd_rank{rank:05d}.pt"
 # An elastic run keys each rank's state by the manifest worker it serves (``engine.risgd.identity``),
 # so the state follows the data, whatever rank number the launcher gives it after a restart.
 WORKER_STATE = "risgd_worker{worker:05d}.pt"
+# ... and with the node level by worker and the rank's place in its node (each rank its own residual)
+NODE_RANK_STATE = "risgd_worker{worker:05d}_local{local:02d}.pt"
 
 
 class RISGDEngineMixin:
@@ -220,9 +222,12 @@ def set_device_rng_state(states: list[torch.Tensor]) -> None:
 
 
 def state_path(tag_dir: str, ctl: Any) -> str:
-    """This rank's state file: by manifest worker in an elastic run (``ctl.identity``), else by rank."""
+    """This rank's state file: by manifest worker in an elastic run (``ctl.identity``; with the node level,
+    by worker and the rank's place in its node: each rank has its own residual and RNG), else by rank."""
     if ctl.identity is None:
         return os.path.join(tag_dir, RANK_STATE.format(rank=ctl.rank))
+    if ctl.node_size > 1:
+        return os.path.join(tag_dir, NODE_RANK_STATE.format(worker=ctl.identity, local=ctl.layout.local_of(ctl.rank)))
     return os.path.join(tag_dir, WORKER_STATE.format(worker=ctl.identity))
 
 
@@ -279,6 +284,19 @@ def load_rank_state(engine: Any, tag_dir: str, at_average: bool = False, stamp: 
         set_device_rng_state(state["rng_device"])
 
 
+def _legacy_node_state(tag_dir: str, ctl: Any) -> dict | None:
+    """A node-level worker's one file as written before each rank had its own (every rank of the node wrote
+    ``risgd_workerNNNNN.pt``, the last one winning): its model and counters serve every rank of the node,
+    its residuals only the rank that wrote it."""
+    path = os.path.join(tag_dir, WORKER_STATE.format(worker=ctl.identity))
+    if ctl.node_size == 1 or not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("rank") != ctl.rank:
+        state["controller"] = {k: v for k, v in state["controller"].items() if k not in ("residual", "server_residual")}
+    return state
+
+
 def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool, stamp: str | None = None) -> None:
     """An elastic run: this rank's manifest worker's state, whatever world size wrote it.
 
@@ -302,7 +320,7 @@ def _load_worker_state(engine: Any, tag_dir: str, path: str, at_average: bool, s
                   file=sys.stderr, flush=True)
             state = None
     else:
-        state = None
+        state = _legacy_node_state(tag_dir, ctl)
     if state is not None:
         if state.get("worker") != ctl.identity:
             raise ConfigError(f"{path} holds worker {state.get('worker')}'s state, not worker {ctl.identity}'s: "

@@ -40,3 +40,15 @@ def test_divergence_is_nan_when_it_cannot_be_computed():
     assert math.isnan(model.finish(sums, 1))
     fresh = FlatModel([torch.nn.Parameter(torch.ones(8))], [])
     assert fresh.finish([torch.zeros_like(fresh.buffers[0])], 1) == 0.0  # no spread: 0, not NaN
+
+
+@pytest.mark.slow
+def test_each_rank_of_a_node_level_elastic_worker_keeps_its_own_state(tmp_path):
+    """Defect 7: every rank of a node wrote and loaded one file, risgd_worker{W}.pt; the last writer won and
+    on resume the node's other ranks took its residual, which covers another slice."""
+    from defect_workers import scenario_node_level_worker_state
+    from risgd_hosts.local import run_ranks
+
+    results = run_ranks(scenario_node_level_worker_state, 4, str(tmp_path), timeout=300)
+    assert results[0]["files"] == [f"risgd_worker{w:05d}_local{k:02d}.pt" for w in range(2) for k in range(2)]
+    assert all(r["nonzero"] and r["own_back"] for r in results)
