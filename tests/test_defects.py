@@ -52,3 +52,16 @@ def test_each_rank_of_a_node_level_elastic_worker_keeps_its_own_state(tmp_path):
     results = run_ranks(scenario_node_level_worker_state, 4, str(tmp_path), timeout=300)
     assert results[0]["files"] == [f"risgd_worker{w:05d}_local{k:02d}.pt" for w in range(2) for k in range(2)]
     assert all(r["nonzero"] and r["own_back"] for r in results)
+
+
+def test_the_ranks_of_an_elastic_node_draw_their_own_random_streams(tmp_path):
+    """Defect 10: the ranks of one node of an elastic run shared a dropout stream (the worker number stood
+    where the rank belongs); each must draw the stream its rank has in a fixed run of the same layout."""
+    from risgd_trainer.elastic import nodes_for
+    from risgd_trainer.run_config import resolve_run
+
+    for world_size in (1, 2):
+        run = resolve_run("recipes/digits.yaml", [f"runs_dir={tmp_path}", "run_name=el", "elastic.workers=3"],
+                          world_size)
+        streams = [nodes_for(run, {"workers": 3}, {}, w).rng_id(r) for w in range(3) for r in range(world_size)]
+        assert streams == list(range(3 * world_size))  # one per rank, the fixed run's numbering

@@ -145,7 +145,9 @@ class ElasticNodes(FixedNodes):
         self._healed: dict = {}  # the trainer's state taken from a live peer, until the loop takes it
 
     def rng_id(self, rank: int) -> int:
-        return self.worker
+        """The rank this node's rank ``rank`` would have in a fixed run of the same layout: each rank of a
+        node-level worker draws its own stream, as it does there."""
+        return self.worker * self.run.node_size + rank
 
     def accept(self, members) -> str | None:
         """Why ``members`` are below the run's floor (elastic.min_workers, elastic.min_coverage), or None."""
