@@ -131,9 +131,17 @@ class _TrainSteps(torch.utils.data.Dataset):
     [l*b//k, (l+1)*b//k) of every chunk's b; `share_sizes` are the resulting per-chunk sizes."""
 
     def __init__(self, decoder: _Decoder, chunk_ids: list[np.ndarray], sub_sizes: list[int], seed: int,
-                 rank: int, share: tuple[int, int] = (0, 1)):
+                 rank: int, share: tuple[int, int] = (0, 1), chunk_index: list[int] | None = None,
+                 cursor: dict | None = None):
         self.decoder, self.chunk_ids, self.sub_sizes = decoder, chunk_ids, sub_sizes
         self.seed, self.rank = seed, rank
+        # The cursor: where each chunk's stream stands at step `origin` (``cursor(step)`` of the loader this one
+        # follows, whose sub-batches may have been other); from there it advances by this loader's b a step.
+        # Without one, the stream of a chunk is at step * b (the loader has had these sizes from step 0).
+        self.chunk_index = list(range(len(chunk_ids))) if chunk_index is None else list(chunk_index)
+        self.origin = int(cursor["step"]) if cursor else 0
+        at = {int(k): int(v) for k, v in (cursor or {}).get("positions", {}).items()}
+        self.base = [at.get(i, self.origin * b) for i, b in zip(self.chunk_index, sub_sizes)]
         part, k = share
         # (chunk, first position inside the chunk's sub-batch, count, chunk's start in the worker batch)
         self._slices, start = [], 0
@@ -161,9 +169,17 @@ class _TrainSteps(torch.utils.data.Dataset):
         for c, lo, count, start in self._slices:
             n, b = len(self.chunk_ids[c]), self.sub_sizes[c]
             j = lo + np.arange(count)
-            t = step * b + j
+            t = self.base[c] + (step - self.origin) * b + j
             out.extend((c, int(p), int(o), start + int(i)) for p, o, i in zip(t // n, t % n, j))
         return out
+
+    def cursor(self, step: int) -> dict:
+        """Where each chunk's stream stands at step ``step``: {"step", "positions": {chunk of the worker, in
+        manifest order: samples drawn from it so far}}. A loader built with it at that step goes on drawing
+        each chunk where this one would have, whatever its own sub-batches (none twice within a pass, none
+        skipped); checkpoints carry it, so a resumed run does too."""
+        return {"step": int(step), "positions": {str(i): int(base + (step - self.origin) * b)
+                                                 for i, base, b in zip(self.chunk_index, self.base, self.sub_sizes)}}
 
     def __getitem__(self, step: int):
         # Seed only the CPU default generator: torch.manual_seed also seeds CUDA lazily and costs
@@ -257,6 +273,10 @@ class RankLoader:
             self.step += 1
             yield (self.device_decode(images) if self.device_decode else images), labels
 
+    def cursor(self, step: int) -> dict:
+        """Each chunk's stream position at ``step`` (see ``make_train_loader(cursor=...)``)."""
+        return self._steps.cursor(step)
+
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_skipped": self.samples_skipped}
 
@@ -289,7 +309,7 @@ def make_train_loader(
     manifest: dict | str, shard_dir: str, rank: int, base_batch: int, policy: str = "per_chunk",
     transform: Callable | None = None, seed: int = 0, start_step: int = 0, num_workers: int = 1,
     verify: bool = True, pin_memory: bool = False, share: tuple[int, int] = (0, 1), decode: str = "cpu",
-    device: torch.device | str | None = None, chunk_scale: list[float] | None = None,
+    device: torch.device | str | None = None, chunk_scale: list[float] | None = None, cursor: dict | None = None,
 ) -> RankLoader:
     """The rank's infinite train loader. Raises DataError (one line) on a missing/mismatched shard.
 
@@ -308,6 +328,9 @@ def make_train_loader(
 
     `chunk_scale`: one factor per chunk of the worker (manifest order) scaling its sub-batch, e.g.
     manifest.chunk_draw_scales after workers are lost, so each chunk is still drawn at its share.
+    `cursor`: the ``cursor(start_step)`` of the loader this one replaces (its sub-batches changed, or a
+    checkpoint's): each chunk's stream goes on from where that one stood, so a chunk drawn faster while
+    a worker is away, and back at its pace after, draws no sample twice within a pass and skips none.
 
     `decode="gpu"` (recipe key data.decode): the workers draw the crops and flips and leave the JPEG
     decode to `device` (default cuda; DataError in one line without CUDA), see gpu_decode: the
@@ -358,7 +381,9 @@ def make_train_loader(
         device_decode = DeviceDecode(transform, device)
     else:
         decoder = _Decoder(shard_dir, index, "train", transform, simplejpeg=True)
-    steps = _TrainSteps(decoder, [chunk_ids[i] for i in keep], kept, seed, rank, (part, k))
+    if cursor is not None and int(cursor["step"]) != start_step:
+        raise DataError(f"the data cursor is at step {cursor['step']}, the loader starts at {start_step}")
+    steps = _TrainSteps(decoder, [chunk_ids[i] for i in keep], kept, seed, rank, (part, k), keep, cursor)
     return RankLoader(steps, epoch_steps, start_step, num_workers, pin_memory, device_decode=device_decode)
 
 

@@ -328,3 +328,51 @@ def test_share_with_no_samples_is_refused(index, digits_dir):
     # The last share of each 1-sample chunk does get it: that rank alone is fine.
     ok = make_train_loader(m, digits_dir, 0, base_batch=1, policy="split", num_workers=0, share=(2, 3))
     assert ok.batch_size == 3 and len(ok.sample_ids(0)) == 3
+
+
+def _chunk_streams(loaders_by_step) -> dict[int, list[int]]:
+    """Each chunk's sample ids (by the worker's chunk, manifest order) in the order they were drawn, step
+    after step, from whichever loader served each step."""
+    out: dict[int, list[int]] = {}
+    for step, loader in loaders_by_step:
+        for (c, p, o, _), gid in zip(loader._steps.sample_ids(step), loader.sample_ids(step)):
+            out.setdefault(loader._steps.chunk_index[c], []).append(gid)
+    return out
+
+
+def test_a_chunk_stream_goes_on_in_order_over_a_loss_and_a_rejoin(index, digits_dir):
+    """Defect 5: the position in a chunk's stream was step x the current sub-batch, so it jumped when
+    chunk_draw_scales changed the sub-batch (a loss, a rejoin): a survivor drew hundreds of samples twice
+    within a pass and skipped others. With the cursor handed from each loader to the next, the stream is the
+    uninterrupted one's order, drawn faster while the worker is away: no sample twice within a pass, none
+    skipped; and without it (the old way) samples come twice."""
+    from risgd_data.manifest import chunk_draw_scales
+
+    m = build_manifest(index, 4, 0.5, partition="label_sorted", seed=0)
+    scales = chunk_draw_scales(m, {0, 1, 3})[0]  # worker 2 lost: worker 0 draws some chunks faster
+    assert any(f > 1 for f in scales)
+    plain = make_train_loader(m, digits_dir, 0, base_batch=16, num_workers=0)
+    lost_at, back_at, end = 7, 19, 40
+    away = make_train_loader(m, digits_dir, 0, base_batch=16, num_workers=0, chunk_scale=scales, start_step=lost_at,
+                             cursor=plain.cursor(lost_at))
+    back = make_train_loader(m, digits_dir, 0, base_batch=16, num_workers=0, start_step=back_at,
+                             cursor=away.cursor(back_at))
+    served = [(s, plain if s < lost_at else away if s < back_at else back) for s in range(end)]
+    streams = _chunk_streams(served)
+    whole = _chunk_streams([(s, plain) for s in range(end * 3)])  # the uninterrupted order, long enough
+    chunk_ids = rank_chunk_ids(m, index, 0)
+    for c, ids in streams.items():
+        n = len(chunk_ids[c])
+        assert ids == whole[c][:len(ids)]  # the uninterrupted stream's order, none skipped
+        for start in range(0, len(ids), n):  # each pass a permutation: no sample twice within it
+            assert len(set(ids[start:start + n])) == len(ids[start:start + n])
+    assert sum(len(v) for v in streams.values()) > sum(len(v) for v in _chunk_streams(
+        [(s, plain) for s in range(end)]).values())  # drawn faster while worker 2 was away
+    # the old way (each loader at step x its own sub-batch) draws samples twice within a pass
+    old_away = make_train_loader(m, digits_dir, 0, base_batch=16, num_workers=0, chunk_scale=scales,
+                                 start_step=lost_at)
+    old = _chunk_streams([(s, plain if s < lost_at else old_away) for s in range(back_at)])
+    assert any(len(set(v[:len(chunk_ids[c])])) < min(len(v), len(chunk_ids[c])) or
+               v != whole[c][:len(v)] for c, v in old.items())
+    with pytest.raises(DataError, match="cursor is at step 7"):
+        make_train_loader(m, digits_dir, 0, base_batch=16, num_workers=0, start_step=8, cursor=plain.cursor(lost_at))

@@ -47,6 +47,7 @@ def test_each_rank_of_a_node_level_elastic_worker_keeps_its_own_state(tmp_path):
     """Defect 7: every rank of a node wrote and loaded one file, risgd_worker{W}.pt; the last writer won and
     on resume the node's other ranks took its residual, which covers another slice."""
     from defect_workers import scenario_node_level_worker_state
+
     from risgd_hosts.local import run_ranks
 
     results = run_ranks(scenario_node_level_worker_state, 4, str(tmp_path), timeout=300)

@@ -384,6 +384,7 @@ def train(run: Run) -> None:
             return engine.load_checkpoint(ckpt_dir)[1] if os.path.exists(os.path.join(ckpt_dir, "latest")) else {}
         client = agree(load)
         progress.update(step=client.get("step", 0), best=client.get("best_test_acc", 0.0),
+                        cursor=client.get("data_cursor"),
                         last_eval=client.get("last_eval", client.get("step", 0)), wall=client.get("wall_seconds", 0.0))
         if progress["step"] and rank == 0:
             print(f"{run.name}: resuming from step {progress['step']} of {total_steps} ({ckpt_dir})",
@@ -397,16 +398,17 @@ def train(run: Run) -> None:
 
     cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
     transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
-    def train_loader(first: int):
-        # elastic: each chunk drawn at its share of a step by whichever nodes hold it now (held and drawn)
+    def train_loader(first: int, cursor: dict | None = None):
+        # elastic: each chunk drawn at its share of a step by whichever nodes hold it now (held and drawn), each
+        # chunk's stream going on from its cursor (where the loader before stood: none drawn twice, none skipped)
         scale = nodes.draw_scales(engine.risgd)
         return make_train_loader(manifest, shard_dir, worker, data["base_batch"], policy=data["batch_policy"],
                                  transform=transform, seed=cfg["seed"], start_step=first,
                                  num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
                                  decode=data["decode"], device=device,  # gpu: batches come decoded on the device
-                                 chunk_scale=scale)
+                                 chunk_scale=scale, cursor=cursor)
 
-    loader = train_loader(start)
+    loader = train_loader(start, progress.get("cursor"))
     if start == 0:  # said once, at the start of a run (a resumed run said it then)
         batches_of: list = [None] * run.world_size  # what each rank draws per step under the batch policy
         dist.all_gather_object(batches_of, loader.batch_size)
@@ -432,7 +434,8 @@ def train(run: Run) -> None:
     skipped_seen = loader.samples_skipped
     def save(at: int) -> None:  # an elastic run's other nodes write their own state; the recording one the rest
         engine.save_checkpoint(ckpt_dir, tag=f"step{at}", client_state={
-            "step": at, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best, "last_eval": last_eval},
+            "step": at, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best, "last_eval": last_eval,
+            "data_cursor": loader.cursor(at)},
             rank_state_only=not nodes.recording)
 
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
@@ -454,13 +457,15 @@ def train(run: Run) -> None:
         bar.update(1)
         tracker, restart = nodes.after_step(engine.risgd, step, tracker, rank, scheduler, progress)
         if restart is not None:  # elastic: healed to the others' step, or the live nodes changed (their draw)
+            cursor = loader.cursor(step)  # the live nodes changed: each chunk's stream goes on from here
             if restart != step:  # go on from the others' step, with their schedule and the data from there
                 step = last_ckpt = restart
                 best, last_eval, t0 = progress["best"], progress["last_eval"], progress["t0"]
                 running.zero_()
                 bar.reset(total=total_steps)
                 bar.update(step)
-            loader = train_loader(step)
+                cursor = None  # healed: this node's own streams at the others' step
+            loader = train_loader(step, cursor)
             batches, skipped_seen = iter(loader), loader.samples_skipped
         # Log and evaluate only where every rank holds the averaged model: the first average at or
         # after each eval_every multiple, and the last step (which the config made an average).
