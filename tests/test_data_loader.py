@@ -335,7 +335,7 @@ def _chunk_streams(loaders_by_step) -> dict[int, list[int]]:
     after step, from whichever loader served each step."""
     out: dict[int, list[int]] = {}
     for step, loader in loaders_by_step:
-        for (c, p, o, _), gid in zip(loader._steps.sample_ids(step), loader.sample_ids(step)):
+        for (c, _, _, _), gid in zip(loader._steps.sample_ids(step), loader.sample_ids(step)):
             out.setdefault(loader._steps.chunk_index[c], []).append(gid)
     return out
 
