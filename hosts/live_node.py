@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap", action="store_true")
     p.add_argument("--warmup", type=int, default=0, help="risgd.warmup_sync_steps")
     p.add_argument("--compress", default="none")
+    p.add_argument("--outer-lr", type=float, default=1.0, help="risgd.outer_lr")
+    p.add_argument("--outer-momentum", type=float, default=0.0, help="risgd.outer_momentum")
     p.add_argument("--width", type=int, default=64, help="hidden width of the model (its size)")
     p.add_argument("--step-seconds", type=float, default=0.0, help="sleep added to each step (paces the run)")
     p.add_argument("--op-timeout", type=float, default=2.0, help="risgd.op_timeout_s")
@@ -78,7 +80,8 @@ def _rank(local: int, args: argparse.Namespace) -> None:
                                 torch.nn.Linear(args.width, 3))
     block = {"tau": args.tau, "fault_tolerance": "torchft", "op_timeout_s": args.op_timeout,
              "min_nodes": args.min_nodes, "floor_wait_s": args.floor_wait, "quorum_timeout_s": args.quorum_timeout,
-             "overlap": args.overlap, "compress": args.compress, "warmup_sync_steps": args.warmup}
+             "overlap": args.overlap, "compress": args.compress, "warmup_sync_steps": args.warmup,
+             "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
     if args.ranks > 1:
         block["node_size"] = args.ranks
     cfg = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.05,

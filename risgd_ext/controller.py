@@ -483,8 +483,10 @@ class RISGDController:
             # a joiner runs an overlapped round as its peers do (the same collectives in the same order), but
             # waits for it at once: it has no progress of its own to keep, so it takes the average exactly
             background = cfg.overlap and resend is None and not blocking
+            # a warm-up step's round makes the nodes one synchronous model: plain averaging, never the outer step
             r = self.averaging.round(live, apply_step=self.steps + cfg.delay if background else None,
-                                     live_here=here, counted=True, resend=resend)
+                                     live_here=here, counted=True, resend=resend,
+                                     plain=self.steps <= cfg.warmup_sync_steps)
             if q.healing:  # this node takes the live state at the commit, then the average itself: no progress
                 r.applies = REPLACE  # of its own to keep (its model is the peer's by then)
             saved = reducer.save_residuals()

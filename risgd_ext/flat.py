@@ -121,12 +121,13 @@ class FlatModel:
         self.outer = torch.optim.SGD(self.anchors, lr=lr, momentum=momentum, nesterov=nesterov)
 
     def _move_anchors(self, means: list[torch.Tensor], outer: torch.optim.SGD | None = None,
-                      anchors: list[torch.Tensor] | None = None) -> None:
+                      anchors: list[torch.Tensor] | None = None, plain: bool = False) -> None:
         """The anchor update once ``means[i]`` (views of the parameter prefixes) hold ``x̄``:
-        ``a <- x̄``, or the outer step, after which ``means`` hold the new anchor."""
+        ``a <- x̄``, or the outer step, after which ``means`` hold the new anchor. ``plain``: ``a <- x̄``
+        whatever the outer step (a warm-up step's round: synchronous SGD has no outer step)."""
         anchors = self.anchors if anchors is None else anchors
         outer = self.outer if outer is None and anchors is self.anchors else outer
-        if outer is None:
+        if outer is None or plain:
             for a, m in zip(anchors, means):
                 a.copy_(m)
             return
@@ -163,7 +164,7 @@ class FlatModel:
             slot.copy_(my_sq)
 
     @torch.no_grad()
-    def finish(self, sums: list[torch.Tensor], num_live: int) -> float:
+    def finish(self, sums: list[torch.Tensor], num_live: int, plain: bool = False) -> float:
         """From the reduced sums (``S = sum_j d_j`` over the parameters, sums of buffers, the slot):
         the mean, in place (``x̄ = a + S/n``; buffers: their mean), the anchor update, and the
         divergence. ``sums[i]`` is laid out as ``flats[i].buffer``."""
@@ -177,7 +178,7 @@ class FlatModel:
             mean_d.add_(a)  # x̄ = a + S/n: the same correctly rounded operations on every rank
             norms.append(sq_norm(mean_d))
             means.append(mean_d)
-        self._move_anchors(means)
+        self._move_anchors(means, plain=plain)
         scalars = [sums[0][-SLOT], *drift, *norms]
         dev = scalars[0].device
         values = torch.stack([s.to(device=dev, dtype=torch.float64) for s in scalars]).tolist()  # one readback
@@ -190,15 +191,15 @@ class FlatModel:
         return spread / norm if norm > 0 else 0.0
 
     @torch.no_grad()
-    def finish_unmeasured(self, sums: list[torch.Tensor], num_live: int) -> None:
+    def finish_unmeasured(self, sums: list[torch.Tensor], num_live: int, plain: bool = False) -> None:
         """:meth:`finish` without the divergence: ``x̄ = a + S/n`` and the anchor update."""
         for s, f, a in zip(sums, self.flats, self.anchors):
             s.div_(num_live)
             s[: f.num_param_elems].add_(a)
-        self._move_anchors([s[: f.num_param_elems] for s, f in zip(sums, self.flats)])
+        self._move_anchors([s[: f.num_param_elems] for s, f in zip(sums, self.flats)], plain=plain)
 
     @torch.no_grad()
-    def mean_of(self, sums: list[torch.Tensor], num_live: int) -> list[torch.Tensor]:
+    def mean_of(self, sums: list[torch.Tensor], num_live: int, plain: bool = False) -> list[torch.Tensor]:
         """The averaged model (flat buffers) that :meth:`finish` will make of ``sums``, computed
         into new tensors without changing any state."""
         out = []
@@ -207,7 +208,7 @@ class FlatModel:
             if f.num_param_elems:
                 v[: f.num_param_elems].add_(a)
             out.append(v)
-        if self.outer is not None:  # the outer step on copies: the new anchor, the optimizer untouched
+        if self.outer is not None and not plain:  # the outer step on copies: the new anchor, the optimizer untouched
             anchors = [a.clone() for a in self.anchors]
             outer = torch.optim.SGD(anchors, **{k: self.outer.defaults[k] for k in ("lr", "momentum", "nesterov")})
             outer.load_state_dict(copy.deepcopy(self.outer.state_dict()))

@@ -204,15 +204,18 @@ class Averaging:
         return len(live.workers)
 
     def round(self, live: Live, apply_step: int | None = None, live_here: bool | None = None,
-              counted: bool = False, resend: Round | None = None) -> Round:
+              counted: bool = False, resend: Round | None = None, plain: bool = False) -> Round:
         """A round over ``live``: blocking (``apply_step`` None) or overlapped, applied at that step.
 
         A fault-tolerant run's rounds are ``counted``: they run in scratch buffers (a failed round
         leaves the model as it was) and each rank adds its contribution (1, or 0 when not
         ``live_here``: a joiner, a node marked down) to a count summed with them, by which the
         average divides. ``resend``: an overlapped round that failed, sent again (blocking) with the
-        model as it was at its first send, applied at its step as it would have been."""
-        return Round(self, live, apply_step if resend is None else resend.apply_step, live_here, counted, resend)
+        model as it was at its first send, applied at its step as it would have been. ``plain``: the average
+        replaces the anchor with no outer step (a warm-up step's round in a fault-tolerant run)."""
+        r = Round(self, live, apply_step if resend is None else resend.apply_step, live_here, counted, resend)
+        r.plain = plain
+        return r
 
     def pack(self, extras: list[torch.Tensor], live_here: bool) -> torch.Tensor:
         total = sum(t.numel() for t in extras)
@@ -244,6 +247,7 @@ class Round:
         self.extras: list[torch.Tensor] = []
         self.complete = False
         self.contributes, self.non_finite = self.live_here, False
+        self.plain = False  # no outer step (a warm-up step's round)
         self.nbytes, self.comm_seconds = 0, 0.0
         self._pending: Pending | None = None  # an overlapped round's sum in flight
 
@@ -350,9 +354,9 @@ class Round:
                 offset += t.numel()
         sums = self.sums[: len(model.flats)]
         if avg.measure:
-            report.divergence = model.finish(sums, n)
+            report.divergence = model.finish(sums, n, self.plain)
         elif self.in_scratch or avg.displace_always:
-            model.finish_unmeasured(sums, n)
+            model.finish_unmeasured(sums, n, self.plain)
             report.divergence = float("nan")
         else:  # the model itself was summed in place: its mean, the anchor left as it is
             for s in sums:
@@ -369,7 +373,7 @@ class Round:
         afterwards it is exactly as before. For an overlapped round: a blocking round applies at
         once and has nothing to show."""
         model = self.avg.model
-        view = model.mean_of(self.sums, self.num_live)
+        view = model.mean_of(self.sums, self.num_live, self.plain)
         stash = [b.clone() for b in model.buffers]
         for b, v in zip(model.buffers, view):
             b.copy_(v)
