@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--tau", type=int, default=2)
     p.add_argument("--overlap", action="store_true")
+    p.add_argument("--overlap-delay", type=int, default=0, help="risgd.overlap_delay")
+    p.add_argument("--exit-after-step", type=int, default=-1, help="this node exits (code 0) after this step")
     p.add_argument("--warmup", type=int, default=0, help="risgd.warmup_sync_steps")
     p.add_argument("--compress", default="none")
     p.add_argument("--outer-lr", type=float, default=1.0, help="risgd.outer_lr")
@@ -81,7 +83,7 @@ def _rank(local: int, args: argparse.Namespace) -> None:
     block = {"tau": args.tau, "fault_tolerance": "torchft", "op_timeout_s": args.op_timeout,
              "min_nodes": args.min_nodes, "floor_wait_s": args.floor_wait, "quorum_timeout_s": args.quorum_timeout,
              "overlap": args.overlap, "compress": args.compress, "warmup_sync_steps": args.warmup,
-             "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+             "outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum, "overlap_delay": args.overlap_delay}
     if args.ranks > 1:
         block["node_size"] = args.ranks
     cfg = {"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "SGD", "params": {"lr": 0.05,
@@ -128,6 +130,9 @@ def _rank(local: int, args: argparse.Namespace) -> None:
             for e in ctl.take_events():
                 write(event="membership", step=step, **e.__dict__)
             write(**record)
+            if step == args.exit_after_step:
+                write(event="exit", step=step)
+                os._exit(0)
         ctl.consensus()
         write(event="done", step=args.steps, digest=_digest(engine.module), rounds=ctl.rounds,
               retries=ctl.retries, retry_seconds=ctl.retry_seconds)

@@ -452,9 +452,12 @@ class RISGDController:
         self.load_state_dict(state["controller"])
         self.healed_at = self.steps
 
-    def _quorum(self) -> Quorum:
-        """The next quorum, with this node's step as torchft's (a node behind the others is healed)."""
-        self.live.manager.load_state_dict({"step": self.steps, "batches_committed": 0})
+    def _quorum(self, behind: bool = False) -> Quorum:
+        """The next quorum, with this node's step as torchft's (a node behind the others is healed). ``behind``:
+        this node resends a round whose commit failed here: it counts one step behind, so that a node whose
+        commit succeeded (it applied the round and, under overlap, may start the next round at this very
+        step) heals it, instead of both sending rounds from two anchors at one torchft step."""
+        self.live.manager.load_state_dict({"step": self.steps - (1 if behind else 0), "batches_committed": 0})
         q = self.live.quorum()
         self.quorum_seconds += q.seconds
         return q
@@ -468,7 +471,7 @@ class RISGDController:
         attempts, failed_seconds, below_since = 0, 0.0, None
         while True:
             t_attempt = time.perf_counter()
-            q = q or self._quorum()
+            q = q or self._quorum(behind=resend is not None)
             why = None if q.healing else live_nodes.below_floor(q.members)
             if why is not None:
                 below_since = below_since or time.perf_counter()
@@ -496,6 +499,7 @@ class RISGDController:
                 # waited for at its step (_apply_pending), where a failure is retried; a joiner, or a node
                 # healed here, waits at once (the live state it takes is the peers' at this quorum)
                 if background and not join and not q.healing:
+                    r.saved_residuals = saved  # put back if it fails: its resend encodes d + the residual before
                     self.in_flight = r
                     self._account(reports[0])
                     return
@@ -630,6 +634,8 @@ class RISGDController:
             else:
                 self.retries += 1
                 self.retry_seconds += time.perf_counter() - t0
+                # both residuals as they were before its first send (that send's encoding is not what counts)
+                self.averaging.reducer.restore_residuals(r.saved_residuals)
                 self._live_round(resend=r)
             self.average_seconds += time.perf_counter() - t0
             return

@@ -95,3 +95,54 @@ def test_a_live_runs_warm_up_rounds_take_no_outer_step(tmp_path):
         a, b = digests(plain, w), digests(outer, w)
         assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]  # the warm-up: no outer step
         assert a[6] != b[6]  # the first round after it takes the outer step (the check can fail)
+
+
+def _done_digests(cluster, workers) -> list[str]:
+    return [next(r for r in cluster.records(w) if r.get("event") == "done")["digest"] for w in workers]
+
+
+@pytest.mark.slow
+def test_a_split_commit_under_overlap_heals_the_node_behind(tmp_path):
+    """Defect 2: with overlap_delay == tau, the node whose commit failed resent its round while the others
+    started the next one at the same torchft step: the anchor votes differed and every node stopped
+    (AnchorsDiffer). The node behind is healed instead, and both end on one model."""
+    from risgd_hosts.live_cluster import LiveCluster
+
+    c = LiveCluster(str(tmp_path / "split"), 2, ["--steps", "40", "--tau", "2", "--overlap", "--compress", "int8",
+                                                 "--step-seconds", "0.03", "--op-timeout", "2"])
+    try:
+        c.start(0)
+        c.start(1, ["--drop-commit-at-round", "6"])
+        assert c.wait_all(180) == {0: 0, 1: 0}
+    finally:
+        c.close()
+    assert any(r.get("event") == "commit dropped" for r in c.records(1))
+    assert any(r.get("event") == "healed" for r in c.records(1))
+    a, b = _done_digests(c, [0, 1])
+    assert a == b
+
+
+@pytest.mark.slow
+def test_a_failed_overlapped_round_is_resent_with_the_residuals_it_started_from(tmp_path):
+    """Defect 8: a failed overlapped round's residuals were never put back, so its resend encoded d + e1 (the
+    residual its failed first send left) instead of d + e_old. Node 1 freezes inside round 3's first
+    collective: node 0 resends round 3 alone. Beside it, node 1 exits cleanly before round 3: node 0 runs
+    round 3 alone at its first try. The two must give node 0 the same model."""
+    from risgd_hosts.live_cluster import LiveCluster
+
+    pace = ["--steps", "24", "--tau", "4", "--overlap", "--overlap-delay", "2", "--compress", "int8",
+            "--op-timeout", "2", "--quorum-timeout", "30"]
+    frozen = LiveCluster(str(tmp_path / "frozen"), 2, pace)
+    gone = LiveCluster(str(tmp_path / "gone"), 2, pace)
+    try:
+        for c, late in ((frozen, ["--freeze-at-round", "3"]), (gone, ["--exit-after-step", "15"])):
+            c.start(0)
+            c.start(1, late)
+        assert gone.wait_all(180)[0] == 0
+        frozen.wait_for(lambda: any(r.get("event") == "done" for r in frozen.records(0)), 180, "node 0 done")
+    finally:
+        frozen.close()
+        gone.close()
+    done = next(r for r in frozen.records(0) if r.get("event") == "done")
+    assert done["retries"] >= 1  # round 3 failed there and was resent
+    assert _done_digests(frozen, [0]) == _done_digests(gone, [0])
