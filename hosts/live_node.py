@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap", action="store_true")
     p.add_argument("--overlap-delay", type=int, default=0, help="risgd.overlap_delay")
     p.add_argument("--exit-after-step", type=int, default=-1, help="this node exits (code 0) after this step")
+    p.add_argument("--look", choices=["none", "view", "state"], default="none",
+                   help="at every average step, look at the round in flight as an evaluation (view: averaged()) "
+                        "or a checkpoint (state: state_dict()) does")
     p.add_argument("--warmup", type=int, default=0, help="risgd.warmup_sync_steps")
     p.add_argument("--compress", default="none")
     p.add_argument("--outer-lr", type=float, default=1.0, help="risgd.outer_lr")
@@ -119,6 +122,12 @@ def _rank(local: int, args: argparse.Namespace) -> None:
             engine.step()
             if args.step_seconds:
                 time.sleep(args.step_seconds)
+            if args.look != "none" and ctl.is_average():
+                if args.look == "view":
+                    with ctl.averaged():
+                        write(event="viewed", step=step, digest=_digest(engine.module))
+                else:
+                    ctl.state_dict()
             healed_to = ctl.take_healed()  # behind the others at this round: healed to their step
             if healed_to is not None:
                 write(event="healed", step=step, to=healed_to, digest=_digest(engine.module))

@@ -270,6 +270,9 @@ class RISGDController:
             yield self.consensus()
             return
         self._wait_pending()
+        if self.in_flight is None:  # a fault-tolerant resend that healed this node: it holds the average now
+            yield self.stats()
+            return
         with self.in_flight.viewed():
             yield self.stats()
 
@@ -463,10 +466,11 @@ class RISGDController:
         return q
 
     def _live_round(self, q: Quorum | None = None, resend: Round | None = None, join: bool = False,
-                    blocking: bool = False) -> None:
+                    blocking: bool = False, hold: bool = False) -> None:
         """One round among the live nodes, retried among the survivors until it commits; with
         ``overlap`` (and no ``resend``) only started here. Below the floor it waits for a node to
-        come back, up to ``floor_wait_s``."""
+        come back, up to ``floor_wait_s``. ``hold``: a resend committed before its apply step (its failure was
+        seen early, by an evaluation or a checkpoint) stays in flight, complete, until that step."""
         cfg, live_nodes, reducer = self.cfg, self.live, self.averaging.reducer
         attempts, failed_seconds, below_since = 0, 0.0, None
         while True:
@@ -509,6 +513,13 @@ class RISGDController:
             except Exception as e:  # a peer gone or silent (gloo's error or its timeout): not committed
                 live_nodes.report_error(e)
             if live_nodes.commit():  # a joiner's live state is loaded here, before the average is applied
+                if hold and not q.healing:
+                    for report in reports:
+                        self._account(report)
+                    r.committed, self.in_flight = True, r
+                    self.retries += attempts
+                    self.retry_seconds += failed_seconds
+                    return
                 for report in (*reports, r.apply()):
                     self._account(report)
                 self.retries += attempts
@@ -613,30 +624,51 @@ class RISGDController:
 
     def _wait_pending(self, scheduled: bool = False) -> None:
         """Wait for the round in flight; ``scheduled``: at its apply step (a wait the schedule
-        makes the steps pay), else to look at its average early."""
-        if self.in_flight is not None and not self.in_flight.complete:
-            self._account(self.in_flight.wait(), scheduled)
+        makes the steps pay), else to look at its average early. A fault-tolerant run that looks early (an
+        evaluation, a checkpoint) and finds the round failed resends it among the survivors now, and holds
+        it, committed, until its apply step."""
+        r = self.in_flight
+        if r is None or r.complete:
+            return
+        if self.live is None or scheduled:
+            self._account(r.wait(), scheduled)
+            return
+        t0 = time.perf_counter()
+        if not self._waited_live(r, scheduled):
+            self._resend(r, t0, hold=True)
+
+    def _waited_live(self, r: Round, scheduled: bool) -> bool:
+        """Wait for a fault-tolerant overlapped round; False when it failed (a peer gone or silent)."""
+        try:
+            self._account(r.wait(), scheduled)
+            return True
+        except AnchorsDiffer:
+            raise
+        except Exception as e:
+            self.live.report_error(e)
+            return False
+
+    def _resend(self, r: Round, t0: float, hold: bool = False) -> None:
+        """Send a failed overlapped round again among the survivors, from the residuals it started from (its
+        failed send's encoding is not what counts); applied at once, or ``hold``: kept until its step."""
+        self.in_flight = None
+        self.retries += 1
+        self.retry_seconds += time.perf_counter() - t0
+        self.averaging.reducer.restore_residuals(r.saved_residuals)
+        self._live_round(resend=r, hold=hold)
 
     def _apply_pending(self, scheduled: bool) -> None:
         t0 = time.perf_counter()
         if self.live is not None:  # fault-tolerant: commit, or send it again among the survivors
-            r, failed = self.in_flight, None
-            try:
-                self._wait_pending(scheduled)
-            except AnchorsDiffer:
-                raise
-            except Exception as e:
-                failed = e
-                self.live.report_error(e)
-            self.in_flight = None
-            if failed is None and self.live.commit():
+            r = self.in_flight
+            if r.committed:  # a resend, committed when an early look found its first send failed
+                self.in_flight = None
+                self._account(r.apply())
+            elif (r.complete or self._waited_live(r, scheduled)) and self.live.commit():
+                self.in_flight = None
                 self._account(r.apply())
             else:
-                self.retries += 1
-                self.retry_seconds += time.perf_counter() - t0
-                # both residuals as they were before its first send (that send's encoding is not what counts)
-                self.averaging.reducer.restore_residuals(r.saved_residuals)
-                self._live_round(resend=r)
+                self._resend(r, t0)
             self.average_seconds += time.perf_counter() - t0
             return
         self._wait_pending(scheduled)

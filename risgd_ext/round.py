@@ -249,6 +249,7 @@ class Round:
         self.contributes, self.non_finite = self.live_here, False
         self.plain = False  # no outer step (a warm-up step's round)
         self.saved_residuals: tuple | None = None  # a fault-tolerant overlapped round: both residuals before it
+        self.committed = False  # a fault-tolerant resend committed ahead of its apply step
         self.nbytes, self.comm_seconds = 0, 0.0
         self._pending: Pending | None = None  # an overlapped round's sum in flight
 

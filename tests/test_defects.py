@@ -4,6 +4,7 @@ composed cases themselves are in tests/test_reference.py, against the reference)
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -146,3 +147,32 @@ def test_a_failed_overlapped_round_is_resent_with_the_residuals_it_started_from(
     done = next(r for r in frozen.records(0) if r.get("event") == "done")
     assert done["retries"] >= 1  # round 3 failed there and was resent
     assert _done_digests(frozen, [0]) == _done_digests(gone, [0])
+
+
+@pytest.mark.slow
+def test_a_node_lost_while_a_round_is_looked_at_early_is_resent_not_raised(tmp_path):
+    """Defect 3: under overlap, a node lost during the round in flight at an evaluation (averaged()) or a
+    checkpoint (state_dict()) crashed the survivors: only the apply step turned the failure into a resend.
+    Node 1 freezes inside round 3: node 0, looking at every average step, resends the round among the
+    survivors there, applies it at its step, and ends on the model of a run where node 1 left cleanly before
+    round 3 and nobody looked."""
+    from risgd_hosts.live_cluster import LiveCluster
+
+    pace = ["--steps", "24", "--tau", "4", "--overlap", "--overlap-delay", "2", "--op-timeout", "2",
+            "--quorum-timeout", "30"]
+    runs = {look: LiveCluster(str(tmp_path / look), 2, [*pace, "--look", look]) for look in ("view", "state")}
+    gone = LiveCluster(str(tmp_path / "gone"), 2, pace)
+    try:
+        for c in (*runs.values(), gone):
+            c.start(0)
+            c.start(1, ["--freeze-at-round", "3"] if c is not gone else ["--exit-after-step", "15"])
+        assert gone.wait_all(180)[0] == 0
+        for c in runs.values():  # node 0 ends (node 1 stays frozen): its exit status says how
+            assert c.nodes[0].wait(timeout=180) == 0, open(os.path.join(c.dir, "n0.err")).read()[-2000:]
+    finally:
+        for c in (*runs.values(), gone):
+            c.close()
+    for look, c in runs.items():
+        steps = [r["step"] for r in c.records(0) if "loss" in r]
+        assert steps == list(range(1, 25)), (look, steps[-3:])
+        assert _done_digests(c, [0]) == _done_digests(gone, [0]), look
