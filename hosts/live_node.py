@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overlap", action="store_true")
     p.add_argument("--overlap-delay", type=int, default=0, help="risgd.overlap_delay")
     p.add_argument("--exit-after-step", type=int, default=-1, help="this node exits (code 0) after this step")
+    p.add_argument("--fail-heal-round", action="store_true",
+                   help="this node's first cross-node collective (its heal round, when it joins a run in progress) "
+                        "raises once, as a transport error would")
     p.add_argument("--look", choices=["none", "view", "state"], default="none",
                    help="at every average step, look at the round in flight as an evaluation (view: averaged()) "
                         "or a checkpoint (state: state_dict()) does")
@@ -102,6 +105,8 @@ def _rank(local: int, args: argparse.Namespace) -> None:
 
     try:
         write(event="started")
+        if args.fail_heal_round:
+            _fail_first_collective(write)
         healed = ctl.go_live(args.worker, args.workers)
         if args.freeze_at_round >= 0 and local == 0:
             _freeze_in_round(ctl, args.freeze_at_round, write)
@@ -167,6 +172,25 @@ def _freeze_in_round(ctl, round_index: int, write) -> None:
 
     for name in ("all_reduce", "all_to_all_single"):
         setattr(ctl.live, name, frozen(getattr(ctl.live, name)))
+
+
+def _fail_first_collective(write) -> None:
+    """The first cross-node collective of this node raises (before sending anything), once."""
+    from risgd_ext.live import LiveNodes
+
+    failed: list[str] = []
+
+    def failing(original):
+        def op(self, *args, **kw):
+            if not failed:
+                failed.append(original.__name__)
+                write(event="heal round failed")
+                raise RuntimeError("a transport error (injected by --fail-heal-round)")
+            return original(self, *args, **kw)
+        return op
+
+    for name in ("all_reduce", "all_to_all_single"):
+        setattr(LiveNodes, name, failing(getattr(LiveNodes, name)))
 
 
 def _drop_commit(ctl, round_index: int, write) -> None:

@@ -473,6 +473,7 @@ class RISGDController:
         seen early, by an evaluation or a checkpoint) stays in flight, complete, until that step."""
         cfg, live_nodes, reducer = self.cfg, self.live, self.averaging.reducer
         attempts, failed_seconds, below_since = 0, 0.0, None
+        copy_held = False  # a heal whose round failed: torchft loaded the peer's state at the vote all the same
         while True:
             t_attempt = time.perf_counter()
             q = q or self._quorum(behind=resend is not None)
@@ -486,7 +487,9 @@ class RISGDController:
                 continue
             self._note_members(q, attempts, failed_seconds)
             live = self.live_of_round(self.rounds, q.members)
-            here = not q.healing and self.identity in live.workers
+            # a node holding a copy of its peer (its heal's round failed) contributes nothing until it has taken
+            # an average: its model is the peer's progress, which would count twice
+            here = not q.healing and not copy_held and self.identity in live.workers
             # a joiner runs an overlapped round as its peers do (the same collectives in the same order), but
             # waits for it at once: it has no progress of its own to keep, so it takes the average exactly
             background = cfg.overlap and resend is None and not blocking
@@ -494,15 +497,15 @@ class RISGDController:
             r = self.averaging.round(live, apply_step=self.steps + cfg.delay if background else None,
                                      live_here=here, counted=True, resend=resend,
                                      plain=self.steps <= cfg.warmup_sync_steps)
-            if q.healing:  # this node takes the live state at the commit, then the average itself: no progress
-                r.applies = REPLACE  # of its own to keep (its model is the peer's by then)
+            if q.healing or copy_held:  # this node takes the live state at the commit, then the average itself: no
+                r.applies = REPLACE  # progress of its own to keep (its model is the peer's by then)
             saved = reducer.save_residuals()
             reports = []
             try:
                 reports.append(r.start())
                 # waited for at its step (_apply_pending), where a failure is retried; a joiner, or a node
                 # healed here, waits at once (the live state it takes is the peers' at this quorum)
-                if background and not join and not q.healing:
+                if background and not join and not q.healing and not copy_held:
                     r.saved_residuals = saved  # put back if it fails: its resend encodes d + the residual before
                     self.in_flight = r
                     self._account(reports[0])
@@ -526,6 +529,7 @@ class RISGDController:
                 self.retry_seconds += failed_seconds
                 return
             reducer.restore_residuals(saved)
+            copy_held = copy_held or (q.healing and self.healed_at is not None)
             attempts += 1
             failed_seconds += time.perf_counter() - t_attempt
             q = None

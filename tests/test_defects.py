@@ -176,3 +176,35 @@ def test_a_node_lost_while_a_round_is_looked_at_early_is_resent_not_raised(tmp_p
         steps = [r["step"] for r in c.records(0) if "loss" in r]
         assert steps == list(range(1, 25)), (look, steps[-3:])
         assert _done_digests(c, [0]) == _done_digests(gone, [0]), look
+
+
+@pytest.mark.slow
+def test_a_joiner_whose_heal_round_failed_does_not_count_its_peers_progress_twice(tmp_path):
+    """Defect 6: torchft's should_commit loads the peer's state before the vote, so a joiner whose heal round
+    failed held a copy of its peer, and the retried round counted it as a contributor: the peer's progress
+    twice. Nodes 0 and 2 run; node 1 joins and its heal round fails; the retried round's average must be
+    that of nodes 0 and 2 alone, as in a run where node 1 never came."""
+    from risgd_hosts.live_cluster import LiveCluster
+
+    pace = ["--steps", "300", "--tau", "2", "--step-seconds", "0.05", "--op-timeout", "2", "--floor-wait", "3"]
+    joined = LiveCluster(str(tmp_path / "joined"), 3, pace)
+    alone = LiveCluster(str(tmp_path / "alone"), 3, pace)
+    try:
+        for c in (joined, alone):
+            c.start(0)
+            c.start(2)
+        joined.wait_step(0, 10)
+        joined.start(1, ["--fail-heal-round"])
+        joined.wait_for(lambda: any(r.get("event") == "live" for r in joined.records(1)), 120, "node 1 live")
+        assert alone.wait_all(180) == {0: 0, 2: 0}
+        assert joined.wait_all(180) == {0: 0, 1: 0, 2: 0}
+    finally:
+        joined.close()
+        alone.close()
+    assert any(r.get("event") == "heal round failed" for r in joined.records(1))
+    live = next(r for r in joined.records(1) if r.get("event") == "live")
+    assert live["healed"]
+    at = live["step"]
+    digest = {name: next(r["digest"] for r in c.records(0) if r.get("step") == at and r.get("digest"))
+              for name, c in (("joined", joined), ("alone", alone))}
+    assert digest["joined"] == digest["alone"] and live["digest"] == digest["joined"]
