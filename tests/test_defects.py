@@ -124,43 +124,18 @@ def test_a_split_commit_under_overlap_heals_the_node_behind(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_overlapped_round_is_resent_with_the_residuals_it_started_from(tmp_path):
-    """Defect 8: a failed overlapped round's residuals were never put back, so its resend encoded d + e1 (the
-    residual its failed first send left) instead of d + e_old. Node 1 freezes inside round 3's first
-    collective: node 0 resends round 3 alone. Beside it, node 1 exits cleanly before round 3: node 0 runs
-    round 3 alone at its first try. The two must give node 0 the same model."""
+def test_a_failed_overlapped_round_is_resent_from_its_residuals_wherever_the_failure_is_found(tmp_path):
+    """Defects 8 and 3. Node 1 freezes inside round 3's first collective (overlap, int8): node 0 resends round
+    3 among the survivors (itself), found failed at its apply step (8: its resend encoded d + e1, the residual
+    the failed first send left, instead of d + e_old), or earlier by an evaluation's averaged() or a
+    checkpoint's state_dict() (3: the survivors crashed; only the apply step turned the error into a resend).
+    Beside them node 1 leaves cleanly before round 3 and node 0 runs round 3 alone at its first try: every run
+    must give node 0 that run's model, each step trained once."""
     from risgd_hosts.live_cluster import LiveCluster
 
     pace = ["--steps", "24", "--tau", "4", "--overlap", "--overlap-delay", "2", "--compress", "int8",
             "--op-timeout", "2", "--quorum-timeout", "30"]
-    frozen = LiveCluster(str(tmp_path / "frozen"), 2, pace)
-    gone = LiveCluster(str(tmp_path / "gone"), 2, pace)
-    try:
-        for c, late in ((frozen, ["--freeze-at-round", "3"]), (gone, ["--exit-after-step", "15"])):
-            c.start(0)
-            c.start(1, late)
-        assert gone.wait_all(180)[0] == 0
-        frozen.wait_for(lambda: any(r.get("event") == "done" for r in frozen.records(0)), 180, "node 0 done")
-    finally:
-        frozen.close()
-        gone.close()
-    done = next(r for r in frozen.records(0) if r.get("event") == "done")
-    assert done["retries"] >= 1  # round 3 failed there and was resent
-    assert _done_digests(frozen, [0]) == _done_digests(gone, [0])
-
-
-@pytest.mark.slow
-def test_a_node_lost_while_a_round_is_looked_at_early_is_resent_not_raised(tmp_path):
-    """Defect 3: under overlap, a node lost during the round in flight at an evaluation (averaged()) or a
-    checkpoint (state_dict()) crashed the survivors: only the apply step turned the failure into a resend.
-    Node 1 freezes inside round 3: node 0, looking at every average step, resends the round among the
-    survivors there, applies it at its step, and ends on the model of a run where node 1 left cleanly before
-    round 3 and nobody looked."""
-    from risgd_hosts.live_cluster import LiveCluster
-
-    pace = ["--steps", "24", "--tau", "4", "--overlap", "--overlap-delay", "2", "--op-timeout", "2",
-            "--quorum-timeout", "30"]
-    runs = {look: LiveCluster(str(tmp_path / look), 2, [*pace, "--look", look]) for look in ("view", "state")}
+    runs = {look: LiveCluster(str(tmp_path / look), 2, [*pace, "--look", look]) for look in ("none", "view", "state")}
     gone = LiveCluster(str(tmp_path / "gone"), 2, pace)
     try:
         for c in (*runs.values(), gone):
@@ -175,7 +150,9 @@ def test_a_node_lost_while_a_round_is_looked_at_early_is_resent_not_raised(tmp_p
     for look, c in runs.items():
         steps = [r["step"] for r in c.records(0) if "loss" in r]
         assert steps == list(range(1, 25)), (look, steps[-3:])
-        assert _done_digests(c, [0]) == _done_digests(gone, [0]), look
+        done = next(r for r in c.records(0) if r.get("event") == "done")
+        assert done["retries"] >= 1, look  # round 3 failed there and was resent
+        assert done["digest"] == _done_digests(gone, [0])[0], look
 
 
 @pytest.mark.slow
@@ -186,14 +163,14 @@ def test_a_joiner_whose_heal_round_failed_does_not_count_its_peers_progress_twic
     that of nodes 0 and 2 alone, as in a run where node 1 never came."""
     from risgd_hosts.live_cluster import LiveCluster
 
-    pace = ["--steps", "300", "--tau", "2", "--step-seconds", "0.05", "--op-timeout", "2", "--floor-wait", "3"]
+    pace = ["--steps", "200", "--tau", "2", "--step-seconds", "0.05", "--op-timeout", "2", "--floor-wait", "3"]
     joined = LiveCluster(str(tmp_path / "joined"), 3, pace)
     alone = LiveCluster(str(tmp_path / "alone"), 3, pace)
     try:
         for c in (joined, alone):
             c.start(0)
             c.start(2)
-        joined.wait_step(0, 10)
+        joined.wait_step(0, 6)
         joined.start(1, ["--fail-heal-round"])
         joined.wait_for(lambda: any(r.get("event") == "live" for r in joined.records(1)), 120, "node 1 live")
         assert alone.wait_all(180) == {0: 0, 2: 0}
