@@ -12,9 +12,9 @@ from risgd_data.make_shards import make_shards
 # collected: the files whose launches take longest go first, so that no long file starts last and runs
 # alone at the end (longest first: the classic list-scheduling rule). Measured with --durations.
 LONGEST_FIRST = ["test_elastic_launch.py", "test_paper.py", "test_netns.py", "test_launch_faults.py",
-                 "test_install.py", "test_live.py", "test_live_trainer.py", "test_train.py",
+                 "test_install.py", "test_live.py", "test_defects.py", "test_live_trainer.py", "test_train.py",
                  "test_netns_imagenet.py", "test_outer_compress.py", "test_elastic_checkpoint.py",
-                 "test_interrupt.py", "test_hierarchy.py", "test_crash.py", "test_train_node.py",
+                 "test_interrupt.py", "test_hierarchy.py", "test_reference.py", "test_crash.py", "test_train_node.py",
                  "test_cost_model.py", "test_failures.py"]
 
 

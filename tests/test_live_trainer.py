@@ -25,9 +25,10 @@ pytestmark = pytest.mark.slow
 
 def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_path):
     """The recipe trainer with elastic.backend=torchft: two nodes (one deepspeed launch each, their own
-    replica), RI-SGD mu=0.5 on label-sorted digits (p=2: each holds both chunks). Node 1 is killed mid-run:
-    node 0 goes on at once (nothing restarted, coverage still 1.0, node 1's chunk drawn at its share); node 1
-    is started again, healed from the live peer, and both end with the same model. The run record says so:
+    replica), RI-SGD mu=0.5 on label-sorted digits (p=2: each holds both chunks). Node 0, the one that writes
+    the record, is killed mid-run: node 1 goes on at once (nothing restarted, coverage still 1.0, node 0's
+    chunk drawn at its share) and takes the record over, the loss written in it; node 0 is started again,
+    healed from the live peer, and both end with the same model. The run record says so:
     the membership events, restarts = 2 (more only where a starved node missed a heartbeat, each recorded), 0
     steps redone."""
     manifest, replicas = prepare_replicas(digits_dir, str(tmp_path / "rep"), workers=2, mu=0.5,
@@ -42,7 +43,7 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
 
     def node(k: int, log: str | None = None) -> subprocess.Popen:
         env = clean_env(RISGD_REPLICA_DIR=replicas[k], OMP_NUM_THREADS="1", RUST_LOG="error")
-        if k == 0:  # the per-node launcher: torchrun on this node alone, the lighthouse passed to it
+        if k == 1:  # the per-node launcher: torchrun on this node alone, the lighthouse passed to it
             cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", "--nproc-per-node", "1", "--master-port",
                    str(free_port()), "--lighthouse", f"http://127.0.0.1:{port}", "--", "--recipe",
                    "recipes/digits.yaml", *overrides]
@@ -65,15 +66,15 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
         while logged_step() < 200:
             assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "no progress to step 200"
             time.sleep(0.2)
-        # a second node with worker 0's replica joins the run in progress (through risgd-elastic): refused alone,
+        # a second node with worker 1's replica joins the run in progress (through risgd-elastic): refused alone,
         # exit 2 and one line, however torchrun reports its rank's exit
-        twin = node(0, log="twin.log")
+        twin = node(1, log="twin.log")
         nodes.append(twin)
         assert twin.wait(timeout=120) == 2
-        os.killpg(nodes[1].pid, signal.SIGKILL)
-        nodes[1].wait()
+        os.killpg(nodes[0].pid, signal.SIGKILL)  # the node that writes the record: node 1 takes it over
+        nodes[0].wait()
         time.sleep(2)
-        nodes[1] = node(1)
+        nodes[0] = node(0)
         codes = [p.wait(timeout=300) for p in nodes[:2]]
     finally:
         for p in nodes:
@@ -83,13 +84,14 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     logs = [open(tmp_path / f"n{k}.log").read() for k in range(2)]
     assert codes == [0, 0], logs[0][-3000:]
     twin_says = [line for line in re.split(r"[\r\n]", open(tmp_path / "twin.log").read()) if "error:" in line]
-    assert len(twin_says) == 1 and "another live node already serves manifest worker 0" in twin_says[0], twin_says
-    assert "healed from a live peer at step" in logs[1]
-    assert "resuming from step" not in logs[1]  # healed over the network: no checkpoint file read
+    assert len(twin_says) == 1 and "another live node already serves manifest worker 1" in twin_says[0], twin_says
+    assert "healed from a live peer at step" in logs[0]
+    assert "resuming from step" not in logs[0]  # healed over the network: no checkpoint file read
     events = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"membership"' in line]
-    lost = next(e for e in events if e["lost_workers"] == [1])
-    joined = next(e for e in events if e["joined_workers"] == [1])
-    assert lost["live_workers"] == [0] and lost["data_coverage"] == 1.0 and joined["step"] > lost["step"]
+    # the record's own node was lost: the node that took the record over wrote the loss (it was missing)
+    lost = next(e for e in events if e["lost_workers"] == [0])
+    joined = next(e for e in events if e["joined_workers"] == [0])
+    assert lost["live_workers"] == [1] and lost["data_coverage"] == 1.0 and joined["step"] > lost["step"]
     summary = json.load(open(run_dir / "summary.json"))
     # restarts counts quorum changes: the loss and the rejoin, 2; on a starved machine (CI beside other jobs) a
     # heartbeat missed by more than the lighthouse's 1 s drops a live node for a round and adds a pair: each one

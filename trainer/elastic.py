@@ -208,6 +208,14 @@ class ElasticNodes(FixedNodes):
         if healed_to is not None and healed_to != step:
             self._take_healed(healed_to, scheduler, progress)
             restart = step = healed_to
+        # who writes the record is settled first: a node that takes it over (the record's node was lost) logs
+        # the change that made it the writer, and those after it
+        recording = self.worker == min(ctl.members())
+        if recording and not self.recording:
+            tracker = RunTracker(self.run.run_dir, self.run.cfg, active=rank == 0, resume_step=step)
+        elif self.recording and not recording:
+            tracker.hand_over()
+        self.recording = recording
         if self._first is not None:  # this node's start: the quorum it joined
             self.events.append(self._first)
             tracker.log(self._first)
@@ -224,12 +232,6 @@ class ElasticNodes(FixedNodes):
             tracker.log(self.events[-1])
         if restart is None and self._drawn_for is not None and ctl.members() != self._drawn_for:
             restart = step
-        recording = self.worker == min(ctl.members())
-        if recording and not self.recording:
-            tracker = RunTracker(self.run.run_dir, self.run.cfg, active=rank == 0, resume_step=step)
-        elif self.recording and not recording:
-            tracker.hand_over()
-        self.recording = recording
         return tracker, restart
 
     def checkpoint_due(self, ctl, step: int, last: int, every: int) -> bool:
