@@ -169,9 +169,11 @@ class ElasticNodes(FixedNodes):
         start = progress["step"]
         self.recording = self.worker == min(ctl.members())
         members = sorted(ctl.members())
+        healed = bool(start and ctl.live.current.healing)
+        ctl.take_events()  # the quorum this node started or joined in: the one event below says it
         self._first = {"step": start, "event": "membership", "generation": ctl.live.current.quorum_id,
                        "live_workers": members, "world_size": len(members), "data_coverage": self._coverage_of(members),
-                       "lost_workers": [], "joined_workers": [], "healed": bool(start and ctl.live.current.healing),
+                       "lost_workers": [], "joined_workers": [self.worker] if healed else [], "healed": healed,
                        "quorum_seconds": ctl.live.current.seconds, "failed_attempts": 0, "failed_seconds": 0.0,
                        "steps_redone": 0}
         if engine.global_rank == 0:
