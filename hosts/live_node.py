@@ -138,7 +138,7 @@ def _rank(local: int, args: argparse.Namespace) -> None:
                 write(event="healed", step=step, to=healed_to, digest=_digest(engine.module))
                 step = healed_to
             record = {"step": step, "rounds": ctl.rounds, "retries": ctl.retries,
-                      "members": sorted(ctl.members()), "loss": loss.item()}
+                      "members": sorted(ctl.members()), "quorum": ctl.live.current.quorum_id, "loss": loss.item()}
             if ctl.is_average() and ctl.in_flight is None:
                 record["digest"] = _digest(engine.module)
             for e in ctl.take_events():

@@ -171,6 +171,10 @@ class LiveNodes:
             raise LiveError(f"fault_tolerance=torchft needs the lighthouse's address: set {LIGHTHOUSE_ENV}="
                             "http://HOST:PORT on every node (start it with torchft_lighthouse, docs/faults.md)")
         self.lighthouse = address
+        # a twin (a node already serving this worker, heartbeating) is refused here, before this node is in any
+        # quorum: the others never wait for it
+        if _worker_heartbeating(address, self.worker):
+            raise DuplicateWorker(_TWIN.format(worker=self.worker))
         # the group's own timeout bounds building it (connecting every pair, slow on a loaded host); each
         # operation carries op_timeout_s
         self.pg = _reconfigurable_gloo(datetime.timedelta(seconds=max(self.quorum_timeout_s, self.op_timeout_s)))
@@ -212,8 +216,7 @@ class LiveNodes:
         if workers.count(self.worker) > 1 and (healing or m.num_participants() == len(workers)):
             # two nodes serve one worker (a replica copied twice, a node started twice): the one behind (a
             # joiner, healing) is refused alone and the run goes on; two at the same step cannot be told apart
-            raise DuplicateWorker(f"another live node already serves manifest worker {self.worker}: give this node "
-                                  "the replica of a lost worker (python -m data.replicate --node-rank K) or stop it")
+            raise DuplicateWorker(_TWIN.format(worker=self.worker))
         q = Quorum(m._quorum_id, members, self.pg.rank, self.pg.world, healing=healing,
                    seconds=time.perf_counter() - t0)
         self.current = q
@@ -294,6 +297,38 @@ def _done(work, async_op: bool):
         return work
     work.wait()
     return None
+
+
+_TWIN = ("another live node already serves manifest worker {worker}: give this node the replica of a lost worker "
+         "(python -m data.replicate --node-rank K) or stop it")
+
+
+def _heartbeat_ages(address: str, worker: int) -> list[float]:
+    """Seconds since the lighthouse last heard each replica of ``worker`` (its dashboard's /status lists every
+    replica it has heard: ``w<worker>:<uuid>: seen <s>s ago``); [] when it cannot be read."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(address.rstrip("/") + "/status", timeout=5) as r:
+            page = r.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return []  # an unreadable status page: the quorum's own check (below) still refuses a twin
+    found = re.findall(rf"\b{REPLICA_PREFIX}{worker}:[^\s:<]+: seen ([0-9.]+)(ms|s|µs|us|ns)? ago", page)
+    scale = {"ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}
+    return [float(v) * scale.get(unit, 1.0) for v, unit in found]
+
+
+def _worker_heartbeating(address: str, worker: int, settle_s: float = 1.5) -> bool:
+    """Whether a live node already serves ``worker``: a replica of it the lighthouse keeps hearing from. A
+    node that just died (restarted at once by its user) heard ``settle_s`` ago or more is not; one heard
+    recently is looked at again after ``settle_s``: a live one has heartbeated since (torchft's managers
+    beat every 100 ms), a dead one has not."""
+    ages = _heartbeat_ages(address, worker)
+    if not ages or min(ages) >= settle_s:
+        return False
+    time.sleep(settle_s)
+    later = _heartbeat_ages(address, worker)
+    return bool(later) and min(later) < settle_s
 
 
 def _first_line(e: BaseException) -> str:

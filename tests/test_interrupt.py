@@ -70,3 +70,35 @@ def test_a_second_signal_while_stopping_is_noted_not_raised(monkeypatch):
     except KeyboardInterrupt:
         pytest.fail("a second signal raised KeyboardInterrupt again while the run was stopping")
     assert train._INTERRUPTED == [sig.SIGINT, sig.SIGINT]
+
+
+def test_one_run_at_a_time_in_a_run_directory(tmp_path, digits_dir):
+    """Two runs into one run directory both trained and corrupted the record (issue 46, item 1). A run holds
+    its directory (an flock: a crash cannot leave it stale); a second one is refused in one line, exit 2,
+    touching nothing; once the holder is gone (killed -9 here), the same command runs."""
+    import sys
+
+    from helpers import ROOT, clean_env
+
+    run_dir = tmp_path / "runs" / "dup"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from risgd_trainer.run_lock import hold; "
+                               f"hold({str(run_dir)!r}); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(os.listdir(run_dir))
+        cmd = [sys.executable, "-m", "risgd_trainer.train", "--recipe", "recipes/digits.yaml", "algorithm=sync",
+               "mu=0", "steps=20", "eval_every=20", f"runs_dir={tmp_path / 'runs'}", "run_name=dup",
+               "wandb.enabled=false", f"data.shards={digits_dir}"]
+        second = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr[-2000:]
+        assert lines[0] == (f"error: {run_dir} is in use by another run (process {holder.pid}): wait for it, stop it, "
+                            "or pick a new run_name=")
+        assert sorted(os.listdir(run_dir)) == before  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    again = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert os.path.exists(run_dir / "summary.json")

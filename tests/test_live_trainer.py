@@ -63,18 +63,18 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     nodes = [node(k) for k in range(2)]
     try:
         deadline = time.monotonic() + 240
-        while logged_step() < 200:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "no progress to step 200"
+        while logged_step() < 100:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "no progress to step 100"
             time.sleep(0.2)
-        # a second node with worker 1's replica joins the run in progress (through risgd-elastic): refused alone,
-        # exit 2 and one line, however torchrun reports its rank's exit
-        twin = node(1, log="twin.log")
-        nodes.append(twin)
-        assert twin.wait(timeout=120) == 2
         os.killpg(nodes[0].pid, signal.SIGKILL)  # the node that writes the record: node 1 takes it over
         nodes[0].wait()
         time.sleep(2)
         nodes[0] = node(0)
+        # meanwhile a second node with worker 1's replica tries to join the run in progress (through
+        # risgd-elastic): refused alone, exit 2 and one line, however torchrun reports its rank's exit
+        twin = node(1, log="twin.log")
+        nodes.append(twin)
+        assert twin.wait(timeout=120) == 2
         codes = [p.wait(timeout=300) for p in nodes[:2]]
     finally:
         for p in nodes:

@@ -184,7 +184,9 @@ def test_compare_refuses_an_unfinished_run(tmp_path, capsys):
     (["tau=fifty"], "recipe key 'tau' must be an integer"),
     (["mu=[1]"], "recipe key 'mu' must be a number"),
     (["algorithm=sgd"], "algorithm 'sgd' is unknown"),
-    (["algorithm=prsgd"], "algorithm prsgd uses no redundancy, but mu=0.5"),
+    (["algorithm=prsgd", "mu=0.5"], "algorithm prsgd uses no redundancy, but mu=0.5"),  # typed: a contradiction
+    (["algorithm=sync", "failures=[{ranks: [1], start_round: 2}]"], "failures apply to rounds of local-SGD"),
+    (["checkpoint_every=often"], "recipe key 'checkpoint_every' must be an integer or null"),
     (["eval_every=-1"], "eval_every=-1 must be >= 0"),
     (["tau=0"], "risgd.tau must be an int >= 1, got 0"),
     (["steps=1010"], "steps=1010 ends inside a round"),
@@ -198,6 +200,20 @@ def test_recipe_errors(overrides, words, tmp_path):
     with pytest.raises(RecipeError) as e:
         resolve_run("recipes/digits.yaml", [f"runs_dir={tmp_path}", *overrides], world_size=4)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_algorithms_without_redundancy_take_mu_0_and_checkpoints_follow_evaluations(tmp_path):
+    """Issue 46: algorithm=sync or prsgd on the digits recipe (mu: 0.5) was refused until mu=0 was typed; the
+    recipe's mu is RI-SGD's: they run at mu=0, said in one line. The digits recipe checkpointed only at the
+    end (Ctrl-C lost the run): by default a checkpoint follows every evaluation; 0 means none but the end."""
+    for algorithm in ("sync", "prsgd"):
+        run = resolve_run("recipes/digits.yaml", [f"runs_dir={tmp_path}", f"algorithm={algorithm}"], world_size=4)
+        assert run.cfg["mu"] == 0.0 and run.notes == [
+            f"note: algorithm {algorithm} uses no redundancy: mu=0 (mu: 0.5 in recipes/digits.yaml is for risgd)"]
+    run = resolve_run("recipes/digits.yaml", [f"runs_dir={tmp_path}"], world_size=4)
+    assert run.cfg["mu"] == 0.5 and run.notes == [] and run.cfg["checkpoint_every"] == run.cfg["eval_every"] == 100
+    run = resolve_run("recipes/digits.yaml", [f"runs_dir={tmp_path}", "checkpoint_every=0", "eval_every=50"], 4)
+    assert run.cfg["checkpoint_every"] == 0
 
 
 def test_every_shipped_recipe_is_valid():

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -42,6 +42,7 @@ from risgd_recipes.bundled import ds_config_candidates, ds_config_names
 from .naming import run_name  # the recipe's default run name (trainer.run_config.run_name, as before)
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
+NO_REDUNDANCY = ("sync", "prsgd", "coop")  # algorithms that run at mu=0
 PRECISIONS = (None, "fp32", "bf16")
 _ENGINE = RISGDConfig()  # the engine's defaults
 
@@ -64,7 +65,8 @@ SCHEMA: dict[str, Any] = {
     "steps": 0,                    # optimizer steps; 0: use epochs. Must end on an average.
     "epochs": 0,                   # epochs of one chunk D_j (rounded up to the next average)
     "eval_every": 100,             # steps; evaluated at the first average at or after each multiple
-    "checkpoint_every": 0,         # steps (any step: a checkpoint may fall inside a round); 0: at the end
+    "checkpoint_every": None,      # steps (any step: a checkpoint may fall inside a round); null: every eval_every
+                                   # steps (an interrupted run resumes near where it stopped); 0: none but the end
     "seed": 0,
     "dist_timeout_s": 600,         # a collective waiting longer than this fails the job (a dead rank)
     "ds_config": "ds_configs/digits.json",
@@ -186,10 +188,12 @@ def validate(cfg: dict) -> None:
     if cfg["algorithm"] not in ALGORITHMS:
         raise RecipeError(f"algorithm '{cfg['algorithm']}' is unknown: use one of {', '.join(ALGORITHMS)}")
     set_keys = [k for k in NODE_KEYS if cfg[k] != getattr(_ENGINE, k)]
+    if cfg["algorithm"] == "sync" and cfg["failures"]:
+        set_keys.append("failures")
     if cfg["algorithm"] == "sync" and set_keys:
         raise RecipeError(f"algorithm sync all-reduces gradients over every rank every step: {', '.join(set_keys)} "
                           "apply to rounds of local-SGD algorithms (prsgd, risgd, coop): leave them out")
-    if cfg["algorithm"] in ("sync", "prsgd", "coop") and cfg["mu"] != 0:
+    if cfg["algorithm"] in NO_REDUNDANCY and cfg["mu"] != 0:
         raise RecipeError(f"algorithm {cfg['algorithm']} uses no redundancy, but mu={cfg['mu']:g}: set mu=0 "
                           "or algorithm=risgd")
     if (cfg["steps"] > 0) == (cfg["epochs"] > 0):
@@ -197,8 +201,11 @@ def validate(cfg: dict) -> None:
         raise RecipeError(f"set exactly one of 'steps' and 'epochs' to a positive number (this run has {given}; "
                           "a recipe's value is cleared with the override steps=0 or epochs=0, e.g. "
                           "'steps=8 epochs=0')")
+    every = cfg["checkpoint_every"]
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
+        raise RecipeError(f"recipe key 'checkpoint_every' must be an integer or null, got {every!r}")
     for key in ("eval_every", "checkpoint_every"):
-        if cfg[key] < 0:
+        if cfg[key] is not None and cfg[key] < 0:
             raise RecipeError(f"{key}={cfg[key]} must be >= 0 (0: only at the end of the run)")
     if cfg["data"]["batch_policy"] not in ("per_chunk", "split"):
         raise RecipeError(f"data.batch_policy must be per_chunk or split, got {cfg['data']['batch_policy']!r}")
@@ -326,6 +333,7 @@ class Run:
     run_dir: str
     finished: bool                # the run directory holds this experiment, finished
     origins: Origins | None = None  # where each key was written (for messages in the user's words)
+    notes: list[str] = field(default_factory=list)  # one line each, said once at the start (rank 0)
 
     def is_average_step(self, step: int) -> bool:
         return self.risgd is None or self.risgd.is_average_step(step)
@@ -651,6 +659,13 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     origins = Origins(path, overrides, _read_file(path))
     raw = _read_raw(path, overrides, origins.file)
     cfg = _merge(SCHEMA, raw)
+    notes = []
+    if (cfg["algorithm"] in NO_REDUNDANCY and cfg["mu"] != 0 and not origins.typed("mu")
+            and not cfg["data"]["manifest"]):
+        # the recipe's mu is RI-SGD's: an algorithm without redundancy runs at mu=0 (a typed mu= is refused)
+        notes.append(f"note: algorithm {cfg['algorithm']} uses no redundancy: mu=0 ({origins.spell('mu', cfg['mu'])} "
+                     "is for risgd)")
+        cfg["mu"] = 0.0
     manifest = None
     node_size = cfg["node_size"]
     try:  # the workers (the manifest's) need the node level first: the engine's validator of it
@@ -681,6 +696,8 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     except ConfigError as e:
         raise RecipeError(str(e)) from None
     cfg["recipe"] = os.path.relpath(path)
+    if cfg["checkpoint_every"] is None:  # by default at every evaluation: Ctrl-C loses at most eval_every steps
+        cfg["checkpoint_every"] = cfg["eval_every"]
     run = Run(cfg, ds_config, risgd, manifest, world_size, run_name(cfg),
               os.path.join(cfg["runs_dir"], run_name(cfg)), finished=False)
     steps = cfg["steps"]
@@ -691,6 +708,6 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
         raise RecipeError(f"steps={steps} ends inside a round (warmup_sync_steps={risgd.warmup_sync_steps}, "
                           f"tau={risgd.tau}): the final model would not be an average; use steps={below} or "
                           f"steps={above}")
-    run.origins = origins
+    run.origins, run.notes = origins, notes
     run.finished = check_same_experiment(run.run_dir, cfg)
     return run

@@ -39,7 +39,7 @@ from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, command, need
 from risgd_ext.live import LighthouseLost, LiveError
 from risgd_recipes.bundled import bundled_recipe, recipe_names
-from risgd_trainer import elastic
+from risgd_trainer import elastic, run_lock
 from risgd_trainer.agree import USER_ERRORS, AgreedError, agree
 from risgd_trainer.evaluation import evaluate
 from risgd_trainer.lr_schedule import lr_factor
@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             check_extras(run.cfg)
             if not run.elastic and not run.finished:  # an elastic run trains on its nodes' replicas
                 check_shards_source(run.cfg["data"], run.origins)
+            if first and not run.finished:
+                for note in run.notes:
+                    print(note, file=sys.stderr)
             if run.finished and first:
                 print(f"{run.run_dir} is finished (summary.json): nothing to do; pick a new run_name= to train "
                       "again", file=sys.stderr)
@@ -341,17 +344,26 @@ def train(run: Run) -> None:
     """One run, in the process group that main() started."""
     from deepspeed.accelerator import get_accelerator
 
+    if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    rank = dist.get_rank()
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    if not run.elastic:  # one run at a time in a run directory (an elastic run's nodes share theirs)
+        agree(lambda: run_lock.hold(run.run_dir) if rank == 0 else None)
+    try:
+        _train(run, rank, device)
+    finally:
+        run_lock.release(run.run_dir)
+
+
+def _train(run: Run, rank: int, device: torch.device) -> None:
+    """The run itself: the loop, its evaluations, checkpoints and the summary (the run directory is held)."""
     import risgd_models
     from risgd_data.loader import make_eval_loader, make_train_loader
     from risgd_data.manifest import steps_per_epoch
     from risgd_data.transforms import eval_transform, train_transform
 
     cfg, data = run.cfg, run.cfg["data"]
-    if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
-    rank = dist.get_rank()
-    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
-
     if not run.elastic:  # an elastic run trains on the nodes' replicas: nothing is made on the fly
         agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
     index, manifest, worker, shard_dir = agree(lambda: load_data(run, rank))
