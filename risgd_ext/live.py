@@ -171,8 +171,8 @@ class LiveNodes:
             raise LiveError(f"fault_tolerance=torchft needs the lighthouse's address: set {LIGHTHOUSE_ENV}="
                             "http://HOST:PORT on every node (start it with torchft_lighthouse, docs/faults.md)")
         self.lighthouse = address
-        # a twin (a node already serving this worker, heartbeating) is refused here, before this node is in any
-        # quorum: the others never wait for it
+        # the lighthouse probed first (a mistyped or stopped one: one line, at once); a twin (a node already serving
+        # this worker, heartbeating) is refused here, before this node is in any quorum: the others never wait
         if _worker_heartbeating(address, self.worker):
             raise DuplicateWorker(_TWIN.format(worker=self.worker))
         # the group's own timeout bounds building it (connecting every pair, slow on a loaded host); each
@@ -305,14 +305,20 @@ _TWIN = ("another live node already serves manifest worker {worker}: give this n
 
 def _heartbeat_ages(address: str, worker: int) -> list[float]:
     """Seconds since the lighthouse last heard each replica of ``worker`` (its dashboard's /status lists every
-    replica it has heard: ``w<worker>:<uuid>: seen <s>s ago``); [] when it cannot be read."""
+    replica it has heard: ``w<worker>:<uuid>: seen <s>s ago``). A lighthouse that cannot be reached is
+    :class:`LighthouseLost`, in one line naming the address and how to start one."""
+    import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(address.rstrip("/") + "/status", timeout=5) as r:
             page = r.read().decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return []  # an unreadable status page: the quorum's own check (below) still refuses a twin
+    except urllib.error.HTTPError:
+        return []  # it answers, without the dashboard: the quorum's own check (below) still refuses a twin
+    except (OSError, ValueError) as e:
+        raise LighthouseLost(f"no lighthouse answers at {address} ({_first_line(e)}): start one on the machine "
+                             "that address names (torchft_lighthouse --min_replicas 1 --bind [::]:PORT, "
+                             f"docs/faults.md) or fix {LIGHTHOUSE_ENV}") from None
     found = re.findall(rf"\b{REPLICA_PREFIX}{worker}:[^\s:<]+: seen ([0-9.]+)(ms|s|µs|us|ns)? ago", page)
     scale = {"ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}
     return [float(v) * scale.get(unit, 1.0) for v, unit in found]

@@ -125,3 +125,24 @@ def test_the_live_state_a_joiner_fetches_is_a_copy_taken_at_the_quorum():
     assert torch.equal(served["optimizer"]["state"][0]["buf"], torch.zeros(4))
     assert served["optimizer"]["lrs"] == [0.1] and served["steps"] == 875
     assert not torch.equal(state["module"]["w"], served["module"]["w"])  # the check can fail: by reference it would
+
+
+def test_a_lighthouse_that_does_not_answer_is_one_line_at_once(tmp_path):
+    """Issue 46: a lighthouse down or mistyped took 21 s, exit 1 and a traceback (then advice to start the same
+    command again, which failed the same way). It is probed before anything else: one line naming the address
+    and how to start one, exit 2, within seconds."""
+    import subprocess
+    import sys
+    import time
+
+    from risgd_common.ports import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "risgd_hosts.live_node", "--worker", "0", "--workers", "2",
+                           "--port", str(free_port()), "--log", str(tmp_path / "n0.jsonl")],
+                          env=dict(os.environ, TORCHFT_LIGHTHOUSE=dead), capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: no lighthouse answers at {dead}") and "torchft_lighthouse" in errors[0]
+    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 30
