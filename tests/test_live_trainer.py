@@ -173,3 +173,44 @@ def _lines(path) -> list[str]:
             return f.read().splitlines()
     except OSError:
         return []
+
+
+def test_an_elastic_nodes_ranks_die_with_its_launcher(digits_dir, tmp_path):
+    """Issue 46: kill -9 of the process group of a node's risgd-elastic left its trainer rank running (torchrun
+    starts ranks in sessions of their own): it trained on with no parent, in the quorum, and the node's command
+    started again was refused as a twin. The ranks die with their launcher, whatever the signal."""
+    manifest, replicas = prepare_replicas(digits_dir, str(tmp_path / "rep"), workers=2, mu=0.5,
+                                          partition="label_sorted")
+    port = free_port()
+    lighthouse = subprocess.Popen(lighthouse_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = f"run_name=orphan{port}"
+    cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", "--nproc-per-node", "1", "--master-port",
+           str(free_port()), "--lighthouse", f"http://127.0.0.1:{port}", "--", "--recipe", "recipes/digits.yaml",
+           "algorithm=risgd", "mu=0.5", "data.partition=label_sorted", f"data.manifest={manifest}",
+           "elastic.workers=2", "steps=400", "tau=10", f"runs_dir={tmp_path / 'runs'}", marker,
+           "wandb.enabled=false"]
+
+    def ranks() -> list[str]:  # the trainer ranks of this node (the launcher's own command line names the module
+        out = subprocess.run(["pgrep", "-f", f"risgd_trainer.train.*{marker}"], capture_output=True, text=True)
+        return [p for p in out.stdout.split() if int(p) != node.pid]
+
+    node = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(RISGD_REPLICA_DIR=replicas[0], OMP_NUM_THREADS="1"),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ranks():  # the rank started (it waits for node 1 at the start: alive all the same)
+            assert time.monotonic() < deadline and node.poll() is None, "no trainer rank started"
+            time.sleep(0.2)
+        time.sleep(3)
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+        deadline = time.monotonic() + 10
+        while ranks() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ranks() == []
+    finally:
+        for pid in ranks():
+            os.kill(int(pid), signal.SIGKILL)
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+        lighthouse.kill()

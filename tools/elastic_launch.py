@@ -88,6 +88,9 @@ def torchrun_argv(args, trainer: list[str]) -> list[str]:
             f"--master-port={args.master_port}", "--module", TRAINER, *trainer]
 
 
+LAUNCHER_ENV = "RISGD_LAUNCHER_PID"  # the launcher whose death a rank follows (risgd_trainer.train reads it)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     os.environ[LIGHTHOUSE_ENV] = args.lighthouse
+    # torchrun starts each rank in a session of its own: a kill -9 of this launcher's process group would leave
+    # the ranks training on, in the quorum. Each rank asks the kernel to kill it when this process dies.
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
     try:
         run(parse_args(torchrun_argv(args, trainer)))
     except KeyboardInterrupt:

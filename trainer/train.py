@@ -281,7 +281,25 @@ def refuse(error: Exception, speak: bool) -> int:
     return 2
 
 
+def die_with_launcher() -> None:
+    """Under risgd-elastic (``RISGD_LAUNCHER_PID``, its pid): this rank is killed when the launcher dies, by any
+    signal (torchrun starts ranks in sessions of their own, so a kill of the launcher's process group does not
+    reach them). Linux's PR_SET_PDEATHSIG; elsewhere nothing changes."""
+    launcher = os.environ.get("RISGD_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(launcher):  # the launcher died before the request: go now
+        os._exit(128 + signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     first = os.environ.get("RANK", "0") == "0"  # before the process group: every rank finds the same error
