@@ -61,3 +61,23 @@ def test_a_continued_elastic_run_may_change_its_floor_but_not_become_fixed(tmp_p
     # continued as a fixed-size run: another experiment
     with pytest.raises(RecipeError, match="elastic.workers: 3 -> 0"):
         resolve(tmp_path, world_size=3)
+
+
+def test_a_node_whose_store_port_is_taken_is_refused_in_one_line():
+    """Issue 46: two nodes on one machine without their own --master-port both took 29500 and one died with a
+    30-line EADDRINUSE traceback. The port is checked before anything starts: one line naming --master-port."""
+    import socket
+
+    from risgd_tools.elastic_launch import LaunchError, parse
+
+    argv = ["--lighthouse", "http://127.0.0.1:1", "--master-port"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LaunchError) as e:
+            parse([*argv, str(port), "--", "--recipe", "digits", "elastic.workers=2"])
+        assert str(e.value) == (f"port {port} on 127.0.0.1 is taken (another node on this machine?): give each node "
+                                "on one machine its own --master-port")
+    args, _ = parse([*argv, str(port), "--", "--recipe", "digits", "elastic.workers=2"])  # free again
+    assert args.master_port == port

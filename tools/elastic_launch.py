@@ -65,7 +65,26 @@ def parse(argv: list[str]):
     if not any(a.startswith("elastic.workers=") for a in trainer):
         raise LaunchError("the trainer's arguments need elastic.workers=P (the run's nodes, one per manifest "
                           "worker): without it the launch is a fixed-size run of this node alone")
+    check_port_free(args.master_addr, args.master_port)
     return args, trainer
+
+
+def check_port_free(addr: str, port: int) -> None:
+    """LaunchError when this node's store port is taken (another node on this machine, started without its own
+    --master-port, took it: torchrun would die with a 30-line EADDRINUSE traceback)."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a crashed node's TIME_WAIT is no owner
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise LaunchError(f"port {port} on {addr} is taken (another node on this machine?): give each node "
+                                  "on one machine its own --master-port") from None
+            # an address of another machine, or not bound here: torchrun reports it in its own words
 
 
 def parser() -> Parser:
