@@ -46,7 +46,7 @@ from .failures import failed_workers
 from .flat import FlatModel
 from .live import AnchorsDiffer, BelowFloor, LiveNodes, MembershipEvent, Quorum
 from .reduce import GradientAverager, Traffic
-from .round import REPLACE, Averaging, Live, Round, RoundReport
+from .round import REPLACE, Averaging, Live, NoFiniteContribution, Round, RoundReport
 from .topology import NodeGroups, build_node_groups, inherit_world_timeout
 
 # Counters carried by checkpoints, in the order stats() reports them.
@@ -324,7 +324,15 @@ class RISGDController:
         self._comm_in_step += seconds
 
     def after_optimizer_step(self) -> None:
-        """Called once per optimizer step (not per micro-batch), after the update."""
+        """Called once per optimizer step (not per micro-batch), after the update. A round with no finite
+        contribution left (every worker's model NaN or inf) raises :class:`NoFiniteContribution` naming the
+        step, on every rank alike (they all see the same count)."""
+        try:
+            self._after_optimizer_step()
+        except NoFiniteContribution as e:
+            raise NoFiniteContribution(f"step {self.steps}: {e}; no average to go on from") from None
+
+    def _after_optimizer_step(self) -> None:
         engine = self.engine
         was_sync = engine.enable_backward_allreduce
         self.steps += 1

@@ -27,3 +27,19 @@ def scenario_node_level_worker_state(rank: int, world_size: int, ckpt_dir: str) 
     loaded = again.risgd.averaging.reducer.residual
     return {"files": sorted(os.listdir(ckpt_dir)), "own_back": loaded is not None and
             all(torch.equal(a, b) for a, b in zip(mine, loaded)), "nonzero": bool(any(r.any() for r in mine))}
+
+
+def scenario_no_finite_contribution(rank: int, world_size: int) -> str:
+    """Every rank's model NaN before a round: the round has no finite contribution; each rank raises it,
+    naming the step."""
+    from risgd_ext.round import NoFiniteContribution
+
+    engine = build(ds_config({"tau": 2}))
+    train_step(engine, rank, 0)
+    with torch.no_grad():
+        next(engine.module.parameters()).fill_(float("nan"))
+    try:
+        train_step(engine, rank, 1)
+    except NoFiniteContribution as e:
+        return str(e)
+    return "no error"

@@ -192,3 +192,16 @@ def test_a_joiner_whose_heal_round_failed_does_not_count_its_peers_progress_twic
     digest = {name: next(r["digest"] for r in c.records(0) if r.get("step") == at and r.get("digest"))
               for name, c in (("joined", joined), ("alone", alone))}
     assert digest["joined"] == digest["alone"] and live["digest"] == digest["joined"]
+
+
+@pytest.mark.slow
+def test_a_round_with_no_finite_contribution_stops_every_rank_naming_the_step():
+    """Issue 42, part 4: only when no finite contribution remains does the run stop, in one line naming the step
+    (train.py turns it into one error line, exit 1, the last checkpoint kept)."""
+    from defect_workers import scenario_no_finite_contribution
+
+    from risgd_hosts.local import run_ranks
+
+    said = run_ranks(scenario_no_finite_contribution, 2, timeout=300)
+    assert said == ["step 2: every contribution to this round was non-finite (NaN or inf); no average to go on "
+                    "from"] * 2

@@ -38,6 +38,7 @@ from risgd_common.cli import Parser
 from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, command, need
 from risgd_ext.live import LighthouseLost, LiveError
+from risgd_ext.round import NoFiniteContribution
 from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_trainer import elastic, run_lock
 from risgd_trainer.agree import USER_ERRORS, AgreedError, agree
@@ -341,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(e, dist.get_rank() == 0)
     except LiveError as e:  # an elastic run below its floor, its lighthouse lost, a node serving a served worker:
         return refuse(e, dist.get_rank() == 0)  # the latest checkpoint is kept; the same commands resume
+    except NoFiniteContribution as e:  # every worker diverged at once: the work itself failed (exit 1)
+        if dist.get_rank() == 0:
+            print(f"error: {e}: the run stops here; its last checkpoint is kept (resuming it repeats the same "
+                  "steps: change the learning rate or the schedule, as a new run_name=)", file=sys.stderr)
+        return 1
     except (*USER_ERRORS, MissingExtra) as e:  # one line naming the problem and the fix
         return refuse(e, first or dist.is_initialized())
     except BaseException as e:
