@@ -146,7 +146,8 @@ def run_metrics(stats: dict[str, Any]) -> dict[str, Any]:
     return {"round": stats["rounds"], "comm_rounds": stats["comm_rounds"], "comm_bytes": stats["bytes_allreduced"],
             "comm_seconds": stats["comm_seconds"], "compute_seconds": stats["compute_seconds"],
             "divergence": stats["divergence"], "divergence_mean": stats["divergence_mean"],
-            "live_ranks": stats["live_ranks"], **_node_and_overlap(stats)}
+            "live_ranks": stats["live_ranks"], "non_finite_left_out": stats.get("non_finite_left_out", 0),
+            **_node_and_overlap(stats)}
 
 
 def _node_and_overlap(stats: dict[str, Any]) -> dict[str, Any]:
