@@ -99,6 +99,11 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     assert summary["elastic_backend"] == "torchft" and summary["steps_redone"] == 0
     changes = [e for e in events if e["lost_workers"] or e["joined_workers"]]
     assert summary["restarts"] >= 2 and summary["restarts"] == len(changes), (summary["restarts"], events)
+    # the run's size, not the launch's (issue 46: an elastic run of 2 workers wrote world_size 1, workers 1)
+    assert summary["membership_changes"] == summary["restarts"] and summary["workers"] == 2
+    assert summary["world_size"] == 2 and summary["node_ranks"] == 1
+    batch = next(line for line in logs[1].splitlines() if line.startswith("batch:"))
+    assert batch.endswith("global 128 over 2 nodes of 1 rank(s)"), batch
     assert summary["min_data_coverage"] == 1.0 and summary["final_test_acc"] > 90
     finals = {json.load(open(run_dir / "elastic" / f"final-w{k:05d}.json"))["model_sha256"] for k in range(2)}
     assert len(finals) == 1 and summary["model_sha256"] in finals

@@ -241,13 +241,20 @@ class ElasticNodes(FixedNodes):
         return bool(every) and step >= (last // every + 1) * every and ctl.is_average()
 
     def summary(self, ctl, tracker, wall_seconds: float) -> dict:
-        """The run's elastic record for summary.json: ``restarts`` counts the quorum's changes (nothing
-        restarted); ``goodput`` is 1 - ``seconds_lost`` / the run's wall seconds (no step is redone)."""
+        """The run's elastic record for summary.json: ``workers`` and ``world_size`` are the run's (every node's;
+        ``node_ranks`` this launch's), ``membership_changes`` counts the quorum's changes (nothing restarted;
+        ``restarts``, its old name, is kept as an alias); ``goodput`` is 1 - ``seconds_lost`` / the run's wall
+        seconds (no step is redone). ``rank_model_sha256`` lists this node's ranks; every node's final model
+        is in ``elastic/final-wNNNNN.json``."""
         events = tracker.events() or self.events
         changes = [e for e in events if e.get("lost_workers") or e.get("joined_workers")]
         lost = sum(e.get("quorum_seconds", 0.0) + e.get("failed_seconds", 0.0) for e in changes)
         members = sorted(ctl.members())
+        # the run is every node's: its workers and ranks (this launch's ranks are one node's: node_ranks); the
+        # quorum's changes are membership changes (nothing restarted: "restarts" is their old name, kept)
         return {"elastic_backend": "torchft", "elastic_workers": self.workers, "live_workers": members,
+                "workers": self.workers, "world_size": self.workers * self.run.world_size,
+                "node_ranks": self.run.world_size, "membership_changes": len(changes),
                 "restarts": len(changes), "retries": ctl.retries, "retry_seconds": ctl.retry_seconds,
                 "membership": [{"step": e["step"], "workers": e["live_workers"], "world_size": e["world_size"],
                                 "data_coverage": e["data_coverage"]} for e in events],

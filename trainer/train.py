@@ -206,6 +206,13 @@ def batch_lines(run: Run, manifest: dict, per_rank: list[int]) -> list[str]:
     global batch is more than :data:`BATCH_TOLERANCE` off the recipe's stated ``data.global_batch``."""
     data = run.cfg["data"]
     total, lo, hi = sum(per_rank), min(per_rank), max(per_rank)
+    over = f"{run.world_size} rank(s)"
+    if run.elastic:  # this launch is one node: the run's global batch is every worker's (the manifest's)
+        k = run.node_size * data["base_batch"]
+        total = sum(k if data["batch_policy"] == "split" else
+                    sum(k if c["fraction"] >= 1.0 else max(1, round(c["fraction"] * k)) for c in r["chunks"])
+                    for r in manifest["ranks"])
+        over = f"{run.manifest_workers} nodes of {run.world_size} rank(s)"
     chunks = [len(r["chunks"]) for r in manifest["ranks"]]
     held = f"{min(chunks)}" if min(chunks) == max(chunks) else f"{min(chunks)}-{max(chunks)}"
     rank_words = f"{lo}" if lo == hi else f"{lo}-{hi}"
@@ -213,8 +220,7 @@ def batch_lines(run: Run, manifest: dict, per_rank: list[int]) -> list[str]:
         how = f"per_chunk: data.base_batch {data['base_batch']} from each of the {held} chunk(s) a worker holds"
     else:
         how = f"split: data.base_batch {data['base_batch']} per worker, shared among its chunks"
-    lines = [f"batch: {rank_words} images per rank per step ({how}), global {total} over {run.world_size} "
-             f"rank(s)"]
+    lines = [f"batch: {rank_words} images per rank per step ({how}), global {total} over {over}"]
     stated = data["global_batch"]
     if stated and not 1 / BATCH_TOLERANCE <= total / stated <= BATCH_TOLERANCE:
         fix = ("data.batch_policy=split keeps a worker's batch at data.base_batch whatever mu"
