@@ -50,7 +50,8 @@ class LiveCluster:
     """``workers`` nodes of one run in ``work_dir`` (logs ``nK.jsonl``/``nK.err``), each started with
     ``node_args`` (live_node's options besides --worker, --workers, --port, --log)."""
 
-    def __init__(self, work_dir: str, workers: int, node_args: list[str], heartbeat_ms: int = 1000, hosts=None):
+    def __init__(self, work_dir: str, workers: int, node_args: list[str], heartbeat_ms: int = 1000, hosts=None,
+                 min_replicas: int = 1):
         self.dir, self.workers, self.node_args, self.hosts = work_dir, workers, node_args, hosts
         self.nodes: dict[int, subprocess.Popen] = {}
         os.makedirs(work_dir, exist_ok=True)
@@ -58,7 +59,7 @@ class LiveCluster:
             if name.endswith((".jsonl", ".err")):
                 os.unlink(os.path.join(work_dir, name))
         self.port = free_port()
-        command = [*self._prefix(0), *lighthouse_command(self.port, heartbeat_ms=heartbeat_ms)]
+        command = [*self._prefix(0), *lighthouse_command(self.port, min_replicas, heartbeat_ms=heartbeat_ms)]
         self.lighthouse = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                            stderr=open(self._path("lighthouse.err"), "a"))
         wait_port(self.port, self._prefix(0))

@@ -171,8 +171,10 @@ def test_a_joiner_whose_heal_round_failed_does_not_count_its_peers_progress_twic
     from risgd_hosts.live_cluster import LiveCluster
 
     pace = ["--steps", "200", "--tau", "2", "--step-seconds", "0.05", "--op-timeout", "2", "--floor-wait", "3"]
-    joined = LiveCluster(str(tmp_path / "joined"), 3, pace)
-    alone = LiveCluster(str(tmp_path / "alone"), 3, pace)
+    # both runs start as nodes 0 and 2 together (a quorum of 2 at least: on a loaded machine one could start
+    # alone and heal the other in), and a starved node's missed heartbeat drops no one (3 s)
+    joined = LiveCluster(str(tmp_path / "joined"), 3, pace, heartbeat_ms=3000, min_replicas=2)
+    alone = LiveCluster(str(tmp_path / "alone"), 3, pace, heartbeat_ms=3000, min_replicas=2)
     try:
         for c in (joined, alone):
             c.start(0)
