@@ -20,12 +20,12 @@ setup: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The whole suite on TEST_WORKERS pytest-xdist workers, a test file per worker at a time (its module
+# The whole suite on TEST_WORKERS pytest-xdist workers (the ten slowest tests printed at the end), a test file per worker at a time (its module
 # fixtures, e.g. one gloo group for all engine scenarios, run once); TEST_WORKERS=0 runs it in this process.
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # The edit-test loop: ruff and every test not marked slow (no launches, no wheel), stopping at the first failure.
 quick: lint
