@@ -103,3 +103,39 @@ def test_one_run_at_a_time_in_a_run_directory(tmp_path, digits_dir):
 
     run_lock.hold(str(run_dir))  # the killed holder's lock went with it
     run_lock.release(str(run_dir))
+
+
+def test_ranks_sharing_a_machine_share_its_cores_whoever_launched_them(tmp_path, monkeypatch):
+    """Issue 46: two elastic nodes on one machine each took every core (17x slower unless OMP_NUM_THREADS=1): the
+    deepspeed path divided the cores by its LOCAL_SIZE, the elastic path knew of no other node. Every trainer
+    rank registers on the machine and takes cores // (ranks here); a dead rank's entry does not count; a set
+    OMP_NUM_THREADS wins."""
+    import sys
+
+    import torch
+
+    from risgd_trainer import threads
+
+    monkeypatch.setattr(threads, "REGISTRY", str(tmp_path / "ranks"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    before = torch.get_num_threads()
+    code = (f"import time; from risgd_trainer import threads; threads.REGISTRY = {str(tmp_path / 'ranks')!r}; "
+            "threads.register(); print('in', flush=True); time.sleep(600)")
+    others = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in others] == ["in", "in"]
+        threads.register()
+        assert threads.ranks_here() == 3 and threads.balance(cores=12) == 4 and torch.get_num_threads() == 4
+        others[0].kill()
+        others[0].wait()
+        assert threads.ranks_here() == 2 and threads.balance(cores=12) == 6  # the dead one's cores come back
+        monkeypatch.setenv("LOCAL_SIZE", "3")
+        assert threads.balance(cores=12, shared=False) == 4  # a fixed launch: its own ranks only
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert threads.balance(cores=12) is None
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+        torch.set_num_threads(before)

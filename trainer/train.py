@@ -40,7 +40,7 @@ from risgd_common.install import MissingExtra, command, need
 from risgd_ext.live import LighthouseLost, LiveError
 from risgd_ext.round import NoFiniteContribution
 from risgd_recipes.bundled import bundled_recipe, recipe_names
-from risgd_trainer import elastic, run_lock
+from risgd_trainer import elastic, run_lock, threads
 from risgd_trainer.agree import USER_ERRORS, AgreedError, agree
 from risgd_trainer.evaluation import evaluate
 from risgd_trainer.lr_schedule import lr_factor
@@ -374,8 +374,8 @@ def train(run: Run) -> None:
     """One run, in the process group that main() started."""
     from deepspeed.accelerator import get_accelerator
 
-    if "OMP_NUM_THREADS" not in os.environ:  # ranks on one node share its cores; oversubscription is slow
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", "1"))))
+    threads.register()  # the ranks on one machine share its cores, whoever launched them (oversubscription is slow)
+    threads.balance(shared=run.elastic)
     rank = dist.get_rank()
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
     if not run.elastic:  # one run at a time in a run directory (an elastic run's nodes share theirs)
@@ -515,6 +515,8 @@ def _train(run: Run, rank: int, device: torch.device) -> None:
         if step == total_steps or (due and engine.risgd.is_average()):
             running[2] = loader.samples_skipped - skipped_seen
             skipped_seen = loader.samples_skipped
+            if run.elastic:
+                threads.balance()  # a node started on this machine since: the cores shared again
             with engine.risgd.averaged() as stats:  # every rank holds the averaged model inside
                 dist.all_reduce(running)  # telemetry: one tiny collective per log interval
                 metrics = {"step": step, "epoch": step / epoch_steps, "lr": scheduler.get_last_lr()[0],
