@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own variable: the lighthouse's address, http://HOST:PORT
+LIGHTHOUSE_PROBE_S = 10.0  # seconds a node waits for its lighthouse to answer at its start (torchft's connect timeout)
 REPLICA_PREFIX = "w"  # a replica group's id: w<manifest worker>, so torchft's global ranks follow the data
 
 
@@ -310,15 +311,20 @@ def _heartbeat_ages(address: str, worker: int) -> list[float]:
     import urllib.error
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(address.rstrip("/") + "/status", timeout=5) as r:
-            page = r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError:
-        return []  # it answers, without the dashboard: the quorum's own check (below) still refuses a twin
-    except (OSError, ValueError) as e:
-        raise LighthouseLost(f"no lighthouse answers at {address} ({_first_line(e)}): start one on the machine "
-                             "that address names (torchft_lighthouse --min_replicas 1 --bind [::]:PORT, "
-                             f"docs/faults.md) or fix {LIGHTHOUSE_ENV}") from None
+    deadline = time.monotonic() + LIGHTHOUSE_PROBE_S  # a lighthouse started with the nodes may need a moment
+    while True:
+        try:
+            with urllib.request.urlopen(address.rstrip("/") + "/status", timeout=5) as r:
+                page = r.read().decode("utf-8", "replace")
+            break
+        except urllib.error.HTTPError:
+            return []  # it answers, without the dashboard: the quorum's own check (below) still refuses a twin
+        except (OSError, ValueError) as e:
+            if isinstance(e, ValueError) or time.monotonic() > deadline:
+                raise LighthouseLost(f"no lighthouse answers at {address} ({_first_line(e)}): start one on the "
+                                     "machine that address names (torchft_lighthouse --min_replicas 1 --bind "
+                                     f"[::]:PORT, docs/faults.md) or fix {LIGHTHOUSE_ENV}") from None
+            time.sleep(0.5)
     found = re.findall(rf"\b{REPLICA_PREFIX}{worker}:[^\s:<]+: seen ([0-9.]+)(ms|s|µs|us|ns)? ago", page)
     scale = {"ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}
     return [float(v) * scale.get(unit, 1.0) for v, unit in found]

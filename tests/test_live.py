@@ -127,10 +127,11 @@ def test_the_live_state_a_joiner_fetches_is_a_copy_taken_at_the_quorum():
     assert not torch.equal(state["module"]["w"], served["module"]["w"])  # the check can fail: by reference it would
 
 
-def test_a_lighthouse_that_does_not_answer_is_one_line_at_once(tmp_path):
+def test_a_lighthouse_that_does_not_answer_is_one_line_within_seconds(tmp_path):
     """Issue 46: a lighthouse down or mistyped took 21 s, exit 1 and a traceback (then advice to start the same
     command again, which failed the same way). It is probed before anything else: one line naming the address
-    and how to start one, exit 2, within seconds."""
+    and how to start one, exit 2, once it has not answered for 10 s (a lighthouse started with the nodes may need
+    a moment)."""
     import subprocess
     import sys
     import time
@@ -145,4 +146,4 @@ def test_a_lighthouse_that_does_not_answer_is_one_line_at_once(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert errors[0].startswith(f"error: no lighthouse answers at {dead}") and "torchft_lighthouse" in errors[0]
-    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 30
+    assert "Traceback" not in proc.stderr and time.monotonic() - t0 < 40  # the probe waits 10 s for it
