@@ -407,7 +407,11 @@ class Round:
             r.non_finite, r.contributes, r.applies = True, False, REPLACE
         r.sent, r.sums = avg.model.scratch()
         for mine, saved in zip(r.sent + r.sums, list(state["sent"]) + list(state["sums"])):
-            mine.copy_(saved)
+            if saved.numel() == mine.numel() - 1:  # written before the slot carried the count: [.., ||d||²]
+                mine[:-1].copy_(saved)
+                mine[-1:].fill_(r.num_live)
+            else:
+                mine.copy_(saved)
         return r
 
 
