@@ -213,9 +213,8 @@ class Averaging:
         average divides. ``resend``: an overlapped round that failed, sent again (blocking) with the
         model as it was at its first send, applied at its step as it would have been. ``plain``: the average
         replaces the anchor with no outer step (a warm-up step's round in a fault-tolerant run)."""
-        r = Round(self, live, apply_step if resend is None else resend.apply_step, live_here, counted, resend)
-        r.plain = plain
-        return r
+        return Round(self, live, apply_step if resend is None else resend.apply_step, live_here, counted, resend,
+                     plain)
 
     def pack(self, extras: list[torch.Tensor], live_here: bool) -> torch.Tensor:
         total = sum(t.numel() for t in extras)
@@ -232,7 +231,7 @@ class Round:
     """One round; see the module docstring for its life."""
 
     def __init__(self, avg: Averaging, live: Live, apply_step: int | None, live_here: bool | None = None,
-                 counted: bool = False, resend: Round | None = None):
+                 counted: bool = False, resend: Round | None = None, plain: bool = False):
         self.avg, self.live, self.apply_step = avg, live, apply_step
         self.live_here = avg.worker in live.workers if live_here is None else live_here
         self.num_live = avg.contributions(live)
@@ -247,7 +246,7 @@ class Round:
         self.extras: list[torch.Tensor] = []
         self.complete = False
         self.contributes, self.non_finite = self.live_here, False
-        self.plain = False  # no outer step (a warm-up step's round)
+        self.plain = plain  # no outer step (a warm-up step's round)
         self.saved_residuals: tuple | None = None  # a fault-tolerant overlapped round: both residuals before it
         self.committed = False  # a fault-tolerant resend committed ahead of its apply step
         self.nbytes, self.comm_seconds = 0, 0.0
