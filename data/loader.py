@@ -178,8 +178,9 @@ class _TrainSteps(torch.utils.data.Dataset):
         manifest order: samples drawn from it so far}}. A loader built with it at that step goes on drawing
         each chunk where this one would have, whatever its own sub-batches (none twice within a pass, none
         skipped); checkpoints carry it, so a resumed run does too."""
-        return {"step": int(step), "positions": {str(i): int(base + (step - self.origin) * b)
-                                                 for i, base, b in zip(self.chunk_index, self.base, self.sub_sizes)}}
+        return {"step": int(step), "worker": self.rank,
+                "positions": {str(i): int(base + (step - self.origin) * b)
+                              for i, base, b in zip(self.chunk_index, self.base, self.sub_sizes)}}
 
     def __getitem__(self, step: int):
         # Seed only the CPU default generator: torch.manual_seed also seeds CUDA lazily and costs
@@ -383,6 +384,8 @@ def make_train_loader(
         decoder = _Decoder(shard_dir, index, "train", transform, simplejpeg=True)
     if cursor is not None and int(cursor["step"]) != start_step:
         raise DataError(f"the data cursor is at step {cursor['step']}, the loader starts at {start_step}")
+    if cursor is not None and cursor.get("worker", rank) != rank:  # positions are of one worker's own chunks
+        raise DataError(f"the data cursor is worker {cursor['worker']}'s, this loader is worker {rank}'s")
     steps = _TrainSteps(decoder, [chunk_ids[i] for i in keep], kept, seed, rank, (part, k), keep, cursor)
     return RankLoader(steps, epoch_steps, start_step, num_workers, pin_memory, device_decode=device_decode)
 

@@ -376,3 +376,8 @@ def test_a_chunk_stream_goes_on_in_order_over_a_loss_and_a_rejoin(index, digits_
                v != whole[c][:len(v)] for c, v in old.items())
     with pytest.raises(DataError, match="cursor is at step 7"):
         make_train_loader(m, digits_dir, 0, base_batch=16, num_workers=0, start_step=8, cursor=plain.cursor(lost_at))
+    # a cursor holds one worker's own chunks: another worker's is refused (a checkpoint's, written by rank 0,
+    # is taken by worker 0 only; train.py leaves the others to draw from the step)
+    with pytest.raises(DataError, match="cursor is worker 0's, this loader is worker 1's"):
+        make_train_loader(m, digits_dir, 1, base_batch=16, num_workers=0, start_step=lost_at,
+                          cursor=plain.cursor(lost_at))

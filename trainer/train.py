@@ -425,8 +425,9 @@ def _train(run: Run, rank: int, device: torch.device) -> None:
         def load() -> dict:
             return engine.load_checkpoint(ckpt_dir)[1] if os.path.exists(os.path.join(ckpt_dir, "latest")) else {}
         client = agree(load)
+        cursor = client.get("data_cursor")  # the writing rank's worker's: others draw from the step alone
         progress.update(step=client.get("step", 0), best=client.get("best_test_acc", 0.0),
-                        cursor=client.get("data_cursor"),
+                        cursor=cursor if cursor and cursor.get("worker") == worker else None,
                         last_eval=client.get("last_eval", client.get("step", 0)), wall=client.get("wall_seconds", 0.0))
         if progress["step"] and rank == 0:
             print(f"{run.name}: resuming from step {progress['step']} of {total_steps} ({ckpt_dir})",
