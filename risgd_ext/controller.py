@@ -524,14 +524,11 @@ class RISGDController:
             except Exception as e:  # a peer gone or silent (gloo's error or its timeout): not committed
                 live_nodes.report_error(e)
             if live_nodes.commit():  # a joiner's live state is loaded here, before the average is applied
-                if hold and not q.healing:
-                    for report in reports:
-                        self._account(report)
+                if hold and not q.healing:  # committed ahead of its apply step: applied there
                     r.committed, self.in_flight = True, r
-                    self.retries += attempts
-                    self.retry_seconds += failed_seconds
-                    return
-                for report in (*reports, r.apply()):
+                else:
+                    reports.append(r.apply())
+                for report in reports:
                     self._account(report)
                 self.retries += attempts
                 self.retry_seconds += failed_seconds
@@ -673,10 +670,8 @@ class RISGDController:
         t0 = time.perf_counter()
         if self.live is not None:  # fault-tolerant: commit, or send it again among the survivors
             r = self.in_flight
-            if r.committed:  # a resend, committed when an early look found its first send failed
-                self.in_flight = None
-                self._account(r.apply())
-            elif (r.complete or self._waited_live(r, scheduled)) and self.live.commit():
+            # a resend committed when an early look found its first send failed, or a round that commits now
+            if r.committed or ((r.complete or self._waited_live(r, scheduled)) and self.live.commit()):
                 self.in_flight = None
                 self._account(r.apply())
             else:

@@ -172,8 +172,8 @@ class LiveNodes:
             raise LiveError(f"fault_tolerance=torchft needs the lighthouse's address: set {LIGHTHOUSE_ENV}="
                             "http://HOST:PORT on every node (start it with torchft_lighthouse, docs/faults.md)")
         self.lighthouse = address
-        # the lighthouse probed first (a mistyped or stopped one: one line, at once); a twin (a node already serving
-        # this worker, heartbeating) is refused here, before this node is in any quorum: the others never wait
+        # the lighthouse probed first (a mistyped or stopped one: one line, within LIGHTHOUSE_PROBE_S); a twin (a node
+        # already serving this worker, heartbeating) is refused here, before it is in any quorum: no one waits
         if _worker_heartbeating(address, self.worker):
             raise DuplicateWorker(_TWIN.format(worker=self.worker))
         # the group's own timeout bounds building it (connecting every pair, slow on a loaded host); each

@@ -26,7 +26,9 @@ path was retired; those options are refused with the way over.
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 
 from risgd_common.cli import Parser
@@ -72,9 +74,6 @@ def parse(argv: list[str]):
 def check_port_free(addr: str, port: int) -> None:
     """LaunchError when this node's store port is taken (another node on this machine, started without its own
     --master-port, took it: torchrun would die with a 30-line EADDRINUSE traceback)."""
-    import errno
-    import socket
-
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a crashed node's TIME_WAIT is no owner

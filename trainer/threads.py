@@ -17,10 +17,14 @@ import os
 import tempfile
 
 REGISTRY = os.path.join(tempfile.gettempdir(), "risgd-ranks")
+_registered: set[str] = set()  # the registries this process is in (a plan's runs register once)
 
 
 def register() -> None:
     """Count this process among the machine's trainer ranks until it exits."""
+    if REGISTRY in _registered:
+        return
+    _registered.add(REGISTRY)
     os.makedirs(REGISTRY, exist_ok=True)
     path = os.path.join(REGISTRY, str(os.getpid()))
     with open(path, "w"):
