@@ -3,7 +3,7 @@
 A codec turns fp32 values into a flat ``uint8`` payload of a size fixed by their number (so every
 rank's payload for the same piece has the same shape, and gloo and NCCL carry it alike), and back.
 
-The compressed round is a two-phase all-reduce (:class:`risgd_ext.reduce.TwoPhase`; torchft's
+The compressed round is a two-phase all-reduce (:mod:`risgd_ext.twophase`; torchft's
 ``allreduce_quantized`` and DeepSpeed's 1-bit compressed all-reduce do it the same way): each bucket
 is cut into N chunks, one per rank of the cross-node group; every rank encodes its N chunks and sends
 chunk j to rank j (all_to_all); rank j decodes the N payloads of its chunk and sums them in fp32 in

@@ -67,3 +67,10 @@ def part(buf: torch.Tensor, index: int, count: int) -> torch.Tensor:
     """Slice ``index`` of ``count`` near-equal contiguous slices of a flat tensor."""
     n = buf.numel()
     return buf[n * index // count: n * (index + 1) // count]
+
+
+def slices(buf: torch.Tensor, bucket_bytes: int) -> list[torch.Tensor]:
+    """A flat tensor cut into contiguous buckets of ``bucket_bytes`` (the last one shorter), each a
+    collective's payload."""
+    step = max(1, bucket_bytes // buf.element_size())
+    return [buf[i:i + step] for i in range(0, buf.numel(), step)]

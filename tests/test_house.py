@@ -113,6 +113,14 @@ def test_the_paper_package_imports_in_no_circle():
     assert cycles(graph) == []
 
 
+def test_the_engine_imports_in_no_circle():
+    """Issue 45: the compressed all-reduce has its own module, which reduce.py (the choice of strategy)
+    imports and which imports nothing of reduce.py."""
+    graph = module_graph("risgd_ext", "risgd_ext")
+    assert "risgd_ext.twophase" in graph["risgd_ext.reduce"]
+    assert cycles(graph) == []
+
+
 def test_the_circle_check_can_fail():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
 
