@@ -49,6 +49,8 @@ import torch
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own variable: the lighthouse's address, http://HOST:PORT
 LIGHTHOUSE_PROBE_S = 10.0  # seconds a node waits for its lighthouse to answer at its start (torchft's connect timeout)
 REPLICA_PREFIX = "w"  # a replica group's id: w<manifest worker>, so torchft's global ranks follow the data
+VERBOSE_ENV = "RISGD_VERBOSE"  # 1: torchft's own INFO lines (every quorum and commit) are shown; else warnings only
+TORCHFT_LOGGERS = ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors")  # its Python loggers
 
 
 class LiveError(RuntimeError):
@@ -160,13 +162,13 @@ class LiveNodes:
     current: Quorum | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        torchft_logging()  # before torchft's first import: its Rust side reads RUST_LOG once, when it is loaded
         try:
             from torchft import Manager
         except ImportError:
             raise LiveError("fault_tolerance=torchft needs torchft: pip install 'torchft>=0.2,<0.3' (or the "
                             "package's [ft] extra)") from None
 
-        _quiet_torchft()
         address = self.lighthouse or os.environ.get(LIGHTHOUSE_ENV)
         if not address:
             raise LiveError(f"fault_tolerance=torchft needs the lighthouse's address: set {LIGHTHOUSE_ENV}="
@@ -348,8 +350,27 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
-def _quiet_torchft() -> None:
-    """torchft logs every quorum and commit at INFO (Python and Rust): keep warnings and errors only."""
-    os.environ.setdefault("RUST_LOG", "error")
-    for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def verbose(env: dict | None = None) -> bool:
+    """Whether torchft's INFO lines are asked for: ``RISGD_VERBOSE`` set to anything but empty or 0."""
+    return (os.environ if env is None else env).get(VERBOSE_ENV, "").strip() not in ("", "0")
+
+
+def torchft_logging(env: dict | None = None) -> bool:
+    """Quiet by default: torchft logs every quorum (a line with every member's address) and every commit at
+    INFO, from its Rust side (``RUST_LOG``, read once, when torchft is first imported: call this before) and
+    its Python loggers. Without ``RISGD_VERBOSE`` only their warnings and errors are shown (a ``RUST_LOG`` the
+    user set is kept); with it, their INFO lines too. Returns whether verbose. The run's own line for a
+    membership change is the trainer's, not torchft's."""
+    env = os.environ if env is None else env
+    loud = verbose(env)
+    if not loud:
+        env.setdefault("RUST_LOG", "error")
+    for name in TORCHFT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO if loud else logging.WARNING)
+        if loud and not logger.handlers:  # Python's fallback handler shows warnings only: INFO needs one
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+            logger.addHandler(handler)
+            logger.propagate = False  # not twice where the root logger has a handler of its own
+    return loud

@@ -9,6 +9,7 @@ import os
 import pytest
 import yaml
 
+from risgd_common.ports import free_port
 from risgd_trainer.run_config import RecipeError, resolve_run
 
 RECIPE = "recipes/digits.yaml"
@@ -63,6 +64,43 @@ def test_a_continued_elastic_run_may_change_its_floor_but_not_become_fixed(tmp_p
         resolve(tmp_path, world_size=3)
 
 
+def test_an_elastic_run_has_a_default_name_of_its_own(tmp_path):
+    """Issue 46 item 8: an elastic run took a fixed run's default name (elastic.workers was not in it), and was
+    then refused beside that fixed run's directory as another experiment. It is named -elasticP; a run started
+    under the old name is still found by the same command (and said so), an explicit run_name= is kept."""
+    def run(*overrides, world_size=1):
+        return resolve_run(RECIPE, [f"runs_dir={tmp_path}", *overrides], world_size)
+
+    def save(r):
+        os.makedirs(r.run_dir)
+        with open(os.path.join(r.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(r.cfg, f)
+
+    fixed = run(world_size=4)
+    save(fixed)
+    elastic = run("elastic.workers=4")
+    assert elastic.name == "digits-risgd-tau50-elastic4-mu0.5-s0" and elastic.name != fixed.name
+    assert not elastic.finished and elastic.notes == []  # beside the fixed run, not refused as its experiment
+    assert run("elastic.workers=4", world_size=2).name == "digits-risgd-tau50-elastic4-node2-mu0.5-s0"
+    assert run("elastic.workers=4", "run_name=mine").name == "mine"
+    # an elastic run started before the tag: the same command continues it in its directory
+    old = run("elastic.workers=4", "seed=1")
+    legacy = os.path.join(str(tmp_path), "digits-risgd-tau50-mu0.5-s1")
+    os.makedirs(legacy)
+    with open(os.path.join(legacy, "config.yaml"), "w") as f:
+        yaml.safe_dump(old.cfg, f)
+    again = run("elastic.workers=4", "seed=1")
+    assert again.run_dir == legacy and not again.finished
+    assert again.notes == [f"note: continuing {legacy}, this run's directory under its name from before elastic "
+                           "runs were named -elastic4 (a new elastic run is named "
+                           "digits-risgd-tau50-elastic4-mu0.5-s1)"]
+    assert run("elastic.workers=4", "seed=1", "elastic.min_workers=2").run_dir == legacy  # operational: the same
+    # not where the old name holds another experiment, nor once the new directory exists
+    assert run("elastic.workers=4", "seed=1", "optimizer.lr=0.2").name == "digits-risgd-tau50-elastic4-mu0.5-s1"
+    os.makedirs(os.path.join(str(tmp_path), "digits-risgd-tau50-elastic4-mu0.5-s1"))
+    assert run("elastic.workers=4", "seed=1").name == "digits-risgd-tau50-elastic4-mu0.5-s1"
+
+
 def test_a_node_whose_store_port_is_taken_is_refused_in_one_line():
     """Issue 46: two nodes on one machine without their own --master-port both took 29500 and one died with a
     30-line EADDRINUSE traceback. The port is checked before anything starts: one line naming --master-port."""
@@ -81,3 +119,34 @@ def test_a_node_whose_store_port_is_taken_is_refused_in_one_line():
                                 "on one machine its own --master-port")
     args, _ = parse([*argv, str(port), "--", "--recipe", "digits", "elastic.workers=2"])  # free again
     assert args.master_port == port
+
+
+def test_torchft_is_quiet_unless_asked():
+    """Issue 45 item 5: torchft logs every quorum (each member's address) and commit at INFO. A node keeps its
+    warnings and errors only (RUST_LOG=error for its Rust side, unless the user set RUST_LOG; its Python loggers
+    at WARNING); RISGD_VERBOSE=1, or risgd-elastic --verbose, which sets it for the node's ranks, shows them."""
+    import logging
+
+    from risgd_ext.live import TORCHFT_LOGGERS, VERBOSE_ENV, torchft_logging
+    from risgd_tools import elastic_launch
+
+    loggers = [logging.getLogger(name) for name in TORCHFT_LOGGERS]
+    kept = [(lg.level, list(lg.handlers), lg.propagate) for lg in loggers]
+    try:
+        for env in ({}, {VERBOSE_ENV: "0"}, {VERBOSE_ENV: ""}):
+            assert not torchft_logging(env) and env.get("RUST_LOG") == "error"
+            assert all(not lg.isEnabledFor(logging.INFO) and lg.isEnabledFor(logging.WARNING) for lg in loggers)
+        env = {"RUST_LOG": "torchft=debug"}  # the user's own: kept
+        assert not torchft_logging(env) and env["RUST_LOG"] == "torchft=debug"
+        env = {VERBOSE_ENV: "1"}
+        assert torchft_logging(env) and "RUST_LOG" not in env  # torchft's Rust default: INFO
+        assert all(lg.isEnabledFor(logging.INFO) and lg.handlers for lg in loggers)  # shown (a handler of their own)
+    finally:
+        for lg, (level, handlers, propagate) in zip(loggers, kept):
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+    # risgd-elastic --verbose: the same variable, for the ranks it starts
+    assert elastic_launch.VERBOSE_ENV == VERBOSE_ENV
+    argv = ["--master-port", str(free_port()), "--lighthouse", "http://127.0.0.1:1", "--", "elastic.workers=2"]
+    assert elastic_launch.parse(["--verbose", *argv])[0].verbose and not elastic_launch.parse(argv)[0].verbose

@@ -30,7 +30,8 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     chunk drawn at its share) and takes the record over, the loss written in it; node 0 is started again,
     healed from the live peer, and both end with the same model. The run record says so:
     the membership events, restarts = 2 (more only where a starved node missed a heartbeat, each recorded), 0
-    steps redone."""
+    steps redone. Quiet by default (issue 45 item 5): no torchft INFO line in a node's log (no RUST_LOG set),
+    one line of ours for each change of the live nodes."""
     manifest, replicas = prepare_replicas(digits_dir, str(tmp_path / "rep"), workers=2, mu=0.5,
                                           partition="label_sorted")
     port = free_port()
@@ -42,7 +43,9 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
                  "wandb.enabled=false"]
 
     def node(k: int, log: str | None = None) -> subprocess.Popen:
-        env = clean_env(RISGD_REPLICA_DIR=replicas[k], OMP_NUM_THREADS="1", RUST_LOG="error")
+        env = clean_env(RISGD_REPLICA_DIR=replicas[k], OMP_NUM_THREADS="1")
+        for asked in ("RUST_LOG", "RISGD_VERBOSE"):  # the default: what a user who set neither sees
+            env.pop(asked, None)
         if k == 1:  # the per-node launcher: torchrun on this node alone, the lighthouse passed to it
             cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", "--nproc-per-node", "1", "--master-port",
                    str(free_port()), "--lighthouse", f"http://127.0.0.1:{port}", "--", "--recipe",
@@ -87,6 +90,15 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     assert len(twin_says) == 1 and "another live node already serves manifest worker 1" in twin_says[0], twin_says
     assert "healed from a live peer at step" in logs[0]
     assert "resuming from step" not in logs[0]  # healed over the network: no checkpoint file read
+    # torchft's INFO lines (every quorum: each member's address) are off unless asked; each change is one line
+    # of ours on the node that saw it: who left or joined, the live workers and their coverage, the seconds lost
+    for log in logs:
+        assert not re.search(r"\[INFO\] \[torchft|torchft_quorums|LighthouseQuorumResponse", log), log[-3000:]
+    said = [line for line in re.split(r"[\r\n]", logs[1]) if line.startswith("live: step ")]
+    assert any(re.fullmatch(r"live: step \d+: worker 0 left; 1 of 2 workers live \[1\], data coverage 100\.0%, "
+                            r"[0-9.]+ s lost to the change", line) for line in said), said
+    assert any(re.fullmatch(r"live: step \d+: worker 0 joined; 2 of 2 workers live \[0, 1\], data coverage "
+                            r"100\.0%, [0-9.]+ s lost to the change", line) for line in said), said
     events = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"membership"' in line]
     # the record's own node was lost: the node that took the record over wrote the loss (it was missing)
     lost = next(e for e in events if e["lost_workers"] == [0])
@@ -189,8 +201,10 @@ def test_an_elastic_nodes_ranks_die_with_its_launcher(digits_dir, tmp_path):
     port = free_port()
     lighthouse = subprocess.Popen(lighthouse_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = f"run_name=orphan{port}"
+    # --verbose (issue 45 item 5): torchft's INFO lines shown, the rank's quorum among them (quiet by default)
     cmd = [sys.executable, "-m", "risgd_tools.elastic_launch", "--nproc-per-node", "1", "--master-port",
-           str(free_port()), "--lighthouse", f"http://127.0.0.1:{port}", "--", "--recipe", "recipes/digits.yaml",
+           str(free_port()), "--verbose", "--lighthouse", f"http://127.0.0.1:{port}", "--", "--recipe",
+           "recipes/digits.yaml",
            "algorithm=risgd", "mu=0.5", "data.partition=label_sorted", f"data.manifest={manifest}",
            "elastic.workers=2", "steps=400", "tau=10", f"runs_dir={tmp_path / 'runs'}", marker,
            "wandb.enabled=false"]
@@ -199,14 +213,17 @@ def test_an_elastic_nodes_ranks_die_with_its_launcher(digits_dir, tmp_path):
         out = subprocess.run(["pgrep", "-f", f"risgd_trainer.train.*{marker}"], capture_output=True, text=True)
         return [p for p in out.stdout.split() if int(p) != node.pid]
 
-    node = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(RISGD_REPLICA_DIR=replicas[0], OMP_NUM_THREADS="1"),
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = clean_env(RISGD_REPLICA_DIR=replicas[0], OMP_NUM_THREADS="1")
+    env.pop("RUST_LOG", None)
+    log = tmp_path / "node.log"
+    node = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while not ranks():  # the rank started (it waits for node 1 at the start: alive all the same)
-            assert time.monotonic() < deadline and node.poll() is None, "no trainer rank started"
+        while "[INFO] [torchft::manager] - [Replica w0] Start quorum" not in log.read_text():  # the rank, in a quorum
+            assert time.monotonic() < deadline and node.poll() is None, f"no torchft quorum line: {log.read_text()}"
             time.sleep(0.2)
-        time.sleep(3)
+        assert ranks()
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()
         deadline = time.monotonic() + 10

@@ -129,6 +129,21 @@ def test_an_existing_run_directory_must_hold_the_same_experiment(tmp_path):
     assert resolve(tmp_path, "run_name=a").finished
 
 
+def test_a_default_name_is_made_of_resolved_values_typed_or_not(tmp_path):
+    """Issue 46 item 8: a run's default name is made of the resolved configuration: a value typed on the
+    command line that equals the recipe's or the default names the run as leaving it out does (a re-run of
+    the same experiment finds its directory, however it was spelled)."""
+    left_out = resolve(tmp_path).name
+    assert left_out == "digits-risgd-tau50-mu0.5-s0"
+    for typed in (["tau=50"], ["mu=0.5"], ["seed=0"], ["node_size=1"], ["overlap=false"], ["tau_intra=0"],
+                  ["outer_lr=1.0", "outer_momentum=0.0"], ["compress=none"], ["elastic.workers=0"]):
+        assert resolve(tmp_path, *typed).name == left_out, typed
+    # what changes the experiment changes the name, typed or from the recipe
+    assert resolve(tmp_path, "tau=25").name == "digits-risgd-tau25-mu0.5-s0"
+    assert resolve(tmp_path, "algorithm=prsgd").name == "digits-prsgd-tau50-mu0-s0"  # the recipe's mu resolved to 0
+    assert resolve(tmp_path, "run_name=mine").name == "mine"
+
+
 def test_experiment_diff_ignores_operational_keys_only():
     a = load_recipe(RECIPE)
     b = load_recipe(RECIPE, ["runs_dir=/elsewhere", "data.shards=/local", "checkpoint_every=100", "seed=1"])
@@ -235,6 +250,12 @@ def test_where_the_shards_come_from_is_checked_before_any_work(tmp_path, monkeyp
     assert str(e.value) == ("the override data.shards=mistyped/dir/shards: no shards there and its parent "
                             "mistyped/dir does not exist: fix the path to a directory of shards (one with index.json), "
                             "or create mistyped/dir first to have the shards made there at start")
+    with pytest.raises(RecipeError) as e:  # issue 46 item 8: an absolute path is echoed as typed, not relative
+        check(digits, "data.shards=/nonexistent-risgd/dir/shards")
+    assert str(e.value) == ("the override data.shards=/nonexistent-risgd/dir/shards: no shards there and its parent "
+                            "/nonexistent-risgd/dir does not exist: fix the path to a directory of shards (one with "
+                            "index.json), or create /nonexistent-risgd/dir first to have the shards made there at "
+                            "start")
     with pytest.raises(RecipeError) as e:
         check(cifar, "algorithm=sync", "mu=0", "data.shards=fresh", world_size=1)
     assert str(e.value).startswith(f"the override data.shards=fresh holds no shards (no index.json there), and "

@@ -16,6 +16,9 @@ replica) is healed from a live peer (docs/faults.md, "Live recovery on torchft")
 - ``--lighthouse`` (or ``TORCHFT_LIGHTHOUSE``) is the run's ``torchft_lighthouse``.
 - ``--max-restarts K`` lets torchrun restart this node's ranks when one crashes (K times); they
   come back healed from a live peer, as a new node would. The others never restart.
+- ``--verbose`` shows torchft's own INFO lines (every quorum and commit; ``RISGD_VERBOSE=1`` does the
+  same under any launcher). Without it a node prints torchft's warnings and errors only, and one line
+  of the trainer's for each change of the live nodes (who left or joined, coverage, seconds lost).
 
 Exit status: 0 the run finished; 2 bad input or the trainer refused (its one ``error:`` line above:
 below the floor, the lighthouse lost, a worker already served); 1 this node's ranks failed.
@@ -36,6 +39,7 @@ from risgd_common.cli import Parser
 from .launch import TRAINER
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own variable
+VERBOSE_ENV = "RISGD_VERBOSE"  # risgd_ext.live.VERBOSE_ENV: the ranks show torchft's INFO lines (read there)
 RETIRED = ("--nnodes", "--rdzv-backend", "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id",
            "--rdzv_id", "--rdzv-conf", "--rdzv_conf", "--standalone")
 
@@ -96,6 +100,9 @@ def parser() -> Parser:
     p.add_argument("--lighthouse", default=None, help=f"the run's torchft_lighthouse (default ${LIGHTHOUSE_ENV})")
     p.add_argument("--max-restarts", "--max_restarts", type=int, default=0,
                    help="restart this node's ranks up to this many times when one crashes (default 0)")
+    p.add_argument("--verbose", action="store_true",
+                   help=f"show torchft's INFO lines, every quorum and commit (as {VERBOSE_ENV}=1 does; default: its "
+                        "warnings and errors only)")
     return p
 
 
@@ -124,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     os.environ[LIGHTHOUSE_ENV] = args.lighthouse
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     # torchrun starts each rank in a session of its own: a kill -9 of this launcher's process group would leave
     # the ranks training on, in the quorum. Each rank asks the kernel to kill it when this process dies.
     os.environ[LAUNCHER_ENV] = str(os.getpid())

@@ -3,8 +3,10 @@
 Every run name has one shape, ``HEAD-ALGORITHM[-TAG...]-sSEED``; what differs is the head and the
 tags, in three forms that name runs already on disk (so each stays as it was):
 
-- :func:`run_name`: a recipe's default (train.py):
-  ``NAME-ALGORITHM-tauT[-nodeN][-tiK][-ov[D]][-olrLmM[n]][-int8|-bf16[-noef]]-muM-sSEED``;
+- :func:`run_name`: a recipe's default (train.py), from the resolved configuration (a value typed
+  on the command line names a run as the same value left to the recipe or the default does):
+  ``NAME-ALGORITHM-tauT[-elasticP][-nodeN][-tiK][-ov[D]][-olrLmM[n]][-int8|-bf16[-noef]]-muM-sSEED``
+  (``elasticP``: an elastic run of P workers; :func:`legacy_run_name` its name before that tag);
 - :func:`setting_run_name`: a paper-grid setting's:
   ``PART-ALGORITHM[-tT][-muM[-hH]]-bB[-POLICY][-downR..rF][-nodeN]-sSEED``;
 - :func:`demo_run_name`: the demo's short form: ``NAME-ALGORITHM[-muM]-sSEED``.
@@ -34,11 +36,26 @@ def _mu(mu: float) -> str:
 
 
 def run_name(cfg: dict) -> str:
-    """A resolved recipe's run name: its ``run_name`` key, else NAME-ALGORITHM-tauT...-muM-sSEED (tau 1
-    for SyncSGD; the node level and overlap tagged only when set)."""
+    """A resolved recipe's run name: its ``run_name`` key, else NAME-ALGORITHM-tauT...-muM-sSEED from the
+    resolved values (tau 1 for SyncSGD; an elastic run's workers, the node level and overlap tagged only
+    when set), whether each was typed, written in the recipe or left to its default."""
     if cfg["run_name"]:
         return cfg["run_name"]
+    return _default_name(cfg, elastic=True)
+
+
+def legacy_run_name(cfg: dict) -> str | None:
+    """An elastic run's default name as it was before elastic runs were tagged ``-elasticP`` (the name a
+    fixed run of the same keys has), to find a run directory started under it; None for any other run."""
+    if cfg["run_name"] or not cfg.get("elastic", {}).get("workers"):
+        return None
+    return _default_name(cfg, elastic=False)
+
+
+def _default_name(cfg: dict, elastic: bool) -> str:
     tags = [f"tau{1 if cfg['algorithm'] == 'sync' else cfg['tau']}"]
+    if elastic and cfg.get("elastic", {}).get("workers"):
+        tags.append(f"elastic{cfg['elastic']['workers']}")
     if cfg["node_size"] > 1:
         tags.append(f"node{cfg['node_size']}")
     if cfg["tau_intra"]:

@@ -39,7 +39,7 @@ from risgd_ext.config import (
 )
 from risgd_recipes.bundled import ds_config_candidates, ds_config_names
 
-from .naming import run_name  # the recipe's default run name (trainer.run_config.run_name, as before)
+from .naming import legacy_run_name, run_name  # the recipe's default run name (trainer.run_config.run_name, as before)
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
 NO_REDUNDANCY = ("sync", "prsgd", "coop")  # algorithms that run at mu=0
@@ -55,7 +55,7 @@ class RecipeError(ValueError):
 # an int default also accepts nothing but ints; a float default accepts ints).
 SCHEMA: dict[str, Any] = {
     "name": "run",
-    "run_name": None,              # default: NAME-ALGORITHM-tauT-muM-sSEED
+    "run_name": None,              # default: NAME-ALGORITHM-tauT[-elasticP]...-muM-sSEED (trainer/naming.py)
     "runs_dir": "runs",
     "algorithm": "risgd",          # sync | prsgd | risgd | coop
     # the engine's recipe keys (tau, warmup_sync_steps, average_optimizer_state, failures, node_size,
@@ -631,11 +631,11 @@ def check_shards_source(data: dict, origins: Origins) -> None:
     if os.path.exists(shards) and not os.path.isdir(shards):
         raise RecipeError(f"{where} is a file, not a shard directory: point data.shards at a directory of shards "
                           "(one with index.json)")
-    parent = os.path.dirname(os.path.abspath(shards))
+    parent = os.path.dirname(shards.rstrip("/") or shards) or "."  # as typed: an absolute path stays absolute
     if origins.typed("data.shards") and not os.path.isdir(parent):
-        raise RecipeError(f"{where}: no shards there and its parent {os.path.relpath(parent)} does not exist: fix "
+        raise RecipeError(f"{where}: no shards there and its parent {parent} does not exist: fix "
                           f"the path to a directory of shards (one with index.json), or create "
-                          f"{os.path.relpath(parent)} first to have the shards made there at start")
+                          f"{parent} first to have the shards made there at start")
     kind = SOURCE_KINDS.get(data["dataset"])
     if kind is None:  # digits: embedded, made from nothing
         return
@@ -652,6 +652,22 @@ def check_shards_source(data: dict, origins: Origins) -> None:
 SOURCE_HINTS = {"cifar10": "the official cifar-10-python.tar.gz", "cifar100": "the official cifar-100-python.tar.gz",
                 "imagefolder": "a root of CLASS/IMAGE directories", "imagenet": "the ILSVRC-2012 root with train/ "
                 "and val/"}
+
+
+def _legacy_run_dir(cfg: dict, name: str) -> str | None:
+    """An elastic run started under its old default name (before ``-elasticP``): its directory, where this
+    command's own directory does not exist and that one holds this same experiment (a fixed run of the same
+    keys there is another experiment: not this run's); else None."""
+    old = legacy_run_name(cfg)
+    if old is None or os.path.exists(os.path.join(cfg["runs_dir"], name)):
+        return None
+    run_dir = os.path.join(cfg["runs_dir"], old)
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            saved = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    return run_dir if isinstance(saved, dict) and not experiment_diff(saved, cfg) else None
 
 
 def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: int) -> Run:
@@ -698,8 +714,13 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     cfg["recipe"] = os.path.relpath(path)
     if cfg["checkpoint_every"] is None:  # by default at every evaluation: Ctrl-C loses at most eval_every steps
         cfg["checkpoint_every"] = cfg["eval_every"]
-    run = Run(cfg, ds_config, risgd, manifest, world_size, run_name(cfg),
-              os.path.join(cfg["runs_dir"], run_name(cfg)), finished=False)
+    name = run_name(cfg)
+    legacy = _legacy_run_dir(cfg, name)
+    if legacy is not None:
+        notes.append(f"note: continuing {legacy}, this run's directory under its name from before elastic runs were "
+                     f"named -elastic{cfg['elastic']['workers']} (a new elastic run is named {name})")
+        name = os.path.basename(legacy)
+    run = Run(cfg, ds_config, risgd, manifest, world_size, name, os.path.join(cfg["runs_dir"], name), finished=False)
     steps = cfg["steps"]
     if steps:
         check_local_steps(cfg, risgd, steps)
