@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(PY) -m tools.demo
 
 # The paper, experiment by experiment: every run, then reports/paper.md and paper.json (~90 min on
-# 2 cores; re-running resumes). `$(PY) -m tools.paper --quick` is the 10-minute version.
+# 2 cores; re-running resumes). `$(PY) -m tools.paper --quick` is the short version (6-12 min measured on 2 cores).
 paper: $(STAMP)
 	$(PY) -m tools.paper
 

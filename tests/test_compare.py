@@ -22,7 +22,7 @@ def _run(root, name: str, seed: int, steps: int, acc: float, **over) -> str:
                                               *(f"{k}={v}" for k, v in over.items())])
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
-    summary = {"algorithm": "risgd", "tau": 5, "mu": 0.5, "world_size": 4, "steps": steps, "seed": seed,
+    summary = {"algorithm": cfg["algorithm"], "tau": 5, "mu": cfg["mu"], "world_size": 4, "steps": steps, "seed": seed,
                "comm_rounds": steps // 5, "comm_bytes": 1e6, "comm_seconds": 0.1, "wall_seconds": 1.0,
                "final_test_acc": acc, "best_test_acc": acc, "final_train_loss": 0.5}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -183,3 +183,85 @@ def test_identical_curves_are_said_to_hide_each_other(tmp_path, monkeypatch, cap
     assert "test accuracy" in notes[0]
     assert notes[1].startswith("note: runs a, c and b draw identical curves")
     assert "training loss" in notes[1] and "test accuracy" not in notes[1]
+
+
+def test_every_row_names_what_differs_between_the_runs(tmp_path, capsys):
+    """One seed each (no seed table): the per-run rows name the steps, also across labels."""
+    a = _run(tmp_path, "a", 0, 10, 80.0)
+    b = _run(tmp_path, "b", 0, 100, 90.0)
+    c = _run(tmp_path, "c", 0, 100, 90.0, mu=0.25)  # another label, and the steps differ from a's
+    assert compare.main([a, b, c, "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "mean over seeds" not in out
+    rows = {line.split()[0]: line.split(None, 1)[1].split("  ")[0] for line in out.splitlines()[2:] if line.strip()}
+    assert rows == {"a": "RI-SGD tau=5 mu=0.5 [steps=10]", "b": "RI-SGD tau=5 mu=0.5 [steps=100]",
+                    "c": "RI-SGD tau=5 mu=0.25 [steps=100]"}
+    # runs that differ only in what the label names keep their plain labels
+    assert compare.names([compare.load_run(d) for d in (b, c)]) == ["RI-SGD tau=5 mu=0.5", "RI-SGD tau=5 mu=0.25"]
+
+
+def test_plots_of_other_runs_are_not_replaced_without_force(tmp_path, capsys):
+    a = _run(tmp_path / "runs", "a", 0, 10, 80.0)
+    b = _run(tmp_path / "runs", "b", 0, 100, 90.0)
+    out = tmp_path / "plots"
+    assert compare.main([a, "--out", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.glob("vs_*.png")}
+    assert sorted(first) == ["vs_iterations.png", "vs_rounds.png", "vs_wall.png"]
+    capsys.readouterr()
+    assert compare.main([a, b, "--out", str(out)]) == 2  # another comparison: refused before any output
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert str(out / "vs_iterations.png") in captured.err and "--force" in captured.err and "--out" in captured.err
+    assert {p.name: p.read_bytes() for p in out.glob("vs_*.png")} == first
+    assert compare.main([a, "--out", str(out)]) == 0  # the same comparison again: its plots are refreshed
+    assert compare.main([b, a, "--out", str(out), "--force"]) == 0
+    assert all(compare.plotted_runs(str(p)) == "\n".join(sorted(map(os.path.realpath, (a, b))))
+               for p in out.glob("vs_*.png"))
+    (out / "vs_rounds.png").write_bytes(b"not ours")  # a file compare did not write is not replaced either
+    assert compare.main([a, b, "--out", str(out)]) == 2
+    assert str(out / "vs_rounds.png") in capsys.readouterr().err
+
+
+def test_the_legend_covers_no_data(tmp_path, monkeypatch):
+    runs = [_run(tmp_path, f"r-s{s}", s, 10, 80.0 + s) for s in range(3)]
+    for fig in _figures(runs, str(tmp_path / "plots"), monkeypatch):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(fig)  # (plot closed it) drawn again as savefig drew it
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        tight = fig.get_tightbbox(renderer)  # what savefig's bbox_inches="tight" keeps, in inches
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            if legend is None:
+                continue
+            box = legend.get_window_extent(renderer)
+            assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+            assert not box.overlaps(ax.xaxis.label.get_window_extent(renderer)), ax.get_title()
+            assert tight.contains(box.x0 / fig.dpi, box.y0 / fig.dpi), "cut off when saved"
+            assert tight.contains(box.x1 / fig.dpi, box.y1 / fig.dpi), "cut off when saved"
+
+
+def _manifest(run_dir: str, workers: list[list[float]]) -> None:
+    """A manifest.yaml's part that says which chunks (their fractions) each worker holds."""
+    ranks = [{"rank": i, "chunks": [{"chunk": c, "fraction": f, "samples": 100} for c, f in enumerate(chunks)]}
+             for i, chunks in enumerate(workers)]
+    with open(os.path.join(run_dir, "manifest.yaml"), "w") as f:
+        yaml.safe_dump({"version": 1, "ranks": ranks}, f)
+
+
+def test_images_drawn_is_the_equal_compute_axis(tmp_path, monkeypatch, capsys):
+    """RI-SGD's step draws from every chunk a worker holds: per_chunk grows it with mu, split does not."""
+    pr = _run(tmp_path, "pr", 0, 10, 80.0, mu=0.0)
+    ri = _run(tmp_path, "ri", 0, 10, 90.0)
+    split = _run(tmp_path, "split", 0, 10, 90.0, **{"data.batch_policy": "split"})
+    bare = _run(tmp_path, "bare", 0, 10, 90.0, mu=0.25)  # no manifest: left out of that plot, with a note
+    _manifest(pr, [[1.0]] * 4)
+    _manifest(ri, [[1.0, 1.0, 0.5]] * 4)  # 2.5 chunks: 32 + 32 + 16 per worker
+    _manifest(split, [[1.0, 1.0, 0.5]] * 4)
+    assert [compare.images_per_step(d) for d in (pr, ri, split, bare)] == [128, 320, 128, None]
+    figs = _figures([pr, ri, split, bare], str(tmp_path / "plots"), monkeypatch)
+    assert len(figs) == 4 and "images drawn" in figs[3].axes[0].get_xlabel()
+    xs = {line.get_label().split()[0]: list(line.get_xdata()) for line in figs[3].axes[0].get_lines()}
+    assert xs == {"pr": [5 * 128, 10 * 128], "ri": [5 * 320, 10 * 320], "split": [5 * 128, 10 * 128], "bare": []}
+    assert "bare not in vs_samples.png" in capsys.readouterr().err

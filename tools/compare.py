@@ -7,10 +7,17 @@ Each argument is a run directory (``runs/NAME``) or a folder of them (``runs``):
 its finished runs (subdirectories with a summary.json, by name), and a note on stderr says how many
 it took and which unfinished ones (a config.yaml, no summary.json yet) it passed over.
 
-Plots test accuracy and training loss against iterations, communication rounds and wall-clock
-seconds (``DIR/vs_iterations.png``, ``vs_rounds.png``, ``vs_wall.png``; DIR defaults to the first
-run's parent, i.e. the folder when a folder was given); every evaluation is a marker, so a run
-evaluated once is a point. The legend names every run, one colour per experiment.
+Plots test accuracy and training loss against iterations, communication rounds, wall-clock seconds
+and images drawn (``DIR/vs_iterations.png``, ``vs_rounds.png``, ``vs_wall.png``, ``vs_samples.png``;
+DIR defaults to the first run's parent, i.e. the folder when a folder was given); every evaluation is
+a marker, so a run evaluated once is a point. The legend, below each panel, names every run, one
+colour per experiment. Images drawn is the equal-compute axis: step times the images a step draws over
+all workers (from RUN/config.yaml and RUN/manifest.yaml), which under the ``per_chunk`` batch policy
+grows with mu, so RI-SGD's steps cost more there than PR-SGD's, and in wall-clock seconds.
+
+Each PNG records the runs it plots. A re-run of the same comparison replaces its PNGs; a vs_*.png in
+DIR that plots other runs (or that compare did not write) is never replaced silently: that is an
+error before any output (exit 2) unless ``--force`` is given; ``--out DIR`` writes elsewhere.
 
 Runs whose curves on a panel are identical (the same x and y values) hide each other, the last drawn
 on top: the later ones' labels end with ``(same curve as RUN)``, RUN being the first drawn (the loss
@@ -21,7 +28,9 @@ iterations``.
 Runs are seeds of one experiment when their saved configs
 (``RUN/config.yaml``) differ in the seed only (and in operational keys: paths, logging, wandb); such
 runs are also averaged into one row (mean and spread over seeds). Runs of different experiments are
-never merged: where two share a label (e.g. 12 and 102 steps), their rows name the keys that differ.
+never merged: the table's rows, the seed table and the legend name each experiment by its label and,
+in brackets, the keys in which the experiments differ beyond the label (``RI-SGD tau=5 mu=0.5
+[steps=12]`` against ``PR-SGD tau=5 [steps=102]``).
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from risgd_trainer import naming
 from risgd_trainer.run_config import experiment_keys
 
 X_AXES = (("step", "iterations", "vs_iterations.png"), ("comm_rounds", "communication rounds", "vs_rounds.png"),
-          ("wall_seconds", "wall-clock seconds", "vs_wall.png"))
+          ("wall_seconds", "wall-clock seconds", "vs_wall.png"), ("samples", "images drawn (all workers)",
+                                                                   "vs_samples.png"))
 
 
 # summary.json keys that describe the run's setting (a run without a config.yaml is grouped by these)
@@ -89,6 +99,29 @@ def load_run(run_dir: str) -> dict:
             "experiment": experiment(run_dir, summary)}
 
 
+def images_per_step(run_dir: str) -> int | None:
+    """The images a step draws over all workers, as the run's batch policy plans it from its
+    ``config.yaml`` (``data.base_batch``, ``data.batch_policy``, ``node_size``) and ``manifest.yaml``
+    (the chunks each worker holds): under ``per_chunk`` it grows with mu (RI-SGD at mu=0.5 on 4 workers
+    draws 96 per worker against PR-SGD's 32), under ``split`` it does not. None without both files.
+    Workers that are down for a while are not subtracted."""
+    import yaml
+
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            cfg = yaml.safe_load(f)
+        with open(os.path.join(run_dir, "manifest.yaml")) as f:
+            manifest = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        data, workers = cfg["data"], manifest["ranks"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    from risgd_data.loader import sub_batch_sizes
+
+    base = data["base_batch"] * int(cfg.get("node_size") or 1)  # a node-level worker's ranks share its batch
+    return sum(sum(sub_batch_sizes([c["fraction"] for c in w["chunks"]], [c["samples"] for c in w["chunks"]],
+                                   base, data.get("batch_policy", "per_chunk"))) for w in workers)
+
+
 def experiment(run_dir: str, summary: dict) -> dict:
     """What makes a run the experiment it is: its config.yaml's experiment keys but the seed
     (:func:`trainer.run_config.experiment_keys`); for a run without one, its summary's setting keys."""
@@ -103,12 +136,25 @@ def experiment(run_dir: str, summary: dict) -> dict:
     return {k: summary.get(k) for k in SETTING_KEYS}
 
 
+# the keys a label names (:func:`label`): a difference in them is in the label already
+LABEL_KEYS = ("algorithm", "tau", "mu", "batch_policy", "data.batch_policy")
+
+
+def _value(v) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
 def group(runs: list[dict]) -> list[tuple[str, list[dict]]]:
-    """The runs as experiments, in order of first appearance: (name, runs). The name is the label;
-    where two experiments share a label it adds the keys in which they differ (``[steps=12]``)."""
+    """The runs as experiments, in order of first appearance: (name, runs). The name is the label and,
+    in brackets, the experiment's value of every key in which the experiments differ beyond what the
+    labels name (``RI-SGD tau=5 mu=0.5 [steps=12]``, ``PR-SGD tau=5 [steps=102]``); experiments that
+    share a label are also told apart by the keys the label would name (e.g. ``data.batch_policy`` of
+    two PR-SGD runs)."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        groups.setdefault(json.dumps(r["experiment"], sort_keys=True, default=str), []).append(r)
+        groups.setdefault(_value(r["experiment"]), []).append(r)
+    exps = [members[0]["experiment"] for members in groups.values()]
+    everywhere = {k for e in exps for k in e if k not in LABEL_KEYS and len({_value(x.get(k)) for x in exps}) > 1}
     by_label: dict[str, list[dict]] = defaultdict(list)
     for members in groups.values():
         by_label[members[0]["label"]].append(members[0]["experiment"])
@@ -116,11 +162,17 @@ def group(runs: list[dict]) -> list[tuple[str, list[dict]]]:
     for members in groups.values():
         first = members[0]
         others = [e for e in by_label[first["label"]] if e is not first["experiment"]]
-        differ = sorted({k for e in others for k in set(e) | set(first["experiment"])
-                         if e.get(k) != first["experiment"].get(k)})
+        differ = sorted(everywhere | {k for e in others for k in set(e) | set(first["experiment"])
+                                      if e.get(k) != first["experiment"].get(k)})
         tags = ", ".join(f"{k}={first['experiment'].get(k)}" for k in differ)
         out.append((f"{first['label']} [{tags}]" if tags else first["label"], members))
     return out
+
+
+def names(runs: list[dict]) -> list[str]:
+    """Each run's experiment name (:func:`group`), in the order of ``runs``."""
+    of = {id(r): name for name, members in group(runs) for r in members}
+    return [of[id(r)] for r in runs]
 
 
 def label(summary: dict) -> str:
@@ -138,12 +190,16 @@ COLUMNS = (("comm_rounds", "rounds", "d"), ("comm_bytes", "comm MB", ".2f"), ("c
            ("best_test_acc", "best acc", ".2f"), ("final_train_loss", "final loss", ".4f"))
 
 
-def table(runs: list[dict]) -> str:
-    head = f"{'run':<34} {'algorithm':<24}" + "".join(f" {name:>10}" for _, name, _ in COLUMNS)
+def table(runs: list[dict], named: bool = False) -> str:
+    """One row per run. ``named``: its experiment's name (:func:`names`: the label and the keys in which
+    the experiments differ) in the second column, else its label."""
+    shown = names(runs) if named else [r["label"] for r in runs]
+    width = max([24, *(len(n) for n in shown)])
+    head = f"{'run':<34} {'algorithm':<{width}}" + "".join(f" {name:>10}" for _, name, _ in COLUMNS)
     lines = [head, "-" * len(head)]
-    for r in runs:
+    for r, name in zip(runs, shown):
         s = dict(r["summary"], comm_bytes=r["summary"]["comm_bytes"] / 1e6)
-        lines.append(f"{os.path.basename(r['dir'].rstrip('/')):<34} {r['label']:<24}"
+        lines.append(f"{os.path.basename(r['dir'].rstrip('/')):<34} {name:<{width}}"
                      + "".join(f" {_fmt(s.get(k), spec):>10}" for k, _, spec in COLUMNS))
     return "\n".join(lines)
 
@@ -169,8 +225,13 @@ PANELS = (("test_acc", "test accuracy"), ("train_loss", "training loss"))
 
 
 def curve(run: dict, key: str, value: str) -> tuple[list, list]:
-    """A run's points on one panel: x (``key``) and y (``value``) of the metrics lines that have ``value``."""
-    points = [m for m in run["metrics"] if m.get(value) is not None]
+    """A run's points on one panel: x (``key``) and y (``value``) of the metrics lines that have both.
+    ``key`` "samples" is the step times the run's ``images_per_step`` (:func:`plot` sets it; none without)."""
+    if key == "samples":
+        per_step = run.get("images_per_step")
+        points = [m for m in run["metrics"] if m.get(value) is not None and per_step and m.get("step") is not None]
+        return [m["step"] * per_step for m in points], [m[value] for m in points]
+    points = [m for m in run["metrics"] if m.get(value) is not None and m.get(key) is not None]
     return [m[key] for m in points], [m[value] for m in points]
 
 
@@ -193,6 +254,7 @@ def figure(runs: list[dict], key: str, xlabel: str):
     figure and its identical curves as (panel, run names in drawing order): the last drawn of a set
     hides the others, and every one after the first is labelled ``(same curve as FIRST)``."""
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import offset_copy
 
     # One colour per experiment (group); its seeds share it, with line styles of their own. Every line
     # is named in the legend by its run directory.
@@ -206,7 +268,7 @@ def figure(runs: list[dict], key: str, xlabel: str):
             labels.append(f"{run} ({name})")
     ordered = [r for _, members in groups for r in members]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    same = []
+    same, legends = [], []
     for ax, (value, title) in zip(axes, PANELS):
         curves = [curve(r, key, value) for r in ordered]
         suffix = {}
@@ -222,18 +284,58 @@ def figure(runs: list[dict], key: str, xlabel: str):
         if key == "comm_rounds":  # SyncSGD has ~tau times more rounds: a log axis shows both
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
+        if key == "samples":  # hundreds of thousands: 1e5 once at the axis' end, not on every tick
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+        # the legends go below their panels, under the x label, outside the axes (inside, one covers
+        # points wherever it goes); savefig's tight box takes them in
+        below = {"loc": "upper left", "bbox_to_anchor": (0.0, 0.0), "borderaxespad": 0.0, "fontsize": 7,
+                 "bbox_transform": offset_copy(ax.transAxes, fig, y=-40, units="points")}
         if value == "test_acc":
-            ax.legend(fontsize=7, title="colour: experiment, line style: its seeds" if len(runs) > len(groups)
-                      else None, title_fontsize=7)
+            legends.append(ax.legend(title="colour: experiment, line style: its seeds" if len(runs) > len(groups)
+                                     else None, title_fontsize=7, **below))
         elif suffix:  # the accuracy legend does not say which loss curves coincide
-            ax.legend(fontsize=7)
+            legends.append(ax.legend(**below))
+    for legend in legends:  # the panels keep their size (tight_layout without the legends) ...
+        legend.set_in_layout(False)
     fig.tight_layout()
+    for legend in legends:  # ... and the saved image grows to hold them (savefig's tight box)
+        legend.set_in_layout(True)
     return fig, same
 
 
+# the PNG text key under which a plot records the runs it compares (their real paths, one a line)
+RUNS_KEY = "risgd-compare runs"
+
+
+def _compared(runs: list[dict]) -> str:
+    return "\n".join(sorted(os.path.realpath(r["dir"]) for r in runs))
+
+
+def plotted_runs(path: str) -> str | None:
+    """The runs a PNG of ours compares (as :data:`RUNS_KEY` holds them), or None: another file, or a
+    plot from before the key was written."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.text.get(RUNS_KEY)
+    except (ImportError, OSError, AttributeError, ValueError):
+        return None
+
+
+def taken(runs: list[dict], out_dir: str) -> list[str]:
+    """The PNGs :func:`plot` would write in ``out_dir`` that exist and are not plots of these same runs
+    (another comparison's, or files of another origin): replacing them takes ``--force``."""
+    paths = [os.path.join(out_dir, filename) for _, _, filename in X_AXES]
+    return [p for p in paths if os.path.exists(p) and plotted_runs(p) != _compared(runs)]
+
+
 def plot(runs: list[dict], out_dir: str) -> list[str]:
-    """Writes the PNGs (:data:`X_AXES`) to ``out_dir`` and returns their paths; notes on stderr name
-    runs whose curves are identical (one hides the other), one line per set of runs."""
+    """Writes the PNGs (:data:`X_AXES`) to ``out_dir`` and returns their paths, each recording the runs
+    it compares (:data:`RUNS_KEY`); notes on stderr name runs whose curves are identical (one hides the
+    other), one line per set of runs, and runs left out of the images-drawn plot (no manifest.yaml).
+    The plot against images drawn is written when at least one run has that count (each run's
+    ``images_per_step`` is set here, :func:`images_per_step`)."""
     matplotlib = need("matplotlib", "plotting (--no-plots skips it)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -241,14 +343,23 @@ def plot(runs: list[dict], out_dir: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     hidden: dict[tuple[str, ...], dict[str, list[str]]] = {}  # run names -> panel -> x axes
+    for r in runs:  # (read here, not in load_run: a manifest for every run of the paper's report is slow)
+        if "images_per_step" not in r:
+            r["images_per_step"] = images_per_step(r["dir"])
+    uncounted = [os.path.basename(r["dir"].rstrip("/")) for r in runs if not r["images_per_step"]]
     for key, xlabel, filename in X_AXES:
+        if key == "samples" and len(uncounted) == len(runs):
+            continue
         fig, same = figure(runs, key, xlabel)
         for title, names in same:
             hidden.setdefault(tuple(names), {}).setdefault(title, []).append(xlabel)
         path = os.path.join(out_dir, filename)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight", metadata={RUNS_KEY: _compared(runs)})
         plt.close(fig)
         paths.append(path)
+    if uncounted and len(uncounted) < len(runs):
+        print(f"note: {', '.join(uncounted)} not in vs_samples.png (no manifest.yaml and config.yaml to count the "
+              "images a step draws)", file=sys.stderr)
     for names, panels in hidden.items():
         hides = "one hides the other" if len(names) == 2 else "the last drawn hides the others"
         where = "; ".join(f"{title} vs {', '.join(xlabels)}" for title, xlabels in panels.items())
@@ -262,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="where the PNGs go (default: the first run's parent directory: the folder, "
                                       "for a folder of runs)")
     parser.add_argument("--no-plots", action="store_true", help="print the table only")
+    parser.add_argument("--force", action="store_true",
+                        help="replace vs_*.png in the --out folder that plot other runs (without it, that is an "
+                             "error; the plots of the same runs are always replaced)")
     args = parser.parse_args(argv)
     try:
         run_dirs = expand(args.runs)
@@ -274,13 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:  # bad input: a directory that holds no finished run
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(table(runs))
+    out = args.out or os.path.dirname(os.path.abspath(runs[0]["dir"].rstrip("/")))
+    clash = [] if args.no_plots or args.force else taken(runs, out)
+    if clash:  # before any output: the earlier comparison's plots are not lost by a re-run elsewhere
+        more = f"; {len(clash) - 1} more vs_*.png there too" if len(clash) > 1 else ""
+        print(f"error: {clash[0]} plots other runs (an earlier comparison{more}): give --out DIR for these plots, "
+              "or --force to replace them", file=sys.stderr)
+        return 2
+    print(table(runs, named=True))
     per_seed = seed_table(runs)
     if per_seed:
         print()
         print(per_seed)
     if not args.no_plots:
-        out = args.out or os.path.dirname(os.path.abspath(runs[0]["dir"].rstrip("/")))
         try:
             paths = plot(runs, out)
         except MissingExtra as e:

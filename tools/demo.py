@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               "training now, its step and the time left:", flush=True)
         launch(recipe, args.ranks, [f"runs_dir={runs_dir}", "wandb.group=digits-demo"], log, plan=plan)
     print(f"[demo] all runs in {time.perf_counter() - started:.0f} s\n")
-    return compare.main(run_dirs + ["--out", args.runs_dir])
+    return compare.main(run_dirs + ["--out", args.runs_dir, "--force"])  # the demo's folder: its plots are its own
 
 
 if __name__ == "__main__":

@@ -270,6 +270,20 @@ def engine_section(runs: dict[str, dict], engine: dict | None, stale: dict[str, 
     return lines + [""]
 
 
+def too_few_seeds(grid: Grid) -> list[str]:
+    """The report's first words when no experiment has the seeds a measured check is decided on (``--quick``
+    and the test grid: 1 seed): that every measured verdict is inconclusive by construction. Empty otherwise."""
+    n = max(len(grid.seeds_main), len(grid.seeds_other))
+    if n >= V.MIN_SEEDS:
+        return []
+    said = "One seed decides nothing" if n == 1 else f"{n} seeds decide nothing"
+    return [f"**{said}.** These runs have {n} seed{'s' if n > 1 else ''} per setting; a measured check is decided on "
+            f"{V.MIN_SEEDS} or more (\"How the verdicts are decided\" below), so every measured check here is "
+            "inconclusive whatever its numbers, and the numbers are one draw each, not an effect. `make paper` "
+            f"(3 seeds, and more where the sequential rule needs them) or `--seeds` with {V.MIN_SEEDS} or more "
+            "decides them.", ""]
+
+
 def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: str, index: dict | None,
           timing: dict, engine: dict | None = None) -> list[Analysis]:
     """Analyse, plot, and write ``paper.md`` and ``paper.json`` under ``out_dir``. ``engine``: the current
@@ -280,7 +294,7 @@ def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: s
     all_runs = [runs[s.run_name(seed)] for s, seed in grid.runs()]
     noise = noise_floor(index, all_runs)
     stale = stale_runs(runs, engine)
-    md = [f"# The RI-SGD paper, experiment by experiment, on `{cfg['recipe']}`", "",
+    md = [f"# The RI-SGD paper, experiment by experiment, on `{cfg['recipe']}`", "", *too_few_seeds(grid),
           "Haddadpour, Kamani, Mahdavi and Cadambe, *Trading Redundancy for Communication: Speeding up Distributed "
           "SGD for Non-convex Optimization*, ICML 2019. Every experiment of its section 5 and Appendix A re-run here; "
           f"each verdict is computed by `{VERDICT_FILE}` from the runs.", "",
