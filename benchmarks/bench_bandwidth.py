@@ -26,7 +26,7 @@ At every bandwidth ``benchmarks/round_probe.py`` also times one averaging round 
 engine's own round (risgd_ext.round) after a barrier) and a one-float all_reduce, whose time / 2(N-1) is the
 per-message latency L of the alpha-beta model.
 
-The cost model (risgd_ext.cost_model) is calibrated once, at the fastest full bandwidth: L from
+The cost model (risgd_planner) is calibrated once, at the fastest full bandwidth: L from
 the probe there, and each algorithm's seconds per step outside the transfer (its wall-clock less
 the model's transfer time; it depends on the batch policy, and on ranks that share 2 cores it
 includes waiting for each other). Everything else is predicted: the wall-clock of every other run
@@ -47,8 +47,8 @@ import time
 
 from sweep_data import digits_shards, label_sorted_manifest, mbytes_s
 
-from risgd_ext.cost_model import predict_run_seconds, ring_seconds
 from risgd_hosts import netns_cluster
+from risgd_planner import predict_run_seconds, ring_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS = 4

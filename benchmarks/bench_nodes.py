@@ -31,7 +31,7 @@ costs ~30 s of start-up here):
 Time to accuracy = the timed run's clock at the step where the trajectory run of the same seed
 first reaches that seed's SyncSGD final accuracy: steps x compute per step + the rounds' exposed
 communication up to there (with overlap: the scheduled waits, plus the wait for the round being
-evaluated). The cost model (risgd_ext.cost_model) is calibrated once per configuration at the
+evaluated). The cost model (risgd_planner) is calibrated once per configuration at the
 fastest bandwidth (median of the seeds' compute per step) and predicts every timed run's
 wall-clock at the other bandwidths. Writes OUT/nodes_sweep.json and OUT/nodes_sweep.png.
 """
@@ -48,8 +48,8 @@ import yaml
 from sweep_data import digits_shards, label_sorted_manifest, mbytes_s
 
 from risgd_common.layout import Layout
-from risgd_ext.cost_model import predict_hierarchical_run_seconds
 from risgd_hosts import netns_cluster
+from risgd_planner import predict_hierarchical_run_seconds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS, PER_HOST = 2, 2

@@ -23,7 +23,7 @@ def model_bytes(name: str) -> int:
     """fp32 bytes one round averages for model ``name``: parameters plus floating-point buffers
     (BatchNorm statistics), at the model's default head, 4 bytes per element.
 
-    The number ``python -m risgd_ext.cost_model --model-bytes N`` takes for a model timm alone does
+    The number ``python -m risgd_planner --model-bytes N`` takes for a model timm alone does
     not know (the CIFAR ResNets registered here).
     """
     check_model(name)

@@ -30,13 +30,16 @@ from types import ModuleType
 ALIASES: dict[str, str] = {}  # checkout name -> installed name, e.g. "data" -> "risgd_data"
 # Modules that moved, by their old installed name (a package moves with everything under it): the old
 # names keep working, installed (risgd_recipes.train) and in a checkout (python -m recipes.demo).
-# recipes/ held the trainer and the tools until they got rooms of their own (trainer/, tools/).
+# recipes/ held the trainer and the tools until they got rooms of their own (trainer/, tools/); the engine
+# held the cost model (risgd_ext.cost_model, now risgd_planner: the engine package installs the finder).
 MOVED: dict[str, str] = {
     "risgd_recipes.netns_cluster": "risgd_hosts.netns_cluster",
     **{f"risgd_recipes.{m}": f"risgd_trainer.{m}"
        for m in ("train", "lr_schedule", "evaluation", "tracking", "naming", "elastic", "agree")},
     "risgd_recipes.config": "risgd_trainer.run_config",
     **{f"risgd_recipes.{m}": f"risgd_tools.{m}" for m in ("compare", "demo", "launch", "elastic_launch", "paper")},
+    # the cost model left the engine for a room of its own (the model and its command: risgd_planner)
+    "risgd_ext.cost_model": "risgd_planner",
 }
 
 
@@ -107,7 +110,7 @@ _FINDER = _AliasFinder()
 
 def install() -> None:
     """Put the finder of these names first on ``sys.meta_path`` (once): called by :func:`alias` and by
-    the ``risgd_recipes`` package, whose moved modules keep their old names."""
+    the ``risgd_recipes`` and ``risgd_ext`` packages, whose moved modules keep their old names."""
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
 

@@ -35,7 +35,7 @@ COMMANDS = {
     "tools.demo": "risgd-demo",
     "tools.paper": "risgd-paper",
     "hosts.netns_cluster": "risgd-netns-cluster",
-    "risgd_ext.cost_model": "risgd-cost-model",
+    "risgd_planner": "risgd-cost-model",
 }
 
 

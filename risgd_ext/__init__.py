@@ -11,7 +11,11 @@ Importing this package imports DeepSpeed only when ``initialize``, ``attach``,
 ``init_distributed`` or ``RISGDController`` is first used.
 """
 
+from risgd_common.aliases import install
+
 from .config import ConfigError, RISGDConfig, parse_block
+
+install()  # risgd_ext.cost_model, its old name, is the planner (risgd_planner), which the engine never imports
 
 __all__ = ["ConfigError", "RISGDConfig", "RISGDController", "attach", "init_distributed", "initialize",
            "parse_block"]

@@ -1,8 +1,11 @@
-"""The communication cost model: the ring formula, predictions and the tau recommendation; the
-model sizes it takes come from risgd_models, never from the engine itself."""
+"""The planner (risgd_planner, formerly the engine's cost model): the ring formula, predictions and the
+tau recommendation, the one-line answer and its command line; the model sizes it takes come from
+risgd_models, never from the engine itself."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 
@@ -10,7 +13,7 @@ import pytest
 from helpers import ROOT
 
 import risgd_models
-from risgd_ext.cost_model import (
+from risgd_planner import (
     RoundParts,
     advise,
     effective_bandwidth,
@@ -54,7 +57,7 @@ RESNET50_BYTES = 102440608  # fp32 parameters + BatchNorm statistics of timm's r
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """The documented command, in a fresh process (where only timm's own models are registered)."""
-    return subprocess.run([sys.executable, "-m", "risgd_ext.cost_model", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "risgd_planner", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -80,7 +83,7 @@ def test_model_bytes_from_the_model_zoo():
 
 
 def test_importing_the_cost_model_loads_no_model_zoo():
-    code = ("import sys, risgd_ext.cost_model; "
+    code = ("import sys, risgd_planner; "
             "print(sorted(m for m in ('risgd_models', 'timm') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -93,7 +96,7 @@ def test_cli_with_model_bytes(capsys):
     assert main(["--nodes", "8", "--model", "no_such_model", "--model-bytes", str(nbytes), "--bandwidth-gbit", "1",
                  "--compute-ms", "20"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{nbytes} bytes: ") and "8 ranks at 1 Gbit/s" in out
+    assert out.startswith(f"{nbytes} bytes: ") and "8 nodes of 1 rank at 1 Gbit/s" in out
     expected = predict(0.02, nbytes, 8, 1.0, 50e-6, 50, 0.1)
     assert f"recommended_tau    {expected.recommended_tau}" in out
     assert f"sync_comm_share    {expected.sync_comm_share:.4f}" in out
@@ -103,13 +106,17 @@ def test_cli_resnet50_prints_the_documented_numbers():
     proc = _cli("--nodes", "8", "--model", "resnet50", "--bandwidth-gbit", "10", "--compute-ms", "120")
     assert proc.returncode == 0, proc.stderr
     lines = _prediction(proc.stdout)
-    assert lines[0] == ("resnet50: 97.7 MiB per all-reduce; 8 ranks at 10 Gbit/s, 50 us latency, "
+    assert lines[0] == ("resnet50: 97.7 MiB per all-reduce; 8 nodes of 1 rank at 10 Gbit/s, 50 us latency, "
                         "120 ms compute per step")
     for line in ("sync_comm_share    0.5457", "risgd_comm_share   0.0235", "speedup_per_step   2.1493",
                  "recommended_tau    11"):
         assert f"  {line}" in _numbers(lines), proc.stdout
     same = _cli("--nodes", "8", "--model-bytes", str(RESNET50_BYTES), "--bandwidth-gbit", "10", "--compute-ms", "120")
-    assert _prediction(same.stdout)[1:] == lines[1:]
+    assert _prediction(same.stdout)[1:-1] == lines[1:-1]
+    # the answer's command runs the project's ResNet-50 recipe for --model resnet50, a placeholder for bytes alone
+    recipe = "--recipe recipes/imagenet_resnet50.yaml node_size=1 compress=none tau=11"
+    assert lines[-1].endswith(recipe) and _prediction(same.stdout)[-1] == lines[-1].replace(
+        "recipes/imagenet_resnet50.yaml", "RECIPE.yaml")
 
 
 def test_cli_refuses_a_model_timm_does_not_know():
@@ -292,7 +299,8 @@ def _main_lines(capsys, *args: str) -> list[str]:
 # also says, after its number, what the number assumes).
 FLAT = ["--nodes", "4", "--model-bytes", "1000000", "--bandwidth-gbit", "1", "--compute-ms", "20",
         "--risgd-compute-ms", "30", "--tau", "10", "--latency-us", "0"]
-FLAT_OUTPUT = ["1000000 bytes: 1.0 MiB per all-reduce; 4 ranks at 1 Gbit/s, 0 us latency, 20 ms compute per step",
+FLAT_OUTPUT = ["1000000 bytes: 1.0 MiB per all-reduce; 4 nodes of 1 rank at 1 Gbit/s, 0 us latency, 20 ms compute "
+               "per step",
                "  allreduce_s        0.0120", "  sync_step_s        0.0320", "  local_step_s       0.0300",
                "  risgd_step_s       0.0312", "  sync_comm_share    0.3750", "  risgd_comm_share   0.0385",
                "  speedup_per_step   1.0256", "  recommended_tau    4"]
@@ -300,7 +308,7 @@ FLAT_OUTPUT = ["1000000 bytes: 1.0 MiB per all-reduce; 4 ranks at 1 Gbit/s, 0 us
 
 def test_cli_defaults_print_what_they_printed(capsys):
     lines = _main_lines(capsys, *FLAT)
-    assert _numbers(lines) == FLAT_OUTPUT
+    assert _numbers(lines[:-1]) == FLAT_OUTPUT and lines[-1].startswith("answer: ")
     assert _main_lines(capsys, *FLAT, "--ranks-per-node", "1", "--tau-intra", "0", "--intra-bandwidth-gbit", "40",
                        "--intra-latency-us", "1") == lines
 
@@ -313,12 +321,12 @@ HIER = ["--nodes", "4", "--ranks-per-node", "2", "--model-bytes", "100000000", "
 def test_cli_hierarchy_and_overlap(capsys):
     lines = _main_lines(capsys, *HIER)
     flat = _main_lines(capsys, "--nodes", "8", *HIER[4:14])  # the same model, network, compute and tau
-    assert _numbers(lines[:9]) == _numbers(flat)  # the flat numbers: one ring over all 4 x 2 ranks
-    assert lines[0].startswith("100000000 bytes: 95.4 MiB per all-reduce; 8 ranks at 8 Gbit/s")
+    assert _numbers(lines[1:9]) == _numbers(flat[1:9])  # the flat numbers: one ring over all 4 x 2 ranks
+    assert lines[0].startswith("100000000 bytes: 95.4 MiB per all-reduce; 4 nodes x 2 ranks (8 ranks) at 8 Gbit/s")
     assert lines[9] == ("hierarchical/overlapped: 4 nodes x 2 ranks, 32 Gbit/s and 0 us latency inside a node, "
                         "node-synchronous (tau_intra 0), tau 10, no overlap")
     # the node's gradient all-reduce every step (25 ms of a 125 ms step) alone exceeds the 10% target
-    assert _numbers(lines[10:]) == [
+    assert _numbers(lines[10:-1]) == [
         "  round_s            0.1750", "  intra_step_comm_s  0.0250", "  exposed_round_s    0.1750",
         "  hier_step_s        0.1425", "  hier_comm_share    0.2982", "  speedup_vs_sync    1.9298",
         "  speedup_vs_risgd   0.8246", "  hier_recommended_tau none"]
@@ -383,7 +391,7 @@ def test_advise_hierarchy_and_overlap():
 
 
 def test_compressed_payloads_and_their_collective(monkeypatch):
-    from risgd_ext.cost_model import payload_bytes, recommend_rounds, ring_allreduce_seconds, round_seconds
+    from risgd_planner import payload_bytes, recommend_rounds, ring_allreduce_seconds, round_seconds
 
     s = 4 * 1024 * 256  # 262,144 values
     assert payload_bytes(s, "none") == s and payload_bytes(s, "bf16") == s / 2
@@ -420,7 +428,7 @@ def _line(lines: list[str], key: str) -> str:
 
 
 def test_cli_says_what_the_numbers_assume_and_flags_a_tau_beyond_the_measured_range():
-    from risgd_ext.cost_model import MEASURED_TAU_MAX
+    from risgd_planner import MEASURED_TAU_MAX
 
     assert MEASURED_TAU_MAX == 200
     proc = _cli(*EXAMPLE, "--model", "resnet50")  # the issue's command
@@ -430,8 +438,8 @@ def test_cli_says_what_the_numbers_assume_and_flags_a_tau_beyond_the_measured_ra
     assert share.startswith("  risgd_comm_share   0.7050  (") and "--tau 50" in share  # the tau it assumes
     tau = _line(lines, "recommended_tau")
     assert tau.startswith("  recommended_tau    1076  (") and "10%" in tau and "--target-share 0.1" in tau
-    assert "one gradient all-reduce per step over 8 ranks" in _line(lines, "sync_comm_share")
-    assert "one gradient all-reduce per step over 8 ranks" in _line(lines, "sync_step_s")
+    assert "one gradient all-reduce per step over the 8 nodes" in _line(lines, "sync_comm_share")
+    assert "one gradient all-reduce per step over the 8 nodes" in _line(lines, "sync_step_s")
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1, lines
     assert warnings[0].startswith("warning: recommended_tau 1076 is 5.4x beyond the largest tau measured for "
@@ -485,7 +493,8 @@ def test_cli_node_level_recommends_a_tau(capsys):
     flagged = [w for w in lines if w.startswith("warning: tau ") and "beyond the largest tau" in w]
     assert flagged and "(bf16)" in flagged[0] and "(int8)" not in flagged[0]
     assert [w for w in lines if w.split()[:2] == ["int8", "payload"] and " tau 122 " in w + " "]
-    assert [w for w in lines if w.split()[:2] == ["int4", "payload"] and w.endswith("tau 64 <- recommended")]
+    # the rounds alone, without the node level's phases inside a node: not the answer with 8 ranks per node
+    assert [w for w in lines if w.split()[:2] == ["int4", "payload"] and w.endswith("tau 64 <- smallest tau of these")]
     # overlapped behind tau steps of compute: the round hides, the node level's tau is within the measured range
     over = _main_lines(capsys, *node, "--target-share", "0.2", "--overlap")
     tau = int(_line(over, "hier_recommended_tau").split()[1])
@@ -500,7 +509,7 @@ def test_cli_node_level_recommends_a_tau(capsys):
                                {"tau_intra": 3, "overlap": True}, {"round_overhead_s": 0.05})
     for k, target in ((1, 0.1), (2, 0.3), (4, 0.35)) if k > 1 or "tau_intra" not in kw])  # one rank: no average
 def test_recommend_hierarchical_tau_is_the_smallest(kw, ranks_per_node, target):
-    from risgd_ext.cost_model import recommend_hierarchical_tau
+    from risgd_planner import recommend_hierarchical_tau
 
     net = dict(intra_bandwidth_gbit=32.0, intra_latency_s=1e-5)
     args = (0.1, 1e8, 4, ranks_per_node, 8.0, 1e-4)
@@ -518,7 +527,7 @@ def test_recommend_hierarchical_tau_is_the_smallest(kw, ranks_per_node, target):
 
 
 def test_recommend_hierarchical_tau_none_below_the_floor():
-    from risgd_ext.cost_model import hierarchical_share_floor, recommend_hierarchical_tau
+    from risgd_planner import hierarchical_share_floor, recommend_hierarchical_tau
 
     # 4 nodes of 2 ranks, 100 ms compute; the node's gradient all-reduce every step: 1e8 / 4 GB/s = 25 ms,
     # a share 0.025 / 0.125 = 0.2 of a step at any tau
@@ -538,7 +547,7 @@ def test_recommend_hierarchical_tau_none_below_the_floor():
 
 
 def test_a_codec_is_one_registration_that_the_validator_and_the_cost_model_read():
-    from risgd_ext import cost_model
+    import risgd_planner as cost_model
 
     """Issue 34: a new codec is one class registered in risgd_ext.codec.CODECS; the risgd block's
     validator accepts it and the cost model prices its bytes from it (no formula written twice)."""
@@ -565,3 +574,150 @@ def test_a_codec_is_one_registration_that_the_validator_and_the_cost_model_read(
         assert [o.compress for o in options] == ["none", "bf16", "int8", "int4", "nibble"]
     finally:
         del CODECS["nibble"]
+
+
+# -- the planner's answer: one line, the configuration and the command that runs it (issue 46 item 9) ---------
+
+ISSUE = ["--nodes", "16", "--model", "resnet50", "--bandwidth-gbit", "1", "--compute-ms", "150", "--ranks-per-node",
+         "8", "--compress", "int8"]  # the issue's command
+
+
+def _answer(lines: list[str]) -> tuple[str, list[str]]:
+    """The answer line (the last, and the only one) and its command line's words."""
+    assert [line for line in lines if line.startswith("answer: ")] == lines[-1:], lines
+    words, run = lines[-1].split("; run: ")
+    return words, shlex.split(run)
+
+
+def _resolves(tokens: list[str], world_size: int, tmp_path):
+    """The trainer's resolver takes the command's recipe and overrides (a manifest of its workers is the user's:
+    none here, the recipe's own redundancy checked instead)."""
+    from risgd_trainer.run_config import resolve_run
+
+    assert tokens[:5] == ["deepspeed", "--hostfile", "hostfile", "train.py", "--recipe"], tokens
+    return resolve_run(os.path.join(ROOT, tokens[5]), [*tokens[6:], "data.manifest=null", f"runs_dir={tmp_path}"],
+                       world_size)
+
+
+def test_the_answer_names_the_node_level_a_codec_a_tau_and_a_command_the_trainer_takes(capsys, tmp_path):
+    from risgd_planner import flat_round_seconds, recommend_hierarchical_tau
+
+    lines = _main_lines(capsys, *ISSUE)
+    assert lines[0].startswith("resnet50: 97.7 MiB per all-reduce; 16 nodes x 8 ranks (128 ranks) at 1 Gbit/s")
+    words, tokens = _answer(lines)
+    # by hand: every measured codec, flat over the 128 ranks and at the node level; the smallest tau wins
+    flat = {c: recommend_tau(0.15, flat_round_seconds(RESNET50_BYTES, 16, 8, 1.25e8, 50e-6, c), 0.1)
+            for c in ("none", "bf16", "int8", "int4")}
+    node = {c: recommend_hierarchical_tau(0.15, RESNET50_BYTES, 16, 8, 1.0, 50e-6, 0.1, compress=c)
+            for c in ("none", "bf16", "int8", "int4")}
+    assert node["int8"] == int(_line(lines, "hier_recommended_tau").split()[1]) == 178  # the section above
+    assert min(node.values()) == node["int4"] == 95 < min(flat.values())
+    assert words.startswith("answer: the node level (node_size=8: 16 workers, each a node of 8 ranks), compress "
+                            "int4, tau 95 (the smallest tau with communication <= 10% of a step, --target-share 0.1,")
+    assert ("no node level: " + ", ".join(f"{c} {t}" for c, t in flat.items())) in words
+    assert ("node level: " + ", ".join(f"{c} {t}" for c, t in node.items())) in words
+    # the command line: the project's ResNet-50 recipe (--model resnet50) with the answer's overrides
+    assert tokens[5:] == ["recipes/imagenet_resnet50.yaml", "node_size=8", "compress=int4", "tau=95"]
+    run = _resolves(tokens, 16 * 8, tmp_path)
+    assert (run.risgd.node_size, run.risgd.compress, run.risgd.tau, run.workers) == (8, "int4", 95, 16)
+    # the codec table's smallest tau is the rounds' alone (no phases inside a node): not marked recommended
+    assert not [line for line in lines if line.endswith("<- recommended")]
+
+
+def test_nodes_alone_are_nodes_and_the_flat_answer_runs(capsys, tmp_path):
+    args = ["--nodes", "16", "--model-bytes", str(RESNET50_BYTES), "--bandwidth-gbit", "1", "--compute-ms", "150",
+            "--recipe", "recipes/imagenet_resnet50.yaml"]
+    lines = _main_lines(capsys, *args)
+    assert lines[0] == (f"{RESNET50_BYTES} bytes: 97.7 MiB per all-reduce; 16 nodes of 1 rank at 1 Gbit/s, 50 us "
+                        "latency, 150 ms compute per step")
+    assert "16 ranks" not in "\n".join(lines) and "over the 16 nodes" in _line(lines, "sync_step_s")
+    words, tokens = _answer(lines)
+    tau = predict(0.15, RESNET50_BYTES, 16, 1.0, 50e-6, 50).recommended_tau
+    assert tau == int(_line(lines, "recommended_tau").split()[1]) == 93
+    assert words.startswith("answer: no node level (node_size=1: 16 workers, one per node), compress none (fp32), "
+                            "tau 93 (")
+    assert words.endswith("; fp32 alone: --compress int8 weighs the codecs too)")
+    run = _resolves(tokens, 16, tmp_path)
+    assert (run.risgd.node_size, run.risgd.compress, run.risgd.tau, run.workers) == (1, "none", 93, 16)
+    # with the codecs weighed, one rank per node: the answer is the table's recommended codec, flat
+    lines = _main_lines(capsys, *args, "--compress", "int8")
+    words, tokens = _answer(lines)
+    recommended = next(line for line in lines if line.endswith("<- recommended")).split()
+    assert words.startswith(f"answer: no node level (node_size=1: 16 workers, one per node), compress "
+                            f"{recommended[0]}, tau {recommended[-3]} (")
+    assert tokens[6:] == ["node_size=1", f"compress={recommended[0]}", f"tau={recommended[-3]}"]
+
+
+def test_the_answer_with_overlap_runs_overlapped(capsys, tmp_path):
+    from risgd_planner import recommend_hierarchical_tau
+
+    lines = _main_lines(capsys, *EXAMPLE, "--model-bytes", str(RESNET50_BYTES), "--overlap", "--overlap-delay", "20",
+                        "--compress", "int8", "--recipe", "recipes/imagenet_resnet50.yaml")
+    words, tokens = _answer(lines)
+    tau = recommend_hierarchical_tau(0.12, RESNET50_BYTES, 8, 1, 0.1, 50e-6, 0.1, overlap=True, overlap_delay=20,
+                                     compress="int4")
+    assert words.startswith(f"answer: no node level (node_size=1: 8 workers, one per node), the rounds overlapped "
+                            f"(delay {min(20, tau)} steps), compress int4, tau {tau} (")
+    assert tokens[6:] == ["node_size=1", "compress=int4", f"tau={tau}", "overlap=true", f"overlap_delay={min(20, tau)}"]
+    run = _resolves(tokens, 8, tmp_path)
+    assert run.risgd.overlap and run.risgd.overlap_delay == min(20, tau) and run.risgd.tau == tau
+
+
+def test_a_flat_round_carries_every_rank_of_a_node_over_its_link():
+    from risgd_planner import flat_round_seconds, hierarchical_round_parts, payload_bytes, round_seconds
+
+    s, bw, lat = 1e8, 1e9, 1e-4
+    for c in ("none", "bf16", "int8", "int4"):  # one rank per node: the rounds among the nodes
+        assert flat_round_seconds(s, 8, 1, bw, lat, c) == round_seconds(s, 8, bw, lat, c)
+    assert flat_round_seconds(s, 4, 8, bw, lat) == ring_allreduce_seconds(s, 32, bw, lat)  # fp32: one ring
+    # compressed: each rank's all_to_all and all_gather reach the 24 ranks of the other nodes over its node's link
+    p = payload_bytes(s, "int8")
+    assert flat_round_seconds(s, 4, 8, bw, lat, "int8") == pytest.approx(2 * 31 * lat + 2 * 8 * 3 / 4 * p / bw)
+    # the node level sends a node's payload across once per round
+    assert hierarchical_round_parts(s, 4, 8, bw, lat, compress="int8").cross == round_seconds(s, 4, bw, lat, "int8")
+
+
+def test_the_old_path_is_the_planner_and_its_command_runs():
+    import risgd_ext.cost_model
+    import risgd_planner
+
+    assert risgd_ext.cost_model is risgd_planner and risgd_ext.cost_model.main is main
+    proc = subprocess.run([sys.executable, "-m", "risgd_ext.cost_model", "--nodes", "2", "--model-bytes", "1000",
+                           "--bandwidth-gbit", "1", "--compute-ms", "10"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert _prediction(proc.stdout)[0].startswith("1000 bytes: ") and proc.stdout.splitlines()[-1].startswith("answer:")
+
+
+# -- the end-of-run line of a run whose bandwidth was measured on one machine -------------------------------
+
+def test_a_bandwidth_measured_on_loopback_is_said_so_and_advises_nothing(monkeypatch, tmp_path, capsys):
+    from risgd_trainer.run_config import resolve_run
+    from risgd_trainer.train import finished_lines, on_loopback
+
+    for addr, loop in (("127.0.0.1", True), ("localhost", True), ("::1", True), ("10.0.0.2", False)):
+        monkeypatch.setenv("MASTER_ADDR", addr)
+        assert on_loopback() is loop, addr
+    stats = {"steps": 100, "world_size": 2, "comm_rounds": 10, "compute_seconds": 1.0, "bytes_allreduced": 1e7,
+             "comm_seconds": 0.5}
+    assert advise(stats, 1.0, 50e-6, 0.1, 10, loopback=True).keys() == advise(stats, 1.0, 50e-6, 0.1, 10).keys()
+    assert "measured_on_loopback" not in advise(stats, 1.0, 50e-6, 0.1, 10)  # a given bandwidth: the network's
+    run = resolve_run(os.path.join(ROOT, "recipes", "digits.yaml"), [f"runs_dir={tmp_path}", "tau=10"], 2)
+    summary = {"steps": 100, "comm_rounds": 10, "wall_seconds": 3.0, "final_test_acc": None}
+    said = {}
+    for loop in (True, False):
+        advice = advise(stats, 0.0, 50e-6, 0.1, 10, loopback=loop)
+        assert advice["bandwidth_source"] == "measured" and advice["measured_on_loopback"] is loop
+        said[loop] = finished_lines(run, {**summary, "cost_model": advice}).splitlines()[-1]
+    assert said[False].startswith("  cost model (summary.json key cost_model): at ") and "keeps it under" in said[False]
+    line, measured = said[True], advise(stats, 0.0, 50e-6, 0.1, 10)["bandwidth_gbit"]
+    assert line.startswith(f"  cost model (summary.json key cost_model): at {measured:.3g} Gbit/s measured on "
+                           "loopback (every rank on this machine), not a network: no advice on tau; for a network of "
+                           "B Gbit/s set network.bandwidth_gbit=B, or ask ")
+    assert "keeps it under" not in line and "recommended" not in line
+    # what it says to ask runs: the planner on this run's measured bytes and compute, at a network's bandwidth
+    ask = shlex.split(line.split(", or ask ", 1)[1].replace(" B", " 1"))
+    assert ask[:3] == ["python", "-m", "risgd_planner"], ask
+    lines = _main_lines(capsys, *ask[3:])
+    assert lines[0] == ("1000000 bytes: 1.0 MiB per all-reduce; 2 nodes of 1 rank at 1 Gbit/s, 50 us latency, 10 ms "
+                        "compute per step") and lines[-1].startswith("answer: ")

@@ -79,12 +79,13 @@ def test_the_wheel_carries_the_trainer_the_recipes_and_the_ds_configs(wheel):
     assert {f"risgd_recipes/{n}" for n in recipes} <= names
     assert {f"risgd_recipes/ds_configs/{n}" for n in configs} <= names
     assert "risgd-train = risgd_trainer.train:main" in entry_points
+    assert "risgd-cost-model = risgd_planner.cli:main" in entry_points  # the planner's room (issue 45 item 2)
     assert not any(n.split("/")[0] in ("data", "models", "recipes", "trainer", "tools", "hosts", "train.py")
                    for n in names)
     # every package of the tree is in the wheel (a new subpackage must be listed in pyproject's packages)
     installed = {"data": "risgd_data", "models": "risgd_models", "recipes": "risgd_recipes",
                  "trainer": "risgd_trainer", "tools": "risgd_tools", "hosts": "risgd_hosts", "risgd_ext": "risgd_ext",
-                 "risgd_common": "risgd_common"}
+                 "risgd_common": "risgd_common", "risgd_planner": "risgd_planner"}
     for folder, name in installed.items():
         for init in glob.glob(os.path.join(ROOT, folder, "**", "__init__.py"), recursive=True):
             rel = os.path.relpath(init, os.path.join(ROOT, folder)).replace(os.sep, "/")
@@ -281,7 +282,8 @@ BAD_INPUT = [
     ("tools.compare", "risgd-compare", ["nosuch"]),
     ("tools.demo", "risgd-demo", ["--recipe", "nosuch"]),
     ("tools.paper", "risgd-paper", ["--recipe", "nosuch"]),
-    ("risgd_ext.cost_model", "risgd-cost-model", ["--nodes", "0", "--bandwidth-gbit", "1", "--compute-ms", "1"]),
+    ("risgd_planner", "risgd-cost-model", ["--nodes", "0", "--bandwidth-gbit", "1", "--compute-ms", "1"]),
+    ("risgd_ext.cost_model", None, ["--nodes", "0", "--bandwidth-gbit", "1", "--compute-ms", "1"]),  # its old name
     ("hosts.netns_cluster", "risgd-netns-cluster", ["--hosts", "0", "--", "true"]),
     ("recipes.netns_cluster", None, ["--hosts", "0", "--", "true"]),
     ("train.py", "risgd-train", ["--recipe", "nosuch"]),

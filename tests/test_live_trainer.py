@@ -114,6 +114,14 @@ def test_the_trainer_on_torchft_loses_a_node_and_heals_it_back(digits_dir, tmp_p
     # the run's size, not the launch's (issue 46: an elastic run of 2 workers wrote world_size 1, workers 1)
     assert summary["membership_changes"] == summary["restarts"] and summary["workers"] == 2
     assert summary["world_size"] == 2 and summary["node_ranks"] == 1
+    # the cost model's prediction is the run's, over its 2 ranks (a node's engine counts its own rank alone: the
+    # end-of-run line was missing on elastic runs, issue 46 item 6); the nodes share this machine: a loopback's
+    advice = summary["cost_model"]
+    assert advice["ranks"] == 2 and advice["bandwidth_gbit"] > 0 and advice["measured_on_loopback"], advice
+    for log in logs:
+        assert re.search(r"  cost model \(summary.json key cost_model\): at [0-9.e+-]+ Gbit/s measured on loopback "
+                         r"\(every rank on this machine\), not a network: no advice on tau; .* --nodes 2 ", log), \
+            log[-3000:]
     batch = next(line for line in logs[1].splitlines() if line.startswith("batch:"))
     assert batch.endswith("global 128 over 2 nodes of 1 rank(s)"), batch
     assert summary["min_data_coverage"] == 1.0 and summary["final_test_acc"] > 90

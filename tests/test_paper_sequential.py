@@ -15,7 +15,7 @@ from helpers import ROOT
 from scipy import stats
 from test_paper import constructed_runs
 
-from risgd_ext.cost_model import ring_seconds
+from risgd_planner import ring_seconds
 from risgd_tools.paper import report as paper_report
 from risgd_tools.paper import sequential
 from risgd_tools.paper import verdict as V

@@ -82,7 +82,11 @@ def test_a_run_says_what_it_does_and_where_it_went(runs):
                                        f"(best {summary['best_test_acc']:.2f}%)")
         assert lines[done[0] + 1].startswith(f"  compare it with others: python -m tools.compare {runs[name]} ")
     assert "cost model: {" not in log
-    assert sum(line.startswith("  cost model (summary.json key cost_model): at ") for line in lines) >= 3
+    cost = [line for line in lines if line.startswith("  cost model (summary.json key cost_model): at ")]
+    assert len(cost) >= 3
+    # every rank on this machine: the measured bandwidth is a loopback's, said so, and no tau advised (issue 46)
+    assert all(" Gbit/s measured on loopback (every rank on this machine), not a network: no advice on tau; " in line
+               and "keeps it under" not in line and " --nodes 2 --model-bytes " in line for line in cost), cost
 
 
 def test_a_plan_run_equals_a_launch_of_its_own(runs, digits_dir, tmp_path):
@@ -126,7 +130,7 @@ def test_run_directory(runs, algorithm):
     assert summary["comm_bytes"] > 0 and summary["wall_seconds"] > 0
     assert summary["rank_model_sha256"] == [summary["model_sha256"]] * 2  # both ranks end on the same model
     advice = summary["cost_model"]  # the prediction for this run, from its own measurements
-    assert advice["ranks"] == 2 and advice["bandwidth_source"] == "measured"
+    assert advice["ranks"] == 2 and advice["bandwidth_source"] == "measured" and advice["measured_on_loopback"]
     assert advice["bytes_per_allreduce"] == pytest.approx(summary["comm_bytes"] / summary["comm_rounds"], rel=0.1)
     assert advice["tau"] == TAU and advice["recommended_tau"] >= 1  # the recipe's tau, for SyncSGD a what-if
     with open(os.path.join(run_dir, "ds_config.json")) as f:

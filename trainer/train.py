@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 import json
 import os
 import signal
@@ -188,12 +189,27 @@ def build_optimizer(cfg: dict, model: torch.nn.Module, total_steps: int):
 
 # -- evaluation ------------------------------------------------------------------------------------
 
-def cost_advice(cfg: dict, stats: dict) -> dict:
-    """The cost model's prediction for this run's measured compute and bytes on the recipe's network."""
-    from risgd_ext.cost_model import advise
+def on_loopback() -> bool:
+    """Whether every rank of this run is on this machine: its ``MASTER_ADDR`` (where the ranks meet; in an
+    elastic run, where the other nodes reach this node) is a loopback address. A bandwidth measured there
+    is a loopback's (or the machine's own links), not a network's."""
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(addr, None)}
+        return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+    except (OSError, ValueError):
+        return False
+
+
+def cost_advice(cfg: dict, stats: dict, world_size: int | None = None) -> dict:
+    """The cost model's prediction for this run's measured compute and bytes on the recipe's network, for
+    ``world_size`` ranks (default the engine's: an elastic node's engine counts its own ranks alone)."""
+    from risgd_planner.model import advise
 
     net = cfg["network"]
-    return advise(stats, net["bandwidth_gbit"], net["latency_us"] / 1e6, net["target_comm_share"], cfg["tau"])
+    stats = stats if world_size is None else {**stats, "world_size": world_size}
+    return advise(stats, net["bandwidth_gbit"], net["latency_us"] / 1e6, net["target_comm_share"], cfg["tau"],
+                  loopback=on_loopback())
 
 
 # -- what a run says ------------------------------------------------------------------------------
@@ -242,7 +258,15 @@ def finished_lines(run: Run, summary: dict) -> str:
              f"  compare it with others: {command('tools.compare')} {run.run_dir} OTHER_RUN ...  (or the folder "
              f"{os.path.dirname(run.run_dir) or '.'})"]
     advice = summary.get("cost_model") or {}
-    if "recommended_tau" in advice and advice.get("bandwidth_gbit"):
+    if advice.get("measured_on_loopback") and advice.get("bandwidth_gbit"):  # no network measured: no advice
+        nodes, k = advice.get("nodes", advice["ranks"]), advice.get("node_size", 1)
+        ask = (f"{command('risgd_planner')} --nodes {nodes}" + (f" --ranks-per-node {k}" if k > 1 else "")
+               + f" --model-bytes {round(advice['bytes_per_allreduce'])} --compute-ms "
+               f"{1e3 * advice['compute_s_per_step']:.3g} --bandwidth-gbit B")
+        lines.append(f"  cost model (summary.json key cost_model): at {advice['bandwidth_gbit']:.3g} Gbit/s "
+                     "measured on loopback (every rank on this machine), not a network: no advice on tau; for a "
+                     f"network of B Gbit/s set network.bandwidth_gbit=B, or ask {ask}")
+    elif "recommended_tau" in advice and advice.get("bandwidth_gbit"):
         lines.append(f"  cost model (summary.json key cost_model): at {advice['bandwidth_gbit']:.3g} Gbit/s "
                      f"({advice['bandwidth_source']}), communication is {advice['risgd_comm_share']:.0%} of a step at "
                      f"tau={advice['tau']}; tau >= {advice['recommended_tau']} keeps it under "
@@ -553,8 +577,9 @@ def _train(run: Run, rank: int, device: torch.device) -> None:
                "workers": run.workers, "tau_intra": cfg["tau_intra"], "overlap": cfg["overlap"],
                "samples_skipped": loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
                "model_sha256": digest, "min_data_coverage": tracker.min_logged("data_coverage"),
-               "rank_model_sha256": digests, "cost_model": cost_advice(cfg, stats)}
+               "rank_model_sha256": digests}
     summary.update(nodes.summary(engine.risgd, tracker, summary["wall_seconds"]))
+    summary["cost_model"] = cost_advice(cfg, stats, summary["world_size"])  # the run's ranks: every node's
     nodes.finish(engine.risgd, digest, rank)
     tracker.finish(summary)
     if rank == 0:

@@ -109,8 +109,8 @@ def model_seconds(run: dict, step: float, comm_bytes: float, collectives: float,
                   bandwidth_gbit: float = V.BANDWIDTH_GBIT, latency_us: float = V.LATENCY_US) -> float:
     """The cost model's time for the run's first ``step`` steps at a stated network: the run's measured
     compute per step times ``step``, plus ring all-reduces of ``comm_bytes`` in ``collectives``
-    collectives over its ranks (``risgd_ext.cost_model.ring_seconds``). A prediction, not a measurement."""
-    from risgd_ext.cost_model import ring_seconds
+    collectives over its ranks (``risgd_planner.ring_seconds``). A prediction, not a measurement."""
+    from risgd_planner import ring_seconds
 
     return step * compute_per_step(run) + ring_seconds(comm_bytes, run["summary"]["world_size"],
                                                        bandwidth_gbit * 1e9 / 8, latency_us / 1e6,

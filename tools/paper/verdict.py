@@ -40,7 +40,7 @@ An experiment is confirmed when all its checks are, not confirmed when all its c
 mixed when some but not all are confirmed, and inconclusive when none is confirmed and some are
 inconclusive.
 
-Times are predictions of the cost model (``risgd_ext.cost_model``) at a stated network, BANDWIDTH_GBIT
+Times are predictions of the cost model (``risgd_planner``) at a stated network, BANDWIDTH_GBIT
 and LATENCY_US: the run's measured compute per step times the steps, plus the ring all-reduces of the
 bytes it moved. They are labelled as such wherever they appear.
 """
@@ -92,7 +92,7 @@ PAPER_LATENCY_US = 50.0         # ASSUMED: the same per-message latency as BANDW
 def paper_ratio() -> float:
     """The paper's communication-to-compute ratio: one fp32 ring all-reduce of its model over its workers
     on its (assumed) link, over one worker's compute per step (2(N-1)/N * bytes / bandwidth + 2(N-1)
-    latencies, the cost model's ring; see ``risgd_ext.cost_model.ring_seconds``)."""
+    latencies, the cost model's ring; see ``risgd_planner.ring_seconds``)."""
     n = PAPER_WORKERS
     comm = 2 * (n - 1) / n * 4 * PAPER_PARAMS / (PAPER_LINK_GBIT * 1e9 / 8) + 2 * (n - 1) * PAPER_LATENCY_US * 1e-6
     return comm / (PAPER_STEP_FLOP / PAPER_GPU_FLOPS)

@@ -165,7 +165,7 @@ def analyse(ctx: Context, exp: Experiment) -> Analysis:
                      f"to it ({'never' if sync_r is None else f'{sync_r:.0f}'}) are not compared with RI-SGD's: "
                      f"SyncSGD's earliest possible is {g.eval_every} (one evaluation), RI-SGD's whole run has "
                      f"{g.steps // g.tau}, so that check could not fail.")
-    notes.append(f"Model time: the cost model (`risgd_ext.cost_model.ring_seconds`) at {network_text()}: each run's "
+    notes.append(f"Model time: the cost model (`risgd_planner.ring_seconds`) at {network_text()}: each run's "
                  "measured compute per step (`compute_seconds` / steps, on this machine's ranks) times the steps, "
                  "plus ring all-reduces of the bytes it moved. It is what the run would take on that network if "
                  "compute stayed as measured; the measured wall-clock is in the table and plot too.")

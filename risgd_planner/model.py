@@ -1,4 +1,4 @@
-"""Communication cost model: when do local steps pay off, and which tau to pick.
+"""The planner's model: when do local steps pay off, which tau, codec and node level to run.
 
 The alpha-beta model of a ring all-reduce: S bytes over N ranks at link bandwidth B (bytes/s) with
 per-message latency L take ``2(N-1) L + 2(N-1)/N * S / B`` seconds (the ring model of Liu and
@@ -6,62 +6,30 @@ Zhang's survey of distributed learning).
 A synchronous step costs compute + one all-reduce of the gradients; a local step costs compute
 alone; RI-SGD adds one all-reduce of the parameters (and BatchNorm buffers) every tau steps.
 Compute per step depends on the batch policy: ``split`` keeps the base batch (compute as SyncSGD),
-``per_chunk`` draws a base batch from each of the q chunks (about q times the compute): give the
-time you measured for the policy you run.
+``per_chunk`` draws a base batch from each of the q chunks (about q times the compute): pass the
+time measured for the policy a run uses.
 
-    python -m risgd_ext.cost_model --nodes 8 --model resnet50 --bandwidth-gbit 10 --compute-ms 120
-    python -m risgd_ext.cost_model --nodes 8 --model resnet50 --bandwidth-gbit 10 --compute-ms 120 \\
-        --risgd-compute-ms 200     # e.g. the per_chunk policy, measured
-    python -m risgd_ext.cost_model --nodes 8 --model-bytes 2647016 --bandwidth-gbit 1 --compute-ms 20
+The functions take the bytes one all-reduce moves (no model zoo is imported). With a node level
+(M nodes of k ranks) a round is ``hierarchical_round_seconds`` and a step ``predict_hierarchical``;
+compressed rounds move a codec's payload (``payload_bytes``, from the engine's codec registry
+``risgd_ext.codec.CODECS``, the one place a codec's bytes are written). :func:`plan` weighs the
+configurations a run can use (node level or not, codec) and picks one with its tau; :func:`advise`
+is the prediction for a finished run from its engine accounting (the trainer writes it into
+``summary.json`` as ``cost_model``). The command line that prints all of it is
+:mod:`risgd_planner.cli` (``risgd-cost-model``).
 
-The library functions take the bytes one all-reduce moves. On the command line ``--model NAME``
-is looked up in timm's registry (timm's own models, e.g. resnet50); for any other model, e.g. the
-CIFAR ResNets of risgd_models, pass its size with ``--model-bytes N``, from
-``python -c "import risgd_models; print(risgd_models.model_bytes('resnet44_cifar'))"``.
-
-Node hierarchy and overlapped averaging. With ``--ranks-per-node K`` the ``--nodes`` are M nodes of
-K ranks each (M*K ranks; the flat lines are for one ring over all of them). Inside a node the ranks
-either all-reduce their gradients every step (``--tau-intra 0``, on the intra-node link,
-``--intra-bandwidth-gbit``) or average parameters every ``--tau-intra`` steps; across nodes a
-hierarchical round averages the parameters every ``--tau`` steps (``hierarchical_round_seconds``).
-With ``--overlap`` a round's cross-node all-reduce runs behind the next ``--overlap-delay D``
-local steps (default tau) and only what D steps of compute do not hide is waited for
-(``exposed_seconds``; the round's intra-node phases block, as in the engine). These flags add a
-``hierarchical/overlapped:`` section after the flat lines, which ends with ``hier_recommended_tau``:
-the smallest tau whose ``hier_comm_share`` is <= --target-share (a multiple of --tau-intra; with
---overlap each round behind tau steps of compute, or min(--overlap-delay, tau)), or ``none`` where
-the communication inside the node alone, every step or every --tau-intra steps, is over the target
-at any tau. ``--compress`` lists each codec's cross-node round among the --nodes nodes and the tau
-it needs, and prices the hierarchical section's cross-node phase with that codec's payload (the
-phases inside a node stay fp32, as the engine runs them):
-
-    python -m risgd_ext.cost_model --nodes 4 --ranks-per-node 8 --model resnet50 --bandwidth-gbit 10 \\
-        --compute-ms 120 --intra-bandwidth-gbit 100 --tau-intra 0 --overlap --overlap-delay 10
-
-Each printed number says after it what it assumes, e.g. ``risgd_comm_share 0.0235  (at --tau 50:
-...)`` and ``recommended_tau 11  (smallest tau with communication <= 10% of an RI-SGD step,
---target-share 0.1)``; the key stays first on its line. The model has no accuracy term: a
-recommended tau, or a --tau, above 200 (``MEASURED_TAU_MAX``, the largest tau the project measured
-for accuracy, where accuracy already falls) comes with a ``warning:`` line that says how far beyond
-it is and what to do instead (a faster link, compressed rounds, the node level, or a higher
---target-share).
-
-train.py logs the same prediction for its own run (``summary.json``, key ``cost_model``).
+The model has no accuracy term: a tau above ``MEASURED_TAU_MAX`` (200, the largest tau the project
+measured for accuracy, where accuracy already falls) is an answer about time alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from risgd_common.cli import Parser
 from risgd_common.layout import Layout, LayoutError
-
-from .codec import CODECS
+from risgd_ext.codec import CODECS
 
 
 def ring_seconds(nbytes: float, ranks: int, bandwidth_bytes_s: float, latency_s: float,
@@ -424,8 +392,104 @@ def recommend_rounds(compute_s: float, model_bytes: float, ranks: int, bandwidth
     return options, min(measured, key=lambda o: (o.tau, o.round_s, o.payload_bytes))
 
 
+def flat_round_seconds(model_bytes: float, nodes: int, ranks_per_node: int, bandwidth_bytes_s: float,
+                       latency_s: float, compress: str = "none") -> float:
+    """One round of a flat run (no node level: every rank a worker) on ``nodes`` (M) nodes of
+    ``ranks_per_node`` (k) ranks, N = M k ranks, over the nodes' links (B, L).
+
+    fp32 is the ring all_reduce over the N ranks (``ring_allreduce_seconds``): a ring ordered by node
+    crosses each node's link once each way, which carries ``2(N-1)/N * S`` as every link of the ring
+    does. A compressed round is the two-phase all-reduce over the N ranks: each rank's all_to_all and
+    all_gather reach every other rank, so a node's link carries its k ranks' off-node shares,
+    ``2 k (M-1)/M`` of the payload P, in ``2(N-1)`` latency steps::
+
+        compressed = 2(N-1) L + 2 k (M-1)/M * P / B
+
+    With k = 1 this is ``round_seconds`` (the node level's cross-node phase moves P once per node:
+    ``hierarchical_round_parts``)."""
+    _check_count("nodes", nodes, 1)
+    _check_count("ranks_per_node", ranks_per_node, 1)
+    ranks, k = nodes * ranks_per_node, ranks_per_node
+    if compress == "none" or k == 1:
+        return round_seconds(model_bytes, ranks, bandwidth_bytes_s, latency_s, compress)
+    return 2 * (ranks - 1) * latency_s + 2 * k * (nodes - 1) / nodes * payload_bytes(model_bytes, compress) \
+        / bandwidth_bytes_s
+
+
+@dataclass
+class Plan:
+    """A configuration a run can use and the tau it needs (see :func:`plan`)."""
+
+    node_size: int              # the recipe's node_size: ranks per node at the node level; 1: flat, no node level
+    compress: str               # the rounds' codec across nodes (none: fp32)
+    tau: int                    # smallest tau whose communication share is <= the target
+    round_s: float              # one round: flat_round_seconds, or the node level's hierarchical round
+    payload_bytes: float        # what one rank (flat) or one node (node level) sends across per round
+    tau_intra: int = 0          # the node level's averages inside a node (0: its gradients every step)
+    overlap: bool = False       # the rounds behind the next steps' compute
+    overlap_delay: int | None = None  # steps a round runs behind; None: tau (the engine's default)
+
+    def overrides(self) -> list[str]:
+        """The recipe overrides that run it (``node_size=8 compress=int4 tau=94``), as the trainer takes them."""
+        out = [f"node_size={self.node_size}", f"compress={self.compress}", f"tau={self.tau}"]
+        if self.tau_intra:
+            out.append(f"tau_intra={self.tau_intra}")
+        if self.overlap:
+            out.append("overlap=true")
+            if self.overlap_delay is not None:
+                out.append(f"overlap_delay={min(self.overlap_delay, self.tau)}")
+        return out
+
+
+def plan(compute_s: float, model_bytes: float, nodes: int, ranks_per_node: int, bandwidth_gbit: float,
+         latency_s: float, target_share: float = 0.1, *, codecs: tuple[str, ...] = ("none",), tau_intra: int = 0,
+         intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6, overlap: bool = False,
+         overlap_delay: int | None = None, risgd_compute_s: float | None = None) -> tuple[list[Plan], Plan]:
+    """The configurations a run on ``nodes`` (M) nodes of ``ranks_per_node`` (k) ranks can use, each with
+    the smallest tau whose communication share is <= ``target_share``, and the one to use.
+
+    Weighed, for each codec of ``codecs`` whose accuracy this project measured (``Codec.accuracy_measured``):
+
+    - flat rounds, no node level and no overlap (``node_size`` 1): ``flat_round_seconds`` over the
+      M k ranks, tau by ``recommend_tau`` on the local step's compute (``risgd_compute_s``, default
+      ``compute_s``);
+    - where k > 1 or ``overlap``: the node level (``node_size`` k) with ``tau_intra``, ``overlap`` and
+      ``overlap_delay`` as given, the codec on its cross-node phase (``recommend_hierarchical_tau``; k = 1
+      with overlap: flat rounds behind the steps); left out where no tau reaches the target.
+
+    The pick is the smallest tau (the model has no accuracy term; a larger tau costs accuracy), then the
+    fewest bytes across nodes per round, then the plainer configuration (flat before the node level, no
+    overlap before overlap). Returns ``(every plan weighed, the pick)``."""
+    _check_count("nodes", nodes, 1)
+    _check_count("ranks_per_node", ranks_per_node, 1)
+    measured = [c for c in codecs if CODECS[c].accuracy_measured]
+    if not measured:
+        raise ValueError(f"no codec among {list(codecs)} has its accuracy measured: include none (fp32)")
+    local = compute_s if risgd_compute_s is None else risgd_compute_s
+    bw, k = bandwidth_gbit * 1e9 / 8, ranks_per_node
+    plans = []
+    for c in measured:
+        r = flat_round_seconds(model_bytes, nodes, k, bw, latency_s, c)
+        plans.append(Plan(1, c, recommend_tau(local, r, target_share), r, payload_bytes(model_bytes, c)))
+    if k > 1 or overlap:
+        net = dict(tau_intra=tau_intra, intra_bandwidth_gbit=intra_bandwidth_gbit, intra_latency_s=intra_latency_s,
+                   overlap=overlap, risgd_compute_s=risgd_compute_s)
+        for c in measured:
+            tau = recommend_hierarchical_tau(compute_s, model_bytes, nodes, k, bandwidth_gbit, latency_s, target_share,
+                                             overlap_delay=overlap_delay, compress=c, **net)
+            if tau is None:
+                continue
+            delay = None if overlap_delay is None else min(overlap_delay, tau)
+            r = predict_hierarchical(compute_s, model_bytes, nodes, k, bandwidth_gbit, latency_s, tau,
+                                     overlap_delay=delay, compress=c, **net).round_s
+            plans.append(Plan(k, c, tau, r, payload_bytes(model_bytes, c), tau_intra if k > 1 else 0, overlap,
+                              overlap_delay))
+    pick = min(plans, key=lambda p: (p.tau, p.payload_bytes, p.node_size > 1, p.overlap))
+    return plans, pick
+
+
 def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: float, tau: int, *,
-           intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6) -> dict:
+           intra_bandwidth_gbit: float = 100.0, intra_latency_s: float = 5e-6, loopback: bool = False) -> dict:
     """The prediction for a run, from its engine accounting (``engine.risgd.stats()``).
 
     Compute per step and bytes per collective are this run's measurements. With
@@ -443,6 +507,10 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
     intra-node link ``intra_bandwidth_gbit``/``intra_latency_s``. A measured bandwidth is fitted with
     the flat ring over all ranks: for such a run a rough figure, better give the network's. Stats
     without those keys give the flat output alone.
+
+    A measured bandwidth adds ``measured_on_loopback``: ``loopback`` as the caller knows it (true: every
+    rank of the run on one machine, so what was measured is a loopback or a machine's own links, not a
+    network; the numbers describe this run there, and are no advice for a network).
     """
     if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
         raise ValueError(f"tau must be an int >= 1, got {tau!r}: pass the local steps per round to predict for")
@@ -459,6 +527,8 @@ def advise(stats: dict, bandwidth_gbit: float, latency_s: float, target_share: f
     out: dict = {"bandwidth_gbit": bandwidth_gbit if finite else None, "bandwidth_source": source,
                  "latency_us": latency_s * 1e6, "ranks": ranks, "tau": tau, "compute_s_per_step": compute_s,
                  "bytes_per_allreduce": nbytes}
+    if source == "measured":
+        out["measured_on_loopback"] = bool(loopback)
     if compute_s > 0 and nbytes > 0 and finite and ranks > 1:
         out.update(asdict(predict(compute_s, nbytes, ranks, bandwidth_gbit, latency_s, tau, target_share)))
     node_size = stats.get("node_size", 1) or 1
@@ -498,10 +568,6 @@ OUTER_ADVICE = ("none (outer_lr 1.0, outer_momentum 0): in the sweep the outer N
                 "nothing at the node level and lost 2.1 with overlap; see docs/wide-area.md's sweep")
 
 
-def format_prediction(p: Prediction) -> str:
-    return "\n".join(f"  {k:<18} {v:.4f}" if isinstance(v, float) else f"  {k:<18} {v}" for k, v in asdict(p).items())
-
-
 # The largest tau the project measured for accuracy: the tau sweep (docs/paper.md, Appendix A; tools/paper/grid.py)
 # ran tau in {1, 10, 25, 50, 100, 200}, and by 200 accuracy already falls with tau. The cost model has no
 # accuracy term: a tau beyond this one is an answer about time alone, at an accuracy nobody measured.
@@ -515,224 +581,3 @@ def beyond_measured(tau: int) -> str | None:
         return None
     return (f"{tau / MEASURED_TAU_MAX:.1f}x beyond the largest tau measured for accuracy ({MEASURED_TAU_MAX}, "
             "where accuracy already falls)")
-
-
-def format_annotated(fields: dict, notes: dict[str, str]) -> str:
-    """``format_prediction``'s ``  key   value`` lines, each followed by what its number assumes:
-    ``  key   value  (note)``; a None value prints as ``none``."""
-    def value(v) -> str:
-        return "none" if v is None else f"{v:.4f}" if isinstance(v, float) else f"{v}"
-
-    return "\n".join(f"  {k:<18} {value(v)}" + (f"  ({notes[k]})" if notes.get(k) else "") for k, v in fields.items())
-
-
-def _either(items: list[str], word: str = "or") -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + f" {word} {items[-1]}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    script = os.path.basename(sys.argv[0])
-    prog = script if script == "risgd-cost-model" else "python -m risgd_ext.cost_model"
-    parser = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, required=True,
-                        help="data-parallel ranks in the ring (N); with --ranks-per-node K, nodes of K ranks each")
-    parser.add_argument("--model", default="resnet50",
-                        help="a model name timm's registry knows, whose fp32 parameters and floating-point "
-                             "buffers one round averages (default resnet50)")
-    parser.add_argument("--model-bytes", type=int, default=None,
-                        help="bytes one all-reduce moves; takes precedence over --model (for models timm does "
-                             "not know, e.g. risgd_models.model_bytes('resnet44_cifar'))")
-    parser.add_argument("--bandwidth-gbit", type=float, required=True, help="link bandwidth in Gbit/s")
-    parser.add_argument("--latency-us", type=float, default=50.0, help="per-message latency in us (default 50)")
-    parser.add_argument("--compute-ms", type=float, required=True,
-                        help="measured compute time of one synchronous step (forward+backward+update) in ms")
-    parser.add_argument("--risgd-compute-ms", type=float, default=None,
-                        help="measured compute of one RI-SGD local step under its batch policy (default: "
-                             "--compute-ms, as for 'split'; 'per_chunk' takes about q times as long)")
-    parser.add_argument("--tau", type=int, default=50, help="local steps per round (default 50)")
-    parser.add_argument("--target-share", type=float, default=0.1,
-                        help="communication share of a step to stay under when recommending tau: recommended_tau, each "
-                             "codec's tau and hier_recommended_tau (default 0.1)")
-    parser.add_argument("--ranks-per-node", type=int, default=1,
-                        help="ranks per node (K, default 1): M=--nodes nodes of K ranks, averaged hierarchically")
-    parser.add_argument("--tau-intra", type=int, default=0,
-                        help="local steps between parameter averages inside a node; 0 (default): the node's ranks "
-                             "all-reduce their gradients every step (needs --ranks-per-node > 1 when > 0)")
-    parser.add_argument("--intra-bandwidth-gbit", type=float, default=100.0,
-                        help="intra-node link bandwidth in Gbit/s (default 100)")
-    parser.add_argument("--intra-latency-us", type=float, default=5.0,
-                        help="intra-node per-message latency in us (default 5)")
-    parser.add_argument("--overlap", action="store_true",
-                        help="a round's all-reduce runs behind the next local steps' compute")
-    parser.add_argument("--compress", choices=tuple(CODECS), default=None,
-                        help="also list every codec's round across the nodes (none: fp32 all_reduce; bf16, int8, "
-                             "int4: the two-phase compressed all-reduce) with the tau each needs, and recommend one "
-                             "(among the codecs whose accuracy was measured); with --ranks-per-node, the node "
-                             "level's cross-node phase is priced with this codec")
-    parser.add_argument("--overlap-delay", type=int, default=None,
-                        help="steps after which an overlapped round's result is applied (default: --tau; "
-                             "1..tau, needs --overlap)")
-    args = parser.parse_args(argv)
-    for flag, ok in (("--nodes", args.nodes >= 1), ("--bandwidth-gbit", args.bandwidth_gbit > 0),
-                     ("--latency-us", args.latency_us >= 0), ("--compute-ms", args.compute_ms > 0),
-                     ("--risgd-compute-ms", args.risgd_compute_ms is None or args.risgd_compute_ms > 0),
-                     ("--tau", args.tau >= 1), ("--target-share", 0 < args.target_share < 1),
-                     ("--model-bytes", args.model_bytes is None or args.model_bytes > 0)):
-        if not ok:
-            parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_')):g} is out of range")
-    delay = args.tau if args.overlap_delay is None else args.overlap_delay
-    for flag, ok in (("--ranks-per-node", args.ranks_per_node >= 1), ("--tau-intra", args.tau_intra >= 0),
-                     ("--intra-bandwidth-gbit", args.intra_bandwidth_gbit > 0),
-                     ("--intra-latency-us", args.intra_latency_us >= 0), ("--overlap-delay", 1 <= delay <= args.tau)):
-        if not ok:
-            parser.error(f"{flag} {getattr(args, flag[2:].replace('-', '_')):g} is out of range")
-    if args.tau_intra > 0 and args.ranks_per_node == 1:
-        parser.error(f"--tau-intra {args.tau_intra} needs --ranks-per-node > 1 (a node of one rank has no average)")
-    if args.overlap_delay is not None and not args.overlap:
-        parser.error(f"--overlap-delay {args.overlap_delay} needs --overlap")
-    if args.model_bytes is not None:
-        nbytes, label = args.model_bytes, f"{args.model_bytes} bytes"
-    else:
-        # The name is resolved here, at the command line's edge, in timm's registry alone: the engine
-        # imports no model zoo, and imports timm only when this command names a model.
-        import timm
-
-        if not timm.is_model(args.model):
-            print(f"error: unknown model '{args.model}' for timm: pass --model-bytes N (python -c \"import "
-                  f"risgd_models; print(risgd_models.model_bytes('{args.model}'))\")", file=sys.stderr)
-            return 2
-        model = timm.create_model(args.model, pretrained=False)
-        tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-        nbytes, label = 4 * sum(t.numel() for t in tensors), args.model
-    ranks = args.nodes * args.ranks_per_node
-    risgd_compute_s = None if args.risgd_compute_ms is None else args.risgd_compute_ms / 1e3
-    p = predict(args.compute_ms / 1e3, nbytes, ranks, args.bandwidth_gbit, args.latency_us / 1e6, args.tau,
-                args.target_share, risgd_compute_s)
-    print(f"{label}: {nbytes / 2**20:.1f} MiB per all-reduce; {ranks} ranks at {args.bandwidth_gbit:g} "
-          f"Gbit/s, {args.latency_us:g} us latency, {args.compute_ms:g} ms compute per step")
-    tau, k, m = args.tau, args.ranks_per_node, args.nodes
-    node_level = k > 1 or args.overlap
-    pct, target = f"{100 * args.target_share:g}%", f"--target-share {args.target_share:g}"
-    over = f"over {ranks} ranks" + (" in one ring" if k > 1 else "")
-    print(format_annotated(asdict(p), {
-        "allreduce_s": f"one ring all-reduce of the {nbytes / 2**20:.1f} MiB over {ranks} ranks: a sync step's "
-                       "gradients, or one RI-SGD round's parameters",
-        "sync_step_s": f"--compute-ms + one gradient all-reduce per step {over}",
-        "local_step_s": ("--risgd-compute-ms: an RI-SGD local step's compute under its batch policy, no "
-                         "communication" if risgd_compute_s is not None else "--compute-ms: an RI-SGD local "
-                         "step's compute, no communication; the split policy, for per_chunk pass --risgd-compute-ms"),
-        "risgd_step_s": f"local step + one parameter all-reduce every --tau {tau} steps, per step",
-        "sync_comm_share": f"the share of a sync step in its one gradient all-reduce per step {over}",
-        "risgd_comm_share": f"at --tau {tau}: one all-reduce every {tau} steps, as a share of an RI-SGD step",
-        "speedup_per_step": f"sync_step_s / risgd_step_s at --tau {tau}: per step, not to the same accuracy",
-        "recommended_tau": f"smallest tau with communication <= {pct} of an RI-SGD step, {target}"}))
-    if beyond_measured(tau):
-        print(f"warning: --tau {tau} is {beyond_measured(tau)}: the numbers at --tau {tau} are times alone, at an "
-              "accuracy not measured")
-    if beyond_measured(p.recommended_tau):
-        remedies = ["raise the bandwidth (--bandwidth-gbit)",
-                    "compress the rounds (the codecs below)" if args.compress else
-                    "compress the rounds (--compress int8 lists each codec's tau; int8 moves 3.9x fewer bytes, "
-                    "int4 7.5x, at any number of nodes)",
-                    "use the node level (hier_recommended_tau below)" if node_level else
-                    "use the node level (--ranks-per-node K, --overlap)",
-                    f"accept a higher --target-share than {args.target_share:g}"]
-        print(f"warning: recommended_tau {p.recommended_tau} is {beyond_measured(p.recommended_tau)}: rather than "
-              f"run it, {_either(remedies)}")
-    local_s = args.compute_ms / 1e3 if risgd_compute_s is None else risgd_compute_s
-    options, pick = ([], None) if args.compress is None else recommend_rounds(local_s, nbytes,
-                                     m, args.bandwidth_gbit, args.latency_us / 1e6, args.target_share)
-    if options:
-        print(f"rounds across the {m} nodes, by payload: one cross-node collective per round among the {m} nodes"
-              + (", without the node level's phases inside a node (for those: hier_recommended_tau below)"
-                 if k > 1 else "") + f"; tau: the smallest with communication <= {pct} of an RI-SGD step, {target}:")
-    for o in options:
-        mark = " <- recommended" if o is pick else (" <- --compress" if o.compress == args.compress else "")
-        unmeasured = "" if CODECS[o.compress].accuracy_measured else "  (accuracy not measured: never recommended)"
-        print(f"  {o.compress:<5} payload {o.payload_bytes / 2**20:8.2f} MiB  round {o.round_s:8.3f} s  "
-              f"tau {o.tau}{mark}{unmeasured}")
-    far = [o for o in options if beyond_measured(o.tau)]
-    if far:
-        which = [f"{o.tau} ({o.compress}) " + ("is " if i == 0 else "") + f"{o.tau / MEASURED_TAU_MAX:.1f}x"
-                 for i, o in enumerate(far)]
-        remedies = ["raise the bandwidth (--bandwidth-gbit)",
-                    "use the node level (hier_recommended_tau below)" if node_level else
-                    "use the node level (--ranks-per-node K, --overlap)",
-                    f"accept a higher --target-share than {args.target_share:g}"]
-        print(f"warning: tau {_either(which, 'and')} beyond the largest tau measured for "
-              f"accuracy ({MEASURED_TAU_MAX}, where accuracy already falls): rather than run "
-              f"{'them' if len(far) > 1 else 'it'}, {_either(remedies)}")
-    if node_level:
-        net = dict(tau_intra=args.tau_intra, intra_bandwidth_gbit=args.intra_bandwidth_gbit,
-                   intra_latency_s=args.intra_latency_us / 1e6, overlap=args.overlap, risgd_compute_s=risgd_compute_s,
-                   compress=args.compress or "none")
-        h = predict_hierarchical(args.compute_ms / 1e3, nbytes, m, k, args.bandwidth_gbit, args.latency_us / 1e6, tau,
-                                 overlap_delay=delay, **net)
-        inside = "node-synchronous (tau_intra 0)" if args.tau_intra == 0 else f"tau_intra {args.tau_intra}"
-        print(f"hierarchical/overlapped: {m} nodes x {k} ranks, "
-              f"{args.intra_bandwidth_gbit:g} Gbit/s and {args.intra_latency_us:g} us latency inside a node, "
-              f"{inside}, tau {tau}, " + (f"overlap delay {delay} steps" if args.overlap else "no overlap")
-              + (f", cross-node payload {args.compress}" if args.compress and args.compress != "none" else ""))
-        hier_tau = recommend_hierarchical_tau(args.compute_ms / 1e3, nbytes, m, k, args.bandwidth_gbit,
-                                              args.latency_us / 1e6, args.target_share,
-                                              overlap_delay=args.overlap_delay, **net)
-        if k == 1:
-            round_note, intra_note = f"one round: a ring all-reduce among the {m} nodes", "none: one rank per node"
-        else:
-            round_note = (f"one hierarchical round: {'an average inside each node, then ' if args.tau_intra else ''}"
-                          f"the cross-node all-reduce of the slices among the {m} nodes, then their broadcast inside "
-                          "each node")
-            intra_note = (f"the node's gradient all-reduce over its {k} ranks every step, at --intra-bandwidth-gbit "
-                          f"{args.intra_bandwidth_gbit:g}" if args.tau_intra == 0 else
-                          f"an average inside the node every --tau-intra {args.tau_intra} steps, per step")
-        cross = "the cross-node phase, + the blocking phases inside the node" if k > 1 else "the round"
-        floor = hierarchical_share_floor(args.compute_ms / 1e3, nbytes, k, tau_intra=args.tau_intra,
-                                         intra_bandwidth_gbit=args.intra_bandwidth_gbit,
-                                         intra_latency_s=args.intra_latency_us / 1e6, risgd_compute_s=risgd_compute_s)
-        if hier_tau is not None:
-            hier_note = (f"smallest tau with hier_comm_share <= {pct}, {target}: the node level's rounds among the {m} "
-                         f"nodes of {k} rank{'s' if k > 1 else ''}"
-                         + (f", a multiple of --tau-intra {args.tau_intra}" if args.tau_intra else "")
-                         + (", each behind tau steps of compute (overlap delay tau)" if args.overlap
-                            and args.overlap_delay is None else "")
-                         + (f", each behind min(--overlap-delay {args.overlap_delay}, tau) steps of compute"
-                            if args.overlap_delay is not None else "")
-                         + (f"; the cross-node phase compressed with --compress {args.compress}, the phases inside "
-                            "the node fp32" if args.compress and args.compress != "none" else ""))
-        elif floor >= args.target_share:
-            what = ("the node's gradient all-reduce every step" if args.tau_intra == 0 else
-                    f"the average inside the node every --tau-intra {args.tau_intra} steps")
-            fix = ("average inside the node every --tau-intra steps" if args.tau_intra == 0 else
-                   "a larger --tau-intra")
-            hier_note = (f"no tau reaches hier_comm_share <= {pct}, {target}: {what} alone is a share {floor:.4f} of "
-                         f"a step at any tau; {fix}, a faster node link (--intra-bandwidth-gbit) or a --target-share "
-                         f"above {floor:.4f}")
-        else:
-            hier_note = (f"no tau a run could use reaches hier_comm_share <= {pct}, {target}: the share tends to "
-                         f"{floor:.4f} as tau grows, a hair below it; accept a higher --target-share")
-        print(format_annotated({**asdict(h), "hier_recommended_tau": hier_tau}, {
-            "round_s": round_note,
-            "intra_step_comm_s": intra_note,
-            "exposed_round_s": (f"what {delay} steps of compute, the overlap delay, leave of {cross}" if args.overlap
-                                else "all of the round: the steps wait for it, no --overlap"),
-            "hier_step_s": f"local step + intra_step_comm_s + exposed_round_s / {tau}, at --tau {tau}",
-            "hier_comm_share": f"at --tau {tau}: the share of a node-level step spent communicating",
-            "speedup_vs_sync": f"the flat sync_step_s, one ring over all {ranks} ranks, / hier_step_s",
-            "speedup_vs_risgd": f"the flat risgd_step_s at --tau {tau}, one ring over all {ranks} ranks, / "
-                                "hier_step_s",
-            "hier_recommended_tau": hier_note}))
-        if hier_tau is not None and beyond_measured(hier_tau):
-            remedies = ["raise the bandwidth (--bandwidth-gbit)"]
-            if not args.overlap:
-                remedies.append("hide the rounds behind compute (--overlap)")
-            if k > 1 and args.tau_intra == 0:
-                remedies.append("leave the rounds more of the share (--tau-intra: average inside the node every few "
-                                "steps, not every step)")
-            remedies.append(f"accept a higher --target-share than {args.target_share:g}")
-            print(f"warning: hier_recommended_tau {hier_tau} is {beyond_measured(hier_tau)}: rather than run it, "
-                  f"{_either(remedies)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
