@@ -43,7 +43,7 @@ import bench_nodes as N
 OUTER = ["outer_lr=0.7", "outer_momentum=0.9", "outer_nesterov=true"]
 SLOWMO = ["outer_lr=1.0", "outer_momentum=0.5"]  # SlowMo's slow momentum (beta 0.5, alpha 1), heavy-ball
 # an outer step for runs of few rounds (the sweep's 4): --few LR,MOMENTUM[,nesterov] sets it. Chosen on seed 0
-# of flat fp32 among (1.0, 0.3, Nesterov), (0.8, 0) and (1.2, 0): docs/wide-area.md
+# of flat fp32 among (1.0, 0.3, Nesterov), (0.8, 0) and (1.2, 0): docs/wide-area-sweep.md
 FEW = (1.2, 0.0, False)
 CODECS = {"fp32": [], "bf16": ["compress=bf16"], "int8": ["compress=int8"],
           "int8 -ef": ["compress=int8", "error_feedback=false"], "int4": ["compress=int4"]}

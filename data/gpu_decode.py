@@ -1,6 +1,6 @@
 """The GPU decode path of the ImageNet train loader (recipe key ``data.decode: gpu``).
 
-With ``decode="gpu"`` the loader's workers no longer decode: for each sample they read the encoded
+With ``decode="gpu"`` the loader's workers decode no pixels: for each sample they read the encoded
 JPEG, parse its header (simplejpeg, else PIL: no pixels), and draw the crop, flip and ColorJitter by
 FastTrainTransform.sample_params under the same per-sample seed as the CPU path, so the same
 (seed, rank, step) gives the same crops, flips and jitters on both paths. A batch leaves the

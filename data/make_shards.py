@@ -65,7 +65,8 @@ def _existing(path: str, samples: list[Sample], num_classes: int, size: tuple[in
     if rec.keys != [sm.key for sm in samples]:
         return None
     # The same keys, but written from another source or with another --max-side/--quality? Its first
-    # images must be the bytes this run writes for them (docs/data.md: what this does not catch).
+    # images must be the bytes this run writes for them (docs/data-imagenet.md#pre-sized-shards: what this
+    # does not catch).
     with open(path, "rb") as f:
         for i, sm in enumerate(samples[:CHECKED_MEMBERS]):
             f.seek(rec.offsets[i])

@@ -117,7 +117,7 @@ def _simplejpeg():
 def decode_jpeg_rgb(raw: bytes) -> np.ndarray | None:
     """An RGB JPEG decoded by simplejpeg (libjpeg-turbo, ISLOW IDCT, fancy upsampling: the same
     pixels as PIL's decode, tested), or None when simplejpeg is missing or refuses it (not a JPEG,
-    CMYK, data it is strict about): the caller then decodes with PIL as before."""
+    CMYK, data it is strict about): the caller then decodes with PIL."""
     sj = _simplejpeg()
     if sj is None or raw[:3] != b"\xff\xd8\xff":
         return None

@@ -172,7 +172,7 @@ class LiveNodes:
         address = self.lighthouse or os.environ.get(LIGHTHOUSE_ENV)
         if not address:
             raise LiveError(f"fault_tolerance=torchft needs the lighthouse's address: set {LIGHTHOUSE_ENV}="
-                            "http://HOST:PORT on every node (start it with torchft_lighthouse, docs/faults.md)")
+                            "http://HOST:PORT on every node (start it with torchft_lighthouse, docs/elastic.md)")
         self.lighthouse = address
         # the lighthouse probed first (a mistyped or stopped one: one line, within LIGHTHOUSE_PROBE_S); a twin (a node
         # already serving this worker, heartbeating) is refused here, before it is in any quorum: no one waits
@@ -325,7 +325,7 @@ def _heartbeat_ages(address: str, worker: int) -> list[float]:
             if isinstance(e, ValueError) or time.monotonic() > deadline:
                 raise LighthouseLost(f"no lighthouse answers at {address} ({_first_line(e)}): start one on the "
                                      "machine that address names (torchft_lighthouse --min_replicas 1 --bind "
-                                     f"[::]:PORT, docs/faults.md) or fix {LIGHTHOUSE_ENV}") from None
+                                     f"[::]:PORT, docs/elastic.md) or fix {LIGHTHOUSE_ENV}") from None
             time.sleep(0.5)
     found = re.findall(rf"\b{REPLICA_PREFIX}{worker}:[^\s:<]+: seen ([0-9.]+)(ms|s|µs|us|ns)? ago", page)
     scale = {"ms": 1e-3, "µs": 1e-6, "us": 1e-6, "ns": 1e-9}

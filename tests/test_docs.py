@@ -285,3 +285,13 @@ def test_each_page_has_command_lines_or_is_prose(page):
     code_lines(page)  # every page parses (unbalanced fences would swallow the rest)
     with open(page) as f:
         assert f.read().count("```") % 2 == 0, page
+
+
+PAGE_BYTES = 20_000  # a page a reader can finish: one topic a page, each fact on one page and linked from the others
+
+
+def test_every_page_is_under_20_kb():
+    sizes = {os.path.relpath(p, ROOT): os.path.getsize(p) for p in PAGES}
+    assert len(sizes) > 10 and all(sizes.values())  # the pages were found and read
+    over = {p: n for p, n in sizes.items() if n >= PAGE_BYTES}
+    assert not over, f"pages of {PAGE_BYTES} bytes or more (split them by topic and link): {over}"

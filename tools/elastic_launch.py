@@ -9,7 +9,7 @@ risgd_trainer.train`` under torch's stock launcher (``torch.distributed.run``) w
 this node's ranks are one DeepSpeed world and the node level of the run. The nodes never rendezvous
 with each other through torchrun: a lost node is dropped at the next round by torchft's lighthouse
 and the others go on; the same command started again (here or on a replacement with the lost node's
-replica) is healed from a live peer (docs/faults.md, "Live recovery on torchft").
+replica) is healed from a live peer (docs/elastic.md).
 
 - ``--master-addr`` is the address the other nodes reach this one at (its store and torchft's
   servers are advertised there); ``--master-port`` its store's port.
@@ -23,8 +23,9 @@ replica) is healed from a live peer (docs/faults.md, "Live recovery on torchft")
 Exit status: 0 the run finished; 2 bad input or the trainer refused (its one ``error:`` line above:
 below the floor, the lighthouse lost, a worker already served); 1 this node's ranks failed.
 
-This command started torchrun's elastic agent across nodes (``--nnodes=MIN:MAX``) until the torchrun
-path was retired; those options are refused with the way over.
+torchrun's cross-node options (``--nnodes``, ``--rdzv-*``, ``--standalone``), which would make one
+torchrun agent span the nodes and restart them all when one is lost, are refused in one line with the
+way over.
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ def parse(argv: list[str]):
             raise LaunchError(f"{opt.split('=', 1)[0]}: risgd-elastic now starts one node of a run on torchft (the "
                               "torchrun path that restarted every node was retired): drop the --nnodes/--rdzv-* "
                               "options, pass --lighthouse URL, and start the command on every node "
-                              "(docs/faults.md, \"Live recovery on torchft\")")
+                              "(docs/elastic.md)")
     args = parser().parse_args(own)
     args.lighthouse = args.lighthouse or os.environ.get(LIGHTHOUSE_ENV)
     if not args.lighthouse:
         raise LaunchError(f"no lighthouse: pass --lighthouse http://HOST:PORT or set {LIGHTHOUSE_ENV} (start one "
-                          "with torchft_lighthouse; docs/faults.md)")
+                          "with torchft_lighthouse; docs/elastic.md)")
     if args.nproc_per_node < 1 or args.max_restarts < 0:
         raise LaunchError("--nproc-per-node must be >= 1 and --max-restarts >= 0")
     if not any(a.startswith("elastic.workers=") for a in trainer):

@@ -22,7 +22,7 @@ import yaml
 from risgd_common.atomic import write_text_atomic
 from risgd_common.install import CHECKOUT
 from risgd_common.ports import free_port
-from risgd_common.progress import Progress, watch  # noqa: F401  (Progress: launch.Progress, as before)
+from risgd_common.progress import Progress, watch  # noqa: F401  (Progress: also launch.Progress)
 
 ROOT = CHECKOUT or os.getcwd()  # where the trainer runs (its working directory)
 TRAINER = "risgd_trainer.train"  # the module the ranks run (train.py in a checkout is a shim of it)

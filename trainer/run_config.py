@@ -39,7 +39,7 @@ from risgd_ext.config import (
 )
 from risgd_recipes.bundled import ds_config_candidates, ds_config_names
 
-from .naming import legacy_run_name, run_name  # the recipe's default run name (trainer.run_config.run_name, as before)
+from .naming import legacy_run_name, run_name  # the recipe's default run name (also trainer.run_config.run_name)
 
 ALGORITHMS = ("sync", "prsgd", "risgd", "coop")
 NO_REDUNDANCY = ("sync", "prsgd", "coop")  # algorithms that run at mu=0
@@ -100,11 +100,11 @@ SCHEMA: dict[str, Any] = {
     # An elastic run: the manifest has `workers` workers; each node is one launch (its ranks are the node level)
     # serving the manifest worker its replica records (data.shards, or the RISGD_REPLICA_DIR variable). Its
     # nodes meet in torchft's quorum at every round: a lost node is dropped and a returning one healed from a
-    # live peer, nobody restarted (docs/faults.md, "Live recovery on torchft"). Below min_workers live nodes,
+    # live peer, nobody restarted (docs/elastic.md). Below min_workers live nodes,
     # or below min_coverage of the training set, a round waits floor_wait_s for a node, then every node stops
     # (exit 2); op_timeout_s: each cross-node operation's timeout; quorum_timeout_s: how long a round waits
     # for the lighthouse's quorum (a lost lighthouse is noticed after it: every node checkpoints and stops).
-    # backend: torchft, the only one (torchrun's restart-everyone path was retired; torchrun is refused).
+    # backend: torchft, the only one (torchrun is refused in one line naming the way over).
     "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0, "backend": "torchft", "floor_wait_s": 60.0,
                 "op_timeout_s": 10.0, "quorum_timeout_s": 60.0},
 }
@@ -242,8 +242,7 @@ def validate(cfg: dict) -> None:
     if el["backend"] == "torchrun":
         raise RecipeError("elastic.backend=torchrun was retired (a lost node restarted every node from the "
                           "last checkpoint, 35-37 s): drop the key (torchft is the default) and start one launch "
-                          "per node with TORCHFT_LIGHTHOUSE set (risgd-elastic or deepspeed; docs/faults.md, "
-                          "\"Live recovery on torchft\")")
+                          "per node with TORCHFT_LIGHTHOUSE set (risgd-elastic or deepspeed; docs/elastic.md)")
     if el["backend"] != "torchft":
         raise RecipeError(f"elastic.backend must be torchft, got {el['backend']!r}")
     for key in ("floor_wait_s", "op_timeout_s", "quorum_timeout_s"):
