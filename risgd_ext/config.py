@@ -171,7 +171,7 @@ class RISGDConfig:
 
     @property
     def outer(self) -> bool:
-        """Whether a round ends with an outer optimizer step (else: plain averaging, bitwise as before)."""
+        """Whether a round ends with an outer optimizer step (else: plain averaging)."""
         return self.outer_lr != 1.0 or self.outer_momentum != 0.0
 
     @property
