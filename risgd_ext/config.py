@@ -11,6 +11,16 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from risgd_common.bounds import (
+    FLAG,
+    FRACTION,
+    POSITIVE_NUMBER,
+    POSITIVE_SECONDS,
+    PROBABILITY,
+    KeyCheck,
+    at_least,
+    one_of,
+)
 from risgd_common.layout import Layout, LayoutError
 
 from .codec import CODECS
@@ -42,45 +52,25 @@ class RandomFailure:
     start_round: int = 0
 
 
-# -- validators: (key, value) -> the parsed value, or ConfigError with one line ----------------------
+# -- validators: (key, value) -> the parsed value, or ConfigError with one line. Each bound (an int >= k,
+# a number of seconds > 0, a fraction, ...) is written once, in risgd_common.bounds, which the recipe
+# layer checks with too ------------------------------------------------------------------------------
 _FIX = "fix it in the ds_config (or the recipe key of that name)"
 
 
-def _int(minimum: int, where: str = BLOCK):
-    def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}.{key} must be an int >= {minimum}, got {value!r}: {_FIX}")
-        return value
-    return check
+def _int(minimum: int, where: str = BLOCK) -> KeyCheck:
+    return KeyCheck(at_least(minimum), f"{where}.", _FIX, ConfigError)
 
 
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{BLOCK}.{key} must be true or false, got {value!r}: {_FIX}")
-    return value
+_bool = KeyCheck(FLAG, f"{BLOCK}.", _FIX, ConfigError)
+_positive_number = KeyCheck(POSITIVE_NUMBER, f"{BLOCK}.", "fix it in the ds_config", ConfigError)
+_seconds = KeyCheck(POSITIVE_SECONDS, f"{BLOCK}.", "fix it in the ds_config", ConfigError)
+_fraction = KeyCheck(FRACTION, f"{BLOCK}.", _FIX, ConfigError)
 
 
-def _positive_number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{BLOCK}.{key} must be a number > 0, got {value!r}: fix it in the ds_config")
-    return float(value)
-
-
-def _fraction(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ConfigError(f"{BLOCK}.{key} must be a number in [0, 1), got {value!r}: {_FIX}")
-    return float(value)
-
-
-def _one_of(choices):
+def _one_of(choices) -> KeyCheck:
     """A validator of one of ``choices`` (a tuple, or a registry dict read at each check)."""
-    def check(key: str, value: Any) -> str:
-        if value not in choices:
-            raise ConfigError(f"{BLOCK}.{key} must be one of {', '.join(choices)}, got {value!r}: {_FIX}")
-        return value
-    return check
-
-
+    return KeyCheck(one_of(choices), f"{BLOCK}.", _FIX, ConfigError)
 
 
 def _failures(key: str, value: Any) -> tuple:
@@ -146,14 +136,14 @@ class RISGDConfig:
                                "retried among the survivors, a joiner healed from a live peer); the lighthouse's "
                                "address in TORCHFT_LIGHTHOUSE; each node calls engine.risgd.go_live() (the trainer "
                                "sets it for elastic.workers > 0)")
-    op_timeout_s: float = key(10.0, _positive_number, "number > 0: with torchft, each cross-node collective "
+    op_timeout_s: float = key(10.0, _seconds, "number > 0: with torchft, each cross-node collective "
                               "fails after this many seconds (gloo cannot abort one: a silent node costs about "
                               "this); size it from the expected bucket time")
     min_nodes: int = key(1, _int(1), "int >= 1: with torchft, the fewest live nodes a round may have; below it "
                          "the round waits up to floor_wait_s, then the run stops")
-    floor_wait_s: float = key(60.0, _positive_number, "number > 0: with torchft, seconds a round waits below "
+    floor_wait_s: float = key(60.0, _seconds, "number > 0: with torchft, seconds a round waits below "
                               "the floor for a node to come back before the run stops")
-    quorum_timeout_s: float = key(60.0, _positive_number, "number > 0: with torchft, seconds a quorum may take "
+    quorum_timeout_s: float = key(60.0, _seconds, "number > 0: with torchft, seconds a quorum may take "
                                   "before the lighthouse counts as lost")
 
     @property
@@ -264,11 +254,9 @@ def _parse_failure(entry: Any, i: int) -> StaticFailure | RandomFailure:
         if unknown:
             raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}: allowed {sorted(_RANDOM_KEYS)}")
         count = _int(1, where)("count", entry.get("count", 1))
-        prob = entry.get("prob")
-        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 <= prob <= 1.0:
-            raise ConfigError(f"{where}.prob must be a probability in [0, 1], got {prob!r}")
+        prob = PROBABILITY.check(f"{where}.prob", entry.get("prob"), error=ConfigError)
         seed = _int(0, where)("seed", entry.get("seed", 0))
-        return RandomFailure(count, float(prob), seed, _int(0, where)("start_round", entry.get("start_round", 0)))
+        return RandomFailure(count, prob, seed, _int(0, where)("start_round", entry.get("start_round", 0)))
     raise ConfigError(f"{where} needs either 'ranks' (fixed failures) or 'count' and 'prob' (random failures)")
 
 

@@ -278,3 +278,87 @@ def test_where_the_shards_come_from_is_checked_before_any_work(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: the override data.shards=mistyped/dir2: no shards there")
     assert not dist.is_initialized() and os.listdir(tmp_path) == []
+
+
+def _flat_keys(cfg: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in cfg.items():
+        out += _flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+    return out
+
+
+def test_every_recipe_key_is_one_declaration_with_its_default_and_validator(tmp_path):
+    """Issue 45 item 4: the recipe's keys are typed records (trainer.run_config.Recipe): each key of a
+    resolved recipe (what config.yaml holds, in its order) is one field with its default and validator,
+    and that validator refuses a value of another type in one line naming the key and the fix."""
+    from dataclasses import MISSING
+
+    from risgd_ext.config import recipe_keys
+    from risgd_trainer.run_config import RecipeCheck, declared_keys
+
+    declared = declared_keys()
+    cfg = resolve(tmp_path).cfg
+    assert [k for k in _flat_keys(cfg) if k != "recipe"] == list(declared)  # every key, in config.yaml's order
+    assert _flat_keys(SCHEMA) == list(declared)
+    for key, f in declared.items():
+        assert f.default is not MISSING or f.default_factory is not MISSING, key
+        check = f.metadata["check"]
+        assert isinstance(check, RecipeCheck), key
+        with pytest.raises(RecipeError) as e:
+            check(key, object())
+        said = str(e.value)
+        assert said.startswith(f"recipe key '{key}' must be ") and said.endswith(": fix the recipe or the override")
+        assert "\n" not in said
+    for key, default in recipe_keys().items():  # the engine's recipe keys: their defaults are the engine's
+        assert SCHEMA[key] == default and key in declared
+
+
+@pytest.mark.parametrize("key", ["floor_wait_s", "op_timeout_s", "quorum_timeout_s"])
+def test_a_bound_is_checked_in_one_place(tmp_path, key):
+    """Issue 45 item 4: a seconds key's bound is risgd_common.bounds.POSITIVE_SECONDS on both sides, the
+    recipe's elastic.KEY and the engine's risgd.KEY: the same bad value is refused in the same words by the
+    same checker, each side naming its own file."""
+    from risgd_common.bounds import POSITIVE_SECONDS
+    from risgd_ext.config import KEYS, ConfigError
+    from risgd_trainer.run_config import declared_keys
+
+    assert declared_keys()[f"elastic.{key}"].metadata["check"].bound is POSITIVE_SECONDS
+    assert KEYS[key].metadata["check"].bound is POSITIVE_SECONDS
+    for bad in (0, -1.5):
+        with pytest.raises(RecipeError) as recipe_side:
+            resolve(tmp_path, "elastic.workers=3", f"elastic.{key}={bad}")
+        with pytest.raises(ConfigError) as engine_side:
+            parse_block({key: bad})
+        assert str(recipe_side.value) == POSITIVE_SECONDS.message(f"elastic.{key}", float(bad),
+                                                                  "fix the recipe or the override")
+        assert str(engine_side.value) == POSITIVE_SECONDS.message(f"risgd.{key}", bad, "fix it in the ds_config")
+        assert f"must be a number of seconds > 0, got {float(bad)!r}" in str(recipe_side.value)
+
+
+def test_every_seconds_key_is_bounded_by_the_one_seconds_bound(tmp_path):
+    """Every key named *_s, recipe or engine, is a number of seconds > 0 checked by POSITIVE_SECONDS (a new
+    one with its own hand-written check fails here); dist_timeout_s=0 (every collective timing out at
+    once) is refused before any work."""
+    from risgd_common.bounds import POSITIVE_SECONDS
+    from risgd_ext.config import KEYS
+    from risgd_trainer.run_config import declared_keys
+
+    recipe = {k: f.metadata["check"].bound for k, f in declared_keys().items() if k.endswith("_s")}
+    engine = {k: f.metadata["check"].bound for k, f in KEYS.items() if k.endswith("_s")}
+    assert "dist_timeout_s" in recipe and len(recipe) == 4 and len(engine) == 3
+    assert all(bound is POSITIVE_SECONDS for bound in [*recipe.values(), *engine.values()])
+    with pytest.raises(RecipeError) as e:
+        resolve(tmp_path, "dist_timeout_s=0")
+    assert str(e.value) == "dist_timeout_s must be a number of seconds > 0, got 0: fix the recipe or the override"
+    assert resolve(tmp_path, "dist_timeout_s=60").cfg["dist_timeout_s"] == 60  # kept as typed, an int
+
+
+def test_the_bounds_refuse_what_they_say():
+    from risgd_common.bounds import FRACTION, PROBABILITY, SHARE, at_least, within
+
+    assert FRACTION.what == "a number in [0, 1)" and FRACTION.ok(0) and not FRACTION.ok(1)
+    assert PROBABILITY.ok(1) and not PROBABILITY.ok(True) and not PROBABILITY.ok(-0.1)
+    assert SHARE.what == "a number in (0, 1)" and not SHARE.ok(0) and SHARE.ok(0.5) and not SHARE.ok(1)
+    assert within(2, 4, "(]").ok(4) and not within(2, 4, "(]").ok(2)
+    assert at_least(1).ok(1) and not at_least(1).ok(True) and not at_least(1).ok(1.0)
+    assert at_least(1).or_null().ok(None) and at_least(1).or_null().what == "an int >= 1 or null"

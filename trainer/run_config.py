@@ -7,8 +7,11 @@ the recipe (defaults < YAML < ``key=value`` overrides), the redundancy parameter
 manifest file when the recipe names one: it is their only source), the ds_config with its
 ``risgd`` block (read once, validated by the engine's own validator), that the run ends on an
 average, and that an existing run directory holds this same experiment. Every error is one line
-naming the key and the fix. Each key has one default: the engine's recipe keys, their defaults and
-how they are written into the ``risgd`` block come from their one declaration in
+naming the key and the fix. Each key is one declaration, a field of the typed records :class:`Recipe`
+(and its mappings' records) with its default and validator (:func:`rkey`); each bound a validator
+checks (an int >= k, a number of seconds > 0, ...) is written once in :mod:`risgd_common.bounds`,
+which the engine's block is checked with too. The engine's recipe keys, their defaults and how they
+are written into the ``risgd`` block come from their one declaration in
 :class:`risgd_ext.config.RISGDConfig` (``recipe_keys``, ``block_from_recipe``).
 """
 
@@ -16,11 +19,27 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import Field, dataclass, field, fields, make_dataclass
 from typing import Any
 
 import yaml
 
+from risgd_common.bounds import (
+    FLAG,
+    INTEGER,
+    LIST,
+    NON_NEGATIVE_NUMBER,
+    NUMBER,
+    POSITIVE_SECONDS,
+    SCALAR,
+    SHARE,
+    STRING,
+    Bound,
+    at_least,
+    one_of,
+    within,
+)
 from risgd_common.layout import Layout
 from risgd_data.errors import DataError
 from risgd_data.gpu_decode import DECODES, check_decode
@@ -51,63 +70,222 @@ class RecipeError(ValueError):
     """A recipe that cannot run."""
 
 
-# key -> default. The type of the default is the type required (None: any of str/number/null;
-# an int default also accepts nothing but ints; a float default accepts ints).
-SCHEMA: dict[str, Any] = {
-    "name": "run",
-    "run_name": None,              # default: NAME-ALGORITHM-tauT[-elasticP]...-muM-sSEED (trainer/naming.py)
-    "runs_dir": "runs",
-    "algorithm": "risgd",          # sync | prsgd | risgd | coop
-    # the engine's recipe keys (tau, warmup_sync_steps, average_optimizer_state, failures, node_size,
-    # tau_intra, overlap, overlap_delay), with their defaults, from their one declaration in RISGDConfig
-    **recipe_keys(),
-    "mu": 0.0,                     # with data.manifest: the manifest's mu (it is the source)
-    "steps": 0,                    # optimizer steps; 0: use epochs. Must end on an average.
-    "epochs": 0,                   # epochs of one chunk D_j (rounded up to the next average)
-    "eval_every": 100,             # steps; evaluated at the first average at or after each multiple
-    "checkpoint_every": None,      # steps (any step: a checkpoint may fall inside a round); null: every eval_every
-                                   # steps (an interrupted run resumes near where it stopped); 0: none but the end
-    "seed": 0,
-    "dist_timeout_s": 600,         # a collective waiting longer than this fails the job (a dead rank)
-    "ds_config": "ds_configs/digits.json",
-    "precision": None,             # fp32 | bf16 (torch autocast, fp32 weights); null: as the ds_config says
-    "model": {"name": "resnet8_digits", "drop_rate": 0.0, "channels_last": False},
-    "data": {
-        "dataset": "digits",
-        "shards": "shards/digits",  # made on the fly for digits when missing
-        "src": None,                # source for making shards (CIFAR tarball, ImageNet root)
-        "manifest": None,           # a manifest YAML; null: built from mu, partition, hetero_std, seed
-        "partition": "iid",         # with data.manifest: the manifest's
-        "hetero_std": 0.0,          # with data.manifest: the manifest's
-        "batch_policy": "per_chunk",
-        "base_batch": 32,
-        "global_batch": None,       # the global batch the recipe was tuned for (lr, schedule); null: not stated.
-                                    # The trainer warns when the batch policy gives one > 1.25x off it.
-        "eval_batch": 256,
-        "num_workers": 0,
-        "image_size": None,
-        "verify": "stamp",          # stamp: skip re-hashing replicated, unchanged shards; full: hash all
-        "fast_decode": True,        # JPEG training data: timm's transform fused with a faster decode
-        "max_side": None,           # the shards' make_shards --max-side (checked against index.json); null: any
-        "decode": "cpu",            # cpu: the loader's workers decode JPEGs; gpu: the device does (nvJPEG)
-    },
-    "optimizer": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False},
-    "schedule": {"kind": "cosine", "warmup_steps": 0, "milestones": [], "gamma": 0.1, "min_lr": 0.0},
-    "wandb": {"enabled": True, "project": "risgd", "group": None, "mode": None},
-    # For the cost model's advice in summary.json: the link bandwidth between nodes (0: estimate it
-    # from this run's measured collectives) and the per-message latency.
-    "network": {"bandwidth_gbit": 0.0, "latency_us": 50.0, "target_comm_share": 0.1},
-    # An elastic run: the manifest has `workers` workers; each node is one launch (its ranks are the node level)
-    # serving the manifest worker its replica records (data.shards, or the RISGD_REPLICA_DIR variable). Its
-    # nodes meet in torchft's quorum at every round: a lost node is dropped and a returning one healed from a
-    # live peer, nobody restarted (docs/elastic.md). Below min_workers live nodes,
-    # or below min_coverage of the training set, a round waits floor_wait_s for a node, then every node stops
-    # (exit 2); op_timeout_s: each cross-node operation's timeout; quorum_timeout_s: how long a round waits
-    # for the lighthouse's quorum (a lost lighthouse is noticed after it: every node checkpoints and stops).
-    # backend: torchft, the only one (torchrun is refused in one line naming the way over).
-    "elastic": {"workers": 0, "min_workers": 1, "min_coverage": 1.0, "backend": "torchft", "floor_wait_s": 60.0,
-                "op_timeout_s": 10.0, "quorum_timeout_s": 60.0},
-}
+# -- the recipe's keys: typed records, one declaration per key ----------------------------------------
+_FIX = "fix the recipe or the override"
+
+
+@dataclass(frozen=True)
+class RecipeCheck:
+    """A recipe key's validator, ``(key, value) -> value``: its type (``kind``: ``recipe key 'K' must be
+    an integer, ...``), then ``extra``, a check whose words are its own, then its bound (``K must be a
+    number of seconds > 0, ...``). Types and bounds are risgd_common.bounds', which the engine's block checks
+    with too; every refusal is one line naming the key and the fix."""
+
+    kind: Bound
+    bound: Bound | None = None
+    extra: Callable[[str, Any], None] | None = None
+
+    def __call__(self, key: str, value: Any) -> Any:
+        value = self.kind.check(f"recipe key '{key}'", value, _FIX, RecipeError)  # as typed: 2 -> 2.0
+        if self.extra is not None:
+            self.extra(key, value)
+        if self.bound is not None and not self.bound.ok(value):  # the value stays as typed (600, not 600.0)
+            raise RecipeError(self.bound.message(key, value, _FIX))
+        return value
+
+
+def _kind_of(default: Any) -> Bound:
+    """The type a default says a key has (None: any of str/number/null; a float default accepts ints)."""
+    for kind, types in ((FLAG, bool), (INTEGER, int), (NUMBER, float), (STRING, str), (LIST, list)):
+        if isinstance(default, types):
+            return kind
+    return SCALAR
+
+
+def rkey(default: Any, bound: Bound | None = None, *, kind: Bound | None = None,
+         extra: Callable[[str, Any], None] | None = None) -> Any:
+    """One recipe key: its default and its validator (:class:`RecipeCheck`; ``kind``, by default the
+    default's type), declared once."""
+    meta = {"check": RecipeCheck(kind or _kind_of(default), bound, extra)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(record: type) -> Any:
+    """A mapping of keys (``data``, ``elastic``, ...): its own record."""
+    return field(default_factory=record, metadata={"section": record})
+
+
+def _algorithm(key: str, value: Any) -> None:
+    if value not in ALGORITHMS:
+        raise RecipeError(f"algorithm '{value}' is unknown: use one of {', '.join(ALGORITHMS)}")
+
+
+def _every(key: str, value: Any) -> None:
+    if value is not None and not at_least(0).ok(value):
+        raise RecipeError(f"{key}={value} must be >= 0 (0: only at the end of the run)")
+
+
+def _backend(key: str, value: Any) -> None:
+    if value == "torchrun":
+        raise RecipeError("elastic.backend=torchrun was retired (a lost node restarted every node from the "
+                          "last checkpoint, 35-37 s): drop the key (torchft is the default) and start one launch "
+                          "per node with TORCHFT_LIGHTHOUSE set (risgd-elastic or deepspeed; docs/elastic.md)")
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    name: str = rkey("resnet8_digits")
+    drop_rate: float = rkey(0.0)
+    channels_last: bool = rkey(False)
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    dataset: str = rkey("digits")
+    shards: str = rkey("shards/digits")    # made on the fly for digits when missing
+    src: str | None = rkey(None)           # source for making shards (CIFAR tarball, ImageNet root)
+    manifest: str | None = rkey(None)      # a manifest YAML; null: built from mu, partition, hetero_std, seed
+    partition: str = rkey("iid")           # with data.manifest: the manifest's
+    hetero_std: float = rkey(0.0)          # with data.manifest: the manifest's
+    batch_policy: str = rkey("per_chunk", one_of(("per_chunk", "split"), "per_chunk or split"))
+    base_batch: int = rkey(32, at_least(1))
+    # the global batch the recipe was tuned for (lr, schedule); null: not stated. The trainer warns when the
+    # batch policy gives one > 1.25x off it.
+    global_batch: int | None = rkey(None, at_least(1).or_null(
+        "null (not stated) or the positive global batch the recipe was tuned for"))
+    eval_batch: int = rkey(256)
+    num_workers: int = rkey(0)
+    image_size: int | None = rkey(None)
+    verify: str = rkey("stamp", one_of(("stamp", "full"), "stamp or full"))  # stamp: skip re-hashing
+    # replicated, unchanged shards; full: hash all
+    fast_decode: bool = rkey(True)         # JPEG training data: timm's transform fused with a faster decode
+    # the shards' make_shards --max-side (checked against index.json); null: any
+    max_side: int | None = rkey(None, at_least(1).or_null(
+        "null (any shards) or the positive --max-side the shards were made with (e.g. 320)"))
+    # cpu: the loader's workers decode JPEGs; gpu: the device does (nvJPEG)
+    decode: str = rkey("cpu", one_of(DECODES, "cpu or gpu"))
+
+
+@dataclass(frozen=True)
+class OptimizerKeys:
+    lr: float = rkey(0.1)
+    momentum: float = rkey(0.9)
+    weight_decay: float = rkey(5e-4)
+    nesterov: bool = rkey(False)
+
+
+@dataclass(frozen=True)
+class ScheduleKeys:
+    kind: str = rkey("cosine", one_of(("cosine", "step", "constant"), "cosine, step or constant"))
+    warmup_steps: int = rkey(0)
+    milestones: list = rkey([])
+    gamma: float = rkey(0.1)
+    min_lr: float = rkey(0.0)
+
+
+@dataclass(frozen=True)
+class WandbKeys:
+    enabled: bool = rkey(True)
+    project: str = rkey("risgd")
+    group: str | None = rkey(None)
+    mode: str | None = rkey(None)
+
+
+@dataclass(frozen=True)
+class NetworkKeys:
+    """For the cost model's advice in summary.json: the link bandwidth between nodes (0: estimate it from
+    this run's measured collectives) and the per-message latency."""
+
+    bandwidth_gbit: float = rkey(0.0, NON_NEGATIVE_NUMBER)
+    latency_us: float = rkey(50.0, NON_NEGATIVE_NUMBER)
+    target_comm_share: float = rkey(0.1, SHARE)
+
+
+@dataclass(frozen=True)
+class ElasticKeys:
+    """An elastic run: the manifest has ``workers`` workers; each node is one launch (its ranks are the node
+    level) serving the manifest worker its replica records (data.shards, or the RISGD_REPLICA_DIR variable).
+    Its nodes meet in torchft's quorum at every round: a lost node is dropped and a returning one healed from
+    a live peer, nobody restarted (docs/elastic.md). Below min_workers live nodes, or below min_coverage of
+    the training set, a round waits floor_wait_s for a node, then every node stops (exit 2); op_timeout_s:
+    each cross-node operation's timeout; quorum_timeout_s: how long a round waits for the lighthouse's
+    quorum (a lost lighthouse is noticed after it: every node checkpoints and stops). backend: torchft, the
+    only one (torchrun is refused in one line naming the way over)."""
+
+    workers: int = rkey(0, at_least(0).saying("0: a fixed-size run"))
+    min_workers: int = rkey(1, at_least(1))
+    min_coverage: float = rkey(1.0, within(0, 1, "[]"))
+    backend: str = rkey("torchft", one_of(("torchft",), "torchft"), extra=_backend)
+    floor_wait_s: float = rkey(60.0, POSITIVE_SECONDS)
+    op_timeout_s: float = rkey(10.0, POSITIVE_SECONDS)
+    quorum_timeout_s: float = rkey(60.0, POSITIVE_SECONDS)
+
+
+@dataclass(frozen=True)
+class _RunKeys:
+    name: str = rkey("run")
+    run_name: str | None = rkey(None)      # default: NAME-ALGORITHM-tauT[-elasticP]...-muM-sSEED (trainer/naming.py)
+    runs_dir: str = rkey("runs")
+    algorithm: str = rkey("risgd", extra=_algorithm)  # sync | prsgd | risgd | coop
+
+
+# The engine's recipe keys (tau, warmup_sync_steps, average_optimizer_state, failures, node_size, tau_intra,
+# overlap, ...): their defaults from their one declaration in risgd_ext.config.RISGDConfig, their values
+# checked by the engine's validator (build_ds_config), their type here.
+_EngineKeys = make_dataclass("_EngineKeys", [(name, KEYS[name].type, rkey(default))
+                                             for name, default in recipe_keys().items()],
+                             bases=(_RunKeys,), frozen=True)
+
+
+@dataclass(frozen=True)
+class Recipe(_EngineKeys):
+    """A recipe's keys, each declared once with its default and validator (:func:`rkey`); a mapping of
+    keys is its own record (:func:`section`). A resolved recipe is a dict of these keys (and ``recipe``,
+    the file it came from): what config.yaml holds."""
+
+    mu: float = rkey(0.0)                  # with data.manifest: the manifest's mu (it is the source)
+    steps: int = rkey(0)                   # optimizer steps; 0: use epochs. Must end on an average.
+    epochs: int = rkey(0)                  # epochs of one chunk D_j (rounded up to the next average)
+    eval_every: int = rkey(100, extra=_every)  # steps; evaluated at the first average at or after each multiple
+    # steps (any step: a checkpoint may fall inside a round); null: every eval_every steps (an interrupted run
+    # resumes near where it stopped); 0: none but the end
+    checkpoint_every: int | None = rkey(None, kind=INTEGER.or_null(), extra=_every)
+    seed: int = rkey(0)
+    dist_timeout_s: int = rkey(600, POSITIVE_SECONDS)  # a collective waiting longer than this fails the job
+    ds_config: str = rkey("ds_configs/digits.json")
+    # fp32 | bf16 (torch autocast, fp32 weights); null: as the ds_config says
+    precision: str | None = rkey(None, Bound("fp32 or bf16 (or null: as the ds_config says)",
+                                             lambda v: v in PRECISIONS))
+    model: ModelKeys = section(ModelKeys)
+    data: DataKeys = section(DataKeys)
+    optimizer: OptimizerKeys = section(OptimizerKeys)
+    schedule: ScheduleKeys = section(ScheduleKeys)
+    wandb: WandbKeys = section(WandbKeys)
+    network: NetworkKeys = section(NetworkKeys)
+    elastic: ElasticKeys = section(ElasticKeys)
+
+
+def _defaults(record: type) -> dict[str, Any]:
+    return {f.name: _defaults(f.metadata["section"]) if "section" in f.metadata
+            else copy.deepcopy(getattr(record(), f.name)) for f in fields(record)}
+
+
+def declared_keys(record: type = Recipe, prefix: str = "") -> dict[str, Field]:
+    """Every recipe key (``data.partition``) -> its one declaration, in order."""
+    out: dict[str, Field] = {}
+    for f in fields(record):
+        if "section" in f.metadata:
+            out.update(declared_keys(f.metadata["section"], f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = f
+    return out
+
+
+# key -> default (a mapping of keys: a dict of its keys' defaults), made from the records.
+SCHEMA: dict[str, Any] = _defaults(Recipe)
+
 
 # Keys that may change when a run is continued: where things are, how they are logged, how often
 # they are looked at. Every other key defines the experiment.
@@ -123,48 +301,29 @@ NODE_KEYS = tuple(k for k, f in KEYS.items() if f.metadata["recipe"] == "when_se
 # What a manifest file decides (recipe key -> manifest key).
 FROM_MANIFEST = {"mu": "mu", "data.partition": "partition", "data.hetero_std": "hetero_std"}
 
-_ANY = (str, int, float, type(None))
 
-
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    if default is None:
-        ok = isinstance(value, _ANY) and not isinstance(value, bool)
-        expected = "a string, a number or null"
-    elif isinstance(default, bool):
-        ok, expected = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(default, float):
-        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok, expected = isinstance(value, str), "a string"
-    elif isinstance(default, list):
-        ok, expected = isinstance(value, list), "a list"
-    else:
-        ok, expected = True, ""
-    if not ok:
-        raise RecipeError(f"recipe key '{key}' must be {expected}, got {value!r}: fix the recipe or the override")
-    return value
-
-
-def _merge(schema: dict, given: dict, prefix: str = "") -> dict:
-    unknown = sorted(set(given) - set(schema))
+def _merge(record: type, given: dict, prefix: str = "") -> dict:
+    """``given`` (a recipe's mapping, overrides applied) checked key by key against ``record``'s
+    declarations, with the defaults of the keys it lacks: the resolved recipe, a dict."""
+    declared = fields(record)
+    unknown = sorted(set(given) - {f.name for f in declared})
     if unknown:
         where = f" in '{prefix[:-1]}'" if prefix else ""
         raise RecipeError(f"unknown recipe key(s) {[prefix + k for k in unknown]}{where}: "
-                          f"allowed are {sorted(schema)}")
+                          f"allowed are {sorted(f.name for f in declared)}")
+    defaults = record()
     out = {}
-    for key, default in schema.items():
-        if isinstance(default, dict):
+    for f in declared:
+        key = f.name
+        if "section" in f.metadata:
             sub = given.get(key, {}) or {}
             if not isinstance(sub, dict):
                 raise RecipeError(f"recipe key '{prefix}{key}' must be a mapping, got {sub!r}")
-            out[key] = _merge(default, sub, f"{prefix}{key}.")
+            out[key] = _merge(f.metadata["section"], sub, f"{prefix}{key}.")
         elif key in given:
-            out[key] = _check_type(prefix + key, given[key], default)
+            out[key] = f.metadata["check"](prefix + key, given[key])
         else:
-            out[key] = copy.deepcopy(default)
+            out[key] = copy.deepcopy(getattr(defaults, key))
     return out
 
 
@@ -183,10 +342,10 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def validate(cfg: dict) -> None:
-    """Checks of the recipe alone (no world size, no files). The engine's keys are checked by the
-    engine's validator in :func:`build_ds_config`, the redundancy keys by the data package's."""
-    if cfg["algorithm"] not in ALGORITHMS:
-        raise RecipeError(f"algorithm '{cfg['algorithm']}' is unknown: use one of {', '.join(ALGORITHMS)}")
+    """Checks of the recipe alone (no world size, no files) that involve more than one key: each key's
+    own type and bound were checked by its declaration (:class:`Recipe`) as it was read. The engine's
+    keys are checked by the engine's validator in :func:`build_ds_config`, the redundancy keys by the
+    data package's."""
     set_keys = [k for k in NODE_KEYS if cfg[k] != getattr(_ENGINE, k)]
     if cfg["algorithm"] == "sync" and cfg["failures"]:
         set_keys.append("failures")
@@ -201,58 +360,15 @@ def validate(cfg: dict) -> None:
         raise RecipeError(f"set exactly one of 'steps' and 'epochs' to a positive number (this run has {given}; "
                           "a recipe's value is cleared with the override steps=0 or epochs=0, e.g. "
                           "'steps=8 epochs=0')")
-    every = cfg["checkpoint_every"]
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int)):
-        raise RecipeError(f"recipe key 'checkpoint_every' must be an integer or null, got {every!r}")
-    for key in ("eval_every", "checkpoint_every"):
-        if cfg[key] is not None and cfg[key] < 0:
-            raise RecipeError(f"{key}={cfg[key]} must be >= 0 (0: only at the end of the run)")
-    if cfg["data"]["batch_policy"] not in ("per_chunk", "split"):
-        raise RecipeError(f"data.batch_policy must be per_chunk or split, got {cfg['data']['batch_policy']!r}")
-    if cfg["schedule"]["kind"] not in ("cosine", "step", "constant"):
-        raise RecipeError(f"schedule.kind must be cosine, step or constant, got {cfg['schedule']['kind']!r}")
-    net = cfg["network"]
-    if net["bandwidth_gbit"] < 0 or net["latency_us"] < 0 or not 0 < net["target_comm_share"] < 1:
-        raise RecipeError("network.bandwidth_gbit and network.latency_us must be >= 0 and "
-                          "network.target_comm_share in (0, 1)")
-    if cfg["data"]["base_batch"] < 1:
-        raise RecipeError("data.base_batch must be >= 1")
-    stated = cfg["data"]["global_batch"]
-    if stated is not None and (not isinstance(stated, int) or isinstance(stated, bool) or stated < 1):
-        raise RecipeError(f"data.global_batch must be null (not stated) or the positive global batch the recipe was "
-                          f"tuned for, got {stated!r}")
-    max_side = cfg["data"]["max_side"]
-    if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool) or max_side < 1):
-        raise RecipeError(f"data.max_side must be null (any shards) or the positive --max-side the shards were made "
-                          f"with (e.g. 320), got {max_side!r}")
-    decode = cfg["data"]["decode"]
-    if decode not in DECODES:
-        raise RecipeError(f"data.decode must be cpu or gpu, got {decode!r}")
     data = cfg["data"]
-    if decode == "gpu" and (data["dataset"] not in ("imagenet", "imagefolder") or not data["fast_decode"]):
+    if data["decode"] == "gpu" and (data["dataset"] not in ("imagenet", "imagefolder") or not data["fast_decode"]):
         raise RecipeError(f"data.decode=gpu decodes JPEG training data with the fast ImageNet path (datasets imagenet, "
                           f"imagefolder with data.fast_decode=true); dataset {data['dataset']} with "
                           f"fast_decode={data['fast_decode']}: set data.decode=cpu")
-    if cfg["data"]["verify"] not in ("stamp", "full"):
-        raise RecipeError(f"data.verify must be stamp or full, got {cfg['data']['verify']!r}")
     el = cfg["elastic"]
-    if el["workers"] < 0 or el["min_workers"] < 1 or not 0 <= el["min_coverage"] <= 1:
-        raise RecipeError("elastic.workers must be >= 0 (0: a fixed-size run), elastic.min_workers >= 1 and "
-                          "elastic.min_coverage in [0, 1]")
-    if el["backend"] == "torchrun":
-        raise RecipeError("elastic.backend=torchrun was retired (a lost node restarted every node from the "
-                          "last checkpoint, 35-37 s): drop the key (torchft is the default) and start one launch "
-                          "per node with TORCHFT_LIGHTHOUSE set (risgd-elastic or deepspeed; docs/elastic.md)")
-    if el["backend"] != "torchft":
-        raise RecipeError(f"elastic.backend must be torchft, got {el['backend']!r}")
-    for key in ("floor_wait_s", "op_timeout_s", "quorum_timeout_s"):
-        if isinstance(el[key], bool) or not isinstance(el[key], (int, float)) or el[key] <= 0:
-            raise RecipeError(f"elastic.{key} must be a number of seconds > 0, got {el[key]!r}")
     if el["workers"] and el["min_workers"] > el["workers"]:
         raise RecipeError(f"elastic.min_workers={el['min_workers']} exceeds elastic.workers={el['workers']}: "
                           "lower it")
-    if cfg["precision"] not in PRECISIONS:
-        raise RecipeError(f"precision must be fp32 or bf16 (or null: as the ds_config says), got {cfg['precision']!r}")
 
 
 def _read_file(path: str) -> dict:
@@ -311,7 +427,7 @@ class Origins:
 
 def load_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """The recipe alone: defaults < YAML file < ``key=value`` overrides, checked by :func:`validate`."""
-    cfg = _merge(SCHEMA, _read_raw(path, overrides))
+    cfg = _merge(Recipe, _read_raw(path, overrides))
     validate(cfg)
     cfg["recipe"] = os.path.relpath(path)
     return cfg
@@ -673,7 +789,7 @@ def resolve_run(path: str, overrides: list[str] | tuple[str, ...], world_size: i
     """The whole launch, resolved and checked (see the module docstring)."""
     origins = Origins(path, overrides, _read_file(path))
     raw = _read_raw(path, overrides, origins.file)
-    cfg = _merge(SCHEMA, raw)
+    cfg = _merge(Recipe, raw)
     notes = []
     if (cfg["algorithm"] in NO_REDUNDANCY and cfg["mu"] != 0 and not origins.typed("mu")
             and not cfg["data"]["manifest"]):
