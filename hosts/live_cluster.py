@@ -31,17 +31,21 @@ def lighthouse_command(port: int, min_replicas: int = 1, heartbeat_ms: int = 100
             "--quorum_tick_ms", str(tick_ms), "--heartbeat_timeout_ms", str(heartbeat_ms), "--bind", f"[::]:{port}"]
 
 
-def wait_port(port: int, prefix: list[str], timeout: float = 20.0) -> None:
+def wait_port(port: int, prefix: list[str], timeout: float = 60.0, process: subprocess.Popen | None = None) -> bool:
+    """Wait until something listens on ``port``: True; False as soon as ``process`` (the one that should
+    listen) has exited, e.g. because another process took the port between free_port() and its bind."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
         if prefix:  # inside a test host's namespace
             probe = subprocess.run([*prefix, "bash", "-c", f"</dev/tcp/127.0.0.1/{port}"], capture_output=True)
             if probe.returncode == 0:
-                return
+                return True
         else:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
+                    return True
         time.sleep(0.05)
     raise TimeoutError(f"the lighthouse did not listen on port {port} within {timeout:g} s")
 
@@ -58,11 +62,16 @@ class LiveCluster:
         for name in os.listdir(work_dir):  # a run's records start empty (the nodes append to them)
             if name.endswith((".jsonl", ".err")):
                 os.unlink(os.path.join(work_dir, name))
-        self.port = free_port()
-        command = [*self._prefix(0), *lighthouse_command(self.port, min_replicas, heartbeat_ms=heartbeat_ms)]
-        self.lighthouse = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                           stderr=open(self._path("lighthouse.err"), "a"))
-        wait_port(self.port, self._prefix(0))
+        for _ in range(3):  # a port taken by another process between free_port() and the bind: another port
+            self.port = free_port()
+            command = [*self._prefix(0), *lighthouse_command(self.port, min_replicas, heartbeat_ms=heartbeat_ms)]
+            self.lighthouse = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                               stderr=open(self._path("lighthouse.err"), "a"))
+            if wait_port(self.port, self._prefix(0), process=self.lighthouse):
+                break
+        else:
+            with open(self._path("lighthouse.err")) as f:
+                raise RuntimeError(f"the lighthouse did not start in 3 tries: {f.read()[-500:]}")
         self.env = dict(os.environ, TORCHFT_LIGHTHOUSE=f"http://{self._addr(0)}:{self.port}", RUST_LOG="error",
                         OMP_NUM_THREADS="1")
         if hosts is not None:  # collectives on the shaped interface

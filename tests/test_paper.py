@@ -49,10 +49,10 @@ def digits(tmp_path_factory, digits_dir):
     return {"args": args, "runs": base / "runs", "out": base / "out", "proc": proc, "doc": doc}
 
 
-def check_report(out, doc: dict, ranks: int) -> None:
-    """What every report must hold: each experiment, a verdict from the allowed set decided by the rules
-    from the numbers shown, the runs behind it, real PNGs, and each claim in paper.md."""
-    assert [e["key"] for e in doc["experiments"]] == KEYS
+def check_report(out, doc: dict, ranks: int, keys: list[str] = KEYS) -> None:
+    """What every report must hold: each experiment (``keys``: those --only named), a verdict from the allowed
+    set decided by the rules from the numbers shown, the runs behind it, real PNGs, and each claim in paper.md."""
+    assert [e["key"] for e in doc["experiments"]] == keys
     md = (out / "paper.md").read_text()
     for exp in doc["experiments"]:
         assert exp["verdict"] in V.VERDICTS
@@ -145,6 +145,7 @@ def test_plan_only_and_report_only(digits, capsys, tmp_path):
     (["--grid", "test", "--ranks", "1"], "--ranks 1 is invalid"),
     (["--grid", "test", "--recipe", "recipes/nope.yaml"], "recipe"),
     (["--grid", "test", "data.partiton=iid"], "unknown recipe key"),
+    (["--grid", "test", "--only", "fig2,fig9"], "--only fig2,fig9: fig9 is not an experiment"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     assert paper.main([*args, "--runs-dir", str(tmp_path / "runs")]) == 2
@@ -162,10 +163,12 @@ def test_report_only_refuses_unfinished_runs(capsys, tmp_path, digits_dir):
 
 def test_cifar_format_data_runs_the_same_grid(tmp_path):
     """The CIFAR-10 recipe's path: a real CIFAR-format tarball, shards made by train.py on first use, the
-    test grid at 10 steps (ResNet-8 instead of ResNet-44, so that it runs in a test's time on CPU)."""
+    test grid at 10 steps (ResNet-8 instead of ResNet-44, so that it runs in a test's time on CPU), two of its
+    experiments (--only: 10 runs of 24; the digits grid above runs them all)."""
     tarball = write_cifar_tarball(str(tmp_path / "cifar-10-python.tar.gz"), "cifar10", n_train=160, n_test=40)
     shards = tmp_path / "shards"
     proc = run_paper(["--recipe", "recipes/cifar10_resnet44.yaml", "--grid", "test", "--steps", "10",
+                      "--only", "diversity,fig2",
                       "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), f"data.src={tarball}",
                       f"data.shards={shards}", "data.num_workers=0", "model.name=resnet8_digits"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -173,13 +176,15 @@ def test_cifar_format_data_runs_the_same_grid(tmp_path):
         index = json.load(f)
     assert index["dataset"] == "cifar10" and index["splits"]["train"]["samples"] == 160
     doc = json.loads((tmp_path / "out" / "paper.json").read_text())
-    check_report(tmp_path / "out", doc, ranks=2)
+    check_report(tmp_path / "out", doc, ranks=2, keys=["fig2", "diversity"])  # report order, not --only's
     assert doc["steps"] == 10 and doc["recipe"].endswith("cifar10_resnet44.yaml")
+    assert len([d for d in (tmp_path / "runs").iterdir() if d.is_dir()]) == 10  # only those experiments' runs
     # the recipe's partition (iid, the paper's) comes first in Fig. 2; the rest run on it
     assert list(doc["experiments"][0]["numbers"]["partitions"]) == ["iid", "label_sorted"]
-    assert all(r["summary"]["partition"] == "iid" for r in doc["experiments"][2]["runs"]
+    assert all(r["summary"]["partition"] == "iid" for r in doc["experiments"][1]["runs"]
                if r["summary"]["algorithm"] != "coop")
-    assert "cifar10 (160 train, 40 test, 3x32x32" in (tmp_path / "out" / "paper.md").read_text()
+    md = (tmp_path / "out" / "paper.md").read_text()
+    assert "cifar10 (160 train, 40 test, 3x32x32" in md and "**Only fig2, diversity** (`--only`)" in md
 
 
 # -- the verdict rules on constructed numbers ---------------------------------------------------------
@@ -327,13 +332,15 @@ def test_verdicts_follow_constructed_numbers(tmp_path):
     assert {k: a.verdict for k, a in held.items()} == dict.fromkeys(KEYS, V.CONFIRMED), {
         k: [(c.name, c.verdict) for c in a.checks] for k, a in held.items() if a.verdict != V.CONFIRMED}
     assert held["fig2"].numbers["partitions"]["label_sorted"]["settings"]["sync"]["rounds_to_target"]["mean"] == 20
-    failed = {a.exp.key: a for a in paper_report.analyse(grid, constructed_runs(grid, holds=False), str(tmp_path))}
+    failed = {a.exp.key: a for a in paper_report.analyse(grid, constructed_runs(grid, holds=False), str(tmp_path),
+                                                         draw=False)}
     for key in ("fig2", "diversity", "saturation", "failures", "theory", "homogeneous", "equalcompute", "workers"):
         assert failed[key].verdict == V.NOT_CONFIRMED, [(c.name, c.verdict) for c in failed[key].checks]
     tau_checks = {c.name.split(":")[0]: c.verdict for c in failed["tau"].checks}
     assert tau_checks["PR-SGD"] == tau_checks["RI-SGD mu=0.25"] == V.NOT_CONFIRMED  # accuracy rises with tau
     assert failed["tau"].checks[-1].verdict == V.NOT_CONFIRMED  # no averaging: redundancy does not help
-    noisy = paper_report.analyse(grid, constructed_runs(grid, holds=True, noisy_diversity=True), str(tmp_path))
+    noisy = paper_report.analyse(grid, constructed_runs(grid, holds=True, noisy_diversity=True), str(tmp_path),
+                                 draw=False)  # the plots: drawn once above
     diversity = next(a for a in noisy if a.exp.key == "diversity")
     assert diversity.verdict == V.INCONCLUSIVE and diversity.checks[0].diffs == pytest.approx([8.0, 0.0, -8.0])
     # item 4: the divergence against mu is also judged at an equal per-rank batch (split), both ways
@@ -346,7 +353,7 @@ def test_verdicts_follow_constructed_numbers(tmp_path):
     assert [c.name.split(":")[0] for c in held["workers"].checks] == ["p=2"]
     # one seed each: an effect many margins large decides nothing
     one = make_grid("test", load_recipe(os.path.join(ROOT, "recipes/digits.yaml")), ranks=2, seeds=(0,))
-    single = paper_report.analyse(one, constructed_runs(one, holds=True), str(tmp_path))
+    single = paper_report.analyse(one, constructed_runs(one, holds=True), str(tmp_path), draw=False)
     assert all(c.verdict == V.INCONCLUSIVE for a in single for c in a.checks if c.diffs)
 
 

@@ -107,6 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--retrain-stale", action="store_true",
                    help="move aside (RUN.stale-TIME) and train again every finished run that another engine trained "
                         "or that carries no engine stamp (default: keep them and mark them stale in the report)")
+    p.add_argument("--only", default=None, metavar="KEY[,KEY...]",
+                   help="run and report only these experiments (keys: fig2, tau, diversity, saturation, failures, "
+                        "theory, homogeneous, equalcompute, workers); their runs are the full grid's, so a later "
+                        "run without --only reuses them")
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides for every run (not the grid's keys)")
     args = p.parse_args(argv)
     if args.quick:
@@ -337,6 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         ranks = args.ranks or (2 if args.grid == "test" else 4)
         grid = make_grid(args.grid, cfg, ranks, steps=args.steps, seeds=tuple(args.seeds) if args.seeds else None,
                          max_ranks=args.max_ranks)
+        if args.only:
+            keys = [e.key for e in grid.experiments()]
+            only = tuple(k.strip() for k in args.only.split(",") if k.strip())
+            unknown = [k for k in only if k not in keys]
+            if unknown or not only:
+                raise BadInput(f"--only {args.only}: {', '.join(unknown) or 'no key'} is not an experiment; "
+                               f"use keys from {', '.join(keys)}")
+            grid = replace(grid, only=tuple(k for k in keys if k in only))
         runs_dir = os.path.abspath(args.runs_dir or os.path.join("runs", "paper",
                                                                  f"{cfg['name']}-{grid.name}-p{ranks}"))
         out = args.out or ("reports" if cfg["data"]["dataset"] == "digits" else os.path.join("reports", cfg["name"]))

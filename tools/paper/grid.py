@@ -119,6 +119,7 @@ class Grid:
     wide_ranks: int = 0               # a second launch of this many ranks (the number of workers p = 8); 0: none
     # seeds the sequential rule added (verdict.LOOKS), by setting: (setting, seed) beyond the experiment's seeds
     extra: tuple[tuple[Setting, int], ...] = ()
+    only: tuple[str, ...] = ()        # --only: these experiments' keys, in report order; (): every experiment
 
     def with_seeds(self, setting: Setting, seeds) -> tuple[int, ...]:
         """``seeds`` and the seeds the sequential rule added to ``setting``, sorted."""
@@ -140,7 +141,8 @@ class Grid:
     def experiments(self) -> list[Experiment]:
         """The paper's experiments in report order, each built by its module in ``experiments/``
         (registered there; see :mod:`.registry`)."""
-        return [build(self) for _, build in builders()]
+        every = [build(self) for _, build in builders()]
+        return [e for e in every if e.key in self.only] if self.only else every
 
     def runs(self) -> list[tuple[Setting, int]]:
         """Every (setting, seed) once, seed-major: an interrupted grid has every experiment's first seed;

@@ -302,6 +302,9 @@ def write(grid: Grid, cfg: dict, runs: dict[str, dict], out_dir: str, command: s
           f"{grid.ranks} ranks, {len(grid.runs())} runs under `{timing['runs_dir']}` "
           f"({timing['trained']} trained by this command, {timing['launches']} launch(es), "
           f"{timing['seconds']:.0f} s; the runs' own wall-clock adds up to {timing['run_seconds']:.0f} s).", ""]
+    if grid.only:
+        md += [f"**Only {', '.join(grid.only)}** (`--only`): the other experiments of the paper were not run or "
+               "reported here.", ""]
     if stale:
         md += [f"**{len(stale)} of {len(runs)} runs are stale** (trained by another engine, or without an engine "
                "stamp): see \"The engine that trained the runs\".", ""]
