@@ -2,7 +2,7 @@
 warm-up x fault and its phase), each run by the real engine on real gloo groups (4 CPU ranks at most)
 and compared step by step with ``risgd_ext.reference``; prints what held, per axis value and case.
 
-    .venv/bin/python benchmarks/bench_matrix.py              # the 360 cases (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_matrix.py              # the 600 cases (a few minutes on 2 cores)
     .venv/bin/python benchmarks/bench_matrix.py --covering   # the suite's covering set only
     .venv/bin/python benchmarks/bench_matrix.py --json out.json
 

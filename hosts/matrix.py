@@ -25,7 +25,7 @@ import torch
 
 AXES: dict[str, list] = {
     "layout": ["flat2", "node2x2", "flat4"],
-    "compress": ["none", "int8", "int4"],
+    "compress": ["none", "int8", "int4", "int2", "topk"],
     "overlap": [False, True],
     "outer": [False, True],
     "warmup": [0, 2],

@@ -1,4 +1,6 @@
-"""Compressed payloads for the cross-node part of a round: bf16, int8 and int4 with block scales.
+"""Compressed payloads for the cross-node part of a round: bf16, int8 and int4 with block scales, and the
+registry of every codec (``int2`` and ``topk``, below 4 bits, are files of their own:
+:mod:`risgd_ext.codec_int2`, :mod:`risgd_ext.codec_topk`).
 
 A codec turns fp32 values into a flat ``uint8`` payload of a size fixed by their number (so every
 rank's payload for the same piece has the same shape, and gloo and NCCL carry it alike), and back.
@@ -25,10 +27,12 @@ in 4 passes over the values and decodes in 2, and allocates nothing of their siz
 Where codecs plug in: :data:`CODECS`, the one registry. A codec is a :class:`Codec` subclass with a
 ``name`` (the ``compress`` value), its ``block``, its byte count ``nbytes(n)`` and ``encode_rows``/
 ``decode_rows`` (or just ``encode``/``decode``: the rows then run chunk by chunk), registered by
-:func:`register`; the ``risgd`` block's validator (``compress`` must name
-one), the engine, the stats and the cost model (``risgd_ext.cost_model.payload_bytes``) all read it,
-so the byte formulas are written once, here. ``none`` is the fp32 all_reduce (no payload to encode).
-torch is imported when a codec encodes or decodes, so the validator and the cost model import none
+:func:`register` (a codec in a file of its own is registered when ``risgd_ext.config`` imports that
+file); a codec with a parameter names its variants through ``variant(arg)`` (``topk0.01``), which
+the registry resolves without listing them. The ``risgd`` block's validator (``compress`` must name
+one), the engine, the stats, the reference and the planner (``risgd_planner.payload_bytes``) all read
+it, so the byte formulas are written once, with each codec. ``none`` is the fp32 all_reduce (no
+payload to encode). torch is imported when a codec encodes or decodes, so the validator and the cost model import none
 of it.
 """
 
@@ -116,7 +120,45 @@ class Codec:
         return self.decode_rows(_aligned(payload, 4).view(1, -1), n, out)[0, :n]
 
 
-CODECS: dict[str, Codec] = {}  # compress value -> codec, in registration order
+class _Registry(dict):
+    """``compress`` value -> codec, in registration order. A registered codec with a ``variant(arg)``
+    method (and a ``variants`` line saying what they are) also names its variants, ``name + arg``
+    (``topk0.01``: :class:`risgd_ext.codec_topk.TopK`): looked up and tested with ``in`` like the
+    registered names, never listed among them."""
+
+    def __init__(self):
+        super().__init__()
+        self._variants: dict[str, Codec] = {}
+
+    def _variant(self, key: object) -> Codec | None:
+        if not isinstance(key, str):
+            return None
+        if key not in self._variants:
+            for name, codec in self.items():
+                make = getattr(codec, "variant", None)
+                if make is not None and key.startswith(name) and len(key) > len(name):
+                    found = make(key[len(name):])
+                    if found is not None:
+                        self._variants[key] = found
+                    break
+        return self._variants.get(key)
+
+    def __missing__(self, key: str) -> Codec:
+        codec = self._variant(key)
+        if codec is None:
+            raise KeyError(key)
+        return codec
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or self._variant(key) is not None
+
+    def described(self) -> str:
+        """The registered names and, after them, what the variants are (for a one-line error)."""
+        variants = [c.variants for c in self.values() if getattr(c, "variant", None) is not None]
+        return ", ".join(self) + "".join(f" (or {v})" for v in variants)
+
+
+CODECS: dict[str, Codec] = _Registry()  # compress value -> codec, in registration order
 
 
 def _aligned(payload: torch.Tensor, size: int) -> torch.Tensor:
@@ -136,7 +178,7 @@ def _as_floats(raw: torch.Tensor) -> torch.Tensor:
 
 def register(cls: type[Codec]) -> type[Codec]:
     """Class decorator: add a codec to :data:`CODECS` under its ``name``."""
-    if not cls.name or cls.name in CODECS:
+    if not cls.name or dict.__contains__(CODECS, cls.name):
         raise ValueError(f"codec {cls.__name__} needs a name of its own, got {cls.name!r}")
     CODECS[cls.name] = cls()
     return cls

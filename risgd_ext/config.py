@@ -23,6 +23,7 @@ from risgd_common.bounds import (
 )
 from risgd_common.layout import Layout, LayoutError
 
+from . import codec_int2, codec_topk  # noqa: F401  (each registers its codec: the validator knows them all)
 from .codec import CODECS
 
 BLOCK = "risgd"
@@ -71,6 +72,10 @@ _fraction = KeyCheck(FRACTION, f"{BLOCK}.", _FIX, ConfigError)
 def _one_of(choices) -> KeyCheck:
     """A validator of one of ``choices`` (a tuple, or a registry dict read at each check)."""
     return KeyCheck(one_of(choices), f"{BLOCK}.", _FIX, ConfigError)
+
+
+# a compress value: a registered codec's name, or one of its variants (topk0.01), read at each check
+_codec = KeyCheck(one_of(CODECS, "one of " + CODECS.described()), f"{BLOCK}.", _FIX, ConfigError)
 
 
 def _failures(key: str, value: Any) -> tuple:
@@ -124,10 +129,12 @@ class RISGDConfig:
                                 "in the checkpoint)", "when_set")
     outer_nesterov: bool = key(False, _bool, "bool: Nesterov momentum for the outer step (needs outer_momentum "
                                "> 0)", "when_set")
-    compress: str = key("none", _one_of(CODECS), "none | bf16 | int8 | int4: how a round's parameter displacement "
-                        "crosses between nodes (int8: one fp32 scale per 256 values; int4: two values a byte, "
-                        "one scale per 128; a two-phase all-reduce: chunks to their owners, summed there in fp32, "
-                        "re-encoded once, all-gathered)", "when_set")
+    compress: str = key("none", _codec, "none | bf16 | int8 | int4 | int2 | topk | topkF: how a round's parameter "
+                        "displacement crosses between nodes (int8: one fp32 scale per 256 values; int4: two values "
+                        "a byte, one scale per 128; int2: ternary, four values a byte, one scale per 128; topk: "
+                        "the 1/32 largest of each chunk, int32 indices and bf16 values; topkF: the fraction F in "
+                        "(0, 0.5], e.g. topk0.01; a two-phase all-reduce: chunks to their owners, summed there in "
+                        "fp32, re-encoded once, all-gathered)", "when_set")
     error_feedback: bool = key(True, _bool, "bool: with compress, each rank adds what encoding dropped to its "
                                "next payload, and each chunk's owner what re-encoding the sum dropped to its next "
                                "sum (both residuals are in the checkpoint)", "when_set")

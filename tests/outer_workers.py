@@ -59,6 +59,9 @@ RESUMES = {
 }
 
 
+TWO_PHASE_CODECS = ("int8", "int4", "bf16", "int2", "topk", "topk0.1")
+
+
 def scenario_two_phase(rank: int, world_size: int, rounds: int = 4) -> dict:
     """The compressed round itself, at N = 2, 3 and 4 ranks (subgroups of this group) and with each codec:
     a Linear(40, 30) (1,230 values) in buckets of 500 values (uneven buckets; chunks of ceil(500 / N)
@@ -73,7 +76,7 @@ def scenario_two_phase(rank: int, world_size: int, rounds: int = 4) -> dict:
     for n, group in groups.items():
         if rank >= n:
             continue
-        for name in ("int8", "int4", "bf16"):
+        for name in TWO_PHASE_CODECS:
             torch.manual_seed(0)
             lin = torch.nn.Linear(40, 30)
             avg = Averaging.build(list(lin.parameters()), [], 500 * 4, Layout(n), rank, group=group,

@@ -554,9 +554,12 @@ def test_a_codec_is_one_registration_that_the_validator_and_the_cost_model_read(
     from risgd_ext.codec import CODECS, Codec, register
     from risgd_ext.config import ConfigError, parse_block
 
-    assert list(CODECS) == ["none", "bf16", "int8", "int4"]
+    assert list(CODECS) == ["none", "bf16", "int8", "int4", "int2", "topk"]
     assert cost_model.payload_bytes(1024, "int8") == 256 + 4 == CODECS["int8"].nbytes(256)
     assert cost_model.payload_bytes(1024, "int4") == 128 + 8 == CODECS["int4"].nbytes(256)
+    # the codecs below 4 bits (issue 44 item 2), a topk variant included: priced by the registry
+    assert cost_model.payload_bytes(1024, "int2") == 64 + 8 == CODECS["int2"].nbytes(256)
+    assert cost_model.payload_bytes(4096, "topk") == 6 * 32 and cost_model.payload_bytes(4096, "topk0.01") == 6 * 11
     with pytest.raises(ConfigError, match="compress must be one of none, bf16, int8, int4"):
         parse_block({"compress": "nibble"})
 
@@ -571,7 +574,7 @@ def test_a_codec_is_one_registration_that_the_validator_and_the_cost_model_read(
         assert parse_block({"compress": "nibble"}).compress == "nibble"
         assert cost_model.payload_bytes(4096, "nibble") == 1024 / 2 + 4
         options, _ = cost_model.recommend_rounds(0.1, 4e6, 4, 1.0, 5e-5)
-        assert [o.compress for o in options] == ["none", "bf16", "int8", "int4", "nibble"]
+        assert [o.compress for o in options] == ["none", "bf16", "int8", "int4", "int2", "topk", "nibble"]
     finally:
         del CODECS["nibble"]
 

@@ -13,7 +13,7 @@ from risgd_ext.codec import CODECS
 from risgd_ext.flat import SLOT, FlatModel
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int2", "topk"])
 def test_a_tiny_block_never_turns_error_feedback_into_nan(name):
     """Defect 1: a block whose absmax is subnormal made levels/absmax inf, and the lossy value (what error
     feedback subtracts) NaN; a displacement that moved and then stopped reached such blocks by itself."""

@@ -113,7 +113,7 @@ def _two_phase_reference(codec, sends: list[list[torch.Tensor]], bucket: int = 5
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-@pytest.mark.parametrize("name", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("name", W.TWO_PHASE_CODECS)
 def test_two_phase_round_against_its_reference_and_the_float64_sum(results, n, name):
     from risgd_ext.codec import CODECS
 
@@ -140,6 +140,17 @@ def test_two_phase_round_against_its_reference_and_the_float64_sum(results, n, n
                                                                                      - sent).abs().max()
     # the anchor moved by the mean of the sum
     assert torch.allclose(runs[0]["moves"][-1].double(), runs[0]["sums"][-1].double() / n, atol=1e-7)
+    if name.startswith("topk"):  # each owner summed N payloads of k values each and sent the k largest of it
+        codec = CODECS[name]
+        for t in range(rounds):
+            for start in range(0, f, 500):
+                m = min(500, f - start)
+                c = -(-m // n)
+                chunks = torch.zeros(n * c)
+                chunks[:m] = runs[0]["sums"][t][start:start + m]
+                assert all(int(row.count_nonzero()) <= codec.k(c) for row in chunks.view(n, c)), (n, name, t)
+        # ... and the rest of the sum (up to (N - 1) k values a chunk) stayed in the owners' residuals
+        assert int(owners.count_nonzero()) > (n - 1) * codec.k(-(-500 // n))
 
 
 @pytest.mark.parametrize("n", [1, 7, 128, 255, 256, 257, 1001])
@@ -244,7 +255,11 @@ def test_error_feedback_keeps_what_compression_dropped(one_rank):
     ({"outer_lr": -0.1}, "risgd.outer_lr must be a number > 0"),
     ({"outer_momentum": 1.0}, r"risgd.outer_momentum must be a number in \[0, 1\)"),
     ({"outer_nesterov": True}, "outer_nesterov=true needs risgd.outer_momentum > 0"),
-    ({"compress": "int2"}, "risgd.compress must be one of none, bf16, int8, int4"),
+    ({"compress": "int3"}, r"risgd.compress must be one of none, bf16, int8, int4, int2, topk \(or topkF, F the "
+                           r"fraction kept in \(0, 0.5\], e.g. topk0.01\), got 'int3'"),
+    ({"compress": "topk0.6"}, "risgd.compress must be one of .* got 'topk0.6'"),
+    ({"compress": "topk1/100"}, "risgd.compress must be one of .* got 'topk1/100'"),
+    ({"compress": "topk0"}, "risgd.compress must be one of .* got 'topk0'"),
     ({"compress": "int8", "bucket_mb": 0.0001}, "too small for compress=int8"),
     ({"error_feedback": "yes"}, "risgd.error_feedback must be true or false"),
 ])
