@@ -75,6 +75,13 @@ from .model import (
     recommend_rounds,
 )
 
+
+def _codec(value: str) -> str:
+    """``--compress``: a registered codec or a variant of one (``topk0.01``)."""
+    if value not in CODECS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a codec: use one of {CODECS.described()}")
+    return value
+
 # The recipe the answer's command line runs when --recipe is not given: the project's recipe of the default
 # --model (resnet50); for another model the line names a placeholder.
 DEFAULT_RECIPE = "recipes/imagenet_resnet50.yaml"
@@ -133,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="intra-node per-message latency in us (default 5)")
     parser.add_argument("--overlap", action="store_true",
                         help="a round's all-reduce runs behind the next local steps' compute")
-    parser.add_argument("--compress", choices=tuple(CODECS), default=None,
-                        help="also list every codec's round across the nodes (none: fp32 all_reduce; bf16, int8, "
-                             "int4: the two-phase compressed all-reduce) with the tau each needs, and weigh every "
+    parser.add_argument("--compress", type=_codec, default=None, metavar="CODEC",
+                        help=f"one of {CODECS.described()}: also list every codec's round across the nodes (none: "
+                             "fp32 all_reduce; the others: the two-phase compressed all-reduce) with the tau each "
+                             "needs, and weigh every "
                              "codec whose accuracy was measured in the answer (without --compress: fp32 alone); "
                              "with --ranks-per-node, the node level's section prices its cross-node phase with "
                              "this codec")
@@ -220,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                          tau_intra=args.tau_intra, intra_bandwidth_gbit=args.intra_bandwidth_gbit,
                          intra_latency_s=args.intra_latency_us / 1e6, overlap=args.overlap,
                          overlap_delay=args.overlap_delay, risgd_compute_s=risgd_compute_s)
+    listed = tuple(CODECS) + (() if args.compress in tuple(CODECS) else (args.compress,))  # a variant: listed too
     options, pick = ([], None) if args.compress is None else recommend_rounds(local_s, nbytes,
-                                     m, args.bandwidth_gbit, args.latency_us / 1e6, args.target_share)
+                                     m, args.bandwidth_gbit, args.latency_us / 1e6, args.target_share, listed)
     if options:
         print(f"rounds across the {m} nodes, by payload: one cross-node collective per round among the {m} nodes"
               + (", without the node level's phases inside a node (for those: hier_recommended_tau below)"
@@ -232,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         mark = (" <- recommended" if o is pick and it else " <- smallest tau of these" if o is pick else
                 " <- --compress" if o.compress == args.compress else "")
         unmeasured = "" if CODECS[o.compress].accuracy_measured else "  (accuracy not measured: never recommended)"
-        print(f"  {o.compress:<5} payload {o.payload_bytes / 2**20:8.2f} MiB  round {o.round_s:8.3f} s  "
+        print(f"  {o.compress:<8} payload {o.payload_bytes / 2**20:8.2f} MiB  round {o.round_s:8.3f} s  "
               f"tau {o.tau}{mark}{unmeasured}")
     far = [o for o in options if beyond_measured(o.tau)]
     if far:

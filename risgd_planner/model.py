@@ -381,13 +381,15 @@ class RoundOption:
 
 
 def recommend_rounds(compute_s: float, model_bytes: float, ranks: int, bandwidth_gbit: float, latency_s: float,
-                     target_share: float = 0.1) -> tuple[list[RoundOption], RoundOption]:
-    """Every codec's round on this link and the tau it needs; the pick is the smallest tau (a
-    larger tau costs accuracy), then the fewest bytes, among the codecs whose accuracy this project
-    measured (``Codec.accuracy_measured``: a codec without it is listed, never picked)."""
+                     target_share: float = 0.1, codecs: tuple[str, ...] | None = None
+                     ) -> tuple[list[RoundOption], RoundOption]:
+    """Every codec's round on this link (``codecs``: default every registered one; a variant such as
+    ``topk0.01`` is priced when named) and the tau it needs; the pick is the smallest tau (a larger tau
+    costs accuracy), then the fewest bytes, among the codecs whose accuracy this project measured
+    (``Codec.accuracy_measured``: a codec without it is listed, never picked)."""
     bw = bandwidth_gbit * 1e9 / 8
     options = [RoundOption(c, payload_bytes(model_bytes, c), r, recommend_tau(compute_s, r, target_share))
-               for c in CODECS for r in (round_seconds(model_bytes, ranks, bw, latency_s, c),)]
+               for c in (codecs or tuple(CODECS)) for r in (round_seconds(model_bytes, ranks, bw, latency_s, c),)]
     measured = [o for o in options if CODECS[o.compress].accuracy_measured]
     return options, min(measured, key=lambda o: (o.tau, o.round_s, o.payload_bytes))
 

@@ -348,7 +348,8 @@ def test_cli_hierarchy_and_overlap(capsys):
     (["--intra-bandwidth-gbit", "0"], "--intra-bandwidth-gbit"), (["--intra-latency-us", "-1"], "--intra-latency-us"),
     (["--overlap", "--overlap-delay", "0"], "--overlap-delay"),
     (["--overlap", "--overlap-delay", "11"], "--overlap-delay"),  # FLAT's tau is 10
-    (["--overlap-delay", "3"], "--overlap-delay")])
+    (["--overlap-delay", "3"], "--overlap-delay"), (["--compress", "top"], "argument --compress:"),
+    (["--compress", "topk0.9"], "argument --compress:")])
 def test_cli_refuses_bad_hierarchy_values(capsys, bad, flag):
     with pytest.raises(SystemExit) as exit_:
         main([*FLAT, *bad])
@@ -724,3 +725,14 @@ def test_a_bandwidth_measured_on_loopback_is_said_so_and_advises_nothing(monkeyp
     lines = _main_lines(capsys, *ask[3:])
     assert lines[0] == ("1000000 bytes: 1.0 MiB per all-reduce; 2 nodes of 1 rank at 1 Gbit/s, 50 us latency, 10 ms "
                         "compute per step") and lines[-1].startswith("answer: ")
+
+
+def test_a_codec_variant_is_taken_and_priced_beside_the_registered_codecs(capsys):
+    """--compress topk0.01 (a variant: the registry resolves it, it is not among the listed names) was refused
+    by argparse's choices; it is priced beside every registered codec and marked as the one asked for."""
+    main([*FLAT, "--compress", "topk0.01"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if " payload " in line}
+    assert {"none", "int4", "int2", "topk", "topk0.01"} <= set(rows) and rows["topk0.01"].rstrip().endswith(
+        "<- --compress  (accuracy not measured: never recommended)")
+    payload = {k: float(v.split("payload")[1].split("MiB")[0]) for k, v in rows.items()}
+    assert payload["topk0.01"] < payload["topk"] < payload["int4"]  # 1% kept against the default 1/32
