@@ -12,12 +12,14 @@ One step with ``overlap`` (tau=4, delay 4), from ``engine.step()`` to the applie
 2. At step 8 the round started at step 4 is due (``in_flight.apply_step == 8``): ``wait()`` (the
    seconds it blocks are ``comm_wait_seconds``), then ``apply()``: ``x <- x̄ + (x - x_sent)`` and
    ``a <- x̄`` (:meth:`_apply_pending`).
-3. Step 8 also closes a round (``cfg.is_average_step``): :meth:`average` asks the failure schedule
-   for the live workers (:meth:`live_of_round`), makes ``averaging.round(live, apply_step=8 + 4)``,
-   and its ``start()`` copies ``x``, fills ``x - a`` and launches the cross-node all-reduces.
+3. Step 8 also closes a round (``cfg.is_average_step``): :meth:`average` asks the membership
+   (:class:`~risgd_ext.membership.Membership`, who is live) for the live workers, makes
+   ``averaging.round(live, apply_step=8 + 4)``, and its ``start()`` copies ``x``, fills ``x - a`` and
+   launches the cross-node all-reduces.
 4. Steps 9-11 are local; the sum travels behind them. At step 12, back to 2.
 
-Every phase returns a ``RoundReport``, added to the counters by :meth:`_account`. ``averaged()``
+Every phase returns a ``RoundReport``, added to the counters by :meth:`_account`; a fault-tolerant round
+(run by the membership: quorum, floor, retries) returns a ``LiveRoundReport`` of them. ``averaged()``
 at step 8 would ``wait()`` early (``view_wait_seconds``) and show ``x̄`` through ``viewed()``,
 putting the local model back afterwards.
 """
@@ -42,11 +44,11 @@ from risgd_common.layout import Layout
 
 from .codec import make_codec
 from .config import RISGDConfig, check_world
-from .failures import failed_workers
 from .flat import FlatModel
-from .live import AnchorsDiffer, BelowFloor, LiveNodes, MembershipEvent, Quorum
+from .live import AnchorsDiffer, LiveNodes, MembershipEvent, Quorum
+from .membership import LiveRoundReport, Membership, MembershipView
 from .reduce import GradientAverager, Traffic
-from .round import REPLACE, Averaging, Live, NoFiniteContribution, Round, RoundReport
+from .round import Averaging, Live, NoFiniteContribution, Round, RoundReport
 from .topology import NodeGroups, build_node_groups, inherit_world_timeout
 
 # Counters carried by checkpoints, in the order stats() reports them.
@@ -154,15 +156,12 @@ class RISGDController:
                                              outer=(cfg.outer_lr, cfg.outer_momentum, cfg.outer_nesterov)
                                              if cfg.outer else None,
                                              codec=make_codec(cfg.compress), error_feedback=cfg.error_feedback)
-        # fault_tolerance=torchft: the live nodes (built by go_live), the rounds retried after a failure and
-        # the seconds they took, the membership changes seen, and the step at which this node was healed
-        self.live: LiveNodes | None = None
-        self.total_workers = self.layout.workers
+        # who is live in each round (the failure schedule; with fault_tolerance=torchft, the quorum's nodes, the
+        # changes seen, the step this node was healed to, the floor): the membership's alone. Here: the rounds
+        # retried after a failure and the seconds they took
+        self.membership = Membership(cfg, self.layout.workers)
         self.retries = 0
-        self.retry_seconds = self.quorum_seconds = 0.0
-        self.events: list[MembershipEvent] = []
-        self.healed_at: int | None = None
-        self._members: frozenset[int] | None = None
+        self.retry_seconds = 0.0
         self.grad_averager: GradientAverager | None = None
         if self.nodes is not None and cfg.tau_intra == 0:
             self.grad_averager = GradientAverager(self.params(), self.nodes.node_group, cfg.node_size,
@@ -342,7 +341,7 @@ class RISGDController:
             if self.live is not None:  # DeepSpeed's gradient all-reduce spans this node only: the nodes' models
                 t0 = time.perf_counter()  # are made one by a blocking round after every warm-up step
                 self._live_round(blocking=True)
-                self._round_done(self.live_of_round(self.rounds, self._members), t0)
+                self._round_done(self.membership.live_now(self.rounds), t0)
         else:
             self.local_steps += 1
             self.steps_in_round += 1
@@ -365,28 +364,41 @@ class RISGDController:
                 engine.enable_backward_allreduce = sync
 
     def live_of_round(self, round_index: int, members: frozenset[int] | None = None) -> Live:
-        """The workers taking part in round ``round_index``: the failure schedule's complement (of
-        ``members``, the quorum's nodes, in a fault-tolerant run). The one place that decides who is
-        live: the round, the stats, the trainer's coverage and run record all ask here."""
-        down = failed_workers(self.cfg, round_index, self.total_workers)
-        if members is None:
-            return Live.without(down, self.total_workers)
-        return Live(frozenset(members) - down, self.total_workers)
+        """The workers taking part in round ``round_index`` (:meth:`Membership.live_of_round`, the one place
+        that decides who is live)."""
+        return self.membership.live_of_round(round_index, members)
 
     def members(self) -> frozenset[int]:
         """The workers whose nodes run now: the last quorum's (a fault-tolerant run), else all of them."""
-        if self._members is not None:
-            return self._members
-        if self.live is not None:
-            return frozenset({self.identity})
-        return frozenset(range(self.total_workers))
+        return self.membership.members()
 
     def live_workers(self) -> frozenset[int]:
         """The workers that took part in the last round (before the first: those of the first):
         :meth:`members` less those the ``failures`` schedule marks down."""
-        if self.cfg is None:
-            return frozenset(range(self.total_workers))
-        return self.live_of_round(max(self.rounds - 1, 0), self._members).workers
+        return self.membership.live_workers(self.rounds)
+
+    def membership_view(self) -> MembershipView:
+        """Who is live, as the trainer may read it: a frozen copy (members, live workers, the current quorum,
+        the changes not yet taken)."""
+        return self.membership.view(self.rounds)
+
+    @property
+    def live(self) -> LiveNodes | None:
+        """The torchft side of a fault-tolerant run (built by :meth:`go_live`; None otherwise)."""
+        return self.membership.nodes
+
+    @property
+    def total_workers(self) -> int:
+        return self.membership.workers
+
+    @property
+    def healed_at(self) -> int | None:
+        """The step this node was healed to, not yet taken (:meth:`take_healed`)."""
+        return self.membership.healed_at
+
+    @property
+    def quorum_seconds(self) -> float:
+        return self.membership.quorum_seconds
 
     # -- fault tolerance (torchft) -------------------------------------------------------------
     def go_live(self, worker: int, workers: int, accept=None, lighthouse: str | None = None,
@@ -404,33 +416,19 @@ class RISGDController:
         cfg = self.cfg
         if cfg is None or not cfg.live:
             raise RuntimeError("go_live() needs the risgd block's fault_tolerance: torchft")
-        bad = sorted({r for f in cfg.failures for r in getattr(f, "ranks", ())} - set(range(workers)))
-        if bad or any(getattr(f, "count", 0) >= workers for f in cfg.failures):
-            raise ValueError(f"risgd.failures name node(s) {bad or 'more than exist'} of the {workers} workers")
-        self.identity, self.total_workers = worker, workers
+        self.membership.check_failures(workers)
+        self.identity = worker
         store = (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
-        self.live = LiveNodes(worker, self.layout.local_of(self.rank), self.node_size, store,
-                              cfg.op_timeout_s, cfg.quorum_timeout_s, cfg.min_nodes, cfg.floor_wait_s, lighthouse,
-                              accept)
-        self.live.register_state("risgd", self._load_live_state, self._live_state)
+        nodes = LiveNodes(worker, self.layout.local_of(self.rank), self.node_size, store, cfg.op_timeout_s,
+                          cfg.quorum_timeout_s, lighthouse)
+        self.membership.attach(nodes, worker, workers, accept)
+        nodes.register_state("risgd", self._load_live_state, self._live_state)
         for name, (load, save) in (state or {}).items():
-            self.live.register_state(name, load, save)
+            nodes.register_state(name, load, save)
         self.averaging.worker = worker
-        self.averaging.reducer.cross = self.live
-        q = self._quorum()
-        deadline = time.perf_counter() + cfg.floor_wait_s
-        # a start (a fresh one, or the whole run resumed from a checkpoint) waits for all the nodes, or for the
-        # floor at most floor_wait_s: the lighthouse forms a quorum of whichever nodes already run, and the later
-        # ones would all be healed. A node behind live ones is healed at once (the run is going on without it).
-        while (not q.healing and len(q.members) < workers
-               and (time.perf_counter() < deadline or self.live.below_floor(q.members))):
-            if time.perf_counter() > deadline:
-                raise BelowFloor(f"below the floor at the start for floor_wait_s={cfg.floor_wait_s:g} s: "
-                                 f"{self.live.below_floor(q.members)}")
-            time.sleep(0.1)
-            q = self._quorum()
+        self.averaging.reducer.cross = nodes
+        q = self.membership.meet(self.steps)
         if not q.healing:
-            self._members = q.members
             if resume is not None:
                 resume()
             warming = 0 < self.steps <= cfg.warmup_sync_steps and self.rounds < self.steps  # a warm-up step's round
@@ -439,13 +437,13 @@ class RISGDController:
                 # was lost at its quorum): that round first, among the nodes resumed with it, as it would have been
                 t0 = time.perf_counter()
                 self._live_round(q, blocking=warming)
-                self._round_done(self.live_of_round(self.rounds, self._members), t0)
+                self._round_done(self.membership.live_now(self.rounds), t0)
             return False
         # the live nodes are at a round: take part in it (contributing nothing, blocking even if theirs is
         # overlapped: the same collectives), take the live state at its commit, then its average
         t0 = time.perf_counter()
         self._live_round(q, join=True)
-        self._round_done(self.live_of_round(self.rounds, self._members), t0)
+        self._round_done(self.membership.live_now(self.rounds), t0)
         return True
 
     def _live_state(self) -> dict[str, Any]:
@@ -461,105 +459,33 @@ class RISGDController:
         self.engine.module.load_state_dict(state["module"])
         self.engine.optimizer.load_state_dict(state["optimizer"])
         self.load_state_dict(state["controller"])
-        self.healed_at = self.steps
-
-    def _quorum(self, behind: bool = False) -> Quorum:
-        """The next quorum, with this node's step as torchft's (a node behind the others is healed). ``behind``:
-        this node resends a round whose commit failed here: it counts one step behind, so that a node whose
-        commit succeeded (it applied the round and, under overlap, may start the next round at this very
-        step) heals it, instead of both sending rounds from two anchors at one torchft step."""
-        self.live.manager.load_state_dict({"step": self.steps - (1 if behind else 0), "batches_committed": 0})
-        q = self.live.quorum()
-        self.quorum_seconds += q.seconds
-        return q
+        self.membership.healed_at = self.steps
 
     def _live_round(self, q: Quorum | None = None, resend: Round | None = None, join: bool = False,
                     blocking: bool = False, hold: bool = False) -> None:
-        """One round among the live nodes, retried among the survivors until it commits; with
-        ``overlap`` (and no ``resend``) only started here. Below the floor it waits for a node to
-        come back, up to ``floor_wait_s``. ``hold``: a resend committed before its apply step (its failure was
-        seen early, by an evaluation or a checkpoint) stays in flight, complete, until that step."""
-        cfg, live_nodes, reducer = self.cfg, self.live, self.averaging.reducer
-        attempts, failed_seconds, below_since = 0, 0.0, None
-        copy_held = False  # a heal whose round failed: torchft loaded the peer's state at the vote all the same
-        while True:
-            t_attempt = time.perf_counter()
-            q = q or self._quorum(behind=resend is not None)
-            why = None if q.healing else live_nodes.below_floor(q.members)
-            if why is not None:
-                below_since = below_since or time.perf_counter()
-                if time.perf_counter() - below_since > cfg.floor_wait_s:
-                    raise BelowFloor(f"below the floor for floor_wait_s={cfg.floor_wait_s:g} s: {why}")
-                time.sleep(0.2)
-                q = None
-                continue
-            self._note_members(q, attempts, failed_seconds)
-            live = self.live_of_round(self.rounds, q.members)
-            # a node holding a copy of its peer (its heal's round failed) contributes nothing until it has taken
-            # an average: its model is the peer's progress, which would count twice
-            here = not q.healing and not copy_held and self.identity in live.workers
-            # a joiner runs an overlapped round as its peers do (the same collectives in the same order), but
-            # waits for it at once: it has no progress of its own to keep, so it takes the average exactly
-            background = cfg.overlap and resend is None and not blocking
-            # a warm-up step's round makes the nodes one synchronous model: plain averaging, never the outer step
-            r = self.averaging.round(live, apply_step=self.steps + cfg.delay if background else None,
-                                     live_here=here, counted=True, resend=resend,
-                                     plain=self.steps <= cfg.warmup_sync_steps)
-            if q.healing or copy_held:  # this node takes the live state at the commit, then the average itself: no
-                r.applies = REPLACE  # progress of its own to keep (its model is the peer's by then)
-            saved = reducer.save_residuals()
-            reports = []
-            try:
-                reports.append(r.start())
-                # waited for at its step (_apply_pending), where a failure is retried; a joiner, or a node
-                # healed here, waits at once (the live state it takes is the peers' at this quorum)
-                if background and not join and not q.healing and not copy_held:
-                    r.saved_residuals = saved  # put back if it fails: its resend encodes d + the residual before
-                    self.in_flight = r
-                    self._account(reports[0])
-                    return
-                reports.append(r.wait())
-            except AnchorsDiffer:  # every contributor sees the same sums: all stop, with one line
-                raise
-            except Exception as e:  # a peer gone or silent (gloo's error or its timeout): not committed
-                live_nodes.report_error(e)
-            if live_nodes.commit():  # a joiner's live state is loaded here, before the average is applied
-                if hold and not q.healing:  # committed ahead of its apply step: applied there
-                    r.committed, self.in_flight = True, r
-                else:
-                    reports.append(r.apply())
-                for report in reports:
-                    self._account(report)
-                self.retries += attempts
-                self.retry_seconds += failed_seconds
-                return
-            reducer.restore_residuals(saved)
-            copy_held = copy_held or (q.healing and self.healed_at is not None)
-            attempts += 1
-            failed_seconds += time.perf_counter() - t_attempt
-            q = None
+        """One round among the live nodes (:meth:`Membership.live_round`: quorum, floor, retries until it
+        commits), added to the counters here; a round it leaves in flight is this controller's to apply."""
+        report = self.membership.live_round(self.averaging, lambda: (self.steps, self.rounds), q, resend, join,
+                                            blocking, hold)
+        self._account_live(report)
 
-    def _note_members(self, q: Quorum, attempts: int, failed_seconds: float) -> None:
-        """A membership event when the quorum's nodes differ from the last round's."""
-        if q.members == self._members and not q.healing:
-            return
-        before = self._members if self._members is not None else q.members
-        self.events.append(MembershipEvent(self.rounds, q.quorum_id, sorted(q.members), sorted(before - q.members),
-                                           sorted(q.members - before), q.healing, q.seconds, attempts,
-                                           failed_seconds))
-        self._members = q.members
+    def _account_live(self, report: LiveRoundReport) -> None:
+        if report.in_flight is not None:
+            self.in_flight = report.in_flight
+        for phase in report.reports:
+            self._account(phase)
+        self.retries += report.retries
+        self.retry_seconds += report.retry_seconds
 
     def take_healed(self) -> int | None:
         """The step this node was healed to since the last call (None: it was not). A node behind the others
         at a round (its commit failed where theirs succeeded, or it joined) takes their live state, step
         included: the training loop goes on from this step (its data position too)."""
-        healed, self.healed_at = self.healed_at, None
-        return healed
+        return self.membership.take_healed()
 
     def take_events(self) -> list[MembershipEvent]:
         """The membership changes seen since the last call (for the run record)."""
-        events, self.events = self.events, []
-        return events
+        return self.membership.take_events()
 
     def average(self) -> None:
         """One averaging round over the live workers (across nodes with the node level): blocking,
@@ -570,9 +496,9 @@ class RISGDController:
                 raise RuntimeError("a round is still in flight: apply it before starting the next")
             t0 = time.perf_counter()
             self._live_round()
-            self._round_done(self.live_of_round(self.rounds, self._members), t0)
+            self._round_done(self.membership.live_now(self.rounds), t0)
             return
-        live = self.live_of_round(self.rounds)
+        live = self.membership.live_of_round(self.rounds)
         t0 = time.perf_counter()
         if cfg.overlap:
             if self.in_flight is not None:
@@ -746,7 +672,7 @@ class RISGDController:
         out["outer_nesterov"] = bool(self.cfg and self.cfg.outer_nesterov)
         # who was down in the last round: a pure function of the schedule, so it survives a resume
         last = self.rounds - 1
-        down = self.live_of_round(last).down if self.cfg and last >= 0 else frozenset()
+        down = self.membership.live_of_round(last).down if self.cfg and last >= 0 else frozenset()
         out["fault_tolerance"] = self.cfg.fault_tolerance if self.cfg else "none"
         out["retries"], out["retry_seconds"], out["quorum_seconds"] = self.retries, self.retry_seconds, \
             self.quorum_seconds

@@ -21,9 +21,10 @@ What this layer adds to torchft (and why):
   of the cross-node group has its own timeout (``op_timeout_s``, sized from the expected bucket
   time), after which the round fails and is retried in the next quorum, which the lighthouse has
   formed without the silent node (its heartbeat timeout).
-- **The floor.** ``min_workers`` live nodes (and the caller's ``accept`` check, e.g. the data
+- **The floor.** ``min_nodes`` live nodes (and the caller's ``accept`` check, e.g. the data
   coverage of the live nodes): below it the round waits, retrying the quorum, up to ``floor_wait_s``,
-  then :class:`BelowFloor` is raised (the caller checkpoints and stops with one line).
+  then :class:`BelowFloor` is raised (the caller checkpoints and stops with one line). Checked by
+  ``risgd_ext.membership`` only, which owns who is live; this module is torchft's side of it.
 - **A lost lighthouse** (the single point of torchft) raises :class:`LighthouseLost`.
 - **Healing from a snapshot.** torchft's HTTP transport serves CPU tensors by reference when the
   joiner asks; an overlapped peer is back at its local steps by then. What a peer serves is copied
@@ -109,17 +110,21 @@ class MembershipEvent:
 
 
 def _reconfigurable_gloo(timeout: datetime.timedelta):
-    """torchft's ProcessGroupGloo, recording the global ranks of each configuration (torchft passes
-    them to ``configure`` and keeps them private)."""
+    """torchft's ProcessGroupGloo, recording the quorum id and the global ranks of each configuration
+    (torchft passes them to ``configure``, its process groups' public interface, and keeps them private
+    in its manager: no private field of torchft is read here). ``quorum_id`` is -1 until the first."""
     from torchft.process_group import ProcessGroupGloo
 
     class Recorded(ProcessGroupGloo):
         members: list[int] = []
         rank: int = 0
         world: int = 1
+        quorum_id: int = -1
 
         def configure(self, store_addr, replica_id, rank, world_size, quorum_id=None, group_rank=None,
                       group_world_size=None, global_ranks=None):
+            # recorded first, as torchft's manager records it before calling configure
+            self.quorum_id = -1 if quorum_id is None else int(quorum_id)
             self.rank, self.world = rank, world_size
             self.members = list(global_ranks or [])
             super().configure(store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size,
@@ -153,10 +158,7 @@ class LiveNodes:
     store: tuple[str, int]
     op_timeout_s: float
     quorum_timeout_s: float = 60.0
-    min_workers: int = 1
-    floor_wait_s: float = 60.0
     lighthouse: str | None = None
-    accept: Callable[[frozenset[int]], str | None] | None = None  # None, or why these nodes are below the floor
     manager: Any = field(init=False, default=None)
     pg: Any = field(init=False, default=None)
     current: Quorum | None = field(init=False, default=None)
@@ -203,10 +205,13 @@ class LiveNodes:
         self.manager.register_state_dict_fn(key, load, lambda: snapshot(save()))
 
     # -- the quorum --------------------------------------------------------------------------------
-    def quorum(self) -> Quorum:
+    def quorum(self, step: int | None = None) -> Quorum:
         """The next quorum (blocking): the live nodes, the cross-node group rebuilt if they changed,
-        and the live state fetched from a peer if this node is behind (applied at :meth:`commit`)."""
+        and the live state fetched from a peer if this node is behind (applied at :meth:`commit`).
+        ``step``: this node's step, as torchft compares them (None: as it stands)."""
         m = self.manager
+        if step is not None:
+            m.load_state_dict({"step": step, "batches_committed": 0})
         t0 = time.perf_counter()
         try:
             m.start_quorum(allow_heal=True, timeout=datetime.timedelta(seconds=self.quorum_timeout_s))
@@ -220,17 +225,10 @@ class LiveNodes:
             # two nodes serve one worker (a replica copied twice, a node started twice): the one behind (a
             # joiner, healing) is refused alone and the run goes on; two at the same step cannot be told apart
             raise DuplicateWorker(_TWIN.format(worker=self.worker))
-        q = Quorum(m._quorum_id, members, self.pg.rank, self.pg.world, healing=healing,
+        q = Quorum(self.pg.quorum_id, members, self.pg.rank, self.pg.world, healing=healing,
                    seconds=time.perf_counter() - t0)
         self.current = q
         return q
-
-    def below_floor(self, members: frozenset[int]) -> str | None:
-        """Why ``members`` cannot make a round (None: they can)."""
-        if len(members) < self.min_workers:
-            return (f"{len(members)} live node(s) {sorted(members)}, fewer than min_nodes={self.min_workers} (bring a "
-                    "node back, or lower risgd.min_nodes)")
-        return self.accept(members) if self.accept is not None else None
 
     def report_error(self, error: BaseException) -> None:
         """A collective of this round failed: the node will not commit it."""
