@@ -1,9 +1,11 @@
 """Who trains, seen from the trainer: a fixed run's ranks, or the live nodes of an elastic run.
 
-:func:`nodes_for` gives the training loop one object either way, so ``train()`` has no elastic
-branches: :class:`FixedNodes` (every worker for the whole run) or :class:`ElasticNodes` (one node of
-an elastic run on torchft: a quorum at every round, a lost node dropped, a returning one healed
-from a live peer; nobody restarted). Who is live is decided by the engine alone
+:func:`nodes_for` gives the training loop one object either way, so the trainer
+(:class:`risgd_trainer.train.Trainer`) has no elastic branches: :class:`FixedNodes` (every worker
+for the whole run) or :class:`ElasticNodes` (one node of an elastic run on torchft: a quorum at
+every round, a lost node dropped, a returning one healed from a live peer; nobody restarted). The
+two speak in values: :meth:`~FixedNodes.join` returns the :class:`~risgd_trainer.checkpoints.Progress`
+a node was healed to, :meth:`~FixedNodes.after_step` an :class:`AfterStep`. Who is live is decided by the engine alone
 (``RISGDController.live_workers``: the quorum's nodes less the ``failures`` schedule's); this
 module only turns it into the data's coverage, the floor and the run record.
 
@@ -17,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import yaml
 from tqdm import tqdm
@@ -27,6 +30,10 @@ from risgd_common.atomic import write_text_atomic
 from risgd_data.errors import DataError
 from risgd_data.manifest import load_manifest
 from risgd_data.replicate import read_replica
+from risgd_trainer.checkpoints import Progress
+
+if TYPE_CHECKING:
+    from risgd_trainer.tracking import RunTracker
 
 REPLICA_ENV = "RISGD_REPLICA_DIR"
 
@@ -80,6 +87,17 @@ def floor_error(cfg: dict, workers: list[int], coverage: float, p: int) -> str |
             f"worker(s) {lost} (python -m data.replicate --node-rank K ...) or lower the floor to go on")
 
 
+@dataclass(frozen=True)
+class AfterStep:
+    """What a round's aftermath asks of the training loop: the run record's tracker from here (a new one when
+    this node took the record over), the step its loader starts again at (None: it goes on), and the live
+    peer's progress when this node was healed to it (its step is ``restart``)."""
+
+    tracker: RunTracker
+    restart: int | None = None
+    healed: Progress | None = None
+
+
 class FixedNodes:
     """A fixed-size run: every worker's ranks for the whole run (the ``failures`` schedule may mark
     some down in a round; the engine says which)."""
@@ -107,17 +125,18 @@ class FixedNodes:
             self._coverage[key] = live_coverage(self.manifest, self.index, set(key))
         return self._coverage[key]
 
-    def join(self, engine, scheduler, progress: dict, resume) -> None:
+    def join(self, engine, resume: Callable[[], None], standing: Callable[[], Progress]) -> Progress | None:
         """Take part in the run: a fixed run has nothing to meet, and ``resume()``s from its latest
-        checkpoint (if any) at once."""
+        checkpoint (if any) at once. Returns the progress this node was healed to: None, nobody to heal from."""
         resume()
+        return None
 
     def draw_scales(self, ctl) -> list[float] | None:
         return None
 
-    def after_step(self, ctl, step: int, tracker, rank: int, scheduler, progress: dict) -> tuple[Any, int | None]:
-        """(the tracker to use from here, the step the loader must restart at, or None)."""
-        return tracker, None
+    def after_step(self, ctl, step: int, tracker: RunTracker, rank: int) -> AfterStep:
+        """A round's aftermath: nothing changes in a fixed run."""
+        return AfterStep(tracker)
 
     def checkpoint_due(self, ctl, step: int, last: int, every: int) -> bool:
         return bool(every) and step % every == 0
@@ -144,6 +163,7 @@ class ElasticNodes(FixedNodes):
         self._first: dict | None = None
         self._drawn_for: frozenset | None = None  # the nodes the loader's draw was scaled for
         self._healed: dict = {}  # the trainer's state taken from a live peer, until the loop takes it
+        self._standing: Callable[[], Progress] | None = None  # the trainer's progress, for a peer healed from us
 
     def rng_id(self, rank: int) -> int:
         """The rank this node's rank ``rank`` would have in a fixed run of the same layout: each rank of a
@@ -154,20 +174,20 @@ class ElasticNodes(FixedNodes):
         """Why ``members`` are below the run's floor (elastic.min_workers, elastic.min_coverage), or None."""
         return floor_error(self.run.cfg, sorted(members), self._coverage_of(members), self.workers)
 
-    def join(self, engine, scheduler, progress: dict, resume) -> None:
+    def join(self, engine, resume: Callable[[], None], standing: Callable[[], Progress]) -> Progress | None:
         """Meet the live nodes in torchft's quorum. A node behind them (it joins a run in progress) is
-        healed from a live peer: its model, optimizer and round state, and the trainer's schedule, best
-        accuracy and wall clock, at their step (``progress`` is updated); no checkpoint file is read. A
-        start of the whole run (nobody ahead) ``resume()``s from the run's latest checkpoint, if any."""
-        def trainer_state() -> dict:  # what a joiner takes from its peer, besides the engine's state
-            return {"best": progress["best"], "last_eval": progress["last_eval"], "scheduler": scheduler.state_dict(),
-                    "wall": time.perf_counter() - progress["t0"] if "t0" in progress else progress["wall"]}
-
+        healed from a live peer: its model, optimizer and round state, and the trainer's progress (schedule,
+        best accuracy and wall clock) at their step, returned; no checkpoint file is read. A start of the
+        whole run (nobody ahead) ``resume()``s from the run's latest checkpoint, if any, and returns None.
+        ``standing()``: the trainer's progress now, which a node healed from this one takes (asked in torchft's
+        quorum thread, whenever a peer joins)."""
         ctl = engine.risgd
+        self._standing = standing
+        taken = None
         if ctl.go_live(self.worker, self.workers, accept=self.accept, resume=resume,
-                       state={"trainer": (self._healed.update, trainer_state)}):
-            self._take_healed(ctl.take_healed(), scheduler, progress)
-        start = progress["step"]
+                       state={"trainer": (self._healed.update, self._trainer_state)}):
+            taken = self._take_healed(ctl.take_healed())
+        start = (taken or standing()).step
         self.recording = self.worker == min(ctl.members())
         members = sorted(ctl.members())
         healed = bool(start and ctl.live.current.healing)
@@ -181,13 +201,17 @@ class ElasticNodes(FixedNodes):
             how = f", healed from a live peer at step {start}" if start and ctl.live.current.healing else ""
             print(f"live: this node serves worker {self.worker} of {self.workers} (torchft; lighthouse "
                   f"{os.environ.get('TORCHFT_LIGHTHOUSE')}){how}", file=sys.stderr, flush=True)
+        return taken
 
-    def _take_healed(self, step: int | None, scheduler, progress: dict) -> None:
-        scheduler.load_state_dict(self._healed["scheduler"])
-        progress.update(step=step, best=self._healed["best"], last_eval=self._healed["last_eval"],
-                        wall=self._healed["wall"])
-        if "t0" in progress:
-            progress["t0"] = time.perf_counter() - self._healed["wall"]
+    def _trainer_state(self) -> dict:
+        """What a joiner takes from this node, besides the engine's state (the wire's form of a Progress)."""
+        at = self._standing()
+        return {"best": at.best, "last_eval": at.last_eval, "scheduler": at.scheduler, "wall": at.wall}
+
+    def _take_healed(self, step: int) -> Progress:
+        """The trainer's progress a live peer handed over with its state, at ``step``."""
+        h = self._healed
+        return Progress(step=step, best=h["best"], last_eval=h["last_eval"], wall=h["wall"], scheduler=h["scheduler"])
 
     def draw_scales(self, ctl) -> list[float] | None:
         """This node's factor per chunk it holds, for the nodes live now (None: all are, nothing to scale)."""
@@ -199,17 +223,17 @@ class ElasticNodes(FixedNodes):
             return None
         return chunk_draw_scales(self.manifest, members)[self.worker]
 
-    def after_step(self, ctl, step: int, tracker, rank: int, scheduler, progress: dict) -> tuple[Any, int | None]:
-        """Follow a heal (this node was behind the others at a round: go on from their step, with their
-        schedule), log the quorum's changes, hand the record over when its writer changes, and say when
-        the loader must be rebuilt (from the step returned: the healed step, or this one when the live
-        nodes changed and the chunks they hold are drawn at their shares again)."""
+    def after_step(self, ctl, step: int, tracker: RunTracker, rank: int) -> AfterStep:
+        """Follow a heal (this node was behind the others at a round: the loop goes on from their step, with
+        their progress, returned), log the quorum's changes, hand the record over when its writer changes
+        (the tracker returned), and say when the loader must be rebuilt (from the step returned: the healed
+        step, or this one when the live nodes changed and the chunks they hold are drawn at their shares again)."""
         from risgd_trainer.tracking import RunTracker
 
-        restart = None
+        restart, healed = None, None
         healed_to = ctl.take_healed()
         if healed_to is not None and healed_to != step:
-            self._take_healed(healed_to, scheduler, progress)
+            healed = self._take_healed(healed_to)
             restart = step = healed_to
         # who writes the record is settled first: a node that takes it over (the record's node was lost) logs
         # the change that made it the writer, and those after it
@@ -237,7 +261,7 @@ class ElasticNodes(FixedNodes):
                 tqdm.write(membership_line(self.events[-1], self.workers), file=sys.stderr)
         if restart is None and self._drawn_for is not None and ctl.members() != self._drawn_for:
             restart = step
-        return tracker, restart
+        return AfterStep(tracker, restart, healed)
 
     def checkpoint_due(self, ctl, step: int, last: int, every: int) -> bool:
         """At averages only, so a worker without state (a lost node's, at a resume) can start from one."""

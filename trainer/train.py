@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import ipaddress
 import json
 import os
@@ -27,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,7 @@ from risgd_ext.round import NoFiniteContribution
 from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_trainer import elastic, run_lock, threads
 from risgd_trainer.agree import USER_ERRORS, AgreedError, agree
+from risgd_trainer.checkpoints import Checkpoints, Progress
 from risgd_trainer.evaluation import evaluate
 from risgd_trainer.lr_schedule import lr_factor
 from risgd_trainer.run_config import RecipeError, Run, check_same_manifest, check_shards_source, resolve_run
@@ -366,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             one_rank_environment()
             risgd_ext.init_distributed(timeout=datetime.timedelta(seconds=timeout))
         for run in pending:
-            train(run)
+            Trainer(run).fit()
         return 0
     except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
         return refuse(e, dist.get_rank() == 0)
@@ -394,197 +397,301 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def train(run: Run) -> None:
-    """One run, in the process group that main() started."""
-    from deepspeed.accelerator import get_accelerator
+class Trainer:
+    """One run, in the process group that main() started: ``Trainer(run).fit()``. It holds the run's parts as
+    fields (the engine, the loaders, the run record's tracker, the checkpoints, who trains: ``nodes``, a fixed
+    run's ranks or an elastic run's live nodes) and where the run stands (``step``, ``best``, ``last_eval``);
+    :meth:`fit` reads top to bottom: set-up, joining, then per step a batch, the step, the round's
+    aftermath, an evaluation and a checkpoint when due, and the summary."""
 
-    threads.register()  # the ranks on one machine share its cores, whoever launched them (oversubscription is slow)
-    threads.balance(shared=run.elastic)
-    rank = dist.get_rank()
-    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
-    if not run.elastic:  # one run at a time in a run directory (an elastic run's nodes share theirs)
-        agree(lambda: run_lock.hold(run.run_dir) if rank == 0 else None)
-    try:
-        _train(run, rank, device)
-    finally:
-        run_lock.release(run.run_dir)
+    run: Run
+    engine: Any  # risgd_ext's DeepSpeed engine; engine.risgd holds the rounds
+    scheduler: Any  # the learning-rate schedule (torch LambdaLR)
+    nodes: elastic.FixedNodes  # who trains: the run's ranks, or an elastic run's live nodes
+    checkpoints: Checkpoints
+    loader: Any  # this rank's train loader (risgd_data.loader.RankLoader)
+    eval_loader: Any  # this rank's slice of the test set
+    tracker: RunTracker  # the run record (metrics.jsonl, summary.json, wandb)
 
+    def __init__(self, run: Run) -> None:
+        from deepspeed.accelerator import get_accelerator
 
-def _train(run: Run, rank: int, device: torch.device) -> None:
-    """The run itself: the loop, its evaluations, checkpoints and the summary (the run directory is held)."""
-    import risgd_models
-    from risgd_data.loader import make_eval_loader, make_train_loader
-    from risgd_data.manifest import steps_per_epoch
-    from risgd_data.transforms import eval_transform, train_transform
+        self.run, self.cfg = run, run.cfg
+        self.rank = dist.get_rank()
+        self.device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+        # where the run stands: the steps done, the best test accuracy, the last evaluation's and checkpoint's steps,
+        # the wall seconds trained before this process and the clock they go on from (None until the loop starts)
+        self.step, self.best, self.last_eval, self.last_ckpt = 0, 0.0, 0, 0
+        self.wall = 0.0
+        self.t0: float | None = None
+        self.cursor: dict | None = None  # this worker's data position, from its own checkpoint
+        self.last: dict = {"train_loss": float("nan")}  # the last metrics logged
 
-    cfg, data = run.cfg, run.cfg["data"]
-    if not run.elastic:  # an elastic run trains on the nodes' replicas: nothing is made on the fly
-        agree(lambda: make_shards_if_missing(cfg) if rank == 0 else None)
-    index, manifest, worker, shard_dir = agree(lambda: load_data(run, rank))
-    share = run.worker_of(rank)[1]
-    nodes = elastic.nodes_for(run, manifest, index, worker)  # who trains: this run's ranks, or the live nodes
-    epoch_steps = steps_per_epoch(manifest, run.worker_batch())
-    total_steps = run.total_steps(epoch_steps)
+    # -- the run, top to bottom ------------------------------------------------------------------------
 
-    ckpt_dir = os.path.join(run.run_dir, "checkpoints")
+    def fit(self) -> None:
+        """The run: its loop, evaluations, checkpoints and the summary, with the run directory held."""
+        threads.register()  # the ranks on one machine share its cores, whoever launched them (oversubscription is slow)
+        threads.balance(shared=self.run.elastic)
+        if not self.run.elastic:  # one run at a time in a run directory (an elastic run's nodes share theirs)
+            agree(self._hold_run_dir)
+        try:
+            self.set_up()
+            self.join()
+            self.open()
+            while self.step < self.total_steps:
+                self.train_step(*self.batch())
+                self.aftermath()
+                if self.evaluation_due():
+                    self.evaluate()
+                if self.checkpoint_due():
+                    self.checkpoint()
+            self.bar.close()
+            self.finish()
+        finally:
+            run_lock.release(self.run.run_dir)
 
-    def build_engine():
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    def _hold_run_dir(self) -> None:
+        if self.rank == 0:
+            run_lock.hold(self.run.run_dir)
+
+    def _make_shards(self) -> None:
+        if self.rank == 0:
+            make_shards_if_missing(self.cfg)
+
+    def set_up(self) -> None:
+        """The data (shards made if missing, verified), who trains, and the engine, built the same on every rank."""
+        from risgd_data.manifest import steps_per_epoch
+
+        if not self.run.elastic:  # an elastic run trains on the nodes' replicas: nothing is made on the fly
+            agree(self._make_shards)
+        self.index, self.manifest, self.worker, self.shard_dir = agree(functools.partial(load_data, self.run,
+                                                                                         self.rank))
+        self.nodes = elastic.nodes_for(self.run, self.manifest, self.index, self.worker)
+        self.share = (self.run.worker_of(self.rank)[1], self.run.node_size)  # this rank's part of its worker's batch
+        self.epoch_steps = steps_per_epoch(self.manifest, self.run.worker_batch())
+        self.total_steps = self.run.total_steps(self.epoch_steps)
+        self.engine, self.scheduler = agree(self._build_engine)
+        self.checkpoints = Checkpoints(self.run.run_dir, self.engine)
+        torch.manual_seed(self.cfg["seed"] * 100003 + self.nodes.rng_id(self.rank) * 7919)  # per-rank (dropout)
+
+    def _build_engine(self) -> tuple[Any, Any]:
+        import risgd_models
+
+        cfg = self.cfg
         torch.manual_seed(cfg["seed"])  # identical initial model on every rank
-        model = risgd_models.create_model(cfg["model"]["name"], num_classes=index["num_classes"],
-                                          in_chans=index["image_shape"][0] if index.get("image_shape") else 3,
+        model = risgd_models.create_model(cfg["model"]["name"], num_classes=self.index["num_classes"],
+                                          in_chans=self.index["image_shape"][0] if self.index.get("image_shape") else 3,
                                           drop_rate=cfg["model"]["drop_rate"])
         if cfg["model"]["channels_last"]:
             model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+        optimizer, scheduler = build_optimizer(cfg, model, self.total_steps)
         engine, _, _, scheduler = risgd_ext.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                       config=run.ds_config, risgd=run.risgd)
-        engine.risgd.identity = nodes.identity  # an elastic run's state is keyed by its manifest worker
+                                                       config=self.run.ds_config, risgd=self.run.risgd)
+        engine.risgd.identity = self.nodes.identity  # an elastic run's state is keyed by its manifest worker
         return engine, scheduler
 
-    engine, scheduler = agree(build_engine)
-    torch.manual_seed(cfg["seed"] * 100003 + nodes.rng_id(rank) * 7919)  # per-rank randomness (dropout)
-    progress = {"step": 0, "best": 0.0, "last_eval": 0, "wall": 0.0}
+    def join(self) -> None:
+        """Take part: a fixed run resumes from its latest checkpoint at once; an elastic one meets the live nodes
+        first and resumes only when they are not going on without it (a node behind them is healed from a live
+        peer, and goes on from the progress it took: no checkpoint file is read)."""
+        healed = self.nodes.join(self.engine, self.resume, self.standing)
+        if healed is not None:
+            self.take(healed)
 
-    def resume() -> None:  # the run's latest checkpoint, if any (its RNG too): every rank, then agreed
-        def load() -> dict:
-            return engine.load_checkpoint(ckpt_dir)[1] if os.path.exists(os.path.join(ckpt_dir, "latest")) else {}
-        client = agree(load)
-        cursor = client.get("data_cursor")  # the writing rank's worker's: others draw from the step alone
-        progress.update(step=client.get("step", 0), best=client.get("best_test_acc", 0.0),
-                        cursor=cursor if cursor and cursor.get("worker") == worker else None,
-                        last_eval=client.get("last_eval", client.get("step", 0)), wall=client.get("wall_seconds", 0.0))
-        if progress["step"] and rank == 0:
-            print(f"{run.name}: resuming from step {progress['step']} of {total_steps} ({ckpt_dir})",
+    def resume(self) -> None:
+        """From the run's latest checkpoint, if any (its RNG too): every rank, then agreed."""
+        self.take(self.checkpoints.load(self.worker))
+        if self.step and self.rank == 0:
+            print(f"{self.run.name}: resuming from step {self.step} of {self.total_steps} ({self.checkpoints.dir})",
                   file=sys.stderr, flush=True)
 
-    # a fixed run resumes at once; an elastic one meets the live nodes first and resumes only when they are not
-    # going on without it (a node behind them is healed from a live peer: no checkpoint file is read)
-    nodes.join(engine, scheduler, progress, resume)
-    start = last_ckpt = progress["step"]
-    best, last_eval = progress["best"], progress["last_eval"]
+    def take(self, at: Progress) -> None:
+        """Go on from ``at``: a checkpoint's progress, or a live peer's at a heal (with its schedule)."""
+        self.step = self.last_ckpt = at.step
+        self.best, self.last_eval, self.wall, self.cursor = at.best, at.last_eval, at.wall, at.cursor
+        if self.t0 is not None:
+            self.t0 = time.perf_counter() - at.wall
+        if at.scheduler is not None:
+            self.scheduler.load_state_dict(at.scheduler)
 
-    cuda = device.type == "cuda"  # pinned host memory, so the copies below overlap compute
-    transform = train_transform(index["dataset"], data["image_size"], fast=data["fast_decode"])
-    def train_loader(first: int, cursor: dict | None = None):
-        # elastic: each chunk drawn at its share of a step by whichever nodes hold it now (held and drawn), each
-        # chunk's stream going on from its cursor (where the loader before stood: none drawn twice, none skipped)
-        scale = nodes.draw_scales(engine.risgd)
-        return make_train_loader(manifest, shard_dir, worker, data["base_batch"], policy=data["batch_policy"],
-                                 transform=transform, seed=cfg["seed"], start_step=first,
-                                 num_workers=data["num_workers"], pin_memory=cuda, share=(share, run.node_size),
-                                 decode=data["decode"], device=device,  # gpu: batches come decoded on the device
-                                 chunk_scale=scale, cursor=cursor)
+    def standing(self) -> Progress:
+        """Where the run stands now (what a node healed from this one takes, asked from torchft's quorum thread)."""
+        wall = self.wall if self.t0 is None else time.perf_counter() - self.t0
+        return Progress(step=self.step, best=self.best, last_eval=self.last_eval, wall=wall,
+                        scheduler=self.scheduler.state_dict())
 
-    loader = train_loader(start, progress.get("cursor"))
-    if start == 0:  # said once, at the start of a run (a resumed run said it then)
-        batches_of: list = [None] * run.world_size  # what each rank draws per step under the batch policy
-        dist.all_gather_object(batches_of, loader.batch_size)
-        if rank == 0:
-            for line in batch_lines(run, manifest, batches_of):
-                print(line, file=sys.stderr, flush=True)
-    eval_loader = make_eval_loader(shard_dir, data["eval_batch"], rank=rank, world_size=run.world_size,
-                                   transform=eval_transform(index["dataset"], data["image_size"]))
-    fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
-    # an elastic run's record is written by the node of the lowest live worker (it moves when that node is lost)
-    tracker = RunTracker(run.run_dir, cfg, active=rank == 0 and nodes.recording, resume_step=start)
-    if rank == 0:
-        write_text_atomic(os.path.join(run.run_dir, "ds_config.json"), json.dumps(run.ds_config, indent=2))
-        if not os.path.exists(os.path.join(run.run_dir, "manifest.yaml")):
-            from risgd_data.manifest import write_manifest
-            write_manifest(manifest, os.path.join(run.run_dir, "manifest.yaml"))
+    def train_loader(self, first: int, cursor: dict | None = None):
+        """This rank's train loader from step ``first``. Elastic: each chunk drawn at its share of a step by
+        whichever nodes hold it now (held and drawn), each chunk's stream going on from its cursor (where the
+        loader before stood: none drawn twice, none skipped)."""
+        from risgd_data.loader import make_train_loader
 
-    t0 = progress["t0"] = time.perf_counter() - progress["wall"]
-    # loss sum, steps, samples skipped since the last log; on the device, so NCCL can reduce it and
-    # adding the loss does not wait for the GPU every step
-    running = torch.zeros(3, dtype=torch.float64, device=device)
-    last = tracker.last_logged() or {"train_loss": float("nan")}
-    skipped_seen = loader.samples_skipped
-    def save(at: int) -> None:  # an elastic run's other nodes write their own state; the recording one the rest
-        engine.save_checkpoint(ckpt_dir, tag=f"step{at}", client_state={
-            "step": at, "wall_seconds": time.perf_counter() - t0, "best_test_acc": best, "last_eval": last_eval,
-            "data_cursor": loader.cursor(at)},
-            rank_state_only=not nodes.recording)
+        data = self.cfg["data"]
+        return make_train_loader(self.manifest, self.shard_dir, self.worker, data["base_batch"],
+                                 policy=data["batch_policy"], transform=self.transform, seed=self.cfg["seed"],
+                                 start_step=first, num_workers=data["num_workers"],
+                                 pin_memory=self.device.type == "cuda", share=self.share, decode=data["decode"],
+                                 device=self.device,  # gpu: batches come decoded on the device
+                                 chunk_scale=self.nodes.draw_scales(self.engine.risgd), cursor=cursor)
 
-    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
-    batches = iter(loader)
-    step = start
-    while step < total_steps:
-        step += 1
-        images, labels = next(batches)
-        images = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
-        loss = F.cross_entropy(engine(images), labels.to(device, non_blocking=True))
-        engine.backward(loss)
-        try:
-            engine.step()
-        except LighthouseLost:  # an elastic run's single point: checkpoint here; the same commands resume (the
-            save(step)          # round due at this step is done first then)
-            raise
-        running[0] += loss.detach()
-        running[1] += 1
-        bar.update(1)
-        tracker, restart = nodes.after_step(engine.risgd, step, tracker, rank, scheduler, progress)
-        if restart is not None:  # elastic: healed to the others' step, or the live nodes changed (their draw)
-            cursor = loader.cursor(step)  # the live nodes changed: each chunk's stream goes on from here
-            if restart != step:  # go on from the others' step, with their schedule and the data from there
-                step = last_ckpt = restart
-                best, last_eval, t0 = progress["best"], progress["last_eval"], progress["t0"]
-                running.zero_()
-                bar.reset(total=total_steps)
-                bar.update(step)
-                cursor = None  # healed: this node's own streams at the others' step
-            loader = train_loader(step, cursor)
-            batches, skipped_seen = iter(loader), loader.samples_skipped
-        # Log and evaluate only where every rank holds the averaged model: the first average at or
-        # after each eval_every multiple, and the last step (which the config made an average).
-        due = cfg["eval_every"] and step >= (last_eval // cfg["eval_every"] + 1) * cfg["eval_every"]
-        if step == total_steps or (due and engine.risgd.is_average()):
-            running[2] = loader.samples_skipped - skipped_seen
-            skipped_seen = loader.samples_skipped
-            if run.elastic:
-                threads.balance()  # a node started on this machine since: the cores shared again
-            with engine.risgd.averaged() as stats:  # every rank holds the averaged model inside
-                dist.all_reduce(running)  # telemetry: one tiny collective per log interval
-                metrics = {"step": step, "epoch": step / epoch_steps, "lr": scheduler.get_last_lr()[0],
-                           "train_loss": float(running[0] / running[1]), **run_metrics(stats),
-                           "wall_seconds": time.perf_counter() - t0, "samples_skipped": int(running[2])}
-                t_eval = time.perf_counter()
-                metrics.update(evaluate(engine.module, eval_loader, device, index["num_classes"],
-                                        cfg["model"]["channels_last"]))
-                metrics["eval_seconds"] = time.perf_counter() - t_eval
-            running.zero_()
-            best = max(best, metrics["test_acc"])
-            progress.update(best=best, last_eval=step)
+    def open(self) -> None:
+        """The loaders, the run record, the run's files and the clock, from the step the run stands at."""
+        from risgd_data.loader import make_eval_loader
+        from risgd_data.transforms import eval_transform, train_transform
+
+        run, cfg, data, rank = self.run, self.cfg, self.cfg["data"], self.rank
+        start = self.step
+        # pinned host memory on CUDA, so the copies of a batch overlap compute
+        self.transform = train_transform(self.index["dataset"], data["image_size"], fast=data["fast_decode"])
+        self.loader = self.train_loader(start, self.cursor)
+        if start == 0:  # said once, at the start of a run (a resumed run said it then)
+            batches_of: list = [None] * run.world_size  # what each rank draws per step under the batch policy
+            dist.all_gather_object(batches_of, self.loader.batch_size)
             if rank == 0:
-                metrics["data_coverage"] = nodes.coverage(engine.risgd)  # of the training set, by the live workers
-                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
-            tracker.log(metrics)
-            last, last_eval = metrics, step
-        if nodes.checkpoint_due(engine.risgd, step, last_ckpt, cfg["checkpoint_every"]) or step == total_steps:
-            last_ckpt = step
-            save(step)
-    bar.close()
+                for line in batch_lines(run, self.manifest, batches_of):
+                    print(line, file=sys.stderr, flush=True)
+        self.eval_loader = make_eval_loader(self.shard_dir, data["eval_batch"], rank=rank, world_size=run.world_size,
+                                            transform=eval_transform(self.index["dataset"], data["image_size"]))
+        self.fmt = torch.channels_last if cfg["model"]["channels_last"] else torch.contiguous_format
+        # an elastic run's record is written by the node of the lowest live worker (it moves when that node is lost)
+        self.tracker = RunTracker(run.run_dir, cfg, active=rank == 0 and self.nodes.recording, resume_step=start)
+        if rank == 0:
+            write_text_atomic(os.path.join(run.run_dir, "ds_config.json"), json.dumps(run.ds_config, indent=2))
+            if not os.path.exists(os.path.join(run.run_dir, "manifest.yaml")):
+                from risgd_data.manifest import write_manifest
+                write_manifest(self.manifest, os.path.join(run.run_dir, "manifest.yaml"))
 
-    # every rank takes the final average for good (with overlap: the last round, applied now)
-    stats = engine.risgd.consensus()
-    digest = sha256_tensors(engine.module.state_dict().items())
-    digests: list = [None] * run.world_size
-    dist.all_gather_object(digests, digest)  # every rank's final model: equal after the last average
-    summary = {"algorithm": cfg["algorithm"], "tau": 1 if run.risgd is None else run.risgd.tau,
-               "mu": cfg["mu"], "world_size": run.world_size, "steps": total_steps, **run_metrics(stats),
-               "wall_seconds": time.perf_counter() - t0, "final_test_acc": last.get("test_acc"),
-               "best_test_acc": best, "final_train_loss": last["train_loss"], "seed": cfg["seed"],
-               "partition": data["partition"], "batch_policy": data["batch_policy"], "node_size": run.node_size,
-               "workers": run.workers, "tau_intra": cfg["tau_intra"], "overlap": cfg["overlap"],
-               "samples_skipped": loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
-               "model_sha256": digest, "min_data_coverage": tracker.min_logged("data_coverage"),
-               "rank_model_sha256": digests}
-    summary.update(nodes.summary(engine.risgd, tracker, summary["wall_seconds"]))
-    summary["cost_model"] = cost_advice(cfg, stats, summary["world_size"])  # the run's ranks: every node's
-    nodes.finish(engine.risgd, digest, rank)
-    tracker.finish(summary)
-    if rank == 0:
-        print(finished_lines(run, summary), flush=True)
-    dist.barrier()
+        self.t0 = time.perf_counter() - self.wall
+        # loss sum, steps, samples skipped since the last log; on the device, so NCCL can reduce it and
+        # adding the loss does not wait for the GPU every step
+        self.running = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.last = self.tracker.last_logged() or self.last
+        self.skipped_seen = self.loader.samples_skipped
+        self.bar = tqdm(total=self.total_steps, initial=start, disable=rank != 0, desc=run.name, dynamic_ncols=True)
+        self.batches = iter(self.loader)
+
+    # -- a step ----------------------------------------------------------------------------------------
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next step's images and labels, on the device."""
+        images, labels = next(self.batches)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.fmt)
+        return images, labels.to(self.device, non_blocking=True)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step on a batch: forward, backward and the engine's step (its round, when one is due)."""
+        self.step += 1
+        loss = F.cross_entropy(self.engine(images), labels)
+        self.engine.backward(loss)
+        try:
+            self.engine.step()
+        except LighthouseLost:  # an elastic run's single point: checkpoint here; the same commands resume (the
+            self.save()         # round due at this step is done first then)
+            raise
+        self.running[0] += loss.detach()
+        self.running[1] += 1
+        self.bar.update(1)
+
+    def aftermath(self) -> None:
+        """The round's aftermath, from who trains: the run record's writer, and in an elastic run a heal (go on
+        from the others' step, with their schedule and the data from there) or a change of the live nodes (each
+        chunk's stream goes on from here, drawn at its share by the nodes live now)."""
+        after = self.nodes.after_step(self.engine.risgd, self.step, self.tracker, self.rank)
+        self.tracker = after.tracker
+        if after.restart is None:
+            return
+        cursor = None  # healed: this node's own streams at the others' step
+        if after.healed is not None:
+            self.take(after.healed)
+            self.running.zero_()
+            self.bar.reset(total=self.total_steps)
+            self.bar.update(self.step)
+        else:
+            cursor = self.loader.cursor(self.step)
+        self.loader = self.train_loader(self.step, cursor)
+        self.batches, self.skipped_seen = iter(self.loader), self.loader.samples_skipped
+
+    # -- an evaluation, a checkpoint -------------------------------------------------------------------
+
+    def evaluation_due(self) -> bool:
+        """Log and evaluate only where every rank holds the averaged model: the first average at or after each
+        eval_every multiple, and the last step (which the config made an average)."""
+        every = self.cfg["eval_every"]
+        due = every and self.step >= (self.last_eval // every + 1) * every
+        return self.step == self.total_steps or bool(due and self.engine.risgd.is_average())
+
+    def evaluate(self) -> None:
+        """The metrics since the last log and the test accuracy, on the averaged model, logged to the record."""
+        self.running[2] = self.loader.samples_skipped - self.skipped_seen
+        self.skipped_seen = self.loader.samples_skipped
+        if self.run.elastic:
+            threads.balance()  # a node started on this machine since: the cores shared again
+        with self.engine.risgd.averaged() as stats:  # every rank holds the averaged model inside
+            dist.all_reduce(self.running)  # telemetry: one tiny collective per log interval
+            metrics = {"step": self.step, "epoch": self.step / self.epoch_steps, "lr": self.scheduler.get_last_lr()[0],
+                       "train_loss": float(self.running[0] / self.running[1]), **run_metrics(stats),
+                       "wall_seconds": time.perf_counter() - self.t0, "samples_skipped": int(self.running[2])}
+            t_eval = time.perf_counter()
+            metrics.update(evaluate(self.engine.module, self.eval_loader, self.device, self.index["num_classes"],
+                                    self.cfg["model"]["channels_last"]))
+            metrics["eval_seconds"] = time.perf_counter() - t_eval
+        self.running.zero_()
+        self.best = max(self.best, metrics["test_acc"])
+        if self.rank == 0:
+            metrics["data_coverage"] = self.nodes.coverage(self.engine.risgd)  # of the training set: the live workers'
+            self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
+        self.tracker.log(metrics)
+        self.last, self.last_eval = metrics, self.step
+
+    def checkpoint_due(self) -> bool:
+        return (self.nodes.checkpoint_due(self.engine.risgd, self.step, self.last_ckpt, self.cfg["checkpoint_every"])
+                or self.step == self.total_steps)
+
+    def checkpoint(self) -> None:
+        self.last_ckpt = self.step
+        self.save()
+
+    def save(self) -> None:
+        """A checkpoint at this step (of an elastic run: each node writes its own state, the recording one the rest)."""
+        at = Progress(step=self.step, best=self.best, last_eval=self.last_eval, wall=time.perf_counter() - self.t0,
+                      cursor=self.loader.cursor(self.step))
+        self.checkpoints.save(at, rank_state_only=not self.nodes.recording)
+
+    # -- the summary -----------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The final average for good on every rank (with overlap: the last round, applied now), every rank's
+        model digest, summary.json and rank 0's last words."""
+        stats = self.engine.risgd.consensus()
+        digest = sha256_tensors(self.engine.module.state_dict().items())
+        digests: list = [None] * self.run.world_size
+        dist.all_gather_object(digests, digest)  # every rank's final model: equal after the last average
+        summary = self.summary(stats, digest, digests)
+        self.nodes.finish(self.engine.risgd, digest, self.rank)
+        self.tracker.finish(summary)
+        if self.rank == 0:
+            print(finished_lines(self.run, summary), flush=True)
+        dist.barrier()
+
+    def summary(self, stats: dict, digest: str, digests: list[str]) -> dict:
+        """summary.json: the run's configuration, its communication and accuracy, the models' digests, who
+        trained (an elastic run's record) and the cost model's advice for the run's ranks (every node's)."""
+        run, cfg, data = self.run, self.cfg, self.cfg["data"]
+        summary = {"algorithm": cfg["algorithm"], "tau": 1 if run.risgd is None else run.risgd.tau,
+                   "mu": cfg["mu"], "world_size": run.world_size, "steps": self.total_steps, **run_metrics(stats),
+                   "wall_seconds": time.perf_counter() - self.t0, "final_test_acc": self.last.get("test_acc"),
+                   "best_test_acc": self.best, "final_train_loss": self.last["train_loss"], "seed": cfg["seed"],
+                   "partition": data["partition"], "batch_policy": data["batch_policy"], "node_size": run.node_size,
+                   "workers": run.workers, "tau_intra": cfg["tau_intra"], "overlap": cfg["overlap"],
+                   "samples_skipped": self.loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
+                   "model_sha256": digest, "min_data_coverage": self.tracker.min_logged("data_coverage"),
+                   "rank_model_sha256": digests}
+        summary.update(self.nodes.summary(self.engine.risgd, self.tracker, summary["wall_seconds"]))
+        summary["cost_model"] = cost_advice(cfg, stats, summary["world_size"])  # the run's ranks: every node's
+        return summary
 
 
 if __name__ == "__main__":
