@@ -75,6 +75,9 @@ def _configs(few: tuple[float, float, bool] = FEW) -> dict:
     out["node fp32 +few"] = ([*BASE, "node_size=2", *_outer(*few)], 2, 60, False)
     out["flat fp32 +ov +few"] = ([*BASE, "overlap=true", *_outer(*few)], 1, 60, True)
     out["node int4 +few"] = ([*BASE, "node_size=2", "compress=int4", *_outer(*few)], 2, 60, False)
+    # below 4 bits (issue 44 item 2): the same keys as node int4 +few, with int2 and topk (1/32 of each chunk)
+    out["node int2 +few"] = ([*BASE, "node_size=2", "compress=int2", *_outer(*few)], 2, 60, False)
+    out["node topk +few"] = ([*BASE, "node_size=2", "compress=topk", *_outer(*few)], 2, 60, False)
     out["node int8 +ov +few"] = ([*BASE, "node_size=2", "overlap=true", "compress=int8", *_outer(*few)], 2, 60, True)
     return out
 
@@ -84,7 +87,7 @@ SYNC = "SyncSGD"
 
 
 def compressed(label: str) -> bool:
-    return any(c in label for c in ("bf16", "int8", "int4"))
+    return any(c in label for c in ("bf16", "int8", "int4", "int2", "topk"))
 
 
 def cross_host_bytes_per_round(label: str, payload: float) -> float:

@@ -407,13 +407,13 @@ def test_compressed_payloads_and_their_collective(monkeypatch):
             assert ratio == pytest.approx(s / payload_bytes(s, codec), rel=1e-9) and ratio >= at_least
     _, two = recommend_rounds(0.1, 98 * 2**20, 2, 0.1, 50e-6)
     _, eight = recommend_rounds(0.1, 98 * 2**20, 8, 0.1, 50e-6)
-    # the smallest measured payload wins at every number of nodes
-    assert two.compress == eight.compress == "int4"
+    # the smallest measured payload wins at every number of nodes (int2 since 2026-12-07; topk, smaller, unmeasured)
+    assert two.compress == eight.compress == "int2"
     from risgd_ext.codec import CODECS
 
-    monkeypatch.setattr(CODECS["int4"], "accuracy_measured", False)  # a codec whose accuracy was not measured
+    monkeypatch.setattr(CODECS["int2"], "accuracy_measured", False)  # a codec whose accuracy was not measured
     options, eight = recommend_rounds(0.1, 98 * 2**20, 8, 0.1, 50e-6)  # is listed, never picked
-    assert eight.compress == "int8" and "int4" in [o.compress for o in options]
+    assert eight.compress == "int4" and "int2" in [o.compress for o in options]
 
 
 # -- what each printed number assumes; taus beyond the measured range; the node level's tau ---------------
@@ -489,13 +489,14 @@ def test_cli_node_level_recommends_a_tau(capsys):
     assert [w for w in lines if w.startswith(f"warning: hier_recommended_tau {tau} is {factor} beyond the largest tau "
                                              "measured for accuracy (200, where accuracy already falls)")]
     # each codec's cross-node tau beyond 200 is flagged as well: fp32 and bf16 here; int8's two-phase round
-    # (3.9x fewer bytes at any number of nodes) needs tau 122 at 8 nodes, within the measured range, and
-    # int4's (7.5x) tau 64: the recommendation
+    # (3.9x fewer bytes at any number of nodes) needs tau 122 at 8 nodes, within the measured range, int4's
+    # (7.5x) tau 64, and int2's tau 34: the recommendation (topk's smaller tau is not measured, never recommended)
     flagged = [w for w in lines if w.startswith("warning: tau ") and "beyond the largest tau" in w]
     assert flagged and "(bf16)" in flagged[0] and "(int8)" not in flagged[0]
     assert [w for w in lines if w.split()[:2] == ["int8", "payload"] and " tau 122 " in w + " "]
     # the rounds alone, without the node level's phases inside a node: not the answer with 8 ranks per node
-    assert [w for w in lines if w.split()[:2] == ["int4", "payload"] and w.endswith("tau 64 <- smallest tau of these")]
+    assert [w for w in lines if w.split()[:2] == ["int4", "payload"] and w.endswith("tau 64")]
+    assert [w for w in lines if w.split()[:2] == ["int2", "payload"] and w.endswith("tau 34 <- smallest tau of these")]
     # overlapped behind tau steps of compute: the round hides, the node level's tau is within the measured range
     over = _main_lines(capsys, *node, "--target-share", "0.2", "--overlap")
     tau = int(_line(over, "hier_recommended_tau").split()[1])
@@ -603,17 +604,33 @@ def _resolves(tokens: list[str], world_size: int, tmp_path):
                        world_size)
 
 
-def test_the_answer_names_the_node_level_a_codec_a_tau_and_a_command_the_trainer_takes(capsys, tmp_path):
+def test_the_answer_names_the_node_level_a_codec_a_tau_and_a_command_the_trainer_takes(capsys, tmp_path, monkeypatch):
+    from risgd_ext.codec import CODECS
     from risgd_planner import flat_round_seconds, recommend_hierarchical_tau
 
+    def by_hand(codecs):  # every measured codec, flat over the 128 ranks and at the node level
+        return ({c: recommend_tau(0.15, flat_round_seconds(RESNET50_BYTES, 16, 8, 1.25e8, 50e-6, c), 0.1)
+                 for c in codecs},
+                {c: recommend_hierarchical_tau(0.15, RESNET50_BYTES, 16, 8, 1.0, 50e-6, 0.1, compress=c)
+                 for c in codecs})
+
+    # int2 measured (2026-12-07): its tau is 53 flat and at the node level; the tie goes to the plainer, flat
+    flat, node = by_hand(("none", "bf16", "int8", "int4", "int2"))
+    assert flat["int2"] == node["int2"] == 53 == min(flat.values()) == min(node.values())
+    words, tokens = _answer(_main_lines(capsys, *ISSUE))
+    assert words.startswith("answer: no node level (node_size=1: 128 workers, every rank one, 8 per node), compress "
+                            "int2, tau 53 (")
+    assert ("no node level: " + ", ".join(f"{c} {t}" for c, t in flat.items())) in words
+    assert tokens[5:] == ["recipes/imagenet_resnet50.yaml", "node_size=1", "compress=int2", "tau=53"]
+    run = _resolves(tokens, 16 * 8, tmp_path)
+    assert (run.risgd.node_size, run.risgd.compress, run.risgd.tau, run.workers) == (1, "int2", 53, 128)
+    # without int2 (as before its accuracy was measured) the node level wins, with int4
+    monkeypatch.setattr(CODECS["int2"], "accuracy_measured", False)
     lines = _main_lines(capsys, *ISSUE)
     assert lines[0].startswith("resnet50: 97.7 MiB per all-reduce; 16 nodes x 8 ranks (128 ranks) at 1 Gbit/s")
     words, tokens = _answer(lines)
-    # by hand: every measured codec, flat over the 128 ranks and at the node level; the smallest tau wins
-    flat = {c: recommend_tau(0.15, flat_round_seconds(RESNET50_BYTES, 16, 8, 1.25e8, 50e-6, c), 0.1)
-            for c in ("none", "bf16", "int8", "int4")}
-    node = {c: recommend_hierarchical_tau(0.15, RESNET50_BYTES, 16, 8, 1.0, 50e-6, 0.1, compress=c)
-            for c in ("none", "bf16", "int8", "int4")}
+    # by hand: the smallest tau wins
+    flat, node = by_hand(("none", "bf16", "int8", "int4"))
     assert node["int8"] == int(_line(lines, "hier_recommended_tau").split()[1]) == 178  # the section above
     assert min(node.values()) == node["int4"] == 95 < min(flat.values())
     assert words.startswith("answer: the node level (node_size=8: 16 workers, each a node of 8 ranks), compress "
@@ -659,10 +676,10 @@ def test_the_answer_with_overlap_runs_overlapped(capsys, tmp_path):
                         "--compress", "int8", "--recipe", "recipes/imagenet_resnet50.yaml")
     words, tokens = _answer(lines)
     tau = recommend_hierarchical_tau(0.12, RESNET50_BYTES, 8, 1, 0.1, 50e-6, 0.1, overlap=True, overlap_delay=20,
-                                     compress="int4")
+                                     compress="int2")  # the smallest measured payload (int2, measured 2026-12-07)
     assert words.startswith(f"answer: no node level (node_size=1: 8 workers, one per node), the rounds overlapped "
-                            f"(delay {min(20, tau)} steps), compress int4, tau {tau} (")
-    assert tokens[6:] == ["node_size=1", "compress=int4", f"tau={tau}", "overlap=true", f"overlap_delay={min(20, tau)}"]
+                            f"(delay {min(20, tau)} steps), compress int2, tau {tau} (")
+    assert tokens[6:] == ["node_size=1", "compress=int2", f"tau={tau}", "overlap=true", f"overlap_delay={min(20, tau)}"]
     run = _resolves(tokens, 8, tmp_path)
     assert run.risgd.overlap and run.risgd.overlap_delay == min(20, tau) and run.risgd.tau == tau
 
