@@ -20,7 +20,7 @@ import time
 from risgd_common.cli import Parser
 from risgd_common.install import MissingExtra, command, need
 from risgd_trainer.naming import demo_run_name
-from risgd_trainer.run_config import RecipeError, load_recipe
+from risgd_trainer.run_config import RecipeError, check_same_experiment, load_recipe, resolve_run
 from risgd_trainer.train import check_extras, locate_recipe
 
 from . import compare
@@ -52,24 +52,32 @@ def main(argv: list[str] | None = None) -> int:
     recipe_name = cfg["name"]
     grid = [("sync", 0.0), ("prsgd", 0.0)] + [("risgd", mu) for mu in args.mus]
     run_dirs, plan = [], []
+    common = [f"runs_dir={runs_dir}", "wandb.group=digits-demo"]
     started = time.perf_counter()
     for seed in args.seeds:
         for algorithm, mu in grid:
             name = demo_run_name(recipe_name, algorithm, mu, seed)
-            run_dirs.append(os.path.join(runs_dir, name))
-            if os.path.exists(os.path.join(runs_dir, name, "summary.json")):
-                print(f"[demo] {name}: done already, kept")
-                continue
+            run_dir = os.path.join(runs_dir, name)
+            run_dirs.append(run_dir)
             tau = [] if args.tau is None else [f"tau={args.tau}"]
             # the extra overrides last: they win, as on a command line of their own
-            plan.append([f"algorithm={algorithm}", f"mu={mu}", *tau, f"seed={seed}", f"run_name={name}",
-                         *args.overrides])
+            entry = [f"algorithm={algorithm}", f"mu={mu}", *tau, f"seed={seed}", f"run_name={name}", *args.overrides]
+            try:  # a run of another experiment under this name (another --tau, other overrides): refused, not kept
+                check_same_experiment(run_dir, resolve_run(recipe, [*common, *entry], args.ranks).cfg)
+            except RecipeError as e:  # the trainer's words name its keys; the demo's option is --runs-dir
+                said = str(e).replace("pick a new run_name= or runs_dir=", "give this comparison a --runs-dir DIR")
+                print(f"error: {said}", file=sys.stderr)
+                return 2
+            if os.path.exists(os.path.join(run_dir, "summary.json")):
+                print(f"[demo] {name}: done already, kept")
+                continue
+            plan.append(entry)
     if plan:  # one launch, one process group for all the runs (a launch costs ~30 s of start-up)
         os.makedirs(runs_dir, exist_ok=True)
         log = os.path.join(args.runs_dir, "demo.log")
         print(f"[demo] {len(plan)} runs, {args.ranks} ranks each, in one launch (its output: {log}); the run "
               "training now, its step and the time left:", flush=True)
-        launch(recipe, args.ranks, [f"runs_dir={runs_dir}", "wandb.group=digits-demo"], log, plan=plan)
+        launch(recipe, args.ranks, common, log, plan=plan)
     print(f"[demo] all runs in {time.perf_counter() - started:.0f} s\n")
     return compare.main(run_dirs + ["--out", args.runs_dir, "--force"])  # the demo's folder: its plots are its own
 
