@@ -402,7 +402,7 @@ class RISGDController:
 
     # -- fault tolerance (torchft) -------------------------------------------------------------
     def go_live(self, worker: int, workers: int, accept=None, lighthouse: str | None = None,
-                state: dict[str, tuple] | None = None, resume=None) -> bool:
+                state: dict[str, tuple] | None = None, resume=None, over=None) -> bool:
         """Join the run's live nodes (``fault_tolerance: torchft``), as the node serving manifest
         worker ``worker`` of ``workers``: every rank of the node calls it once, after the engine is
         built (and a checkpoint, if any, loaded). ``accept(members)``: None, or why those nodes are
@@ -412,7 +412,9 @@ class RISGDController:
         takes from its peer (the training loop's: its step, the learning-rate schedule). ``resume()``:
         called when this node is not behind live ones (a start of the whole run), before its first
         round, to load the run's checkpoint; a node healed from a peer never calls it (it would read a
-        file, and one written while it was away holds no state of its own)."""
+        file, and one written while it was away holds no state of its own). ``over()``: None, or the one line
+        saying the run is over (the other nodes finished it): :class:`~risgd_ext.live.RunOver` is raised with it
+        at a quorum short of the run's nodes (:meth:`Membership.check_over`)."""
         cfg = self.cfg
         if cfg is None or not cfg.live:
             raise RuntimeError("go_live() needs the risgd block's fault_tolerance: torchft")
@@ -421,7 +423,7 @@ class RISGDController:
         store = (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")))
         nodes = LiveNodes(worker, self.layout.local_of(self.rank), self.node_size, store, cfg.op_timeout_s,
                           cfg.quorum_timeout_s, lighthouse)
-        self.membership.attach(nodes, worker, workers, accept)
+        self.membership.attach(nodes, worker, workers, accept, over)
         nodes.register_state("risgd", self._load_live_state, self._live_state)
         for name, (load, save) in (state or {}).items():
             nodes.register_state(name, load, save)

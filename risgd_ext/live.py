@@ -62,6 +62,11 @@ class BelowFloor(LiveError):
     """Fewer live nodes than the floor for longer than ``floor_wait_s``."""
 
 
+class RunOver(LiveError):
+    """The other nodes finished the run while this node was away (the caller's ``over`` says so): nothing is
+    left for it to do. Not a failure: the caller exits 0 with the one line this carries."""
+
+
 class LighthouseLost(LiveError):
     """The lighthouse cannot be reached: no quorum can be formed."""
 

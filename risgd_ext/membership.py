@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import RandomFailure, RISGDConfig, StaticFailure
-from .live import AnchorsDiffer, BelowFloor, LiveNodes, MembershipEvent, Quorum
+from .live import AnchorsDiffer, BelowFloor, LiveNodes, MembershipEvent, Quorum, RunOver
 from .round import REPLACE, Averaging, Live, Round, RoundReport
 
 
@@ -91,6 +91,7 @@ class Membership:
         self.worker: int | None = None           # the manifest worker this node serves (fault-tolerant run)
         self.nodes: LiveNodes | None = None      # torchft's side (fault-tolerant run)
         self.accept: Callable[[frozenset[int]], str | None] | None = None
+        self.over: Callable[[], str | None] | None = None  # why the run is over (the others finished it), or None
         self.events: list[MembershipEvent] = []
         self.healed_at: int | None = None
         self.quorum_seconds = 0.0                # every quorum's seconds on this rank, failed rounds' included
@@ -154,10 +155,22 @@ class Membership:
 
     # -- a fault-tolerant run -----------------------------------------------------------------------
     def attach(self, nodes: LiveNodes, worker: int, workers: int,
-               accept: Callable[[frozenset[int]], str | None] | None = None) -> None:
+               accept: Callable[[frozenset[int]], str | None] | None = None,
+               over: Callable[[], str | None] | None = None) -> None:
         """This node serves manifest worker ``worker`` of ``workers`` (:meth:`check_failures` first);
-        ``nodes``: its torchft side."""
-        self.nodes, self.worker, self.workers, self.accept = nodes, worker, workers, accept
+        ``nodes``: its torchft side. ``over()``: None, or the one line saying the run is over (the other nodes
+        finished it while this one was away), asked by :meth:`check_over`."""
+        self.nodes, self.worker, self.workers, self.accept, self.over = nodes, worker, workers, accept, over
+
+    def check_over(self, q: Quorum) -> None:
+        """:class:`RunOver` if the run is over (the caller's ``over``), asked at a quorum short of the run's
+        nodes that differs from the last one (or below the floor, at each try): a node back from a freeze or a
+        partition after the others finished stops at once, before it trains or writes a stale step."""
+        if self.over is None or q.healing or len(q.members) >= self.workers:
+            return
+        why = self.over()
+        if why is not None:
+            raise RunOver(why)
 
     def check_failures(self, workers: int) -> None:
         """The ``failures`` schedule names nodes of the ``workers`` only (ValueError otherwise)."""
@@ -182,6 +195,7 @@ class Membership:
         at once (the run is going on without it)."""
         cfg = self.cfg
         q = self.quorum(step)
+        self.check_over(q)
         deadline = time.perf_counter() + cfg.floor_wait_s
         while (not q.healing and len(q.members) < self.workers
                and (time.perf_counter() < deadline or self.below_floor(q.members))):
@@ -190,6 +204,7 @@ class Membership:
                                  f"{self.below_floor(q.members)}")
             time.sleep(0.1)
             q = self.quorum(step)
+            self.check_over(q)
         if not q.healing:
             self._members = q.members
         return q
@@ -226,6 +241,8 @@ class Membership:
             step, round_index = position()
             q = q or self.quorum(step, behind=resend is not None)
             why = None if q.healing else self.below_floor(q.members)
+            if why is not None or q.members != self._members:  # the others may have finished the run meanwhile
+                self.check_over(q)
             if why is not None:
                 below_since = below_since or time.perf_counter()
                 if time.perf_counter() - below_since > cfg.floor_wait_s:

@@ -150,3 +150,34 @@ def test_torchft_is_quiet_unless_asked():
     assert elastic_launch.VERBOSE_ENV == VERBOSE_ENV
     argv = ["--master-port", str(free_port()), "--lighthouse", "http://127.0.0.1:1", "--", "elastic.workers=2"]
     assert elastic_launch.parse(["--verbose", *argv])[0].verbose and not elastic_launch.parse(argv)[0].verbose
+
+
+def test_a_node_behind_the_run_may_not_write_and_a_finished_run_is_over_for_a_node_short_of_its_end(digits_dir,
+                                                                                                   tmp_path):
+    """Issue 43 item 3: an elastic node whose step is below the run's latest checkpoint (back from a freeze or a
+    partition) may write nothing; once the others have finished the run (its summary.json, of the same steps) a
+    node short of the end is told so in one line, a node at the end finishes as usual."""
+    import json
+
+    from risgd_data.manifest import load_manifest
+    from risgd_hosts.elastic_local import prepare_replicas
+    from risgd_trainer.elastic import ElasticNodes
+
+    manifest, _ = prepare_replicas(digits_dir, str(tmp_path / "rep"), workers=2, mu=0.5, partition="label_sorted")
+    run = resolve(tmp_path, "elastic.workers=2", "algorithm=risgd", "mu=0.5", "data.partition=label_sorted",
+                  f"data.manifest={manifest}", "steps=300", world_size=1)
+    nodes = ElasticNodes(run, load_manifest(manifest), {}, 0)
+    assert nodes.behind(120) is None and nodes.over(120) is None
+    os.makedirs(os.path.join(run.run_dir, "checkpoints"))
+    with open(os.path.join(run.run_dir, "checkpoints", "latest"), "w") as f:
+        f.write("step100")
+    assert nodes.behind(100) is None and nodes.behind(120) is None
+    assert nodes.behind(90) == "the run's latest checkpoint is at step 100, past this node's step 90"
+    with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
+        json.dump({"steps": 200}, f)  # not this run's end: not finished
+    assert nodes.over(120) is None
+    with open(os.path.join(run.run_dir, "summary.json"), "w") as f:
+        json.dump({"steps": 300}, f)
+    said = f"{run.run_dir}: the run finished at step 300 (by the other nodes): nothing to do"
+    assert nodes.over(120) == said and nodes.behind(120) == said
+    assert nodes.over(300) is None and nodes.behind(300) is None

@@ -244,3 +244,58 @@ def test_an_elastic_nodes_ranks_die_with_its_launcher(digits_dir, tmp_path):
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGKILL)
         lighthouse.kill()
+
+
+def test_a_node_back_from_a_freeze_after_the_others_finished_writes_nothing_and_exits_0_at_once(digits_dir,
+                                                                                                tmp_path):
+    """Issue 43 item 3: node 0 (the one that writes the record) is frozen (SIGSTOP of its process group, a freeze
+    or a partition as the others see it) at step 50; node 1 goes on alone and finishes the run (summary.json).
+    Node 0, woken, is behind: it writes no checkpoint, no `latest`, no line of the record and no summary (the old
+    code trained its stale model on alone, and wrote them all over the finished run's), says in one line that
+    the run finished, and exits 0 at once (with a floor, the old code waited floor_wait_s alone and exited 2)."""
+    manifest, replicas = prepare_replicas(digits_dir, str(tmp_path / "rep"), workers=2, mu=0.5,
+                                          partition="label_sorted")
+    port = free_port()
+    lighthouse = subprocess.Popen(lighthouse_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "runs" / "freeze"
+    overrides = ["algorithm=risgd", "mu=0.5", "data.partition=label_sorted", f"data.manifest={manifest}",
+                 "elastic.workers=2", "elastic.op_timeout_s=3", "steps=300", "tau=10", "eval_every=50",
+                 "checkpoint_every=50", f"runs_dir={tmp_path / 'runs'}", "run_name=freeze", "wandb.enabled=false"]
+    nodes = [subprocess.Popen(trainer_command(overrides, ranks=1, port=free_port()), cwd=ROOT,
+                              env=clean_env(RISGD_REPLICA_DIR=replicas[k], TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{port}",
+                                            OMP_NUM_THREADS="1", RUST_LOG="error"),
+                              start_new_session=True, stdout=open(tmp_path / f"n{k}.log", "a"),
+                              stderr=subprocess.STDOUT) for k in range(2)]
+
+    def files() -> dict[str, bytes]:  # every file of the run directory, by content
+        out = {}
+        for where, _, names in os.walk(run_dir):
+            for name in names:
+                path = os.path.join(where, name)
+                out[os.path.relpath(path, run_dir)] = open(path, "rb").read()
+        return out
+
+    try:
+        deadline = time.monotonic() + 240
+        while _lines(run_dir / "checkpoints" / "latest") != ["step50"]:  # node 0 wrote it last: it is past its writes
+            assert time.monotonic() < deadline and all(p.poll() is None for p in nodes), "no progress to step 50"
+            time.sleep(0.05)
+        os.killpg(nodes[0].pid, signal.SIGSTOP)
+        assert nodes[1].wait(timeout=240) == 0  # node 1 finished the run alone
+        finished = files()
+        assert "summary.json" in finished and finished["checkpoints/latest"] == b"step300"
+        woken = time.monotonic()
+        os.killpg(nodes[0].pid, signal.SIGCONT)
+        assert nodes[0].wait(timeout=60) == 0
+        took = time.monotonic() - woken
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGCONT)
+                os.killpg(p.pid, signal.SIGKILL)
+        lighthouse.kill()
+    assert took < 20, took  # at once: no floor_wait_s alone, no steps trained alone
+    assert files() == finished  # nothing written, rewritten or removed by the node that was behind
+    said = [line.strip() for line in re.split(r"[\r\n]", open(tmp_path / "n0.log").read())
+            if "the run finished" in line or "error:" in line]
+    assert said == [f"{run_dir}: the run finished at step 300 (by the other nodes): nothing to do"], said

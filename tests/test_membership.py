@@ -85,3 +85,20 @@ def test_a_live_round_returns_its_report_and_the_view_is_torchfts_quorum(tmp_pat
     assert out["healed"] is False and out["rounds"] == 2 and out["view_frozen"]
     assert out["untouched"] and out["phases"] == 3 and not out["in_flight"], out
     assert out["report_bytes"] > 0 and out["accounted_bytes"] == out["report_bytes"], out
+
+
+def test_the_trainer_words_the_engines_floor_in_its_recipe_keys_and_checks_coverage_alone():
+    """The trainer checks no node count of its own (elastic.min_workers is the engine's min_nodes, checked
+    there once); the one line a user of the trainer sees names the keys of the recipe, elastic.min_workers and
+    elastic.floor_wait_s, and that the latest checkpoint is kept and the same commands resume."""
+    from risgd_ext.live import BelowFloor
+    from risgd_trainer.elastic import floor_error, stop_line
+
+    cfg = {"elastic": {"min_workers": 2, "min_coverage": 0.5}}
+    assert floor_error(cfg, [0], 1.0, 4) is None  # one node of 4 holding all the data: the engine's floor says
+    assert "below elastic.min_coverage=0.5" in floor_error(cfg, [0, 1], 0.25, 4)
+    m = Membership(parse_block({"min_nodes": 2, "floor_wait_s": 60}), 4)
+    line = stop_line(BelowFloor(f"below the floor for floor_wait_s=60 s: {m.below_floor(frozenset({0}))}"))
+    assert "fewer than elastic.min_workers=2" in line and "lower elastic.min_workers" in line, line
+    assert "elastic.floor_wait_s=60 s" in line and "min_nodes" not in line and "\n" not in line, line
+    assert "the latest checkpoint is kept: the same commands resume" in line, line

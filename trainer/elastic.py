@@ -6,8 +6,10 @@ for the whole run) or :class:`ElasticNodes` (one node of an elastic run on torch
 every round, a lost node dropped, a returning one healed from a live peer; nobody restarted). The
 two speak in values: :meth:`~FixedNodes.join` returns the :class:`~risgd_trainer.checkpoints.Progress`
 a node was healed to, :meth:`~FixedNodes.after_step` an :class:`AfterStep`. Who is live is decided by the engine alone
-(``RISGDController.live_workers``: the quorum's nodes less the ``failures`` schedule's); this
-module only turns it into the data's coverage, the floor and the run record.
+(``RISGDController.membership_view()``, a frozen :class:`~risgd_ext.membership.MembershipView`: the quorum's
+nodes less the ``failures`` schedule's); this module only turns it into the data's coverage, the data floor and
+the run record. The floor of live nodes (``elastic.min_workers``, the engine's ``risgd.min_nodes``) is the engine's
+check alone; :func:`stop_line` words its stop in the recipe's keys.
 
 Identity is by data, not by rank: each node learns which manifest worker it serves from its
 replica (``data.replicate`` records it in ``.risgd-replica.json``: the replica directory is
@@ -16,8 +18,10 @@ replica (``data.replicate`` records it in ``.risgd-replica.json``: the replica d
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,18 +77,57 @@ def worker_of_replica(manifest: dict, shard_dir: str, local_rank: int) -> int:
 
 
 def floor_error(cfg: dict, workers: list[int], coverage: float, p: int) -> str | None:
-    """One line if the live workers are below the run's floor (None: the run goes on)."""
+    """One line if the live workers hold too little of the training set (``elastic.min_coverage``; None: the run
+    goes on). Too few live nodes (``elastic.min_workers``) is the engine's check (``risgd.min_nodes``), made before
+    this one is asked; :func:`stop_line` words it in the recipe's key."""
     el = cfg["elastic"]
-    lost = sorted(set(range(p)) - set(workers))
-    if len(workers) < el["min_workers"]:
-        below = f"{len(workers)} live worker(s), fewer than elastic.min_workers={el['min_workers']}"
-    elif coverage < el["min_coverage"] - 1e-12:
-        below = (f"the {len(workers)} live workers {sorted(workers)} hold {100 * coverage:.1f}% of the training set, "
-                 f"below elastic.min_coverage={el['min_coverage']:g}")
-    else:
+    if coverage >= el["min_coverage"] - 1e-12:
         return None
-    return (f"elastic run stopped: {below}; the latest checkpoint is kept: bring back a node with a replica of "
-            f"worker(s) {lost} (python -m data.replicate --node-rank K ...) or lower the floor to go on")
+    lost = sorted(set(range(p)) - set(workers))
+    return (f"elastic run stopped: the {len(workers)} live workers {sorted(workers)} hold {100 * coverage:.1f}% of "
+            f"the training set, below elastic.min_coverage={el['min_coverage']:g}; the latest checkpoint is kept: "
+            f"bring back a node with a replica of worker(s) {lost} (python -m data.replicate --node-rank K ...) or "
+            "lower the floor to go on")
+
+
+# the engine's keys in its floor's words, and the recipe keys a user of the trainer types for them
+_RECIPE_KEYS = ((r"(?<![\w.])risgd\.min_nodes\b", "elastic.min_workers"),
+                (r"(?<![\w.])min_nodes=", "elastic.min_workers="),
+                (r"(?<![\w.])floor_wait_s=", "elastic.floor_wait_s="))
+
+
+def stop_line(error: Exception) -> str:
+    """The one line an elastic run stops with, in the recipe's keys: the engine's floor (``risgd.min_nodes``,
+    ``floor_wait_s``) is ``elastic.min_workers`` and ``elastic.floor_wait_s`` here. A stop below the floor says
+    the latest checkpoint is kept and the same commands resume the run."""
+    line = str(error)
+    for engine_key, recipe_key in _RECIPE_KEYS:
+        line = re.sub(engine_key, recipe_key, line)
+    if line.startswith("below the floor") and "checkpoint is kept" not in line:
+        line = (f"elastic run stopped {line}; the latest checkpoint is kept: the same commands resume the run once "
+                "enough nodes run")
+    return line
+
+
+def checkpoint_step(run_dir: str) -> int | None:
+    """The step of the run's latest checkpoint (``checkpoints/latest``; None: none yet)."""
+    try:
+        with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+            tag = f.read().strip()
+    except OSError:
+        return None
+    return int(tag[4:]) if re.fullmatch(r"step\d+", tag) else None
+
+
+def finished_step(run_dir: str, steps: int) -> int | None:
+    """The step at which the other nodes finished the run (its ``summary.json``, written by the record's node
+    before it leaves the live nodes, of ``steps`` steps); None: the run is not finished."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            done = json.load(f).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return done if done == steps else None
 
 
 @dataclass(frozen=True)
@@ -115,7 +158,7 @@ class FixedNodes:
 
     def coverage(self, ctl) -> float:
         """The share of the training set the live workers hold (the engine decides who is live)."""
-        return self._coverage_of(ctl.live_workers())
+        return self._coverage_of(ctl.membership_view().live_workers)
 
     def _coverage_of(self, members) -> float:
         from risgd_data.manifest import live_coverage
@@ -141,6 +184,14 @@ class FixedNodes:
     def checkpoint_due(self, ctl, step: int, last: int, every: int) -> bool:
         return bool(every) and step % every == 0
 
+    def over(self, step: int | None = None) -> str | None:
+        """The one line saying the other nodes finished the run (None: it goes on; a fixed run has no others)."""
+        return None
+
+    def behind(self, step: int) -> str | None:
+        """Why this node must not write the run's files at ``step`` (None: it may; a fixed run always may)."""
+        return None
+
     def summary(self, ctl, tracker, wall_seconds: float) -> dict:
         return {}
 
@@ -165,6 +216,13 @@ class ElasticNodes(FixedNodes):
         self._healed: dict = {}  # the trainer's state taken from a live peer, until the loop takes it
         self._standing: Callable[[], Progress] | None = None  # the trainer's progress, for a peer healed from us
 
+    @functools.cached_property
+    def total_steps(self) -> int:
+        """The run's steps (as the trainer counts them)."""
+        from risgd_data.manifest import steps_per_epoch
+
+        return self.run.total_steps(steps_per_epoch(self.manifest, self.run.worker_batch()))
+
     def rng_id(self, rank: int) -> int:
         """The rank this node's rank ``rank`` would have in a fixed run of the same layout: each rank of a
         node-level worker draws its own stream, as it does there."""
@@ -184,21 +242,22 @@ class ElasticNodes(FixedNodes):
         ctl = engine.risgd
         self._standing = standing
         taken = None
-        if ctl.go_live(self.worker, self.workers, accept=self.accept, resume=resume,
+        if ctl.go_live(self.worker, self.workers, accept=self.accept, resume=resume, over=self.over,
                        state={"trainer": (self._healed.update, self._trainer_state)}):
             taken = self._take_healed(ctl.take_healed())
         start = (taken or standing()).step
-        self.recording = self.worker == min(ctl.members())
-        members = sorted(ctl.members())
-        healed = bool(start and ctl.live.current.healing)
+        view = ctl.membership_view()
+        self.recording = self.worker == min(view.members)
+        members = sorted(view.members)
+        healed = bool(start and view.healing)
         ctl.take_events()  # the quorum this node started or joined in: the one event below says it
-        self._first = {"step": start, "event": "membership", "generation": ctl.live.current.quorum_id,
+        self._first = {"step": start, "event": "membership", "generation": view.quorum_id,
                        "live_workers": members, "world_size": len(members), "data_coverage": self._coverage_of(members),
                        "lost_workers": [], "joined_workers": [self.worker] if healed else [], "healed": healed,
-                       "quorum_seconds": ctl.live.current.seconds, "failed_attempts": 0, "failed_seconds": 0.0,
+                       "quorum_seconds": view.quorum_seconds, "failed_attempts": 0, "failed_seconds": 0.0,
                        "steps_redone": 0}
         if engine.global_rank == 0:
-            how = f", healed from a live peer at step {start}" if start and ctl.live.current.healing else ""
+            how = f", healed from a live peer at step {start}" if start and view.healing else ""
             print(f"live: this node serves worker {self.worker} of {self.workers} (torchft; lighthouse "
                   f"{os.environ.get('TORCHFT_LIGHTHOUSE')}){how}", file=sys.stderr, flush=True)
         return taken
@@ -217,7 +276,7 @@ class ElasticNodes(FixedNodes):
         """This node's factor per chunk it holds, for the nodes live now (None: all are, nothing to scale)."""
         from risgd_data.manifest import chunk_draw_scales
 
-        members = ctl.members()
+        members = ctl.membership_view().members
         self._drawn_for = members
         if len(members) == self.workers:
             return None
@@ -237,7 +296,7 @@ class ElasticNodes(FixedNodes):
             restart = step = healed_to
         # who writes the record is settled first: a node that takes it over (the record's node was lost) logs
         # the change that made it the writer, and those after it
-        recording = self.worker == min(ctl.members())
+        recording = self.worker == min(ctl.membership_view().members)
         if recording and not self.recording:
             tracker = RunTracker(self.run.run_dir, self.run.cfg, active=rank == 0, resume_step=step)
         elif self.recording and not recording:
@@ -259,9 +318,33 @@ class ElasticNodes(FixedNodes):
             tracker.log(self.events[-1])
             if rank == 0 and (e.lost or e.joined):
                 tqdm.write(membership_line(self.events[-1], self.workers), file=sys.stderr)
-        if restart is None and self._drawn_for is not None and ctl.members() != self._drawn_for:
+        if restart is None and self._drawn_for is not None and ctl.membership_view().members != self._drawn_for:
             restart = step
         return AfterStep(tracker, restart, healed)
+
+    def over(self, step: int | None = None) -> str | None:
+        """The one line saying the other nodes finished the run (its ``summary.json``) short of this node's ``step``
+        (None: the trainer's step now), or None: asked by the engine at a quorum short of the run's nodes, so that a
+        node back from a freeze or a partition after the others finished exits 0 at once instead of waiting alone
+        below the floor (or training a stale model on). A node at the final step is not behind: it finishes."""
+        done = finished_step(self.run.run_dir, self.total_steps)
+        if step is None:
+            step = self._standing().step if self._standing is not None else 0
+        if done is None or step >= done:
+            return None
+        return f"{self.run.run_dir}: the run finished at step {done} (by the other nodes): nothing to do"
+
+    def behind(self, step: int) -> str | None:
+        """Why this node, at ``step``, must not write the run's files (checkpoints, ``latest``, the record, the
+        summary), or None: the run finished, or its latest checkpoint is past ``step``; the node is back from a
+        freeze or a partition, behind the others (its next quorum heals it or says the run is over)."""
+        why = self.over(step)
+        if why is not None:
+            return why
+        at = checkpoint_step(self.run.run_dir)
+        if at is not None and at > step:
+            return f"the run's latest checkpoint is at step {at}, past this node's step {step}"
+        return None
 
     def checkpoint_due(self, ctl, step: int, last: int, every: int) -> bool:
         """At averages only, so a worker without state (a lost node's, at a resume) can start from one."""
@@ -276,7 +359,7 @@ class ElasticNodes(FixedNodes):
         events = tracker.events() or self.events
         changes = [e for e in events if e.get("lost_workers") or e.get("joined_workers")]
         lost = sum(e.get("quorum_seconds", 0.0) + e.get("failed_seconds", 0.0) for e in changes)
-        members = sorted(ctl.members())
+        members = sorted(ctl.membership_view().members)
         # the run is every node's: its workers and ranks (this launch's ranks are one node's: node_ranks); the
         # quorum's changes are membership changes (nothing restarted: "restarts" is their old name, kept)
         return {"elastic_backend": "torchft", "elastic_workers": self.workers, "live_workers": members,
@@ -299,8 +382,8 @@ class ElasticNodes(FixedNodes):
             write_text_atomic(path, json.dumps({"worker": self.worker, "model_sha256": digest, "steps": ctl.steps,
                                                 "rounds": ctl.rounds, "retries": ctl.retries,
                                                 "anchor_stamp": anchor_stamp(ctl),
-                                                "members": sorted(ctl.members())}) + "\n")
-        ctl.live.shutdown()
+                                                "members": sorted(ctl.membership_view().members)}) + "\n")
+        ctl.membership.leave()
 
 
 def membership_line(event: dict, workers: int) -> str:

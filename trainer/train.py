@@ -40,7 +40,7 @@ from risgd_common.atomic import write_text_atomic
 from risgd_common.cli import Parser
 from risgd_common.hashing import sha256_tensors
 from risgd_common.install import MissingExtra, command, need
-from risgd_ext.live import LighthouseLost, LiveError
+from risgd_ext.live import LighthouseLost, LiveError, RunOver
 from risgd_ext.round import NoFiniteContribution
 from risgd_recipes.bundled import bundled_recipe, recipe_names
 from risgd_trainer import elastic, run_lock, threads
@@ -308,7 +308,7 @@ def interrupted_line(runs: list[Run]) -> str:
     return "interrupted"
 
 
-def refuse(error: Exception, speak: bool) -> int:
+def refuse(error: Exception | str, speak: bool) -> int:
     """Exit status 2 after one ``error:`` line on stderr (from ``speak``ing ranks)."""
     if speak:
         print(f"error: {error}", file=sys.stderr)
@@ -373,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except AgreedError as e:  # found on some rank after start, agreed by all: rank 0 says it
         return refuse(e, dist.get_rank() == 0)
+    except RunOver as e:  # an elastic node back after the other nodes finished the run: nothing to do
+        if dist.get_rank() == 0:
+            print(e, file=sys.stderr, flush=True)
+        return 0
     except LiveError as e:  # an elastic run below its floor, its lighthouse lost, a node serving a served worker:
-        return refuse(e, dist.get_rank() == 0)  # the latest checkpoint is kept; the same commands resume
+        return refuse(elastic.stop_line(e), dist.get_rank() == 0)  # the latest checkpoint is kept; the same
+        # commands resume
     except NoFiniteContribution as e:  # every worker diverged at once: the work itself failed (exit 1)
         if dist.get_rank() == 0:
             print(f"error: {e}: the run stops here; its last checkpoint is kept (resuming it repeats the same "
@@ -426,6 +431,7 @@ class Trainer:
         self.t0: float | None = None
         self.cursor: dict | None = None  # this worker's data position, from its own checkpoint
         self.last: dict = {"train_loss": float("nan")}  # the last metrics logged
+        self.said_behind = False  # an elastic node behind the others said once that it writes nothing
 
     # -- the run, top to bottom ------------------------------------------------------------------------
 
@@ -448,6 +454,10 @@ class Trainer:
                     self.checkpoint()
             self.bar.close()
             self.finish()
+        except RunOver:  # the other nodes finished the run: its one line below the bar, as a terminal shows it
+            if hasattr(self, "bar"):
+                self.bar.close()
+            raise
         finally:
             run_lock.release(self.run.run_dir)
 
@@ -589,7 +599,11 @@ class Trainer:
         try:
             self.engine.step()
         except LighthouseLost:  # an elastic run's single point: checkpoint here; the same commands resume (the
-            self.save()         # round due at this step is done first then)
+            over = self.nodes.over(self.step)  # round due at this step is done first then), unless the others
+            # finished the run meanwhile
+            if over is not None:
+                raise RunOver(over) from None
+            self.save()
             raise
         self.running[0] += loss.detach()
         self.running[1] += 1
@@ -643,7 +657,8 @@ class Trainer:
         if self.rank == 0:
             metrics["data_coverage"] = self.nodes.coverage(self.engine.risgd)  # of the training set: the live workers'
             self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", acc=f"{metrics['test_acc']:.1f}")
-        self.tracker.log(metrics)
+        if self.may_write():
+            self.tracker.log(metrics)
         self.last, self.last_eval = metrics, self.step
 
     def checkpoint_due(self) -> bool:
@@ -654,8 +669,25 @@ class Trainer:
         self.last_ckpt = self.step
         self.save()
 
+    def may_write(self) -> bool:
+        """Whether this node may write the run's files at this step (checkpoints, ``latest``, the record): always in
+        a fixed run; an elastic node behind the others (back from a freeze or a partition: the run finished, or its
+        latest checkpoint is past this step) writes nothing, and says so once. Its ranks agree (rank 0 reads)."""
+        if not self.run.elastic:
+            return True
+        why: list = [self.nodes.behind(self.step) if self.rank == 0 else None]
+        if self.run.world_size > 1:
+            dist.broadcast_object_list(why, src=0)
+        if why[0] is not None and self.rank == 0 and not self.said_behind:
+            self.said_behind = True
+            print(f"live: this node is behind the run ({why[0]}): it writes nothing", file=sys.stderr, flush=True)
+        return why[0] is None
+
     def save(self) -> None:
-        """A checkpoint at this step (of an elastic run: each node writes its own state, the recording one the rest)."""
+        """A checkpoint at this step (of an elastic run: each node writes its own state, the recording one the rest;
+        a node behind the others none)."""
+        if not self.may_write():
+            return
         at = Progress(step=self.step, best=self.best, last_eval=self.last_eval, wall=time.perf_counter() - self.t0,
                       cursor=self.loader.cursor(self.step))
         self.checkpoints.save(at, rank_state_only=not self.nodes.recording)
@@ -670,8 +702,8 @@ class Trainer:
         digests: list = [None] * self.run.world_size
         dist.all_gather_object(digests, digest)  # every rank's final model: equal after the last average
         summary = self.summary(stats, digest, digests)
+        self.tracker.finish(summary)  # before this node leaves: a node coming back finds the run finished
         self.nodes.finish(self.engine.risgd, digest, self.rank)
-        self.tracker.finish(summary)
         if self.rank == 0:
             print(finished_lines(self.run, summary), flush=True)
         dist.barrier()
