@@ -77,6 +77,7 @@ def _configs(few: tuple[float, float, bool] = FEW) -> dict:
     out["node int4 +few"] = ([*BASE, "node_size=2", "compress=int4", *_outer(*few)], 2, 60, False)
     # below 4 bits (issue 44 item 2): the same keys as node int4 +few, with int2 and topk (1/32 of each chunk)
     out["node int2 +few"] = ([*BASE, "node_size=2", "compress=int2", *_outer(*few)], 2, 60, False)
+    out["flat int2 +few"] = ([*BASE, "compress=int2", *_outer(*few)], 1, 60, False)  # int2's flat shape
     out["node topk +few"] = ([*BASE, "node_size=2", "compress=topk", *_outer(*few)], 2, 60, False)
     out["node int8 +ov +few"] = ([*BASE, "node_size=2", "overlap=true", "compress=int8", *_outer(*few)], 2, 60, True)
     return out

@@ -59,9 +59,15 @@ class Codec:
 
     name = ""
     block = 1  # values that share one scale (a bucket must hold one block with its scale)
-    # whether this project measured the codec's accuracy (docs/wide-area.md); the cost model recommends
-    # only codecs that it did
-    accuracy_measured = True
+    # whether this project measured the codec's accuracy (docs/wide-area-sweep.md): True (both shapes), False,
+    # or the shapes it was measured on ("flat", "node"); the cost model recommends a codec only on a shape
+    # it was measured on (measured_on)
+    accuracy_measured: bool | tuple[str, ...] = True
+
+    def measured_on(self, shape: str) -> bool:
+        """Whether the codec's accuracy was measured on ``shape``: "flat" rounds or the "node" level."""
+        m = self.accuracy_measured
+        return shape in m if isinstance(m, tuple) else bool(m)
 
     def nbytes(self, n: float) -> float:
         """Payload bytes of a bucket of ``n`` fp32 values (an int for an int ``n``)."""

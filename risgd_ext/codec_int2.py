@@ -37,7 +37,8 @@ class Int2(Codec):
     """Ternary ``q * s``, ``q`` in {-1, 0, 1} packed four a byte, one fp32 scale ``s`` per block."""
 
     name = "int2"
-    accuracy_measured = True  # node int2 +few: fp32's accuracy over 3 seeds (docs/wide-area-sweep.md, 2026-12-07)
+    # node int2 +few: fp32's accuracy over 3 seeds; flat int2 +few: -1.48 pt (docs/wide-area-sweep.md, 2026-12-07)
+    accuracy_measured = ("node",)
 
     def __init__(self, block: int = INT2_BLOCK):
         self.block = block

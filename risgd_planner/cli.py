@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         it = k == 1 and answer.node_size == 1 and not answer.overlap and answer.compress == o.compress
         mark = (" <- recommended" if o is pick and it else " <- smallest tau of these" if o is pick else
                 " <- --compress" if o.compress == args.compress else "")
-        unmeasured = "" if CODECS[o.compress].accuracy_measured else "  (accuracy not measured: never recommended)"
+        unmeasured = "" if CODECS[o.compress].measured_on("flat") else (
+            "  (accuracy not measured on flat rounds: never recommended)")
         print(f"  {o.compress:<8} payload {o.payload_bytes / 2**20:8.2f} MiB  round {o.round_s:8.3f} s  "
               f"tau {o.tau}{mark}{unmeasured}")
     far = [o for o in options if beyond_measured(o.tau)]
@@ -363,7 +364,8 @@ def answer_line(plans: list[Plan], pick: Plan, nodes: int, ranks_per_node: int, 
     if k > 1 or overlap:  # the node level's plans; a codec left out there reaches no tau (none)
         taus = {p.compress: p.tau for p in plans if p not in flat}
         label = ("node level" if k > 1 else "") + (" overlapped" if overlap else "")
-        weighed.append(label.strip() + ": " + ", ".join(f"{p.compress} {taus.get(p.compress, 'none')}" for p in flat))
+        codecs = dict.fromkeys([*(p.compress for p in flat), *taus])  # int2: weighed at the node level only
+        weighed.append(label.strip() + ": " + ", ".join(f"{c} {taus.get(c, 'none')}" for c in codecs))
     why = (f"the smallest tau with communication <= {100 * target_share:g}% of a step, --target-share "
            f"{target_share:g}, of those weighed, tau by codec: " + "; ".join(weighed)
            + ("" if compared else "; fp32 alone: --compress int8 weighs the codecs too"))

@@ -386,11 +386,11 @@ def recommend_rounds(compute_s: float, model_bytes: float, ranks: int, bandwidth
     """Every codec's round on this link (``codecs``: default every registered one; a variant such as
     ``topk0.01`` is priced when named) and the tau it needs; the pick is the smallest tau (a larger tau
     costs accuracy), then the fewest bytes, among the codecs whose accuracy this project measured
-    (``Codec.accuracy_measured``: a codec without it is listed, never picked)."""
+    (``Codec.measured_on("flat")``: a codec without it is listed, never picked)."""
     bw = bandwidth_gbit * 1e9 / 8
     options = [RoundOption(c, payload_bytes(model_bytes, c), r, recommend_tau(compute_s, r, target_share))
                for c in (codecs or tuple(CODECS)) for r in (round_seconds(model_bytes, ranks, bw, latency_s, c),)]
-    measured = [o for o in options if CODECS[o.compress].accuracy_measured]
+    measured = [o for o in options if CODECS[o.compress].measured_on("flat")]
     return options, min(measured, key=lambda o: (o.tau, o.round_s, o.payload_bytes))
 
 
@@ -450,7 +450,8 @@ def plan(compute_s: float, model_bytes: float, nodes: int, ranks_per_node: int, 
     """The configurations a run on ``nodes`` (M) nodes of ``ranks_per_node`` (k) ranks can use, each with
     the smallest tau whose communication share is <= ``target_share``, and the one to use.
 
-    Weighed, for each codec of ``codecs`` whose accuracy this project measured (``Codec.accuracy_measured``):
+    Weighed, for each codec of ``codecs`` whose accuracy this project measured on that shape
+    (``Codec.measured_on``: int2 at the node level only):
 
     - flat rounds, no node level and no overlap (``node_size`` 1): ``flat_round_seconds`` over the
       M k ranks, tau by ``recommend_tau`` on the local step's compute (``risgd_compute_s``, default
@@ -464,9 +465,10 @@ def plan(compute_s: float, model_bytes: float, nodes: int, ranks_per_node: int, 
     overlap before overlap). Returns ``(every plan weighed, the pick)``."""
     _check_count("nodes", nodes, 1)
     _check_count("ranks_per_node", ranks_per_node, 1)
-    measured = [c for c in codecs if CODECS[c].accuracy_measured]
+    measured = [c for c in codecs if CODECS[c].measured_on("flat")]
     if not measured:
         raise ValueError(f"no codec among {list(codecs)} has its accuracy measured: include none (fp32)")
+    measured_node = [c for c in codecs if CODECS[c].measured_on("node")]
     local = compute_s if risgd_compute_s is None else risgd_compute_s
     bw, k = bandwidth_gbit * 1e9 / 8, ranks_per_node
     plans = []
@@ -476,7 +478,7 @@ def plan(compute_s: float, model_bytes: float, nodes: int, ranks_per_node: int, 
     if k > 1 or overlap:
         net = dict(tau_intra=tau_intra, intra_bandwidth_gbit=intra_bandwidth_gbit, intra_latency_s=intra_latency_s,
                    overlap=overlap, risgd_compute_s=risgd_compute_s)
-        for c in measured:
+        for c in measured_node:
             tau = recommend_hierarchical_tau(compute_s, model_bytes, nodes, k, bandwidth_gbit, latency_s, target_share,
                                              overlap_delay=overlap_delay, compress=c, **net)
             if tau is None:
