@@ -170,7 +170,9 @@ def test_a_joiner_whose_heal_round_failed_does_not_count_its_peers_progress_twic
     that of nodes 0 and 2 alone, as in a run where node 1 never came."""
     from risgd_hosts.live_cluster import LiveCluster
 
-    pace = ["--steps", "200", "--tau", "2", "--step-seconds", "0.05", "--op-timeout", "2", "--floor-wait", "3"]
+    # 2000 steps (100 s) that the test never waits for (it closes both runs once node 1 is in): on a loaded
+    # machine node 1's start took longer than 200 steps, and nodes 0 and 2 had finished before it came
+    pace = ["--steps", "2000", "--tau", "2", "--step-seconds", "0.05", "--op-timeout", "2", "--floor-wait", "3"]
     # both runs start as nodes 0 and 2 together (a quorum of 2 at least: on a loaded machine one could start
     # alone and heal the other in), and a starved node's missed heartbeat drops no one (3 s)
     joined = LiveCluster(str(tmp_path / "joined"), 3, pace, heartbeat_ms=3000, min_replicas=2)
