@@ -57,14 +57,7 @@ def main(shards: str, runs_dir: str, out: str) -> None:
     b.join()
     resumed = standing(b)
     b.open()
-    while b.step < b.total_steps:
-        b.train_step(*b.batch())
-        b.aftermath()
-        if b.evaluation_due():
-            b.evaluate()
-        if b.checkpoint_due():
-            b.checkpoint()
-    b.bar.close()
+    b.loop()
     b.finish()
 
     Trainer(run("whole")).fit()

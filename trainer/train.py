@@ -445,14 +445,7 @@ class Trainer:
             self.set_up()
             self.join()
             self.open()
-            while self.step < self.total_steps:
-                self.train_step(*self.batch())
-                self.aftermath()
-                if self.evaluation_due():
-                    self.evaluate()
-                if self.checkpoint_due():
-                    self.checkpoint()
-            self.bar.close()
+            self.loop()
             self.finish()
         except RunOver:  # the other nodes finished the run: its one line below the bar, as a terminal shows it
             if hasattr(self, "bar"):
@@ -460,6 +453,18 @@ class Trainer:
             raise
         finally:
             run_lock.release(self.run.run_dir)
+
+    def loop(self) -> None:
+        """From where the run stands to its last step: a batch, a step, a round's aftermath, and an evaluation
+        and a checkpoint when due."""
+        while self.step < self.total_steps:
+            self.train_step(*self.batch())
+            self.aftermath()
+            if self.evaluation_due():
+                self.evaluate()
+            if self.checkpoint_due():
+                self.checkpoint()
+        self.bar.close()
 
     # -- set-up ----------------------------------------------------------------------------------------
 
