@@ -20,12 +20,16 @@ What this layer adds to torchft (and why):
 - **A silent peer costs a bounded wait.** gloo cannot abort a pending collective; each operation
   of the cross-node group has its own timeout (``op_timeout_s``, sized from the expected bucket
   time), after which the round fails and is retried in the next quorum, which the lighthouse has
-  formed without the silent node (its heartbeat timeout).
+  formed without the silent node (its heartbeat timeout). Building a quorum's group is bounded the
+  same way (a member that asked for the quorum and was lost before it formed never comes).
 - **The floor.** ``min_nodes`` live nodes (and the caller's ``accept`` check, e.g. the data
   coverage of the live nodes): below it the round waits, retrying the quorum, up to ``floor_wait_s``,
   then :class:`BelowFloor` is raised (the caller checkpoints and stops with one line). Checked by
   ``risgd_ext.membership`` only, which owns who is live; this module is torchft's side of it.
-- **A lost lighthouse** (the single point of torchft) raises :class:`LighthouseLost`.
+- **A lost lighthouse** (the single point of torchft) raises :class:`LighthouseLost` after ``quorum_timeout_s``;
+  one started again on its address within that time is asked again (torchft's ``quorum_retries``,
+  :func:`lighthouse_retries`), its first quorum waits for the last quorum's nodes, and the groups it builds
+  under quorum ids an earlier lighthouse used do not read that one's addresses (a generation per prefix).
 - **Healing from a snapshot.** torchft's HTTP transport serves CPU tensors by reference when the
   joiner asks; an overlapped peer is back at its local steps by then. What a peer serves is copied
   when its quorum takes it (:func:`snapshot`).
@@ -36,6 +40,7 @@ What this layer adds to torchft (and why):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -49,9 +54,13 @@ import torch
 
 LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"  # torchft's own variable: the lighthouse's address, http://HOST:PORT
 LIGHTHOUSE_PROBE_S = 10.0  # seconds a node waits for its lighthouse to answer at its start (torchft's connect timeout)
+LIGHTHOUSE_RETRY_S = 1.0  # a quorum whose lighthouse call failed is asked again this often (quorum_timeout_s in all)
+LIGHTHOUSE_REJOIN_S = 10.0  # a lighthouse started again: the last quorum's nodes are waited for this long (torchft's
+# managers connect to it again on their own, each within its connect timeout, 10 s)
 REPLICA_PREFIX = "w"  # a replica group's id: w<manifest worker>, so torchft's global ranks follow the data
 VERBOSE_ENV = "RISGD_VERBOSE"  # 1: torchft's own INFO lines (every quorum and commit) are shown; else warnings only
 TORCHFT_LOGGERS = ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors")  # its Python loggers
+GENERATION_KEY, CONNECTED_KEY = "risgd_generation", "risgd_connected_"  # a group prefix's uses, on its store
 
 
 class LiveError(RuntimeError):
@@ -97,6 +106,7 @@ class Quorum:
     size: int                    # nodes in the cross-node group
     healing: bool                # this node receives the live state in this quorum (contributes 0)
     seconds: float               # how long the quorum took on this rank
+    restarted: bool = False      # the first from a lighthouse started again (its quorum ids went back)
 
 
 @dataclass
@@ -132,8 +142,27 @@ def _reconfigurable_gloo(timeout: datetime.timedelta):
             self.quorum_id = -1 if quorum_id is None else int(quorum_id)
             self.rank, self.world = rank, world_size
             self.members = list(global_ranks or [])
-            super().configure(store_addr, replica_id, rank, world_size, quorum_id, group_rank, group_world_size,
-                              global_ranks)
+            # torchft's prefix is HOST:PORT/torchft/<quorum id>/<local rank>, and a lighthouse started again counts
+            # its quorum ids from 1 again: gloo would read the addresses an earlier group left under that prefix on
+            # the same store as this group's (connection refused, or a wait for a peer that connects elsewhere,
+            # until the group's timeout). Each group built under a prefix gets a generation of its own, counted on
+            # the store: bumped once every member has connected (none reads the old keys any more), or at a
+            # member's failure (the group is lost).
+            from torchft.process_group import create_store_client
+
+            self.abort(errored=False)
+            store = create_store_client(store_addr, timeout=self._timeout)
+            generation = store.add(GENERATION_KEY, 0)
+            try:
+                super().configure(f"{store_addr}/g{generation}", replica_id, rank, world_size, quorum_id,
+                                  group_rank, group_world_size, global_ranks)
+            except Exception:
+                with contextlib.suppress(Exception):  # the store may be what failed
+                    store.add(GENERATION_KEY, 1)
+                raise
+            with contextlib.suppress(Exception):  # the group is built; only a later reuse of its prefix would miss it
+                if store.add(f"{CONNECTED_KEY}{generation}", 1) == world_size:
+                    store.add(GENERATION_KEY, 1)
 
     return Recorded(timeout=timeout)
 
@@ -185,9 +214,12 @@ class LiveNodes:
         # already serving this worker, heartbeating) is refused here, before it is in any quorum: no one waits
         if _worker_heartbeating(address, self.worker):
             raise DuplicateWorker(_TWIN.format(worker=self.worker))
-        # the group's own timeout bounds building it (connecting every pair, slow on a loaded host); each
-        # operation carries op_timeout_s
-        self.pg = _reconfigurable_gloo(datetime.timedelta(seconds=max(self.quorum_timeout_s, self.op_timeout_s)))
+        # the group's own timeout bounds building it: waiting for every member's address on the store, then
+        # connecting every pair. These are cross-node operations like any other, bounded by op_timeout_s: every
+        # member got the quorum at the same moment and builds the group at once, so one that has not come is
+        # lost (a node that asked for the quorum and died before it formed). Bounded by quorum_timeout_s (60 s)
+        # it cost the survivors a minute (the storm bench's defect 2); each operation carries op_timeout_s too
+        self.pg = _reconfigurable_gloo(datetime.timedelta(seconds=self.op_timeout_s))
         # the address the other nodes reach this one at: the node's store host (MASTER_ADDR), for torchft's
         # manager server and its HTTP checkpoint server (torchft would advertise socket.gethostname())
         host = self.store[0]
@@ -199,7 +231,8 @@ class LiveNodes:
             quorum_timeout=datetime.timedelta(seconds=self.quorum_timeout_s),
             connect_timeout=datetime.timedelta(seconds=10), rank=self.local, world_size=self.node_size,
             store_addr=self.store[0], store_port=self.store[1], lighthouse_addr=address,
-            replica_id=f"{REPLICA_PREFIX}{self.worker}", init_sync=False)
+            replica_id=f"{REPLICA_PREFIX}{self.worker}", init_sync=False,
+            quorum_retries=lighthouse_retries(self.quorum_timeout_s))
 
     def register_state(self, key: str, load: Callable[[Any], None], save: Callable[[], Any]) -> None:
         """What a joiner receives from a live peer of its place (torchft's checkpoint transport), as
@@ -230,8 +263,9 @@ class LiveNodes:
             # two nodes serve one worker (a replica copied twice, a node started twice): the one behind (a
             # joiner, healing) is refused alone and the run goes on; two at the same step cannot be told apart
             raise DuplicateWorker(_TWIN.format(worker=self.worker))
+        restarted = self.current is not None and 0 <= self.pg.quorum_id < self.current.quorum_id
         q = Quorum(self.pg.quorum_id, members, self.pg.rank, self.pg.world, healing=healing,
-                   seconds=time.perf_counter() - t0)
+                   seconds=time.perf_counter() - t0, restarted=restarted)
         self.current = q
         return q
 
@@ -283,6 +317,22 @@ class LiveNodes:
 
         parts = list(out.view(self.size, -1).unbind(0))
         return _done(self.pg.allgather([parts], [inp], self._opts(AllgatherOptions)), async_op)
+
+
+def lighthouse_retries(quorum_timeout_s: float) -> int:
+    """How many times torchft's manager server asks the lighthouse again for a quorum whose call failed
+    (``quorum_retries``), so that it asks about every :data:`LIGHTHOUSE_RETRY_S` within ``quorum_timeout_s``.
+
+    torchft's manager server (its Rust ``Manager::_quorum_with_retries``) asks the lighthouse once per quorum by
+    default. When that call fails (the lighthouse killed: the connection reset), it gives up and never sends the
+    quorum to the node's ranks (``_run_quorum`` returns before its broadcast: torchft's own "TODO: We don't
+    broadcast in cases when this method returns an error, resulting in a hang"), so every rank waited out its
+    whole ``quorum_timeout_s`` and stopped, even when the lighthouse was back on its address within seconds (the
+    storm bench's defect 1). With retries it sleeps ``timeout / (retries + 1)`` after a failed call, connects
+    again and asks the lighthouse again: a lighthouse restarted on its address forms the quorum, and the ranks
+    get it. A lighthouse that stays gone still ends the quorum at ``quorum_timeout_s``: that is the ranks' own
+    timeout on the call, whatever the server does."""
+    return max(round(quorum_timeout_s / LIGHTHOUSE_RETRY_S), 1) - 1
 
 
 def snapshot(state: Any) -> Any:

@@ -23,13 +23,14 @@ contribute weight 0 to the average and take the averaged model, as a rejoining w
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import RandomFailure, RISGDConfig, StaticFailure
-from .live import AnchorsDiffer, BelowFloor, LiveNodes, MembershipEvent, Quorum, RunOver
+from .live import LIGHTHOUSE_REJOIN_S, AnchorsDiffer, BelowFloor, LiveNodes, MembershipEvent, Quorum, RunOver
 from .round import REPLACE, Averaging, Live, Round, RoundReport
 
 
@@ -186,7 +187,23 @@ class Membership:
         step) heals it, instead of both sending rounds from two anchors at one torchft step."""
         q = self.nodes.quorum(step - (1 if behind else 0))
         self.quorum_seconds += q.seconds
+        if q.restarted and self._members is not None and not q.healing:
+            q = self._rejoin(q, step, behind)
         return q
+
+    def _rejoin(self, q: Quorum, step: int, behind: bool) -> Quorum:
+        """The first quorum of a lighthouse started again: it knows only the nodes that reached it first (each
+        node's torchft manager connects to it again on its own, within seconds of the others), and would make
+        the others joiners, healed from a peer a round later. The quorum is asked again, as a start does, until
+        it holds the last quorum's nodes, for up to :data:`~risgd_ext.live.LIGHTHOUSE_REJOIN_S` (a node lost
+        during the outage is not waited for longer)."""
+        t0 = time.perf_counter() - q.seconds
+        deadline = time.perf_counter() + min(LIGHTHOUSE_REJOIN_S, self.cfg.floor_wait_s)
+        while not q.healing and not self._members <= q.members and time.perf_counter() < deadline:
+            time.sleep(0.1)
+            q = self.nodes.quorum(step - (1 if behind else 0))
+            self.quorum_seconds += q.seconds
+        return dataclasses.replace(q, seconds=time.perf_counter() - t0)
 
     def meet(self, step: int) -> Quorum:
         """The first quorum of this node. A start (a fresh one, or the whole run resumed from a checkpoint)
