@@ -3,6 +3,8 @@ processes: a real ``torchft_lighthouse`` and nodes of ``risgd_hosts.live_node``,
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 
@@ -42,8 +44,10 @@ def test_a_lighthouse_restarted_on_its_port_lets_the_nodes_go_on(tmp_path):
     on the same port 3 s later. torchft's manager server asked the lighthouse once per quorum (quorum_retries=0):
     a call that failed (in flight at the kill, or made while it was down) was never answered to the node's ranks,
     which waited out quorum_timeout_s (here 20 s) and stopped, exit 2. Now every node trains again within seconds
-    of the lighthouse's return, trains every step once (none was healed: the nodes wait for each other at the new
-    lighthouse's first quorum) and both end on the same model."""
+    of the lighthouse's return, and both end on the same model. Node 1 reaches the new lighthouse 2 s after node 0
+    (frozen meanwhile): the new lighthouse's first quorum holds node 0 alone, which waits for the last quorum's
+    nodes instead of training on alone (node 1 would have been healed to node 0's step, its steps skipped), so
+    each node trains every step once."""
     quorum_timeout = 20.0
     c = LiveCluster(str(tmp_path / "run"), 2, ["--steps", "240", *PACE, "--quorum-timeout", f"{quorum_timeout:g}"])
     try:
@@ -52,11 +56,14 @@ def test_a_lighthouse_restarted_on_its_port_lets_the_nodes_go_on(tmp_path):
         c.wait_step(0, 40, timeout=120)
         c.wait_step(1, 40, timeout=60)
         killed = c.kill_lighthouse()
+        c.freeze(1)  # node 1 reaches the new lighthouse 2 s after node 0 (each node's manager reconnects on its own)
         time.sleep(3.0)
         c.lighthouse = subprocess.Popen(lighthouse_command(c.port), stdout=subprocess.DEVNULL,
                                         stderr=open(c._path("lighthouse.err"), "a"))
         assert wait_port(c.port, [], process=c.lighthouse), "the lighthouse did not start again on its port"
         back = time.time()  # its start takes 2-6 s here (the command imports torch)
+        time.sleep(2.0)
+        os.killpg(c.nodes[1].pid, signal.SIGCONT)
         codes = c.wait_all(90)
     finally:
         c.close()
