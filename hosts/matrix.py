@@ -29,24 +29,32 @@ AXES: dict[str, list] = {
     "overlap": [False, True],
     "outer": [False, True],
     "warmup": [0, 2],
-    "fault": ["none", "down", "nan_local", "nan_before_round", "nan_in_flight"],
+    "fault": ["none", "down", "nan_local", "nan_before_round", "nan_in_flight", "late"],
 }
+
+
+def valid(case: dict) -> bool:
+    """Whether a combination of axis values can run: a deadline (fault "late") needs one rank per worker."""
+    return not (case.get("fault") == "late" and LAYOUTS[case.get("layout", "flat2")][1] > 1)
+
 LAYOUTS = {"flat2": (2, 1), "node2x2": (2, 2), "flat4": (4, 1)}  # workers, ranks per worker
 TAU = 3
 FEATURES, HIDDEN, CLASSES, BATCH = 10, 40, 3, 6
 
 
 def covering(axes: dict[str, list]) -> list[dict]:
-    """A small set of cases in which every pair of values of two axes appears at least once (greedy:
-    each new case covers the most pairs not yet covered; deterministic)."""
+    """A small set of valid cases in which every pair of values of two axes that can run together appears at
+    least once (greedy: each new case covers the most pairs not yet covered; deterministic)."""
     names = list(axes)
     pairs = list(itertools.combinations(names, 2))
-    uncovered = {(a, va, b, vb) for a, b in pairs for va in axes[a] for vb in axes[b]}
+    uncovered = {(a, va, b, vb) for a, b in pairs for va in axes[a] for vb in axes[b] if valid({a: va, b: vb})}
     cases = []
     while uncovered:
         best, best_gain = None, -1
         for values in itertools.product(*(axes[n] for n in names)):
             case = dict(zip(names, values))
+            if not valid(case):
+                continue
             gain = sum((a, case[a], b, case[b]) in uncovered for a, b in pairs)
             if gain > best_gain:
                 best, best_gain = case, gain
@@ -56,8 +64,8 @@ def covering(axes: dict[str, list]) -> list[dict]:
 
 
 def product(axes: dict[str, list]) -> list[dict]:
-    """Every combination of the axes' values."""
-    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    """Every valid combination of the axes' values."""
+    return [case for values in itertools.product(*axes.values()) if valid(case := dict(zip(axes, values)))]
 
 
 # -- one case ---------------------------------------------------------------------------------------
@@ -79,10 +87,15 @@ def batch(worker: int, local: int, step: int, warmup: int = 0) -> tuple[torch.Te
 OPTIMIZER = {"lr": 0.1, "momentum": 0.9}
 
 
+LATE = (1, 1)  # fault "late": worker 1 is late at round 2's deadline after 1 of its TAU steps
+
+
 def _fault(axes: dict) -> tuple[dict, list | None]:
     w = axes["warmup"]
     if axes["fault"] == "down":
         return {"failures": [{"ranks": [1], "start_round": 1, "end_round": 3}]}, None
+    if axes["fault"] == "late":
+        return {"deadline_margin": 0.5}, None
     at = {"nan_local": w + TAU + 1, "nan_before_round": w + 2 * TAU - 1, "nan_in_flight": w + TAU}.get(axes["fault"])
     return {}, ([1, at] if at else None)
 
@@ -114,8 +127,16 @@ def run_case(rank: int, case: dict) -> list[torch.Tensor]:
     k = case["block"].get("node_size", 1)
     worker, local = rank // k, rank % k
     flat = engine.risgd.model.flats[0]
+    ctl = engine.risgd
+    if ctl.deadline is not None:  # a scripted clock: a second a step, and worker LATE[0] slow from its step late_at on
+        late_at = case["block"]["warmup_sync_steps"] + 2 * TAU + LATE[1]
+        ctl.deadline.clock = lambda: ctl.steps + (1000.0 if worker == LATE[0] and ctl.steps >= late_at else 0.0)
     out = []
     for step in range(1, case["steps"] + 1):
+        if ctl.skipping:  # late at the deadline: the rest of the round's steps are skipped
+            engine.skip_step()
+            out.append(flat.params.detach().clone())
+            continue
         x, y = batch(worker, local, step, case["block"]["warmup_sync_steps"])
         loss = torch.nn.functional.cross_entropy(engine(x), y)
         engine.backward(loss)
@@ -187,7 +208,8 @@ def reference_of(case: dict):
                       overlap=block["overlap"], outer_lr=block.get("outer_lr", 1.0),
                       outer_momentum=block.get("outer_momentum", 0.0),
                       outer_nesterov=block.get("outer_nesterov", False), compress=block["compress"],
-                      bucket_values=int(block["bucket_mb"] * 2 ** 20) // 4, down=down)
+                      bucket_values=int(block["bucket_mb"] * 2 ** 20) // 4, down=down,
+                      late=lambda r: {LATE[0]: LATE[1]} if block.get("deadline_margin") and r == 2 else {})
 
     def corrupt(w: int, step: int, x: torch.Tensor) -> None:
         if case["nan"] == [w, step]:

@@ -55,6 +55,7 @@ from risgd_common.cli import Parser
 from risgd_common.layout import Layout
 from risgd_common.progress import Progress
 
+CPU_CGROUP = "/sys/fs/cgroup/cpu"  # cgroup v1's cpu controller (cfs quota); v2's cpu.max under /sys/fs/cgroup
 SUBNET = "10.93.0"  # private, and only ever assigned inside namespaces this tool creates
 MASTER_PORT = 29500
 MAX_HOSTS = 200  # addresses .1 to .200 of the /24
@@ -120,6 +121,8 @@ class Cluster:
     bandwidth_mbit: float | None      # None: unshaped veth links
     tag: str = field(default_factory=lambda: f"risgd{os.getpid()}")
     created: list[str] = field(default_factory=list)
+    cpus: list[float] | None = None   # cores each host may use (a CFS quota on its processes); None: no cap
+    cgroups: list[str] = field(default_factory=list)
 
     def ns(self, k: int) -> str:
         return f"{self.tag}-host{k}"
@@ -146,6 +149,8 @@ class Cluster:
             _ip("-n", self.ns(k), "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", self.switch)
             _ip("-n", self.switch, "link", "set", port, "master", "br0")
             _ip("-n", self.switch, "link", "set", port, "up")
+            if self.cpus is not None:
+                self.cgroups.append(_cpu_cgroup(f"{self.tag}-host{k}", self.cpus[k]))
             _ip("-n", self.ns(k), "addr", "add", f"{self.addr(k)}/24", "dev", "eth0")
             _ip("-n", self.ns(k), "link", "set", "eth0", "up")
             if self.bandwidth_mbit:
@@ -170,6 +175,9 @@ class Cluster:
                     break
                 time.sleep(0.1)
         self.created.clear()
+        for group in self.cgroups:
+            _kill_cgroup(group)
+        self.cgroups.clear()
 
     def traffic(self) -> list[dict[str, int]]:
         """Bytes and packets host K sent and received on its eth0 so far."""
@@ -181,7 +189,43 @@ class Cluster:
         return out
 
     def exec_prefix(self, k: int) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(k)]
+        prefix = ["ip", "netns", "exec", self.ns(k)]
+        if self.cgroups:  # the command joins its host's CPU cap first; what it starts inherits it
+            prefix += ["sh", "-c", f'echo $$ > {self.cgroups[k]}/cgroup.procs && exec "$@"', "sh"]
+        return prefix
+
+
+def _cpu_cgroup(name: str, cores: float) -> str:
+    """A cpu cgroup whose processes may use ``cores`` cores (CFS: quota = cores x period)."""
+    if not os.path.isdir(CPU_CGROUP):
+        raise ClusterError(f"--cpus needs cgroup v1's cpu controller at {CPU_CGROUP}; it is not mounted here")
+    path = os.path.join(CPU_CGROUP, name)
+    os.makedirs(path, exist_ok=True)
+    period = 100_000
+    with open(os.path.join(path, "cpu.cfs_period_us"), "w") as f:
+        f.write(str(period))
+    with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
+        f.write(str(max(1000, int(cores * period))))
+    return path
+
+
+def _kill_cgroup(path: str) -> None:
+    """Kill what is left in a host's cgroup and remove it."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            for pid in f.read().split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    except FileNotFoundError:
+        return
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 @contextmanager
@@ -347,8 +391,9 @@ def _substitute(arg: str, subst: dict[str, str]) -> str:
 
 def run(command: list[str], hosts: int, ranks_per_host: int = 1, bandwidth_mbit: float | None = None,
         work_dir: str = "runs/netns", manifest: str | None = None, source: str | None = None,
-        timeout_s: float | None = None) -> dict:
+        timeout_s: float | None = None, cpus: list[float] | None = None) -> dict:
     """Build the hosts, replicate data, run ``command`` on all of them, tear down; return the traffic.
+    ``cpus``: the cores each host may use (one per host; a slow node is one with fewer), None: no cap.
 
     Raises ClusterInputError for bad input (before anything is built) and ClusterError when the work
     fails.
@@ -356,11 +401,14 @@ def run(command: list[str], hosts: int, ranks_per_host: int = 1, bandwidth_mbit:
     if not command:
         raise ClusterInputError("give the training command after --, e.g. -- train.py --recipe recipes/digits.yaml")
     check_inputs(hosts, ranks_per_host, bandwidth_mbit, manifest, source, timeout_s)
+    if cpus is not None and (len(cpus) != hosts or not all(c > 0 for c in cpus)):
+        raise ClusterInputError(f"--cpus {','.join(f'{c:g}' for c in cpus)}: give one number of cores > 0 per host "
+                                f"({hosts}), or one for all")
     why = netns_available()
     if why:
         raise ClusterError(f"network namespaces are not usable here: {why}")
     os.makedirs(work_dir, exist_ok=True)
-    cluster = Cluster(hosts, bandwidth_mbit)
+    cluster = Cluster(hosts, bandwidth_mbit, cpus=cpus)
     with torn_down_on_exit(cluster):
         data_dirs = replicate_data(cluster, work_dir, manifest, source, ranks_per_host) if manifest else None
         before = cluster.traffic()
@@ -389,13 +437,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="shard source the hosts replicate from (see python -m risgd_data.replicate)")
     parser.add_argument("--work-dir", default="runs/netns", help="hostfile, logs, data (default runs/netns)")
     parser.add_argument("--timeout-s", type=float, default=None, help="stop the run after this many seconds")
+    parser.add_argument("--cpus", default=None, metavar="C[,C...]",
+                        help="cores each host may use (a CFS quota on its processes): one number for all hosts or "
+                             "one per host, e.g. 0.5,0.5,0.5,0.17 for a node at a third of the others' speed "
+                             "(default: no cap)")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="after --: the training script and its arguments ({data}, {host} are substituted)")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     try:
+        cpus = None
+        if args.cpus is not None:
+            try:
+                cpus = [float(c) for c in args.cpus.split(",")]
+            except ValueError:
+                raise ClusterInputError(f"--cpus {args.cpus}: give numbers of cores, e.g. 0.5 or 0.5,0.5,0.17") \
+                    from None
+            cpus = cpus * args.hosts if len(cpus) == 1 else cpus
         traffic = run(command, args.hosts, args.ranks_per_host, args.bandwidth_mbit, args.work_dir, args.manifest,
-                      args.source, args.timeout_s)
+                      args.source, args.timeout_s, cpus)
     except ClusterError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2 if isinstance(e, ClusterInputError) else 1

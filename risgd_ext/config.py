@@ -14,6 +14,7 @@ from typing import Any
 from risgd_common.bounds import (
     FLAG,
     FRACTION,
+    NON_NEGATIVE_NUMBER,
     POSITIVE_NUMBER,
     POSITIVE_SECONDS,
     PROBABILITY,
@@ -67,6 +68,7 @@ _bool = KeyCheck(FLAG, f"{BLOCK}.", _FIX, ConfigError)
 _positive_number = KeyCheck(POSITIVE_NUMBER, f"{BLOCK}.", "fix it in the ds_config", ConfigError)
 _seconds = KeyCheck(POSITIVE_SECONDS, f"{BLOCK}.", "fix it in the ds_config", ConfigError)
 _fraction = KeyCheck(FRACTION, f"{BLOCK}.", _FIX, ConfigError)
+_non_negative = KeyCheck(NON_NEGATIVE_NUMBER, f"{BLOCK}.", _FIX, ConfigError)
 
 
 def _one_of(choices) -> KeyCheck:
@@ -152,6 +154,11 @@ class RISGDConfig:
                               "the floor for a node to come back before the run stops")
     quorum_timeout_s: float = key(60.0, _seconds, "number > 0: with torchft, seconds a quorum may take "
                                   "before the lighthouse counts as lost")
+    deadline_margin: float = key(0.0, _non_negative, "number >= 0: 0 waits for every worker at a round; m > 0 "
+                                 "closes a round at (1 + m) x the median of the workers' recent round times without "
+                                 "the workers still stepping, when those on time cover the data (the trainer: "
+                                 "elastic.min_coverage, elastic.min_workers); a late worker skips the rest of its "
+                                 "round's steps and takes the average (node_size 1, no torchft)", "when_set")
 
     @property
     def live(self) -> bool:
@@ -310,6 +317,13 @@ def _check_combinations(cfg: RISGDConfig) -> None:
     if cfg.average_optimizer_state and cfg.live:
         raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with fault_tolerance=torchft: leave "
                           "one of them out")
+    if cfg.deadline_margin and cfg.hierarchical:
+        raise ConfigError(f"{BLOCK}.deadline_margin={cfg.deadline_margin:g} is not supported with node_size > 1 yet (a "
+                          "node's ranks would have to agree on being late every step): leave one of them out")
+    if cfg.deadline_margin and cfg.live:
+        raise ConfigError(f"{BLOCK}.deadline_margin={cfg.deadline_margin:g} is not supported with "
+                          "fault_tolerance=torchft yet (its rounds are voted among the quorum's nodes): leave one of "
+                          "them out")
     if cfg.average_optimizer_state and (cfg.overlap or cfg.hierarchical):
         raise ConfigError(f"{BLOCK}.average_optimizer_state is not supported with node_size > 1 or overlap: "
                           "leave one of them out")

@@ -44,6 +44,7 @@ from risgd_common.layout import Layout
 
 from .codec import make_codec
 from .config import RISGDConfig, check_world
+from .deadline import Deadline, Vote
 from .flat import FlatModel
 from .live import AnchorsDiffer, LiveNodes, MembershipEvent, Quorum
 from .membership import LiveRoundReport, Membership, MembershipView
@@ -60,6 +61,9 @@ _COUNTERS = (
 # Added with the node level and overlap: a checkpoint written before them lacks these (0 then).
 _COUNTERS_2 = ("intra_bytes", "intra_comm_seconds", "intra_collectives", "inter_collectives",
                "comm_wait_seconds", "view_wait_seconds", "non_finite_left_out", "non_finite_healed")
+# Added with the deadline (risgd_ext.deadline): rounds that left late workers out, and those of them that left this
+# worker out; rounds that waited for late workers (the others did not cover their data); steps this worker skipped
+_COUNTERS_3 = ("late_rounds", "late_rounds_here", "late_waited", "steps_skipped")
 
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()  # controllers of this process, for the end-of-run check
@@ -133,6 +137,7 @@ class RISGDController:
         # contributions left out of rounds because they were not finite (seen by every rank), and the rounds
         # in which this rank's own was (it took the average; its optimizer state's non-finite values restart)
         self.non_finite_left_out = self.non_finite_healed = 0
+        self.late_rounds = self.late_rounds_here = self.late_waited = self.steps_skipped = 0
         self._consensus_step = -1  # the step at which consensus() last averaged BatchNorm statistics
         # compute_seconds: each step from its forward to the end of its optimizer step, minus the
         # communication inside it. On a device whose work is done when the host call returns (the
@@ -160,6 +165,11 @@ class RISGDController:
         # changes seen, the step this node was healed to, the floor): the membership's alone. Here: the rounds
         # retried after a failure and the seconds they took
         self.membership = Membership(cfg, self.layout.workers)
+        # deadline_margin > 0: a round closes without its late workers when the others cover the data
+        self.deadline: Deadline | None = None
+        if cfg is not None and cfg.deadline_margin > 0:
+            self.deadline = Deadline(cfg.deadline_margin, self.layout.workers, self.worker, self.group)
+        self.late_events: list[dict[str, Any]] = []  # rounds with late workers, for the run record
         self.retries = 0
         self.retry_seconds = 0.0
         self.grad_averager: GradientAverager | None = None
@@ -281,6 +291,8 @@ class RISGDController:
 
     def mark_step_start(self) -> None:
         """The first forward of a step (not micro-batch) starts its compute time."""
+        if self.deadline is not None and not self.engine.enable_backward_allreduce:
+            self.deadline.step_started()
         if self._step_started is None:
             if self._event_cls is None:
                 self._step_started = time.perf_counter()
@@ -355,6 +367,10 @@ class RISGDController:
                 traffic = Traffic()
                 self.averaging.reducer.node_mean(traffic)
                 self._account(RoundReport(traffic=traffic))
+            elif self.deadline is not None and not self.deadline.skipping:
+                left = self.cfg.average_steps_near(self.steps)[1] - self.steps
+                if self.deadline.late_now(self.steps_in_round, left):  # the next step would end past the deadline
+                    self._vote(late=True)
         if self.cfg is not None:
             if self.steps == self.cfg.warmup_sync_steps:
                 # Post-local SGD: ranks are identical after synchronous steps; measure from here.
@@ -362,6 +378,30 @@ class RISGDController:
             sync = self.steps < self.cfg.warmup_sync_steps
             if sync != was_sync:  # the engine is an nn.Module: set the flag only when it changes
                 engine.enable_backward_allreduce = sync
+
+    @property
+    def skipping(self) -> bool:
+        """This worker was late at its round's deadline and the others cover its data: it skips the rest of the
+        round's steps (the training loop calls ``engine.skip_step()`` instead of a forward, backward and step)
+        and takes the round's average (:mod:`risgd_ext.deadline`)."""
+        return self.deadline is not None and self.deadline.skipping
+
+    def skipped_step(self) -> None:
+        """A step skipped by a late worker (``engine.skip_step()``): on the schedule as a local step, no update."""
+        if not self.skipping:
+            raise RuntimeError(f"skip_step() at step {self.steps + 1}: this worker is not late at a deadline "
+                               "(engine.risgd.skipping is false); take the step")
+        self.steps_skipped += 1
+        self.after_optimizer_step()
+
+    def _vote(self, late: bool) -> Vote:
+        """This round's deadline vote (every rank once per round: a late one mid-round, the others at the round)."""
+        rounds_steps = self.cfg.tau
+        t0 = time.perf_counter()
+        members = self.membership.live_of_round(self.rounds).workers
+        vote = self.deadline.vote(late, self.steps_in_round, rounds_steps, self.model.buffers[0].device, members)
+        self.average_seconds += time.perf_counter() - t0
+        return vote
 
     def live_of_round(self, round_index: int, members: frozenset[int] | None = None) -> Live:
         """The workers taking part in round ``round_index`` (:meth:`Membership.live_of_round`, the one place
@@ -502,6 +542,10 @@ class RISGDController:
             return
         live = self.membership.live_of_round(self.rounds)
         t0 = time.perf_counter()
+        if self.deadline is not None:  # the workers late at the deadline take part with weight 0, as failed ones
+            vote = self.deadline.voted or self._vote(late=False)
+            if vote.skip:
+                live = Live(live.workers - vote.late, live.total)
         if cfg.overlap:
             if self.in_flight is not None:
                 raise RuntimeError("a round is still in flight: apply it before starting the next")
@@ -515,6 +559,8 @@ class RISGDController:
 
     def _round_done(self, live: Live, t0: float) -> None:
         self.average_seconds += time.perf_counter() - t0
+        if self.deadline is not None:
+            self._late_done(self.deadline.round_done())
         self.live_ranks = len(live.workers) * self.node_size
         if self.live is None:
             self.down_ranks = frozenset(self.layout.ranks_of_workers(live.down))
@@ -522,6 +568,25 @@ class RISGDController:
         self.rounds += 1
         self.steps_in_round = 0
         self._collect_events(wait=False)  # the round waited for the device: read the steps' events
+
+    def _late_done(self, vote: Vote | None) -> None:
+        """Account for a round's deadline vote, and keep a round with late workers for the run record."""
+        if vote is None or not vote.late:
+            return
+        if vote.skip:
+            self.late_rounds += 1
+            self.late_rounds_here += self.averaging.worker in vote.late
+        else:
+            self.late_waited += 1
+        self.late_events.append({"step": self.steps, "event": "late", "late_workers": sorted(vote.late),
+                                 "left_out": vote.skip, "deadline_s": vote.deadline,
+                                 "round_seconds": [round(s, 4) for s in vote.seconds], "waited_because": vote.refused})
+
+    def take_late_events(self) -> list[dict[str, Any]]:
+        """The rounds with late workers since the last call (for the run record): the step, who was late, whether
+        they were left out (else: waited for, and why), the deadline and each worker's seconds."""
+        events, self.late_events = self.late_events, []
+        return events
 
     def _account(self, report: RoundReport, scheduled: bool = False) -> None:
         """Add what one phase of a round (or an intra-node average) reported to the counters."""
@@ -657,8 +722,10 @@ class RISGDController:
         out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
         out["comm_rounds"] = self.sync_steps + self.rounds
         out["divergence_mean"] = self.divergence_sum / self.rounds if self.rounds else 0.0
-        for k in _COUNTERS_2:
+        for k in _COUNTERS_2 + _COUNTERS_3:
             out[k] = getattr(self, k)
+        out["deadline_margin"] = self.cfg.deadline_margin if self.cfg else 0.0
+        out["deadline_s"] = self.deadline.deadline if self.deadline is not None else None
         out["world_size"] = self.world_size
         out["tau"] = self.cfg.tau if self.cfg else 1
         out["node_size"] = self.node_size
@@ -685,7 +752,7 @@ class RISGDController:
     def state_dict(self) -> dict[str, Any]:
         self._collect_events(wait=True)
         self._wait_pending()  # a round in flight is saved complete: its sums, not a promise
-        state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS + _COUNTERS_2}
+        state: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS + _COUNTERS_2 + _COUNTERS_3}
         state["consensus_step"] = self._consensus_step
         state["anchors"] = [a.detach().cpu() for a in self.model.anchors] if self.model else []
         state["pending"] = self.in_flight.state_dict() if self.in_flight is not None else None
@@ -701,7 +768,7 @@ class RISGDController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in _COUNTERS:
             setattr(self, k, state[k])
-        for k in _COUNTERS_2:
+        for k in _COUNTERS_2 + _COUNTERS_3:
             setattr(self, k, state.get(k, 0))
         self._consensus_step = state.get("consensus_step", -1)
         saved_round = state.get("pending")

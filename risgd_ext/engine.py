@@ -123,6 +123,21 @@ class RISGDEngineMixin:
             self.risgd.after_optimizer_step()
         return None
 
+    def skip_step(self) -> None:
+        """In place of a forward, backward and :meth:`step`, on a worker late at its round's deadline
+        (``engine.risgd.skipping``): no update; DeepSpeed's counters and the learning-rate schedule move on
+        as after a step, and the round's schedule counts it (its round takes this worker's average with
+        weight 0, :mod:`risgd_ext.deadline`)."""
+        ctl = self.risgd
+        if not ctl.skipping:
+            ctl.skipped_step()  # raises: one line saying why
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        self.micro_steps += self.gradient_accumulation_steps()
+        ctl.skipped_step()
+
     def zero_grad(self):
         if self._risgd_in_step and self._risgd_defer_release:
             self._risgd_stale_grads = True  # released by the next backward (see the class docstring)

@@ -23,6 +23,8 @@ The algorithm, for ``W`` workers (nodes) of ``k`` ranks each, on a flat paramete
 - the anchor then moves: ``a <- x̄``, or the outer step (SGD with momentum/Nesterov on ``a`` with
   the pseudo-gradient ``a - x̄``); a worker takes the new anchor (blocking), or with ``overlap`` the
   round's average is applied ``delay`` steps after its start as ``x <- a' + (x - x_sent)``;
+- a worker late at a round's deadline (``deadline_margin``) takes no step after its last one in the round (no
+  gradient, no optimizer step) and contributes nothing to it, as a worker out of the round;
 - a worker out of a round, or whose contribution was not finite, contributes nothing; a non-finite
   worker takes the new anchor whole (its progress is not finite either) and restarts the
   non-finite entries of its optimizer state from zero: it is healed from the average.
@@ -64,6 +66,8 @@ class Setup:
     bucket_values: int = 25 * 2 ** 18  # fp32 values in one bucket (bucket_mb * 2**20 / 4)
     extra: int = 2                  # values after the parameters in the engine's flat buffer (its slot)
     down: Callable[[int], frozenset[int]] = field(default=lambda r: frozenset())  # workers out of round r
+    # workers late at round r's deadline -> the local steps each took in it before it stopped (it skips the rest)
+    late: Callable[[int], dict[int, int]] = field(default=lambda r: {})
 
     @property
     def apply_after(self) -> int:
@@ -230,8 +234,11 @@ def run(setup: Setup, x0: torch.Tensor, grad: Callable[[int, int, int, torch.Ten
             else:
                 for w in range(W):
                     xs[w].grad = mean(per[w])
+            late = {} if sync else setup.late(rounds)
+            position = 0 if sync else (step - setup.warmup - 1) % setup.tau + 1  # the step's place in its round
             for w in range(W):
-                opts[w].step()
+                if w not in late or position <= late[w]:
+                    opts[w].step()
                 xs[w].grad = None
             if sync:
                 if step == setup.warmup:
@@ -248,12 +255,13 @@ def run(setup: Setup, x0: torch.Tensor, grad: Callable[[int, int, int, torch.Ten
                 if setup.is_round_step(step):
                     down = setup.down(rounds)
                     d = {w: xs[w].detach() - anchor for w in range(W)}
-                    bad = {w for w in range(W) if w not in down and not bool(torch.isfinite(d[w]).all())}
-                    contributors = set(range(W)) - set(down) - bad
+                    bad = {w for w in range(W)
+                           if w not in down and w not in late and not bool(torch.isfinite(d[w]).all())}
+                    contributors = set(range(W)) - set(down) - bad - set(late)
                     if not contributors:
                         raise RuntimeError(f"step {step}: no finite contribution")
                     trace.rounds.append({"step": step, "contributors": sorted(contributors),
-                                         "non_finite": sorted(bad)})
+                                         "non_finite": sorted(bad), "late": sorted(late)})
                     rounds += 1
                     if setup.overlap:
                         pending = {"apply": step + setup.apply_after, "contributors": contributors, "d": d,

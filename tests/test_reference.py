@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from risgd_hosts.matrix import AXES, cases_of, covering, mismatch, reference_of, run_engine
+from risgd_hosts.matrix import AXES, cases_of, covering, mismatch, reference_of, run_engine, valid
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,10 @@ def test_covering_set_covers_every_pair():
     names = list(AXES)
     seen = {(a, c["axes"][a], b, c["axes"][b]) for c in CASES for a, b in itertools.combinations(names, 2)}
     assert all((a, va, b, vb) in seen for a, b in itertools.combinations(names, 2)
-               for va in AXES[a] for vb in AXES[b])
-    assert len(CASES) < 30
+               for va in AXES[a] for vb in AXES[b] if valid({a: va, b: vb}))
+    assert all(valid(c["axes"]) for c in CASES)
+    assert not valid({"layout": "node2x2", "fault": "late"})  # a deadline needs one rank per worker
+    assert len(CASES) < 36
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c["axes"].values()))
@@ -47,3 +49,15 @@ def test_mismatch_is_found():
     nan = [[m.clone() for m in workers[0]], workers[1]]
     nan[0][2][1] = float("nan")
     assert "NaN where the reference has none" in mismatch(case, nan, nan, expected)
+
+
+def test_a_late_worker_is_not_a_worker_on_time(engine_runs):
+    """The late axis is checked: the engine's late case differs from the reference of the same case with nobody
+    late (worker 1 skipped the last 2 steps of round 2 and took the average), from the step it skipped on."""
+    case = next(c for c in CASES if c["axes"]["fault"] == "late" and c["axes"]["layout"] == "flat2")
+    engine = engine_runs[case["name"]]
+    assert mismatch(case, *engine, reference_of(case)) is None
+    on_time = dict(case, block={k: v for k, v in case["block"].items() if k != "deadline_margin"})
+    where = mismatch(case, *engine, reference_of(on_time))
+    first_skipped = case["block"]["warmup_sync_steps"] + 2 * 3 + 2
+    assert where is not None and where.startswith(f"step {first_skipped}: worker 1 differs"), where

@@ -168,6 +168,19 @@ class FixedNodes:
             self._coverage[key] = live_coverage(self.manifest, self.index, set(key))
         return self._coverage[key]
 
+    def accept(self, members) -> str | None:
+        """Why the workers ``members`` alone would be below the run's floor (elastic.min_workers,
+        elastic.min_coverage), or None: asked of the workers on time at a round's deadline (a late one is left out
+        only when None)."""
+        el = self.run.cfg["elastic"]
+        if len(members) < el["min_workers"]:
+            return f"{len(members)} workers on time, below elastic.min_workers={el['min_workers']}"
+        coverage = self._coverage_of(members)
+        if coverage < el["min_coverage"] - 1e-12:
+            return (f"the {len(members)} workers on time {sorted(members)} hold {coverage:.1%} of the training set, "
+                    f"below elastic.min_coverage={el['min_coverage']:g}")
+        return None
+
     def join(self, engine, resume: Callable[[], None], standing: Callable[[], Progress]) -> Progress | None:
         """Take part in the run: a fixed run has nothing to meet, and ``resume()``s from its latest
         checkpoint (if any) at once. Returns the progress this node was healed to: None, nobody to heal from."""

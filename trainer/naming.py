@@ -5,7 +5,7 @@ tags, in three forms that name runs already on disk (so each stays as it was):
 
 - :func:`run_name`: a recipe's default (train.py), from the resolved configuration (a value typed
   on the command line names a run as the same value left to the recipe or the default does):
-  ``NAME-ALGORITHM-tauT[-elasticP][-nodeN][-tiK][-ov[D]][-olrLmM[n]][-int8|-bf16[-noef]]-muM-sSEED``
+  ``NAME-ALGORITHM-tauT[-elasticP][-nodeN][-tiK][-ov[D]][-olrLmM[n]][-int8|-bf16[-noef]][-dlM]-muM-sSEED``
   (``elasticP``: an elastic run of P workers; :func:`legacy_run_name` its name before that tag);
 - :func:`setting_run_name`: a paper-grid setting's:
   ``PART-ALGORITHM[-tT][-muM[-hH]]-bB[-POLICY][-downR..rF][-nodeN]-sSEED``;
@@ -66,6 +66,8 @@ def _default_name(cfg: dict, elastic: bool) -> str:
         tags.append(f"olr{cfg['outer_lr']:g}m{cfg['outer_momentum']:g}" + ("n" if cfg.get("outer_nesterov") else ""))
     if cfg.get("compress", "none") != "none":
         tags.append(cfg["compress"] + ("" if cfg.get("error_feedback", True) else "-noef"))
+    if cfg.get("deadline_margin", 0.0):
+        tags.append(f"dl{cfg['deadline_margin']:g}")
     tags.append(_mu(cfg["mu"]))
     return _name(cfg["name"], cfg["algorithm"], tags, cfg["seed"])
 

@@ -260,6 +260,12 @@ def finished_lines(run: Run, summary: dict) -> str:
              f"{summary['wall_seconds']:.0f} s; {acc_words}",
              f"  compare it with others: {command('tools.compare')} {run.run_dir} OTHER_RUN ...  (or the folder "
              f"{os.path.dirname(run.run_dir) or '.'})"]
+    if summary.get("deadline_margin"):
+        by = {w: n for w, n in (summary.get("late_by_worker") or {}).items() if n}
+        lines.append(f"  round deadline (deadline_margin={summary['deadline_margin']:g}): {summary['late_rounds']} "
+                     "rounds closed without late workers" + (f" (rounds left out, by worker: {by})" if by else "")
+                     + (f", {summary['late_waited']} waited for them (the others did not cover their data)"
+                        if summary["late_waited"] else ""))
     advice = summary.get("cost_model") or {}
     if advice.get("measured_on_loopback") and advice.get("bandwidth_gbit"):  # no network measured: no advice
         nodes, k = advice.get("nodes", advice["ranks"]), advice.get("node_size", 1)
@@ -458,7 +464,10 @@ class Trainer:
         """From where the run stands to its last step: a batch, a step, a round's aftermath, and an evaluation
         and a checkpoint when due."""
         while self.step < self.total_steps:
-            self.train_step(*self.batch())
+            if self.engine.risgd.skipping:  # late at its round's deadline, the others cover its data: the round
+                self.skip_step()            # takes its average without it
+            else:
+                self.train_step(*self.batch())
             self.aftermath()
             if self.evaluation_due():
                 self.evaluate()
@@ -489,6 +498,8 @@ class Trainer:
         self.epoch_steps = steps_per_epoch(self.manifest, self.run.worker_batch())
         self.total_steps = self.run.total_steps(self.epoch_steps)
         self.engine, self.scheduler = agree(self._build_engine)
+        if self.engine.risgd.deadline is not None:  # late workers are left out only when the others cover the data
+            self.engine.risgd.deadline.accept = self.nodes.accept
         self.checkpoints = Checkpoints(self.run.run_dir, self.engine)
         torch.manual_seed(self.cfg["seed"] * 100003 + self.nodes.rng_id(self.rank) * 7919)  # per-rank (dropout)
 
@@ -614,10 +625,21 @@ class Trainer:
         self.running[1] += 1
         self.bar.update(1)
 
+    def skip_step(self) -> None:
+        """A step this worker skips: it was late at its round's deadline and the workers on time cover its data
+        (risgd_ext.deadline). Its batch is drawn and not trained on (each chunk's stream stays where the schedule
+        says); the learning-rate schedule and the round move on."""
+        self.step += 1
+        next(self.batches)
+        self.engine.skip_step()
+        self.bar.update(1)
+
     def aftermath(self) -> None:
         """The round's aftermath, from who trains: the run record's writer, and in an elastic run a heal (go on
         from the others' step, with their schedule and the data from there) or a change of the live nodes (each
         chunk's stream goes on from here, drawn at its share by the nodes live now)."""
+        for event in self.engine.risgd.take_late_events():  # rounds closed without late workers, or waited for them
+            self.tracker.log(event)
         after = self.nodes.after_step(self.engine.risgd, self.step, self.tracker, self.rank)
         self.tracker = after.tracker
         if after.restart is None:
@@ -726,6 +748,12 @@ class Trainer:
                    "samples_skipped": self.loader.samples_skipped, "recipe": cfg["recipe"], "run_name": run.name,
                    "model_sha256": digest, "min_data_coverage": self.tracker.min_logged("data_coverage"),
                    "rank_model_sha256": digests}
+        if run.risgd is not None and run.risgd.deadline_margin:  # who was late, from the record's rounds
+            late = [e for e in self.tracker.history() if e.get("event") == "late"]
+            summary.update(deadline_margin=run.risgd.deadline_margin, late_rounds=stats["late_rounds"],
+                           late_waited=stats["late_waited"], deadline_s=stats["deadline_s"],
+                           late_by_worker={str(w): sum(w in e["late_workers"] for e in late if e["left_out"])
+                                           for w in range(run.workers)})
         summary.update(self.nodes.summary(self.engine.risgd, self.tracker, summary["wall_seconds"]))
         summary["cost_model"] = cost_advice(cfg, stats, summary["world_size"])  # the run's ranks: every node's
         return summary
