@@ -125,14 +125,18 @@ class RISGDEngineMixin:
 
     def skip_step(self) -> None:
         """In place of a forward, backward and :meth:`step`, on a worker late at its round's deadline
-        (``engine.risgd.skipping``): no update; DeepSpeed's counters and the learning-rate schedule move on
-        as after a step, and the round's schedule counts it (its round takes this worker's average with
-        weight 0, :mod:`risgd_ext.deadline`)."""
+        (``engine.risgd.skipping``): no update; DeepSpeed's counters, BatchNorm's ``num_batches_tracked`` and the
+        learning-rate schedule move on as after a step, and the round's schedule counts it (its round takes this
+        worker's average with weight 0, :mod:`risgd_ext.deadline`)."""
         ctl = self.risgd
         if not ctl.skipping:
             ctl.skipped_step()  # raises: one line saying why
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        for m in self.module.modules():  # BatchNorm's step counters count it as a forward would (an int buffer no
+            counter = getattr(m, "num_batches_tracked", None)  # round averages: the ranks' models stay equal)
+            if m.training and torch.is_tensor(counter) and not counter.is_floating_point():
+                counter.add_(self.gradient_accumulation_steps())
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
         self.micro_steps += self.gradient_accumulation_steps()

@@ -9,6 +9,7 @@ import torch
 WORKERS = 3
 SLOW = 2          # the slow worker
 TAU, ROUNDS = 4, 8
+BASE_S = 0.05     # every rank's step takes at least this (a round of milliseconds would be all OS jitter)
 
 
 def _engine(margin: float):
@@ -24,7 +25,7 @@ def _engine(margin: float):
 
 
 def slow_worker(rank: int, world_size: int, margin: float, refuse: bool, slow_s: float) -> dict:
-    """Rank SLOW sleeps ``slow_s`` in each of its steps (a node at a fraction of the others' pace); ``refuse``: the
+    """Every rank's step takes BASE_S more, rank SLOW's ``slow_s`` more still (a node at a fraction of the others' pace); ``refuse``: the
     trainer's check says the on-time workers never cover the data. Returns this rank's accounting, the seconds its
     rounds' local steps and waits took, and its final model (after consensus)."""
     import risgd_ext
@@ -44,8 +45,7 @@ def slow_worker(rank: int, world_size: int, margin: float, refuse: bool, slow_s:
         x, y = torch.randn(4, 8, generator=g), torch.randint(0, 2, (4,), generator=g)
         loss = torch.nn.functional.cross_entropy(engine(x), y)
         engine.backward(loss)
-        if rank == SLOW:
-            time.sleep(slow_s)
+        time.sleep(BASE_S + (slow_s if rank == SLOW else 0.0))
         engine.step()
     wall = time.perf_counter() - t0
     stats = ctl.consensus()
