@@ -1,15 +1,15 @@
 """A slow node on 4 test hosts x 1 rank: RI-SGD with a round deadline leaves it behind when the others cover its
 data; without the deadline, PR-SGD and SyncSGD go at its pace.
 
-    sudo .venv/bin/python benchmarks/bench_straggler.py                  # 3 seeds, about 40 min on 2 cores
-    sudo .venv/bin/python benchmarks/bench_straggler.py --seeds 0        # one seed, about 13 min
+    sudo .venv/bin/python benchmarks/bench_straggler.py                  # 3 seeds, about 45 min on 2 cores
+    sudo .venv/bin/python benchmarks/bench_straggler.py --seeds 0        # one seed, about 15 min
 
 Every launch is real: ``hosts.netns_cluster`` builds 4 network namespaces (unshaped links: the straggler is the
 point, not the network), each host runs one rank of ``train.py`` with the stock deepspeed launcher, and every host's
 processes are held to a CPU share by a CFS quota (``--cpus``): ``--fast-cpus`` cores each (default 0.5: the four
 hosts together use this 2-core machine's two cores, so a host never runs faster because another one is slowed), and
 the slow host (host 3) a third of that. Digits, label-sorted, ResNet-8, the recipe's batch (each worker draws
-``base_batch`` from every chunk it holds), tau=20, ``--steps`` steps, evaluated at the end only.
+``base_batch`` from every chunk it holds), tau=40, ``--steps`` steps, evaluated at the end only.
 
 Configurations, each launched twice per seed (every host at full share, then host 3 at a third), as one plan:
 
@@ -42,7 +42,7 @@ from sweep_data import digits_shards, label_sorted_manifest
 from risgd_hosts import netns_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOSTS, SLOW_HOST, TAU = 4, 3, 20
+HOSTS, SLOW_HOST, TAU = 4, 3, 40
 CONFIGS = {
     "RI-SGD mu=0.5 +deadline": ["algorithm=risgd", "mu=0.5", f"tau={TAU}", "deadline_margin=0.1"],
     "RI-SGD mu=0.5": ["algorithm=risgd", "mu=0.5", f"tau={TAU}"],
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench_straggler", help="output directory (default runs/bench_straggler)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    parser.add_argument("--steps", type=int, default=200, help="steps per run (default 200: 10 rounds of tau=20)")
+    parser.add_argument("--steps", type=int, default=800, help="steps per run (default 800: 20 rounds of tau=40)")
     parser.add_argument("--fast-cpus", type=float, default=0.5,
                         help="cores each host may use (default 0.5); the slow host gets a third of it")
     args = parser.parse_args(argv)

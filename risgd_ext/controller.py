@@ -545,7 +545,7 @@ class RISGDController:
         if self.deadline is not None:  # the workers late at the deadline take part with weight 0, as failed ones
             vote = self.deadline.voted or self._vote(late=False)
             if vote.skip:
-                live = Live(live.workers - vote.late, live.total)
+                live = Live(live.workers - vote.left_out, live.total)
         if cfg.overlap:
             if self.in_flight is not None:
                 raise RuntimeError("a round is still in flight: apply it before starting the next")
@@ -575,16 +575,17 @@ class RISGDController:
             return
         if vote.skip:
             self.late_rounds += 1
-            self.late_rounds_here += self.averaging.worker in vote.late
-        else:
+            self.late_rounds_here += self.averaging.worker in vote.left_out
+        if vote.late - vote.left_out:
             self.late_waited += 1
         self.late_events.append({"step": self.steps, "event": "late", "late_workers": sorted(vote.late),
-                                 "left_out": vote.skip, "deadline_s": vote.deadline,
-                                 "round_seconds": [round(s, 4) for s in vote.seconds], "waited_because": vote.refused})
+                                 "left_out_workers": sorted(vote.left_out), "left_out": vote.skip,
+                                 "deadline_s": vote.deadline, "round_seconds": [round(s, 4) for s in vote.seconds],
+                                 "waited_because": vote.refused})
 
     def take_late_events(self) -> list[dict[str, Any]]:
-        """The rounds with late workers since the last call (for the run record): the step, who was late, whether
-        they were left out (else: waited for, and why), the deadline and each worker's seconds."""
+        """The rounds with late workers since the last call (for the run record): the step, who was late, who of
+        them was left out (the others were waited for, and why), the deadline and each worker's seconds."""
         events, self.late_events = self.late_events, []
         return events
 

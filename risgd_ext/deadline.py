@@ -38,13 +38,18 @@ WINDOW = 5  # rounds whose times set the next deadline
 
 @dataclass(frozen=True)
 class Vote:
-    """What one round's vote decided: who was late, whether they skip, the deadline the round ran under."""
+    """What one round's vote decided: who was late, who of them is left out (skips the rest of the round), the
+    deadline the round ran under."""
 
     late: frozenset[int]
-    skip: bool               # the late workers skip their remaining steps (the on-time ones cover the data)
-    deadline: float | None   # seconds (None: no deadline yet)
+    left_out: frozenset[int]    # the late workers that skip their remaining steps; the others are waited for
+    deadline: float | None      # seconds (None: no deadline yet)
     seconds: tuple[float, ...]  # each worker's seconds of local steps in the round (late: projected)
-    refused: str | None = None  # why the late workers were waited for (the on-time ones do not cover the data)
+    refused: str | None = None  # why (some) late workers were waited for: the others alone were not accepted
+
+    @property
+    def skip(self) -> bool:
+        return bool(self.left_out)
 
 
 class Deadline:
@@ -96,17 +101,39 @@ class Deadline:
         got = v.cpu().tolist()
         late_set = frozenset(w for w in range(self.workers) if got[w] > 0.5)
         times = tuple(got[self.workers:])
-        deadline, refused = self.deadline, None
-        if late_set:
-            on_time = (frozenset(range(self.workers)) if members is None else members) - late_set
-            if not on_time:
-                refused = "every worker was late"
-            elif self.accept is not None:
-                refused = self.accept(on_time)
-        self.voted = Vote(late_set, bool(late_set) and refused is None, deadline, times, refused)
-        self.skipping = self.worker in late_set and self.voted.skip
+        deadline = self.deadline
+        left_out, refused = self.leave_out(late_set, times, members)
+        self.voted = Vote(late_set, left_out, deadline, times, refused)
+        self.skipping = self.worker in left_out
         self.history.append(statistics.median(times))
         return self.voted
+
+    def leave_out(self, late: frozenset[int], seconds: tuple[float, ...],
+                  members: frozenset[int] | None = None) -> tuple[frozenset[int], str | None]:
+        """Which late workers to leave out, from the vote (every rank decides the same). The workers on time are
+        kept; the late are added back, the least late first, while the kept are not accepted (``accept``: the
+        trainer's data check; nobody kept: "every worker was late") or while the next one is within the margin of
+        this round's median pace (late only because the whole round was slow, not a straggler). Returns the rest,
+        and why a late worker was waited for when the others alone were not accepted."""
+        live = frozenset(range(self.workers)) if members is None else members
+        late = late & live
+        if not late:
+            return frozenset(), None
+        limit = (1.0 + self.margin) * statistics.median(seconds[w] for w in live)
+        keep, back = set(live - late), sorted(late, key=lambda w: (seconds[w], w))
+        refused = None
+
+        def why() -> str | None:
+            if not keep:
+                return "every worker was late"
+            return self.accept(frozenset(keep)) if self.accept is not None else None
+
+        while back and ((reason := why()) is not None or seconds[back[0]] <= limit):
+            refused = reason or refused
+            keep.add(back.pop(0))
+        if (reason := why()) is not None:
+            return frozenset(), reason
+        return frozenset(back), refused
 
     def round_done(self) -> Vote | None:
         """The round closed: the next one starts its clock at its first step. Returns its vote."""

@@ -15,7 +15,8 @@ LONGEST_FIRST = ["test_elastic_launch.py", "test_paper.py", "test_netns.py", "te
                  "test_install.py", "test_live.py", "test_defects.py", "test_live_trainer.py", "test_train.py",
                  "test_netns_imagenet.py", "test_outer_compress.py", "test_elastic_checkpoint.py",
                  "test_interrupt.py", "test_hierarchy.py", "test_reference.py", "test_crash.py", "test_train_node.py",
-                 "test_cost_model.py", "test_failures.py", "test_trainer.py"]
+                 "test_live_storm_defects.py", "test_deadline.py", "test_cost_model.py", "test_failures.py",
+                 "test_trainer.py"]
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

@@ -25,9 +25,9 @@ def _engine(margin: float):
 
 
 def slow_worker(rank: int, world_size: int, margin: float, refuse: bool, slow_s: float) -> dict:
-    """Every rank's step takes BASE_S more, rank SLOW's ``slow_s`` more still (a node at a fraction of the others' pace); ``refuse``: the
-    trainer's check says the on-time workers never cover the data. Returns this rank's accounting, the seconds its
-    rounds' local steps and waits took, and its final model (after consensus)."""
+    """Every rank's step takes BASE_S more, rank SLOW's ``slow_s`` more still (a node at a fraction of the others'
+    pace); ``refuse``: the trainer's check says the on-time workers never cover the data. Returns this rank's
+    accounting, the seconds its rounds' local steps and waits took, and its final model (after consensus)."""
     import risgd_ext
 
     risgd_ext.init_distributed()

@@ -46,15 +46,39 @@ def test_late_workers_skip_only_when_the_others_are_accepted():
     assert d.vote(True, 1, 4, torch.device("cpu")).refused == "every worker was late"  # nobody on time
     assert not d.skipping
     d.round_done()
-    d2 = Deadline(0.1, workers=1, worker=0)
+    d2 = Deadline(0.1, workers=2, worker=0)
     d2.clock = Clock()
+    d2.step_started()
+    d2.clock.now = 2.0  # 1 step in 2 s: 8 s for the round, against the other's 0
     vote = d2.vote(True, 1, 4, torch.device("cpu"), members=frozenset({0, 1}))  # worker 1 on time, accepted
     assert vote.skip and d2.skipping
-    d3 = Deadline(0.1, workers=1, worker=0)
+    d3 = Deadline(0.1, workers=2, worker=0)
     d3.clock = Clock()
+    d3.step_started()
+    d3.clock.now = 2.0
     d3.accept = lambda on_time: "too little data"
     vote = d3.vote(True, 1, 4, torch.device("cpu"), members=frozenset({0, 1}))
     assert not vote.skip and not d3.skipping and vote.refused == "too little data"
+
+
+def test_only_the_slowest_late_workers_are_left_out_when_the_rest_would_not_cover_the_data():
+    """Every rank decides from the vote alone: the late are added back, least late first, while the kept are not
+    accepted or the next is within the margin of the round's median pace; the rest are left out. Here the check
+    wants 3 of 4 workers: of the late 0 (3.7 s) and 3 (11 s), 0 is waited for and 3 left out; with everyone late
+    (a slow round), only the straggler is left out."""
+    d = Deadline(0.1, workers=4, worker=0)
+    d.accept = lambda kept: None if len(kept) >= 3 else f"{len(kept)} of 4"
+    times = (3.7, 2.9, 2.8, 11.0)  # median 3.3: the margin's limit 3.63
+    assert d.leave_out(frozenset({0, 3}), times) == (frozenset({3}), "2 of 4")
+    assert d.leave_out(frozenset({0, 1, 2, 3}), times) == (frozenset({3}), "2 of 4")
+    assert d.leave_out(frozenset({3}), times) == (frozenset({3}), None)
+    assert d.leave_out(frozenset(), times) == (frozenset(), None)
+    d.accept = lambda kept: "never"  # nothing is ever accepted: everyone is waited for
+    assert d.leave_out(frozenset({3}), times) == (frozenset(), "never")
+    d.accept = None  # the engine alone (no data check)
+    assert d.leave_out(frozenset({0, 3}), times) == (frozenset({0, 3}), None)  # 0 is past the margin too
+    assert d.leave_out(frozenset({0, 3}), (3.5, 2.9, 2.8, 11.0)) == (frozenset({3}), None)  # 0 within it
+    assert d.leave_out(frozenset({3}), times, members=frozenset({1, 3})) == (frozenset({3}), None)
 
 
 @pytest.mark.parametrize("block, words", [
@@ -89,7 +113,7 @@ def test_a_slow_worker_is_left_out_when_the_others_cover_it_and_waited_for_when_
     assert left[0]["stats"]["late_rounds"] == slow["stats"]["late_rounds_here"]  # every rank saw the same votes
     assert left[0]["stats"]["late_rounds_here"] == 0 and left[0]["skipped_at"] == []
     assert slow["stats"]["steps_skipped"] == len(slow["skipped_at"]) >= 2 * (ROUNDS - 2)
-    assert all(e["late_workers"] == [SLOW] and e["left_out"] for e in left[0]["events"])
+    assert all(e["left_out_workers"] == [SLOW] for e in left[0]["events"])
     w = waited[SLOW]
     assert w["stats"]["late_rounds_here"] == 0 and w["skipped_at"] == [] and w["stats"]["late_waited"] >= ROUNDS - 2
     assert all(not e["left_out"] and "do not cover" in e["waited_because"] for e in waited[0]["events"])
@@ -165,5 +189,5 @@ def test_the_trainer_leaves_a_slow_rank_behind_and_records_it(tmp_path, digits_d
     events = [json.loads(line) for line in (runs / "dl" / "metrics.jsonl").read_text().splitlines()
               if '"event": "late"' in line]
     assert len(events) == summary["late_rounds"] + summary["late_waited"]
-    assert all(e["late_workers"] == [1] and e["left_out"] and e["deadline_s"] > 0 for e in events)
+    assert all(e["left_out_workers"] == [1] and e["deadline_s"] > 0 for e in events)
     assert "round deadline (deadline_margin=0.2)" in out and "rounds left out, by worker: {'1':" in out

@@ -627,12 +627,17 @@ class Trainer:
 
     def skip_step(self) -> None:
         """A step this worker skips: it was late at its round's deadline and the workers on time cover its data
-        (risgd_ext.deadline). Its batch is drawn and not trained on (each chunk's stream stays where the schedule
-        says); the learning-rate schedule and the round move on."""
+        (risgd_ext.deadline). Its batch is not drawn: the loader goes on at the step after the round, as it would
+        have (each chunk's stream is a function of the step), without decoding the batches between (on a slow
+        node, loading them would cost about what the steps did). The learning-rate schedule and the round move on."""
         self.step += 1
-        next(self.batches)
         self.engine.skip_step()
         self.bar.update(1)
+        if not self.engine.risgd.skipping:  # the round closed: the next batch is the next step's
+            skipped = self.loader.samples_skipped
+            self.loader = self.train_loader(self.step)
+            self.loader.samples_skipped = skipped
+            self.batches = iter(self.loader)
 
     def aftermath(self) -> None:
         """The round's aftermath, from who trains: the run record's writer, and in an elastic run a heal (go on
@@ -752,7 +757,7 @@ class Trainer:
             late = [e for e in self.tracker.history() if e.get("event") == "late"]
             summary.update(deadline_margin=run.risgd.deadline_margin, late_rounds=stats["late_rounds"],
                            late_waited=stats["late_waited"], deadline_s=stats["deadline_s"],
-                           late_by_worker={str(w): sum(w in e["late_workers"] for e in late if e["left_out"])
+                           late_by_worker={str(w): sum(w in e["left_out_workers"] for e in late)
                                            for w in range(run.workers)})
         summary.update(self.nodes.summary(self.engine.risgd, self.tracker, summary["wall_seconds"]))
         summary["cost_model"] = cost_advice(cfg, stats, summary["world_size"])  # the run's ranks: every node's
