@@ -56,13 +56,14 @@ def slug(label: str) -> str:
     return label.replace(" ", "-").replace("=", "").replace("+", "").replace(".", "")
 
 
-def launch(out: str, seed: int, slow: bool, steps: int, shards: str, manifest: str, fast_cpus: float) -> dict:
+def launch(out: str, seed: int, slow: bool, steps: int, shards: str, manifest: str, fast_cpus: float,
+           configs: dict | None = None) -> dict:
     """One launch: every configuration as a plan, every host at ``fast_cpus`` cores (host 3 at a third of it
     when ``slow``). Returns label -> run directory (a launch whose runs all finished is not run again)."""
     kind = "slow" if slow else "even"
     runs_dir = os.path.join(out, "runs")
     plan, dirs = [], {}
-    for label, overrides in CONFIGS.items():
+    for label, overrides in (configs or CONFIGS).items():
         name = f"{slug(label)}-s{seed}-{kind}"
         dirs[label] = os.path.join(runs_dir, name)
         run = [*overrides, f"run_name={name}", f"steps={steps}", f"seed={seed}"]
@@ -71,7 +72,7 @@ def launch(out: str, seed: int, slow: bool, steps: int, shards: str, manifest: s
         plan.append(run)
     if all(os.path.exists(os.path.join(d, "summary.json")) for d in dirs.values()):
         return dirs
-    plan_path = os.path.join(out, "plans", f"s{seed}-{kind}.yaml")
+    plan_path = os.path.join(out, "plans", f"s{seed}-{kind}-{len(plan)}.yaml")
     os.makedirs(os.path.dirname(plan_path), exist_ok=True)
     with open(plan_path, "w") as f:
         yaml.safe_dump(plan, f)
@@ -113,8 +114,11 @@ def _spread(values: list[float]) -> dict:
 def analyse(runs: dict, seeds: list[int]) -> dict:
     out = {}
     for label in CONFIGS:
-        even = [runs[(label, s, False)] for s in seeds]
-        slow = [runs[(label, s, True)] for s in seeds]
+        ran = [s for s in seeds if (label, s, False) in runs and (label, s, True) in runs]
+        if not ran:
+            continue
+        even = [runs[(label, s, False)] for s in ran]
+        slow = [runs[(label, s, True)] for s in ran]
         kept = [b["steps_per_s"] / a["steps_per_s"] for a, b in zip(even, slow)]
         out[label] = {"kept": _spread(kept), "even_steps_per_s": _spread([r["steps_per_s"] for r in even]),
                       "slow_steps_per_s": _spread([r["steps_per_s"] for r in slow]),
@@ -168,11 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/bench_straggler", help="output directory (default runs/bench_straggler)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
     parser.add_argument("--steps", type=int, default=800, help="steps per run (default 800: 20 rounds of tau=40)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                        help=f"run only these configurations (the others' runs already made are read), one of: "
+                             f"{', '.join(CONFIGS)}")
     parser.add_argument("--fast-cpus", type=float, default=0.5,
                         help="cores each host may use (default 0.5); the slow host gets a third of it")
     args = parser.parse_args(argv)
     if args.steps < 3 * TAU or args.fast_cpus <= 0:
         print(f"error: --steps must be >= {3 * TAU} (a few rounds of tau={TAU}) and --fast-cpus > 0", file=sys.stderr)
+        return 2
+    unknown = [label for label in args.only or [] if label not in CONFIGS]
+    if unknown:
+        print(f"error: --only {unknown[0]!r} is not a configuration: use one of {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("error: the namespace hosts need root: run with sudo", file=sys.stderr)
@@ -185,15 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for seed in args.seeds:
         for slow in (False, True):
-            for label, d in launch(out, seed, slow, args.steps, shards, manifest, args.fast_cpus).items():
+            todo = {label: CONFIGS[label] for label in args.only} if args.only else None
+            for label, d in launch(out, seed, slow, args.steps, shards, manifest, args.fast_cpus, todo).items():
                 runs[(label, seed, slow)] = load(d)
+    for label in CONFIGS:  # runs of other configurations made before (e.g. seed 0's full table)
+        for seed in range(100):
+            for slow in (False, True):
+                d = os.path.join(out, "runs", f"{slug(label)}-s{seed}-{'slow' if slow else 'even'}")
+                if (label, seed, slow) not in runs and os.path.exists(os.path.join(d, "summary.json")):
+                    runs[(label, seed, slow)] = load(d)
+    seeds = sorted({s for (_, s, _) in runs})
     print(f"[straggler] all launches in {time.perf_counter() - started:.0f} s\n")
-    result = analyse(runs, args.seeds)
-    print(format_table(result, args.seeds))
+    result = analyse(runs, seeds)
+    print(format_table(result, seeds))
     print()
     print("\n".join(check_goals(result)))
     with open(os.path.join(out, "straggler.json"), "w") as f:
-        json.dump({"seeds": args.seeds, "steps": args.steps, "fast_cpus": args.fast_cpus, "result": result}, f,
+        json.dump({"seeds": seeds, "steps": args.steps, "fast_cpus": args.fast_cpus, "result": result}, f,
                   indent=1)
     print(f"\nwrote {os.path.join(out, 'straggler.json')}")
     return 0

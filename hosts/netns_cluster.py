@@ -25,6 +25,10 @@ What it builds (root and iproute2 needed):
   with ``GLOO_SOCKET_IFNAME=eth0`` (and ``NCCL_SOCKET_IFNAME``) so collectives use the shaped link.
   ``{data}`` and ``{host}`` in CMD become the host's data directory and index.
 
+- with ``--cpus C[,C...]`` each host's processes are held to that many cores by a CFS quota (a cgroup v1 cpu group
+  per host, joined before the command enters its namespace; 20 ms period): a slow node is a host with fewer. With
+  the caps summing to the machine's cores, a host never runs faster because another one is slowed.
+
 Everything is torn down on exit, on failure and on Ctrl-C/SIGTERM: the processes inside the
 namespaces are killed and the namespaces deleted (which deletes the links). Bytes each host sent
 and received on eth0 are written to ``WORK/traffic.json``. Ranks of one host reach each other over
