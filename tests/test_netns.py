@@ -53,7 +53,7 @@ def test_help_under_the_new_name_and_the_old_alias(module):
 
 @pytest.mark.parametrize("case", ["no_hosts", "hosts_out_of_range", "unknown_option", "no_command",
                                   "manifest_without_source", "missing_manifest", "missing_source",
-                                  "manifest_for_other_ranks"])
+                                  "manifest_for_other_ranks", "cpus_not_numbers", "cpus_for_other_hosts"])
 def test_bad_input_exits_2_with_one_line_before_building(tmp_path, digits_dir, case):
     manifest = str(tmp_path / "m.yaml")
     write_manifest(build_manifest(load_index(digits_dir), 4, 0.5, partition="label_sorted", seed=0), manifest)
@@ -66,7 +66,9 @@ def test_bad_input_exits_2_with_one_line_before_building(tmp_path, digits_dir, c
             "missing_manifest": ["--hosts", "2", "--manifest", str(tmp_path / "none.yaml"), "--source", digits_dir,
                                  *cmd],
             "missing_source": ["--hosts", "2", "--manifest", manifest, "--source", str(tmp_path / "none"), *cmd],
-            "manifest_for_other_ranks": ["--hosts", "3", "--manifest", manifest, "--source", digits_dir, *cmd]}[case]
+            "manifest_for_other_ranks": ["--hosts", "3", "--manifest", manifest, "--source", digits_dir, *cmd],
+            "cpus_not_numbers": ["--hosts", "2", "--cpus", "half", *cmd],
+            "cpus_for_other_hosts": ["--hosts", "2", "--cpus", "0.5,0.5,0.2", *cmd]}[case]
     # Installed name, from another directory: what a user outside the repository runs.
     proc = _cluster(args, str(tmp_path / "cluster"), module="risgd_hosts.netns_cluster", cwd=str(tmp_path))
     _, err = proc.communicate(timeout=120)
