@@ -38,5 +38,10 @@ def scenario_prefix_reused(rank: int, world_size: int) -> list[tuple]:
         store.add(f"done{len(out)}", 1)  # both ranks are done with a group before either builds the next
         while store.add(f"done{len(out)}", 0) < world_size:
             time.sleep(0.01)
+    # rank 0 holds the store's server: it goes last, once every other rank has made its last call (a rank still
+    # polling the barrier above when the server went away failed with "Connection was likely closed")
+    store.add("left", 1)
+    while rank == 0 and store.add("left", 0) < world_size:
+        time.sleep(0.01)
     del store
     return out
