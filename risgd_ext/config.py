@@ -320,6 +320,10 @@ def _check_combinations(cfg: RISGDConfig) -> None:
     if cfg.deadline_margin and cfg.hierarchical:
         raise ConfigError(f"{BLOCK}.deadline_margin={cfg.deadline_margin:g} is not supported with node_size > 1 yet (a "
                           "node's ranks would have to agree on being late every step): leave one of them out")
+    if cfg.deadline_margin and cfg.overlap and cfg.compress != "none":
+        raise ConfigError(f"{BLOCK}.deadline_margin={cfg.deadline_margin:g} is not supported with overlap and "
+                          f"compress={cfg.compress} yet (the composition matrix found the ranks hang): leave one of "
+                          "them out")
     if cfg.deadline_margin and cfg.live:
         raise ConfigError(f"{BLOCK}.deadline_margin={cfg.deadline_margin:g} is not supported with "
                           "fault_tolerance=torchft yet (its rounds are voted among the quorum's nodes): leave one of "

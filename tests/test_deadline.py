@@ -85,6 +85,7 @@ def test_only_the_slowest_late_workers_are_left_out_when_the_rest_would_not_cove
     ({"deadline_margin": -0.1}, "deadline_margin"),
     ({"deadline_margin": 0.1, "node_size": 2}, "not supported with node_size > 1"),
     ({"deadline_margin": 0.1, "fault_tolerance": "torchft"}, "not supported with fault_tolerance=torchft"),
+    ({"deadline_margin": 0.1, "overlap": True, "compress": "int8"}, "not supported with overlap and compress=int8"),
 ])
 def test_bad_deadline_keys_are_refused_in_one_line(block, words):
     with pytest.raises(ConfigError, match=words) as e:
